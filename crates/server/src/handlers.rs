@@ -1,0 +1,286 @@
+//! Hand-written message implementations, keyed by wire name. Anything the
+//! datamodel declares without an entry here is not callable yet and is left
+//! out of `system.listMethods`.
+
+use crate::api::{pstr, void, ApiResult, BoxFut, Ctx, Handler, Server};
+use crate::sessions::hash_password;
+use corral_model::schema::{class, field, Role};
+#[allow(unused_imports)]
+use corral_model::FieldId;
+use corral_model::{date, new_ref, ApiError, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub fn table() -> HashMap<String, Handler> {
+    let mut t: HashMap<String, Handler> = HashMap::new();
+    let mut sync = |n: &str, f: fn(&Arc<Server>, &Ctx, Vec<Value>) -> ApiResult| {
+        t.insert(n.to_owned(), Handler::Sync(f));
+    };
+    sync("session.logout", |s, c, _| {
+        s.sessions.logout(s, &c.session);
+        void()
+    });
+    sync("session.local_logout", |s, c, _| {
+        s.sessions.logout(s, &c.session);
+        void()
+    });
+    sync("session.change_password", change_password);
+    sync("task.destroy", |s, _, p| {
+        let r = pstr(&mut p.into_iter());
+        s.db.write(|t| t.delete(class::TASK, &r)).map_err(ApiError::from)?;
+        void()
+    });
+    sync("task.create", |s, c, p| {
+        let mut p = p.into_iter();
+        let (label, descr) = (pstr(&mut p), pstr(&mut p));
+        Ok(Value::String(s.task_create(&label, &descr, &c.session, true)?))
+    });
+    sync("task.cancel", |s, _, p| {
+        let r = pstr(&mut p.into_iter());
+        let allowed = s.db.read().get(field::task::ALLOWED_OPERATIONS, &r).ok_or_else(|| ApiError::handle_invalid("task", &r))?;
+        if !allowed.as_array().unwrap_or_default().iter().any(|v| v.as_str() == Some("cancel")) {
+            return Err(ApiError::operation_not_allowed("task is not cancellable"));
+        }
+        s.db.write(|t| t.set(field::task::CURRENT_OPERATIONS, &r, Value::Struct(vec![(r.clone(), Value::str("cancel"))])))
+            .map_err(ApiError::from)?;
+        s.request_cancel(&r);
+        // A client-created task has no worker to notice: cancel it here.
+        if !s.task_has_worker(&r) {
+            s.task_complete(&r, Err(ApiError::new("TASK_CANCELLED", [r.as_str()])));
+        }
+        void()
+    });
+    sync("event.register", |s, c, p| crate::events::register(s, c, set_of(p), true));
+    sync("event.unregister", |s, c, p| crate::events::register(s, c, set_of(p), false));
+    sync("event.get_current_id", |s, _, _| Ok(Value::Int(s.db.read().generation() as i64)));
+    sync("event.inject", |s, _, p| {
+        let mut p = p.into_iter();
+        let (c, r) = (pstr(&mut p), pstr(&mut p));
+        crate::events::inject(s, &c, &r)
+    });
+    sync("message.create", |s, _, p| {
+        let mut p = p.into_iter();
+        let name = pstr(&mut p);
+        let prio = p.next().and_then(|v| v.as_int()).unwrap_or(5);
+        let (cls, obj, body) = (pstr(&mut p), pstr(&mut p), pstr(&mut p));
+        create_message(s, &name, prio, &cls, &obj, &body).map(Value::String)
+    });
+    sync("message.destroy", |s, _, p| {
+        let r = pstr(&mut p.into_iter());
+        s.db.write(|t| t.delete(class::MESSAGE, &r)).map_err(ApiError::from)?;
+        void()
+    });
+    sync("message.get_since", |s, _, p| {
+        let since = pstr(&mut p.into_iter());
+        messages_since(s, None, &since)
+    });
+    sync("message.get", |s, _, p| {
+        let mut p = p.into_iter();
+        let (cls, obj, since) = (pstr(&mut p), pstr(&mut p), pstr(&mut p));
+        messages_since(s, Some((&cls, &obj)), &since)
+    });
+    sync("user.create_local", create_local_user);
+    sync("user.set_password", |s, _, p| {
+        let mut p = p.into_iter();
+        let (r, pwd) = (pstr(&mut p), pstr(&mut p));
+        let h = hash_password(&pwd)?;
+        s.db.write(|t| t.set(field::user::PASSWORD_HASH, &r, Value::String(h.clone()))).map_err(ApiError::from)?;
+        void()
+    });
+    sync("VM.clone", vm_clone);
+    sync("VM.copy", |s, c, p| {
+        // Without storage yet, a copy is a clone whose disks would be full copies.
+        let p: Vec<Value> = p.into_iter().take(2).collect();
+        vm_clone(s, c, p)
+    });
+    sync("VM.provision", |s, _, p| {
+        let r = pstr(&mut p.into_iter());
+        s.db.write(|t| {
+            if !t.state().exists(class::VM, &r) {
+                return Err(ApiError::handle_invalid("VM", &r));
+            }
+            let oc = t.state().get(field::vm::OTHER_CONFIG, &r).and_then(|v| v.as_struct().map(<[_]>::to_vec)).unwrap_or_default();
+            t.set(field::vm::OTHER_CONFIG, &r, Value::Struct(oc.into_iter().filter(|(k, _)| k != "disks").collect()))
+        })
+        .map_err(ApiError::from)?;
+        void()
+    });
+
+    let mut asyn = |n: &str, f: fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut| {
+        t.insert(n.to_owned(), Handler::Async(f));
+    };
+    asyn("session.login_with_password", |s, _, p| Box::pin(login(s, p)));
+    asyn("session.slave_local_login_with_password", |s, _, p| Box::pin(login(s, p)));
+    asyn("event.from", |s, c, p| {
+        Box::pin(async move {
+            let mut p = p.into_iter();
+            let classes = set_of(p.next().into_iter().collect());
+            let tok = pstr(&mut p);
+            let timeout = p.next().and_then(|v| v.as_float()).unwrap_or(0.0);
+            crate::events::from(s, c, classes, tok, timeout).await
+        })
+    });
+    asyn("event.next", |s, c, _| Box::pin(crate::events::next(s, c)));
+    t
+}
+
+fn set_of(p: Vec<Value>) -> Vec<String> {
+    p.into_iter()
+        .next()
+        .and_then(|v| v.as_array().map(|a| a.iter().map(|x| x.as_str().unwrap_or_default().to_owned()).collect()))
+        .unwrap_or_default()
+}
+
+async fn login(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
+    // Declared params (uname, pwd[, version, originator]) then what the
+    // dispatcher appends about the transport: local flag, address, header.
+    let n = p.len();
+    let mut it = p.into_iter();
+    let uname = pstr(&mut it);
+    let pwd = pstr(&mut it);
+    let rest: Vec<String> = it.map(|v| v.as_str().unwrap_or_default().to_owned()).collect();
+    let (declared, transport) = rest.split_at(rest.len().saturating_sub(3));
+    let originator = if n >= 7 { declared.get(1).cloned().unwrap_or_default() } else { String::new() };
+    let local = transport.first().map(String::as_str) == Some("local");
+    let addr = transport.get(1).and_then(|a| a.parse().ok());
+    let originator = if originator.is_empty() { transport.get(2).cloned().unwrap_or_default() } else { originator };
+    s.sessions.login(&s, &uname, &pwd, &originator, local, addr).await.map(Value::String)
+}
+
+fn change_password(s: &Arc<Server>, c: &Ctx, p: Vec<Value>) -> ApiResult {
+    let mut p = p.into_iter();
+    let (old, new) = (pstr(&mut p), pstr(&mut p));
+    let st = s.db.read();
+    let user = st.refs(class::USER).find(|r| st.get_str(field::user::SHORT_NAME, r).as_deref() == Some(c.user.as_str())).cloned();
+    let hash = user.as_ref().and_then(|u| st.get_str(field::user::PASSWORD_HASH, u));
+    drop(st);
+    let (Some(user), Some(hash)) = (user, hash) else {
+        return Err(ApiError::new("USER_IS_NOT_LOCAL_SUPERUSER", [c.user.as_str()]));
+    };
+    if !crate::sessions::verify_password(&old, &hash) {
+        return Err(ApiError::new("SESSION_AUTHENTICATION_FAILED", [c.user.as_str(), "Old password does not match"]));
+    }
+    let h = hash_password(&new)?;
+    s.db.write(|t| t.set(field::user::PASSWORD_HASH, &user, Value::String(h.clone()))).map_err(ApiError::from)?;
+    void()
+}
+
+fn create_local_user(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
+    let mut p = p.into_iter();
+    let (name, full, pwd, role) = (pstr(&mut p), pstr(&mut p), pstr(&mut p), pstr(&mut p));
+    if name.is_empty() || name == "root" {
+        return Err(ApiError::invalid_value("short_name", &name));
+    }
+    Role::from_name(&role).ok_or_else(|| ApiError::code("ROLE_NOT_FOUND"))?;
+    let h = hash_password(&pwd)?;
+    let r = new_ref();
+    s.db.write(|t| {
+        let st = t.state();
+        if st.refs(class::USER).any(|u| st.get_str(field::user::SHORT_NAME, u).as_deref() == Some(name.as_str())) {
+            return Err(ApiError::new("DB_UNIQUENESS_CONSTRAINT_VIOLATION", ["user", "short_name", name.as_str()]));
+        }
+        let role_ref = st
+            .refs(class::ROLE)
+            .find(|x| st.get_str(field::role::NAME_LABEL, x).is_some_and(|n| n.eq_ignore_ascii_case(&role)))
+            .cloned()
+            .ok_or_else(|| ApiError::code("ROLE_NOT_FOUND"))?;
+        t.create(
+            class::USER,
+            &r,
+            vec![
+                (field::user::SHORT_NAME.index, Value::String(name.clone())),
+                (field::user::FULLNAME.index, Value::String(full.clone())),
+                (field::user::PASSWORD_HASH.index, Value::String(h.clone())),
+                (field::user::ROLES.index, Value::string_set([role_ref])),
+            ],
+        )
+    })
+    .map_err(ApiError::from)?;
+    Ok(Value::String(r))
+}
+
+/// `VM.clone(vm, new_name)`: a new VM record copied from `vm`.
+fn vm_clone(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
+    let mut p = p.into_iter();
+    let (src, name) = (pstr(&mut p), pstr(&mut p));
+    let r = new_ref();
+    s.db.write(|t| {
+        let st = t.state();
+        let row = st.row(class::VM, &src).ok_or_else(|| ApiError::handle_invalid("VM", &src))?;
+        let power = st.get_str(field::vm::POWER_STATE, &src).unwrap_or_default();
+        if power != "Halted" {
+            return Err(ApiError::new("VM_BAD_POWER_STATE", [src.as_str(), "halted", power.to_lowercase().as_str()]));
+        }
+        let mut fields: Vec<(usize, Value)> = row.fields.iter().cloned().enumerate().collect();
+        let set = |fields: &mut Vec<(usize, Value)>, f: corral_model::FieldId, v: Value| fields[f.index].1 = v;
+        set(&mut fields, field::vm::UUID, Value::str(""));
+        set(&mut fields, field::vm::NAME_LABEL, Value::String(name.clone()));
+        set(&mut fields, field::vm::IS_DEFAULT_TEMPLATE, Value::Bool(false));
+        set(&mut fields, field::vm::ALLOWED_OPERATIONS, Value::Array(vec![]));
+        set(&mut fields, field::vm::CURRENT_OPERATIONS, Value::Struct(vec![]));
+        set(&mut fields, field::vm::RESIDENT_ON, Value::str(corral_model::NULL_REF));
+        set(&mut fields, field::vm::SNAPSHOT_OF, Value::str(corral_model::NULL_REF));
+        set(&mut fields, field::vm::PARENT, Value::str(&src));
+        if let Value::Struct(oc) = &mut fields[field::vm::OTHER_CONFIG.index].1 {
+            oc.retain(|(k, _)| k != "default_template");
+        }
+        set(&mut fields, field::vm::METRICS, Value::str(corral_model::NULL_REF));
+        set(&mut fields, field::vm::GUEST_METRICS, Value::str(corral_model::NULL_REF));
+        fields.retain(|(i, _)| class::VM.def().fields[*i].rel.is_none());
+        t.create(class::VM, &r, fields)
+    })
+    .map_err(ApiError::from)?;
+    Ok(Value::String(r))
+}
+
+/// Creates an alert (`message` object).
+pub fn create_message(s: &Server, name: &str, priority: i64, cls: &str, obj_uuid: &str, body: &str) -> Result<String, ApiError> {
+    let r = new_ref();
+    s.db.write(|t| {
+        t.create(
+            class::MESSAGE,
+            &r,
+            vec![
+                (field::message::NAME.index, Value::str(name)),
+                (field::message::PRIORITY.index, Value::Int(priority)),
+                (field::message::CLS.index, Value::str(cls)),
+                (field::message::OBJ_UUID.index, Value::str(obj_uuid)),
+                (field::message::TIMESTAMP.index, Value::DateTime(date::now())),
+                (field::message::BODY.index, Value::str(body)),
+            ],
+        )
+    })
+    .map_err(ApiError::from)?;
+    Ok(r)
+}
+
+fn messages_since(s: &Server, filter: Option<(&str, &str)>, since: &str) -> ApiResult {
+    let since = date::parse(since).unwrap_or(0);
+    let st = s.db.read();
+    let mut out = Vec::new();
+    for r in st.refs(class::MESSAGE) {
+        let ts = st.get_str(field::message::TIMESTAMP, r).and_then(|t| date::parse(&t)).unwrap_or(0);
+        if ts <= since {
+            continue;
+        }
+        if let Some((cls, obj)) = filter {
+            if st.get_str(field::message::CLS, r).as_deref() != Some(cls) || st.get_str(field::message::OBJ_UUID, r).as_deref() != Some(obj) {
+                continue;
+            }
+        }
+        if let Some(rec) = st.record(class::MESSAGE, r) {
+            out.push((r.clone(), rec));
+        }
+    }
+    Ok(Value::Struct(out))
+}
+
+impl Server {
+    pub fn host_uuid(&self) -> String {
+        self.db.read().get_str(field::host::UUID, &self.host_ref).unwrap_or_default()
+    }
+    /// Tasks created by `Async.*` calls have a worker; `task.create` ones do not.
+    pub fn task_has_worker(&self, task: &str) -> bool {
+        self.workers.lock().map(|w| w.contains(task)).unwrap_or(false)
+    }
+}

@@ -1,0 +1,12 @@
+//! corrald: the Corral host daemon. See docs/architecture.md.
+
+pub mod api;
+pub mod cli;
+pub mod daemon;
+pub mod events;
+pub mod filter;
+pub mod handlers;
+pub mod http;
+pub mod init;
+pub mod sessions;
+pub mod tls;
