@@ -1,8 +1,673 @@
-//! The server side of `xe` (XenServer's thin-CLI protocol on `POST /cli`).
+//! The server side of `xe`: XenServer's thin-CLI protocol on `POST /cli`.
+//!
+//! The client sends its argv; the server parses it, runs the command through
+//! the same dispatcher as API calls (so sessions and RBAC apply), and streams
+//! back `Print`/`PrintStderr`/`Error`/`Exit` frames. The generic
+//! `<class>-list` and `<class>-param-*` commands are derived from the
+//! datamodel.
 
-use crate::api::Server;
+use crate::api::{Caller, Server};
 use crate::http::Origin;
+use corral_model::schema::{error_def, ClassId, FieldDef, Ty};
+use corral_model::value::format_float;
+use corral_model::{ApiError, Value, NULL_REF};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-pub async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin + Send>(_server: Arc<Server>, _stream: S, _origin: Origin, _body: Vec<u8>) {}
+pub const GREETING: &[u8] = b"XenSource thin CLI protocol";
+
+/// What a command produced, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    Print(String),
+    Stderr(String),
+    Error(String, Vec<String>),
+}
+
+pub struct Run {
+    pub out: Vec<Out>,
+    pub exit: i32,
+}
+
+fn frame_string(buf: &mut Vec<u8>, s: &str) {
+    buf.extend_from_slice(&(s.len() as i32).to_le_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+fn command_frame(tag: i32, body: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(body.len() + 8);
+    payload.extend_from_slice(&9i32.to_le_bytes());
+    payload.extend_from_slice(&tag.to_le_bytes());
+    payload.extend_from_slice(body);
+    let mut f = (payload.len() as i32).to_le_bytes().to_vec();
+    f.extend_from_slice(&payload);
+    f
+}
+
+/// Encodes the frames for a finished command.
+pub fn encode(run: &Run) -> Vec<u8> {
+    let mut out = Vec::new();
+    for o in &run.out {
+        let mut body = Vec::new();
+        match o {
+            Out::Print(s) => {
+                frame_string(&mut body, s);
+                out.extend(command_frame(0, &body));
+            }
+            Out::Stderr(s) => {
+                frame_string(&mut body, s);
+                out.extend(command_frame(16, &body));
+            }
+            Out::Error(code, params) => {
+                frame_string(&mut body, code);
+                body.extend_from_slice(&(params.len() as i32).to_le_bytes());
+                for p in params {
+                    frame_string(&mut body, p);
+                }
+                out.extend(command_frame(14, &body));
+            }
+        }
+    }
+    out.extend(command_frame(4, &run.exit.to_le_bytes()));
+    out
+}
+
+pub async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin + Send>(server: Arc<Server>, mut stream: S, origin: Origin, body: Vec<u8>) {
+    let text = String::from_utf8_lossy(&body);
+    let args: Vec<String> = text.split('\n').map(|l| l.trim_end_matches('\r').to_owned()).filter(|l| !l.is_empty()).collect();
+    let mut hello = GREETING.to_vec();
+    hello.extend_from_slice(&0i32.to_le_bytes());
+    hello.extend_from_slice(&2i32.to_le_bytes());
+    if stream.write_all(&hello).await.is_err() {
+        return;
+    }
+    let mut reply = vec![0u8; hello.len()];
+    if stream.read_exact(&mut reply).await.is_err() || !reply.starts_with(GREETING) {
+        return;
+    }
+    let run = run(&server, args, origin).await;
+    let _ = stream.write_all(&encode(&run)).await;
+    let _ = stream.flush().await;
+}
+
+/// Parsed command line.
+pub struct Cmd {
+    pub name: String,
+    pub params: Vec<(String, String)>,
+    pub flags: Vec<String>,
+}
+
+impl Cmd {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.params.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.as_str())
+    }
+    fn flag(&self, f: &str) -> bool {
+        self.flags.iter().any(|x| x == f) || self.get(f).is_some_and(|v| parse_bool(v) == Some(true))
+    }
+}
+
+pub fn parse_bool(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "t" | "yes" | "y" | "1" => Some(true),
+        "false" | "f" | "no" | "n" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+const STD_PARAMS: &[&str] = &["server", "password", "port", "username", "minimal", "force", "multiple", "all", "message-priority", "trace", "session_id", "passwordfile", "nossl", "debug"];
+
+pub fn parse_args(args: &[String]) -> Result<Cmd, String> {
+    let mut it = args.iter();
+    let mut name = String::new();
+    let mut params = Vec::new();
+    let mut flags = Vec::new();
+    while let Some(a) = it.next() {
+        if let Some(f) = a.strip_prefix("--") {
+            flags.push(f.to_owned());
+        } else if a.starts_with('-') && a.len() > 1 && !a.contains('=') {
+            let key = match a.as_str() {
+                "-u" => "username",
+                "-pw" => "password",
+                "-s" | "-h" => "server",
+                "-p" => "port",
+                other => return Err(format!("Unknown switch: {other}")),
+            };
+            params.push((key.to_owned(), it.next().cloned().unwrap_or_default()));
+        } else if name.is_empty() && params.is_empty() {
+            if a.contains('=') {
+                return Err("command name is missing".into());
+            }
+            name = a.clone();
+        } else {
+            match a.split_once('=') {
+                Some((k, v)) => params.push((k.to_owned(), v.to_owned())),
+                None => params.push((a.clone(), String::new())),
+            }
+        }
+    }
+    Ok(Cmd { name, params, flags })
+}
+
+async fn run(server: &Arc<Server>, args: Vec<String>, origin: Origin) -> Run {
+    let cmd = match parse_args(&args) {
+        Ok(c) => c,
+        Err(e) => return fail_text(format!("Syntax error: {e}\nFor usage run: 'xe help'")),
+    };
+    if cmd.name.is_empty() || cmd.name == "help" {
+        return help(&cmd);
+    }
+    let caller = Caller { origin, originator: Some("cli".into()) };
+    let session = match cmd.get("session_id") {
+        Some(s) => s.to_owned(),
+        None => {
+            let user = cmd.get("username").unwrap_or("root").to_owned();
+            let pwd = cmd.get("password").unwrap_or("").to_owned();
+            match server.call("session.login_with_password", vec![Value::String(user.clone()), Value::String(pwd), Value::str("1.0"), Value::str("cli")], &caller).await {
+                Ok(v) => v.as_str().unwrap_or_default().to_owned(),
+                Err(_) if user.is_empty() => return fail_text("Username/password must be specified".into()),
+                Err(_) => return fail_text("Authentication failed".into()),
+            }
+        }
+    };
+    let ctx = CliCtx { server: Arc::clone(server), session: session.clone(), caller };
+    let mut out = Vec::new();
+    let res = ctx.dispatch(&cmd, &mut out).await;
+    if cmd.get("session_id").is_none() {
+        let _ = server.call("session.logout", vec![Value::String(session)], &ctx.caller).await;
+    }
+    match res {
+        Ok(()) => Run { out, exit: 0 },
+        Err(CliError::Text(t)) => {
+            out.push(Out::Stderr(format!("{t}\n")));
+            Run { out, exit: 1 }
+        }
+        Err(CliError::Api(e)) => {
+            out.extend(ctx.api_error(&e));
+            Run { out, exit: 1 }
+        }
+    }
+}
+
+fn fail_text(t: String) -> Run {
+    Run { out: vec![Out::Stderr(format!("{t}\n"))], exit: 1 }
+}
+
+#[derive(Debug)]
+pub enum CliError {
+    Text(String),
+    Api(ApiError),
+}
+
+impl From<ApiError> for CliError {
+    fn from(e: ApiError) -> Self {
+        CliError::Api(e)
+    }
+}
+
+fn text<T>(t: impl Into<String>) -> Result<T, CliError> {
+    Err(CliError::Text(t.into()))
+}
+
+/// A CLI class: a datamodel class plus a fixed filter (`template` is VM
+/// with `is_a_template=true`).
+#[derive(Clone, Copy)]
+pub struct CliClass {
+    pub name: &'static str,
+    pub class: ClassId,
+    pub filter: &'static [(&'static str, &'static str)],
+    pub default_params: &'static [&'static str],
+}
+
+/// The CLI classes: every database class with `get_all_records`, named as xe
+/// names them.
+pub fn cli_classes() -> Vec<CliClass> {
+    let mut out = Vec::new();
+    for c in ClassId::all() {
+        let def = c.def();
+        if !def.in_db || c.implicit_role("get_all_records").is_none() {
+            continue;
+        }
+        let name: &'static str = Box::leak(def.name.to_lowercase().replace('_', "-").into_boxed_str());
+        let (filter, params): (&'static [(&str, &str)], &'static [&str]) = match def.name {
+            "VM" => (&[("is-a-template", "false"), ("is-control-domain", "false")], &["uuid", "name-label", "power-state"]),
+            "host" => (&[], &["uuid", "name-label", "name-description"]),
+            "pool" => (&[], &["uuid", "name-label", "name-description", "master", "default-SR"]),
+            "SR" => (&[], &["uuid", "name-label", "name-description", "host", "type", "content-type"]),
+            "PBD" => (&[], &["uuid", "host-uuid", "sr-uuid", "device-config", "currently-attached"]),
+            "VDI" => (&[], &["uuid", "name-label", "name-description", "virtual-size", "read-only", "sharable", "sr-uuid"]),
+            "VBD" => (&[], &["uuid", "vm-uuid", "vdi-uuid", "device", "empty"]),
+            "VIF" => (&[], &["uuid", "device", "vm-uuid", "network-uuid"]),
+            "network" => (&[], &["uuid", "name-label", "name-description", "bridge"]),
+            "PIF" => (&[], &["uuid", "device", "VLAN", "MAC", "network-uuid", "currently-attached", "host-uuid"]),
+            "Bond" => (&[], &["uuid", "master", "slaves"]),
+            "VLAN" => (&[], &["uuid", "tagged-PIF", "untagged-PIF", "tag"]),
+            "task" => (&[], &["uuid", "name-label", "name-description", "status", "progress"]),
+            "subject" => (&[], &["uuid", "subject-identifier", "other-config", "roles"]),
+            "console" => (&[], &["uuid", "vm-uuid", "protocol", "location"]),
+            "message" | "user" => (&[], &[]),
+            _ => (&[], &["uuid", "name-label", "name-description"]),
+        };
+        out.push(CliClass { name, class: c, filter, default_params: params });
+        if def.name == "VM" {
+            out.push(CliClass { name: "template", class: c, filter: &[("is-a-template", "true")], default_params: &["uuid", "name-label", "name-description"] });
+            out.push(CliClass { name: "snapshot", class: c, filter: &[("is-a-snapshot", "true")], default_params: &["uuid", "name-label", "name-description"] });
+        }
+    }
+    out
+}
+
+/// The xe name of a field: hyphens for underscores, and `<x>-uuid` for a
+/// pointer to the class `x` (`PBD.host` → `host-uuid`).
+pub fn cli_field_name(f: &FieldDef) -> String {
+    const KEEP: &[&str] = &["cpu_info", "subtask_of", "error_info", "allowed_operations", "current_operations", "qos_algorithm_type", "qos_algorithm_params", "qos_supported_algorithms", "io_read_kbs", "io_write_kbs"];
+    if KEEP.contains(&f.name) && !matches!(f.name, "allowed_operations" | "current_operations") {
+        return f.name.to_owned();
+    }
+    if let Ty::Ref(target) = f.ty {
+        if target.eq_ignore_ascii_case(f.name) {
+            return format!("{}-uuid", f.name.to_lowercase());
+        }
+    }
+    f.name.replace('_', "-")
+}
+
+fn tag(f: &FieldDef) -> &'static str {
+    match f.ty {
+        Ty::Set(_) => if f.ops_role.is_some() { "SRW" } else { "SRO" },
+        Ty::Map(..) => if f.ops_role.is_some() || f.set_role.is_some() { "MRW" } else { "MRO" },
+        _ => if f.set_role.is_some() { " RW" } else { " RO" },
+    }
+}
+
+struct CliCtx {
+    server: Arc<Server>,
+    session: String,
+    caller: Caller,
+}
+
+impl CliCtx {
+    async fn call(&self, method: &str, mut params: Vec<Value>) -> Result<Value, CliError> {
+        params.insert(0, Value::String(self.session.clone()));
+        Ok(self.server.call(method, params, &self.caller).await?)
+    }
+
+    fn uuid_of(&self, r: &str) -> String {
+        if r == NULL_REF || r.is_empty() {
+            return r.to_owned();
+        }
+        let st = self.server.db.read();
+        for c in ClassId::all().filter(|c| c.def().in_db) {
+            if st.exists(c, r) {
+                if let Some(u) = c.field("uuid").and_then(|f| st.get_str(f, r)) {
+                    return u;
+                }
+            }
+        }
+        "<not in database>".into()
+    }
+
+    fn render(&self, f: &FieldDef, v: &Value) -> String {
+        let scalar = |ty: &Ty, v: &Value| -> String {
+            match (ty, v) {
+                (Ty::Ref(_), Value::String(r)) => self.uuid_of(r),
+                (Ty::Float, Value::Float(x)) => format!("{x:.3}"),
+                (_, Value::Float(x)) => format_float(*x),
+                _ => v.db_string(),
+            }
+        };
+        match (&f.ty, v) {
+            (Ty::Set(inner), Value::Array(items)) => items.iter().map(|i| scalar(inner, i)).collect::<Vec<_>>().join("; "),
+            (Ty::Map(kt, vt), Value::Struct(m)) => m
+                .iter()
+                .map(|(k, x)| format!("{}: {}", scalar(kt, &Value::String(k.clone())), scalar(vt, x)))
+                .collect::<Vec<_>>()
+                .join("; "),
+            (Ty::Enum("vm_power_state"), Value::String(s)) => s.to_lowercase(),
+            (ty, v) => scalar(ty, v),
+        }
+    }
+
+    /// The record as (cli name, tag, rendered value), in field order.
+    fn cli_record(&self, cc: &CliClass, rec: &Value) -> Vec<(String, &'static str, String)> {
+        let mut out = Vec::new();
+        for f in cc.class.def().fields.iter().filter(|f| !f.internal) {
+            if let Some(v) = rec.member(f.name) {
+                out.push((cli_field_name(f), tag(f), self.render(f, v)));
+            }
+        }
+        out
+    }
+
+    fn find_class(&self, name: &str) -> Option<CliClass> {
+        cli_classes().into_iter().find(|c| c.name == name)
+    }
+
+    async fn records(&self, cc: &CliClass) -> Result<Vec<(String, Value)>, CliError> {
+        let all = self.call(&format!("{}.get_all_records_where", cc.class.name()), vec![Value::str("true")]).await?;
+        let mut out = Vec::new();
+        for (r, rec) in all.as_struct().map(<[_]>::to_vec).unwrap_or_default() {
+            let cr = self.cli_record(cc, &rec);
+            if cc.filter.iter().all(|(k, v)| cr.iter().any(|(n, _, val)| n == k && val == v)) {
+                out.push((r, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    fn matches(&self, cc: &CliClass, rec: &Value, filters: &[(String, String)]) -> Result<bool, CliError> {
+        let cr = self.cli_record(cc, rec);
+        for (k, want) in filters {
+            let (name, sub) = match k.split_once(':') {
+                Some((n, s)) => (n, Some(s)),
+                None => (k.as_str(), None),
+            };
+            let Some(f) = cc.class.def().fields.iter().find(|f| cli_field_name(f) == name) else {
+                return text(format!("Parameter '{name}' is not a field of the {} class. Failed to select {} for operation.", cc.class.name(), cc.class.name()));
+            };
+            let v = rec.member(f.name).cloned().unwrap_or(Value::Nil);
+            let ok = match (sub, &f.ty) {
+                (Some("contains"), Ty::Set(_)) => v.as_array().unwrap_or_default().iter().any(|x| x.db_string() == *want || self.uuid_of(&x.db_string()) == *want),
+                (Some(key), Ty::Map(..)) => v.member(key).map(|x| x.db_string()) == Some(want.clone()),
+                _ => {
+                    let shown = cr.iter().find(|(n, _, _)| n == name).map(|(_, _, s)| s.clone()).unwrap_or_default();
+                    if name == "MAC" { shown.eq_ignore_ascii_case(want) } else { shown == *want }
+                }
+            };
+            if !ok {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn dispatch(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        match cmd.name.as_str() {
+            "user-password-change" => {
+                let old = cmd.get("old").unwrap_or("").to_owned();
+                let Some(new) = cmd.get("new") else { return text("Required parameter not found: new") };
+                self.call("session.change_password", vec![Value::String(old), Value::str(new)]).await?;
+                return Ok(());
+            }
+            "user-create" => {
+                let need = |k: &str| cmd.get(k).map(str::to_owned).ok_or_else(|| CliError::Text(format!("Required parameter not found: {k}")));
+                let (name, pwd, role) = (need("user-name")?, need("password-new")?, need("role")?);
+                let full = cmd.get("fullname").unwrap_or("").to_owned();
+                let r = self.call("user.create_local", vec![Value::String(name), Value::String(full), Value::String(pwd), Value::String(role)]).await?;
+                out.push(Out::Print(self.uuid_of(r.as_str().unwrap_or_default())));
+                return Ok(());
+            }
+            _ => {}
+        }
+        for suffix in ["-list", "-param-list", "-param-get", "-param-set", "-param-add", "-param-remove", "-param-clear"] {
+            if let Some(cname) = cmd.name.strip_suffix(suffix) {
+                if let Some(cc) = self.find_class(cname) {
+                    return self.generic(&cc, suffix, cmd, out).await;
+                }
+            }
+        }
+        text(format!("Unknown command: {}\nFor usage run: 'xe help'", cmd.name))
+    }
+
+    async fn by_uuid(&self, cc: &CliClass, cmd: &Cmd) -> Result<(String, Value), CliError> {
+        let Some(uuid) = cmd.get("uuid") else { return text("Required parameter not found: uuid") };
+        let r = self.call(&format!("{}.get_by_uuid", cc.class.name()), vec![Value::str(uuid)]).await?;
+        let r = r.as_str().unwrap_or_default().to_owned();
+        let rec = self.call(&format!("{}.get_record", cc.class.name()), vec![Value::String(r.clone())]).await?;
+        Ok((r, rec))
+    }
+
+    fn field_for(&self, cc: &CliClass, name: &str) -> Result<&'static FieldDef, CliError> {
+        cc.class.def().fields.iter().filter(|f| !f.internal).find(|f| cli_field_name(f) == name).ok_or_else(|| CliError::Text(format!("Unknown field '{name}'")))
+    }
+
+    /// Converts xe text to a wire value of the field's type.
+    fn value_of(&self, f: &FieldDef, ty: &Ty, s: &str, name: &str) -> Result<Value, CliError> {
+        Ok(match ty {
+            Ty::Int => Value::Int(s.trim().parse().map_err(|_| CliError::Text(format!("Parameter {name} must be an integer")))?),
+            Ty::Float => Value::Float(s.trim().parse().map_err(|_| CliError::Text(format!("Parameter {name} must be a number")))?),
+            Ty::Bool => Value::Bool(parse_bool(s).ok_or_else(|| CliError::Text(format!("Parameter {name} must be a boolean (true or false)")))?),
+            Ty::Ref(target) => {
+                if s.starts_with("OpaqueRef:") || s.is_empty() {
+                    Value::str(if s.is_empty() { NULL_REF } else { s })
+                } else {
+                    let c = ClassId::by_name(target).ok_or_else(|| CliError::Text(format!("Cannot resolve {s}")))?;
+                    let st = self.server.db.read();
+                    Value::String(st.by_uuid(c, s).cloned().ok_or_else(|| CliError::Api(ApiError::uuid_invalid(target, s)))?)
+                }
+            }
+            Ty::Set(inner) => Value::Array(s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(|x| self.value_of(f, inner, x, name)).collect::<Result<_, _>>()?),
+            _ => Value::str(s),
+        })
+    }
+
+    async fn generic(&self, cc: &CliClass, suffix: &str, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        let cname = cc.class.name();
+        match suffix {
+            "-list" => {
+                let params = cmd.get("params");
+                let filters: Vec<(String, String)> = cmd.params.iter().filter(|(k, _)| !STD_PARAMS.contains(&k.as_str()) && k != "params" && !k.starts_with("database:")).cloned().collect();
+                let mut printed = Vec::new();
+                for (_, rec) in self.records(cc).await? {
+                    if !self.matches(cc, &rec, &filters)? {
+                        continue;
+                    }
+                    let cr = self.cli_record(cc, &rec);
+                    let cols: Vec<(String, &str, String)> = match params {
+                        Some("all") => cr,
+                        Some(p) => {
+                            let want: Vec<&str> = p.split(',').map(str::trim).collect();
+                            cr.into_iter().filter(|(n, _, _)| want.contains(&n.as_str())).collect()
+                        }
+                        None if cc.default_params.is_empty() => cr,
+                        None => cr.into_iter().filter(|(n, _, _)| cc.default_params.contains(&n.as_str())).collect(),
+                    };
+                    printed.push(cols);
+                }
+                if cmd.flag("minimal") {
+                    let firsts: Vec<String> = printed.iter().filter_map(|c| c.first().map(|(_, _, v)| v.replace('\\', "\\\\").replace(',', "\\,"))).collect();
+                    out.push(Out::Print(firsts.join(",")));
+                } else {
+                    for cols in printed {
+                        out.push(Out::Print(format!("{}\n", table(&cols))));
+                    }
+                }
+                Ok(())
+            }
+            "-param-list" => {
+                let (_, rec) = self.by_uuid(cc, cmd).await?;
+                out.push(Out::Print(format!("{}\n", table(&self.cli_record(cc, &rec)))));
+                Ok(())
+            }
+            "-param-get" => {
+                let (_, rec) = self.by_uuid(cc, cmd).await?;
+                let Some(pn) = cmd.get("param-name") else { return text("Required parameter not found: param-name") };
+                let f = self.field_for(cc, pn)?;
+                let v = rec.member(f.name).cloned().unwrap_or(Value::Nil);
+                match cmd.get("param-key") {
+                    Some(k) => match v.member(k) {
+                        Some(x) => out.push(Out::Print(x.db_string())),
+                        None => return text(format!("Key {k} not found in map")),
+                    },
+                    None => out.push(Out::Print(self.render(f, &v))),
+                }
+                Ok(())
+            }
+            "-param-set" => {
+                let (r, _) = self.by_uuid(cc, cmd).await?;
+                for (k, v) in cmd.params.iter().filter(|(k, _)| k != "uuid" && !STD_PARAMS.contains(&k.as_str())) {
+                    if let Some((m, key)) = k.split_once(':') {
+                        let f = self.field_for(cc, m)?;
+                        if !matches!(f.ty, Ty::Map(..)) || f.ops_role.is_none() {
+                            return text(format!("Field '{m}' is read-only."));
+                        }
+                        self.call(&format!("{cname}.remove_from_{}", f.name), vec![Value::String(r.clone()), Value::str(key)]).await?;
+                        self.call(&format!("{cname}.add_to_{}", f.name), vec![Value::String(r.clone()), Value::str(key), Value::str(v)]).await?;
+                        continue;
+                    }
+                    let f = self.field_for(cc, k)?;
+                    if matches!(f.ty, Ty::Set(_)) {
+                        return text("Cannot param-set on set fields");
+                    }
+                    if f.set_role.is_none() || matches!(f.ty, Ty::Map(..)) {
+                        return text(format!("Field '{k}' is read-only."));
+                    }
+                    let val = self.value_of(f, &f.ty, v, k)?;
+                    self.call(&format!("{cname}.set_{}", f.name), vec![Value::String(r.clone()), val]).await?;
+                }
+                Ok(())
+            }
+            "-param-add" => {
+                let (r, _) = self.by_uuid(cc, cmd).await?;
+                let Some(pn) = cmd.get("param-name") else { return text("Required parameter not found: param-name") };
+                let f = self.field_for(cc, pn)?;
+                if f.ops_role.is_none() {
+                    return text("Parameter is read-only");
+                }
+                match f.ty {
+                    Ty::Set(inner) => {
+                        let Some(key) = cmd.get("param-key") else { return text("Required parameter not found: param-key") };
+                        for item in key.split(',') {
+                            let v = self.value_of(f, inner, item.trim(), pn)?;
+                            self.call(&format!("{cname}.add_{}", f.name), vec![Value::String(r.clone()), v]).await?;
+                        }
+                    }
+                    _ => {
+                        for (k, v) in cmd.params.iter().filter(|(k, _)| !["uuid", "param-name"].contains(&k.as_str()) && !STD_PARAMS.contains(&k.as_str())) {
+                            self.call(&format!("{cname}.add_to_{}", f.name), vec![Value::String(r.clone()), Value::str(k), Value::str(v)]).await?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            "-param-remove" => {
+                let (r, rec) = self.by_uuid(cc, cmd).await?;
+                let Some(pn) = cmd.get("param-name") else { return text("Required parameter not found: param-name") };
+                let Some(key) = cmd.get("param-key") else { return text("Required parameter not found: param-key") };
+                let f = self.field_for(cc, pn)?;
+                if f.ops_role.is_none() {
+                    return text("Parameter is read-only");
+                }
+                let cur = rec.member(f.name).cloned().unwrap_or(Value::Nil);
+                match f.ty {
+                    Ty::Set(inner) => {
+                        let v = self.value_of(f, inner, key, pn)?;
+                        if !cur.as_array().unwrap_or_default().contains(&v) {
+                            return text(format!("Key {key} is not in the set"));
+                        }
+                        self.call(&format!("{cname}.remove_{}", f.name), vec![Value::String(r), v]).await?;
+                    }
+                    _ => {
+                        if cur.member(key).is_none() {
+                            return text(format!("Key {key} is not in map"));
+                        }
+                        self.call(&format!("{cname}.remove_from_{}", f.name), vec![Value::String(r), Value::str(key)]).await?;
+                    }
+                }
+                Ok(())
+            }
+            "-param-clear" => {
+                let (r, _) = self.by_uuid(cc, cmd).await?;
+                let Some(pn) = cmd.get("param-name") else { return text("Required parameter not found: param-name") };
+                let f = self.field_for(cc, pn)?;
+                if f.set_role.is_none() && f.ops_role.is_none() {
+                    return text(format!("Field '{pn}' is read-only."));
+                }
+                let empty = match f.ty {
+                    Ty::Set(_) => Value::Array(vec![]),
+                    Ty::Map(..) => Value::Struct(vec![]),
+                    _ => Value::str(""),
+                };
+                if f.set_role.is_some() {
+                    self.call(&format!("{cname}.set_{}", f.name), vec![Value::String(r), empty]).await?;
+                } else if let Ty::Map(..) = f.ty {
+                    let cur = self.call(&format!("{cname}.get_{}", f.name), vec![Value::String(r.clone())]).await?;
+                    for (k, _) in cur.as_struct().map(<[_]>::to_vec).unwrap_or_default() {
+                        self.call(&format!("{cname}.remove_from_{}", f.name), vec![Value::String(r.clone()), Value::String(k)]).await?;
+                    }
+                }
+                Ok(())
+            }
+            _ => text(format!("Unknown command: {}", cmd.name)),
+        }
+    }
+
+    /// An API error as xe prints it: the datamodel's sentence and one line
+    /// per parameter, or `Error code:` for codes the datamodel does not know.
+    fn api_error(&self, e: &ApiError) -> Vec<Out> {
+        match error_def(&e.code) {
+            Some(def) => {
+                let mut s = format!("{}\n", def.doc);
+                for (i, name) in def.params.iter().enumerate() {
+                    let v = e.params.get(i).map(|p| {
+                        if p.starts_with("OpaqueRef:") && p != NULL_REF { self.uuid_of(p) } else { p.clone() }
+                    });
+                    s.push_str(&format!("{name}: {}\n", v.unwrap_or_else(|| "<unknown>".into())));
+                }
+                for extra in e.params.iter().skip(def.params.len()) {
+                    s.push_str(&format!("<extra>: {extra}\n"));
+                }
+                vec![Out::Stderr(s)]
+            }
+            None => vec![Out::Error(e.code.clone(), e.params.clone())],
+        }
+    }
+}
+
+/// xe's record table: the first key left-aligned, the others right-aligned,
+/// all padded to 4 + the longest key with its tag.
+pub fn table(cols: &[(String, &str, String)]) -> String {
+    let keys: Vec<String> = cols.iter().map(|(n, t, _)| format!("{n} ({t})")).collect();
+    let w = 4 + keys.iter().map(String::len).max().unwrap_or(0);
+    let mut s = String::new();
+    for (i, (k, (_, _, v))) in keys.iter().zip(cols).enumerate() {
+        if i == 0 {
+            s.push_str(&format!("{k:<w$}: {v}\n"));
+        } else {
+            s.push_str(&format!("{k:>w$}: {v}\n"));
+        }
+    }
+    s
+}
+
+fn help(cmd: &Cmd) -> Run {
+    let classes = cli_classes();
+    let target = cmd.params.first().map(|(k, _)| k.clone());
+    let mut out = Vec::new();
+    match target {
+        Some(c) if c != "--all" => {
+            let (reqd, opt, desc) = if let Some(cn) = c.strip_suffix("-list") {
+                ("", "params", format!("Lists {cn} objects, filtered by field=value"))
+            } else if c.ends_with("-param-list") {
+                ("uuid", "", "Lists all the parameters of the object".to_owned())
+            } else if c.ends_with("-param-get") {
+                ("uuid, param-name", "param-key", "Gets a parameter of the object".to_owned())
+            } else if c.ends_with("-param-set") {
+                ("uuid", "", "Sets parameters of the object".to_owned())
+            } else if c.ends_with("-param-add") {
+                ("uuid, param-name", "param-key", "Adds to a set or map parameter".to_owned())
+            } else if c.ends_with("-param-remove") {
+                ("uuid, param-name, param-key", "", "Removes from a set or map parameter".to_owned())
+            } else if c.ends_with("-param-clear") {
+                ("uuid, param-name", "", "Clears a parameter".to_owned())
+            } else if c == "user-password-change" {
+                ("new", "old", "Changes the password of the logged-in user".to_owned())
+            } else if c == "user-create" {
+                ("user-name, password-new, role", "fullname", "Creates a local user with a role (Corral extension)".to_owned())
+            } else {
+                return fail_text(format!("Unknown command: {c}\nFor usage run: 'xe help'"));
+            };
+            out.push(Out::Print(format!("command name            : {c}\n        reqd params     : {reqd}\n        optional params : {opt}\n\n        description     : {desc}")));
+        }
+        _ => {
+            let mut names: Vec<String> = vec!["help".into(), "user-create".into(), "user-password-change".into()];
+            for c in &classes {
+                for s in ["-list", "-param-list", "-param-get", "-param-set", "-param-add", "-param-remove", "-param-clear"] {
+                    names.push(format!("{}{s}", c.name));
+                }
+            }
+            names.sort();
+            out.push(Out::Print(format!("Usage: xe <command> [-s server] [-pw passwd] [-p port] [-u user] [-pwf password-file]\n  [command specific arguments]\n\nTo get help on a specific command: xe help <command>\n\nCommands:\n{}", names.join(", "))));
+        }
+    }
+    Run { out, exit: 0 }
+}

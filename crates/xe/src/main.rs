@@ -1,1 +1,288 @@
-fn main(){}
+//! xe: a thin client speaking XenServer's thin-CLI protocol to corrald.
+//!
+//! Everything but the connection options is sent to the server, which parses
+//! and runs the command. With no server named, xe uses the local unix socket
+//! (`$CORRAL_XAPI_SOCKET`, default `/var/lib/corral/xapi.sock`), where the
+//! caller is root. Otherwise it connects with TLS to port 443 (or plain HTTP
+//! to port 80 with `--nossl`). Like XenServer's xe it does not verify the
+//! server certificate.
+
+use std::io::{BufRead, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+const GREETING: &[u8] = b"XenSource thin CLI protocol";
+const DEFAULT_SOCKET: &str = "/var/lib/corral/xapi.sock";
+
+struct Opts {
+    server: Option<String>,
+    port: Option<u16>,
+    user: String,
+    password: String,
+    nossl: bool,
+    rest: Vec<String>,
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("{msg}");
+    std::process::exit(1)
+}
+
+fn parse() -> Opts {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Ok(extra) = std::env::var("XE_EXTRA_ARGS") {
+        let mut cur = String::new();
+        let mut chars = extra.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' if chars.peek() == Some(&',') => cur.push(chars.next().unwrap_or(',')),
+                ',' => args.push(std::mem::take(&mut cur)),
+                c => cur.push(c),
+            }
+        }
+        if !cur.is_empty() {
+            args.push(cur);
+        }
+    }
+    let mut o = Opts { server: None, port: None, user: String::new(), password: String::new(), nossl: false, rest: vec![] };
+    let (mut user, mut pwd) = (None, None);
+    let mut i = 0;
+    let set = |k: &str, v: String, o: &mut Opts, user: &mut Option<String>, pwd: &mut Option<String>| -> bool {
+        match k {
+            "server" => o.server = Some(v),
+            "port" => o.port = Some(v.parse().unwrap_or_else(|_| die(&format!("Bad port: {v}")))),
+            "username" => *user = Some(v),
+            "password" => *pwd = Some(v),
+            "passwordfile" => {
+                let text = std::fs::read_to_string(&v).unwrap_or_else(|e| die(&format!("Cannot read {v}: {e}")));
+                let mut lines = text.lines();
+                *user = lines.next().map(str::to_owned);
+                *pwd = lines.next().map(str::to_owned);
+            }
+            "nossl" => o.nossl = v.is_empty() || v == "true",
+            _ => return false,
+        }
+        true
+    };
+    while i < args.len() {
+        let a = args[i].clone();
+        let next = |i: &mut usize| -> String {
+            *i += 1;
+            args.get(*i).cloned().unwrap_or_else(|| die(&format!("Option {a} needs a value")))
+        };
+        match a.as_str() {
+            "-s" | "-h" => { let v = next(&mut i); set("server", v, &mut o, &mut user, &mut pwd); }
+            "-p" => { let v = next(&mut i); set("port", v, &mut o, &mut user, &mut pwd); }
+            "-u" => { let v = next(&mut i); set("username", v, &mut o, &mut user, &mut pwd); }
+            "-pw" => { let v = next(&mut i); set("password", v, &mut o, &mut user, &mut pwd); }
+            "-pwf" => { let v = next(&mut i); set("passwordfile", v, &mut o, &mut user, &mut pwd); }
+            "--nossl" => o.nossl = true,
+            "-version" => {
+                println!("ThinCLI protocol: 0.2");
+                std::process::exit(0)
+            }
+            _ => {
+                let handled = a.split_once('=').is_some_and(|(k, v)| set(k, v.to_owned(), &mut o, &mut user, &mut pwd));
+                if !handled {
+                    o.rest.push(a);
+                }
+            }
+        }
+        i += 1;
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        if let Ok(f) = std::fs::File::open(std::path::Path::new(&home).join(".xe")) {
+            for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+                if let Some((k, v)) = line.trim().split_once('=') {
+                    let k = k.trim();
+                    let already = match k {
+                        "server" => o.server.is_some(),
+                        "port" => o.port.is_some(),
+                        "username" => user.is_some(),
+                        "password" | "passwordfile" => pwd.is_some(),
+                        _ => true,
+                    };
+                    if !already {
+                        set(k, v.trim().to_owned(), &mut o, &mut user, &mut pwd);
+                    }
+                }
+            }
+        }
+    }
+    o.user = user.unwrap_or_else(|| "root".into());
+    o.password = pwd.unwrap_or_default();
+    o
+}
+
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn connect(o: &Opts) -> Box<dyn Stream> {
+    let Some(server) = o.server.as_deref().filter(|s| *s != "127.0.0.1" || std::env::var_os("CORRAL_XAPI_SOCKET").is_none()) else {
+        let path = std::env::var("CORRAL_XAPI_SOCKET").unwrap_or_else(|_| DEFAULT_SOCKET.into());
+        let s = UnixStream::connect(&path).unwrap_or_else(|e| die(&format!("Unable to contact the local toolstack at {path}: {e}")));
+        return Box::new(s);
+    };
+    let port = o.port.unwrap_or(if o.nossl { 80 } else { 443 });
+    let host = server.trim_start_matches('[').trim_end_matches(']');
+    let tcp = TcpStream::connect((host, port)).unwrap_or_else(|e| die(&format!("Unable to contact server {server}:{port}: {e}")));
+    if o.nossl {
+        return Box::new(tcp);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|e| die(&format!("TLS setup failed: {e}")))
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap_or_else(|_| die("Bad server name"));
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap_or_else(|e| die(&format!("TLS setup failed: {e}")));
+    Box::new(rustls::StreamOwned::new(conn, tcp))
+}
+
+fn read_i32(s: &mut dyn Stream) -> std::io::Result<i32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(i32::from_le_bytes(b))
+}
+
+fn take_i32(b: &[u8], pos: &mut usize) -> i32 {
+    let v = b.get(*pos..*pos + 4).map(|x| i32::from_le_bytes([x[0], x[1], x[2], x[3]])).unwrap_or(0);
+    *pos += 4;
+    v
+}
+
+fn take_str(b: &[u8], pos: &mut usize) -> String {
+    let n = take_i32(b, pos).max(0) as usize;
+    let s = String::from_utf8_lossy(b.get(*pos..*pos + n).unwrap_or_default()).into_owned();
+    *pos += n;
+    s
+}
+
+fn send_response(s: &mut dyn Stream, ok: bool) {
+    let mut f = 8i32.to_le_bytes().to_vec();
+    f.extend_from_slice(&10i32.to_le_bytes());
+    f.extend_from_slice(&(if ok { 5i32 } else { 6i32 }).to_le_bytes());
+    let _ = s.write_all(&f);
+}
+
+fn main() {
+    let o = parse();
+    if o.rest.is_empty() || o.rest[0] == "--help" || o.rest[0] == "-help" {
+        let mut args = o.rest.clone();
+        args.retain(|a| a != "--help" && a != "-help");
+        args.insert(0, "help".into());
+        run(&o, args)
+    }
+    run(&o, o.rest.clone())
+}
+
+fn run(o: &Opts, mut args: Vec<String>) -> ! {
+    args.push(format!("username={}", o.user));
+    args.push(format!("password={}", o.password));
+    let body = args.join("\n");
+    let mut s = connect(o);
+    let head = format!("POST /cli HTTP/1.0\r\nUser-agent: xe-cli/Unix/0.2\r\noriginator: cli\r\ncontent-length: {}\r\n\r\n", body.len());
+    if s.write_all(head.as_bytes()).and_then(|_| s.write_all(body.as_bytes())).and_then(|_| s.flush()).is_err() {
+        die("Failed to send the command to the server");
+    }
+    let mut hello = [0u8; 35];
+    if s.read_exact(&mut hello).is_err() {
+        die("Failed to contact the management agent");
+    }
+    if hello.starts_with(b"HTTP") {
+        die("Server internal error");
+    }
+    if !hello.starts_with(GREETING) || i32::from_le_bytes([hello[27], hello[28], hello[29], hello[30]]) != 0 {
+        die("Failed to contact the management agent: unexpected protocol greeting");
+    }
+    if s.write_all(&hello).and_then(|_| s.flush()).is_err() {
+        die("Failed to contact the management agent");
+    }
+    let stdout = std::io::stdout();
+    loop {
+        let Ok(len) = read_i32(&mut *s) else { die("Lost connection to the server") };
+        let mut payload = vec![0u8; len.max(0) as usize];
+        if s.read_exact(&mut payload).is_err() {
+            die("Lost connection to the server");
+        }
+        let mut pos = 0;
+        let msg = take_i32(&payload, &mut pos);
+        if msg != 9 {
+            continue;
+        }
+        match take_i32(&payload, &mut pos) {
+            0 => {
+                let mut out = stdout.lock();
+                let _ = writeln!(out, "{}", take_str(&payload, &mut pos));
+            }
+            16 => eprint!("{}", take_str(&payload, &mut pos)),
+            15 => {}
+            14 => {
+                let code = take_str(&payload, &mut pos);
+                let n = take_i32(&payload, &mut pos).max(0);
+                let params: Vec<String> = (0..n).map(|_| take_str(&payload, &mut pos)).collect();
+                eprintln!("Error code: {code}");
+                eprintln!("Error parameters: {}", params.join(", "));
+            }
+            4 => {
+                let _ = stdout.lock().flush();
+                std::process::exit(take_i32(&payload, &mut pos))
+            }
+            3 => {
+                let mut line = String::new();
+                let _ = std::io::stdin().read_line(&mut line);
+                let line = line.trim_end_matches('\n');
+                let mut f = (12 + line.len() as i32).to_le_bytes().to_vec();
+                f.extend_from_slice(&11i32.to_le_bytes());
+                f.extend_from_slice(&7i32.to_le_bytes());
+                f.extend_from_slice(&(line.len() as i32).to_le_bytes());
+                let _ = s.write_all(&f);
+                let _ = s.write_all(line.as_bytes());
+                let mut end = 8i32.to_le_bytes().to_vec();
+                end.extend_from_slice(&11i32.to_le_bytes());
+                end.extend_from_slice(&8i32.to_le_bytes());
+                let _ = s.write_all(&end);
+            }
+            // File transfers arrive with the features that need them.
+            _ => send_response(&mut *s, false),
+        }
+    }
+}
