@@ -631,7 +631,7 @@ pub fn table(cols: &[(String, &str, String)]) -> String {
 
 fn help(cmd: &Cmd) -> Run {
     let classes = cli_classes();
-    let target = cmd.params.first().map(|(k, _)| k.clone());
+    let target = cmd.params.iter().find(|(k, v)| v.is_empty() && !STD_PARAMS.contains(&k.as_str())).map(|(k, _)| k.clone());
     let mut out = Vec::new();
     match target {
         Some(c) if c != "--all" => {
