@@ -62,7 +62,11 @@ struct Class {
 
 fn parse_ty(s: &str) -> Ty {
     let s = s.trim();
-    let inner = |p: &str| s.strip_prefix(p).and_then(|r| r.strip_suffix(')')).map(str::to_owned);
+    let inner = |p: &str| {
+        s.strip_prefix(p)
+            .and_then(|r| r.strip_suffix(')'))
+            .map(str::to_owned)
+    };
     if let Some(i) = inner("set(") {
         return Ty::Set(Box::new(parse_ty(&i)));
     }
@@ -92,7 +96,15 @@ fn parse_ty(s: &str) -> Ty {
     if let Some(i) = inner("record(") {
         return Ty::Record(i);
     }
-    for p in ["string", "int", "float", "bool", "datetime", "void", "event_batch"] {
+    for p in [
+        "string",
+        "int",
+        "float",
+        "bool",
+        "datetime",
+        "void",
+        "event_batch",
+    ] {
         if s == p {
             return Ty::Prim(p);
         }
@@ -175,14 +187,22 @@ fn main() {
         let ctx = || format!("spec line {}: {raw}", lineno + 1);
         if let Some(rest) = line.strip_prefix("enum ") {
             let (name, vals) = rest.split_once(':').unwrap_or_else(|| panic!("{}", ctx()));
-            enums.insert(name.trim().into(), vals.split_whitespace().map(str::to_owned).collect());
+            enums.insert(
+                name.trim().into(),
+                vals.split_whitespace().map(str::to_owned).collect(),
+            );
         } else if let Some(rest) = line.strip_prefix("class ") {
-            classes.push(Class { name: rest.trim().into(), ..Default::default() });
+            classes.push(Class {
+                name: rest.trim().into(),
+                ..Default::default()
+            });
         } else {
             let class = classes.last_mut().unwrap_or_else(|| panic!("{}", ctx()));
             let (kw, rest) = line.split_once(' ').unwrap_or_else(|| panic!("{}", ctx()));
             match kw {
-                "flags" => class.flags.extend(rest.split_whitespace().map(str::to_owned)),
+                "flags" => class
+                    .flags
+                    .extend(rest.split_whitespace().map(str::to_owned)),
                 "implicit" => {
                     let mut it = rest.split_whitespace();
                     let role = it.next().unwrap_or_else(|| panic!("{}", ctx())).to_owned();
@@ -194,7 +214,9 @@ fn main() {
                     let mut it = rest.split_whitespace();
                     let f = it.next().unwrap_or_else(|| panic!("{}", ctx()));
                     let target = it.next().unwrap_or_else(|| panic!("{}", ctx()));
-                    let (c, cf) = target.split_once('.').unwrap_or_else(|| panic!("{}", ctx()));
+                    let (c, cf) = target
+                        .split_once('.')
+                        .unwrap_or_else(|| panic!("{}", ctx()));
                     let field = class
                         .fields
                         .iter_mut()
@@ -266,7 +288,10 @@ fn main() {
                         pieces.push(cur);
                     }
                     for p in pieces {
-                        let (pn, pt) = p.trim().split_once(':').unwrap_or_else(|| panic!("{}", ctx()));
+                        let (pn, pt) = p
+                            .trim()
+                            .split_once(':')
+                            .unwrap_or_else(|| panic!("{}", ctx()));
                         let (pt, default) = match pt.split_once('=') {
                             Some((t, d)) => (t, Some(d.trim_matches('"').to_owned())),
                             None => (pt, None),
@@ -275,7 +300,11 @@ fn main() {
                         params.push(Param {
                             name: pn.trim_end_matches('?').into(),
                             ty: parse_ty(pt),
-                            default: if optional { Some(default.unwrap_or_default()) } else { None },
+                            default: if optional {
+                                Some(default.unwrap_or_default())
+                            } else {
+                                None
+                            },
                         });
                     }
                     let after = &rest[close + 5..];
@@ -301,7 +330,11 @@ fn main() {
                         } else if tok == "ext" {
                             m.ext = true;
                         } else if let Some(e) = tok.strip_prefix("errors=") {
-                            m.errors = e.split(',').filter(|x| !x.is_empty()).map(str::to_owned).collect();
+                            m.errors = e
+                                .split(',')
+                                .filter(|x| !x.is_empty())
+                                .map(str::to_owned)
+                                .collect();
                         } else {
                             panic!("unknown message attribute `{tok}`: {}", ctx());
                         }
@@ -333,10 +366,17 @@ fn main() {
             assert!(seen.insert(&f.name), "{}.{} declared twice", c.name, f.name);
             check_ty(&f.ty, &enums, &format!("{}.{}", c.name, f.name));
             if let Some((rc, rf)) = &f.rel {
-                assert!(class_names.contains(rc.as_str()), "{}.{}: rel to unknown class", c.name, f.name);
+                assert!(
+                    class_names.contains(rc.as_str()),
+                    "{}.{}: rel to unknown class",
+                    c.name,
+                    f.name
+                );
                 let target = classes.iter().find(|x| &x.name == rc).expect("class");
                 let tf = target.fields.iter().find(|x| &x.name == rf);
-                let tf = tf.unwrap_or_else(|| panic!("{}.{}: rel to unknown field {rc}.{rf}", c.name, f.name));
+                let tf = tf.unwrap_or_else(|| {
+                    panic!("{}.{}: rel to unknown field {rc}.{rf}", c.name, f.name)
+                });
                 assert!(
                     matches!(&tf.ty, Ty::Ref(x) if *x == c.name),
                     "{}.{}: {rc}.{rf} is not a ref to {}",
@@ -410,8 +450,14 @@ fn main() {
                 f.name,
                 ty_expr(&f.ty),
                 opt_str(&f.default),
-                f.set_role.as_deref().map(|r| format!("Some({})", role_expr(r))).unwrap_or("None".into()),
-                f.ops_role.as_deref().map(|r| format!("Some({})", role_expr(r))).unwrap_or("None".into()),
+                f.set_role
+                    .as_deref()
+                    .map(|r| format!("Some({})", role_expr(r)))
+                    .unwrap_or("None".into()),
+                f.ops_role
+                    .as_deref()
+                    .map(|r| format!("Some({})", role_expr(r)))
+                    .unwrap_or("None".into()),
                 lifecycle_expr(&f.lifecycle),
                 f.internal,
                 f.ext,
@@ -422,7 +468,13 @@ fn main() {
             o.push_str("            MessageDef { ");
             let _ = write!(o, "name: {:?}, params: &[", m.name);
             for p in &m.params {
-                let _ = write!(o, "ParamDef {{ name: {:?}, ty: {}, default: {} }}, ", p.name, ty_expr(&p.ty), opt_str(&p.default));
+                let _ = write!(
+                    o,
+                    "ParamDef {{ name: {:?}, ty: {}, default: {} }}, ",
+                    p.name,
+                    ty_expr(&p.ty),
+                    opt_str(&p.default)
+                );
             }
             let _ = writeln!(
                 o,
@@ -440,18 +492,35 @@ fn main() {
     o.push_str("];\n\n");
     o.push_str("pub static ERRORS: &[ErrorDef] = &[\n");
     for (code, params, doc) in &errors {
-        let _ = writeln!(o, "    ErrorDef {{ code: {code:?}, params: &{params:?}, doc: {doc:?} }},");
+        let _ = writeln!(
+            o,
+            "    ErrorDef {{ code: {code:?}, params: &{params:?}, doc: {doc:?} }},"
+        );
     }
     o.push_str("];\n\n");
-    o.push_str("/// Class identifiers, in declaration order.\npub mod class {\n    use super::ClassId;\n");
+    o.push_str(
+        "/// Class identifiers, in declaration order.\npub mod class {\n    use super::ClassId;\n",
+    );
     for (i, c) in classes.iter().enumerate() {
-        let _ = writeln!(o, "    pub const {}: ClassId = ClassId({i});", const_name(&c.name));
+        let _ = writeln!(
+            o,
+            "    pub const {}: ClassId = ClassId({i});",
+            const_name(&c.name)
+        );
     }
     o.push_str("}\n\n/// Field identifiers per class.\npub mod field {\n");
     for (i, c) in classes.iter().enumerate() {
-        let _ = writeln!(o, "    pub mod {} {{\n        use crate::{{ClassId, FieldId}};", c.name.to_lowercase());
+        let _ = writeln!(
+            o,
+            "    pub mod {} {{\n        use crate::{{ClassId, FieldId}};",
+            c.name.to_lowercase()
+        );
         for (j, f) in c.fields.iter().enumerate() {
-            let _ = writeln!(o, "        pub const {}: FieldId = FieldId {{ class: ClassId({i}), index: {j} }};", const_name(&f.name));
+            let _ = writeln!(
+                o,
+                "        pub const {}: FieldId = FieldId {{ class: ClassId({i}), index: {j} }};",
+                const_name(&f.name)
+            );
         }
         o.push_str("    }\n");
     }

@@ -17,14 +17,14 @@
 
 mod store;
 
-use corral_model::schema::{ClassId, FieldId, Qual, Ty, CLASSES};
+use corral_model::schema::{CLASSES, ClassId, FieldId, Qual, Ty};
 use corral_model::value::{coerce, default_value};
 use corral_model::{ApiError, Value};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
-pub use store::{decode_record, StoreError};
+pub use store::{StoreError, decode_record};
 
 /// Bumped when the on-disk schema changes; see `store::MIGRATIONS`.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -61,9 +61,21 @@ pub struct LogEntry {
 /// One field-level operation of a committed transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Create { class: ClassId, reference: String, fields: Vec<Value> },
-    Set { class: ClassId, reference: String, field: usize, value: Value },
-    Delete { class: ClassId, reference: String },
+    Create {
+        class: ClassId,
+        reference: String,
+        fields: Vec<Value>,
+    },
+    Set {
+        class: ClassId,
+        reference: String,
+        field: usize,
+        value: Value,
+    },
+    Delete {
+        class: ClassId,
+        reference: String,
+    },
 }
 
 /// A committed transaction: what the pool replicates, in commit order.
@@ -202,8 +214,14 @@ impl State {
         if let Some((cc, cf)) = def.rel {
             let child = ClassId::by_name(cc).expect("checked");
             let cfi = child.field(cf).expect("checked").index;
-            let kids = self.rels.get(&(child, cfi)).and_then(|ix| ix.get(reference));
-            return Value::Array(kids.map(|k| k.iter().map(|r| Value::String(r.clone())).collect()).unwrap_or_default());
+            let kids = self
+                .rels
+                .get(&(child, cfi))
+                .and_then(|ix| ix.get(reference));
+            return Value::Array(
+                kids.map(|k| k.iter().map(|r| Value::String(r.clone())).collect())
+                    .unwrap_or_default(),
+            );
         }
         row.fields[f.index].clone()
     }
@@ -226,12 +244,22 @@ impl State {
             if fd.internal {
                 continue;
             }
-            members.push((fd.name.to_owned(), self.field_of(FieldId { class, index: i }, reference, row)));
+            members.push((
+                fd.name.to_owned(),
+                self.field_of(FieldId { class, index: i }, reference, row),
+            ));
         }
         Some(Value::Struct(members))
     }
 
-    fn index_child(&mut self, class: ClassId, reference: &str, field: usize, old: Option<&str>, new: Option<&str>) {
+    fn index_child(
+        &mut self,
+        class: ClassId,
+        reference: &str,
+        field: usize,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) {
         if let Some(ix) = self.rels.get_mut(&(class, field)) {
             if let Some(o) = old {
                 if let Some(v) = ix.get_mut(o) {
@@ -243,14 +271,20 @@ impl State {
             }
             if let Some(n) = new {
                 if n != corral_model::NULL_REF {
-                    ix.entry(n.to_owned()).or_default().push(reference.to_owned());
+                    ix.entry(n.to_owned())
+                        .or_default()
+                        .push(reference.to_owned());
                 }
             }
         }
     }
 
     fn rel_fields(&self, class: ClassId) -> Vec<usize> {
-        self.rels.keys().filter(|(c, _)| *c == class).map(|(_, f)| *f).collect()
+        self.rels
+            .keys()
+            .filter(|(c, _)| *c == class)
+            .map(|(_, f)| *f)
+            .collect()
     }
 
     fn insert_row(&mut self, class: ClassId, reference: &str, fields: Vec<Value>, generation: u64) {
@@ -264,7 +298,14 @@ impl State {
             t.by_uuid.insert(u.to_owned(), reference.to_owned());
         }
         t.order.push(reference.to_owned());
-        t.rows.insert(reference.to_owned(), Row { fields, created: generation, modified: generation });
+        t.rows.insert(
+            reference.to_owned(),
+            Row {
+                fields,
+                created: generation,
+                modified: generation,
+            },
+        );
     }
 
     fn remove_row(&mut self, class: ClassId, reference: &str) -> Option<Row> {
@@ -285,13 +326,22 @@ impl State {
         Some(row)
     }
 
-    fn set_field(&mut self, class: ClassId, reference: &str, field: usize, value: Value) -> Option<Value> {
+    fn set_field(
+        &mut self,
+        class: ClassId,
+        reference: &str,
+        field: usize,
+        value: Value,
+    ) -> Option<Value> {
         let old = {
             let row = self.tables[class.0].rows.get_mut(reference)?;
             std::mem::replace(&mut row.fields[field], value.clone())
         };
         if self.rels.contains_key(&(class, field)) {
-            let (o, n) = (old.as_str().map(str::to_owned), value.as_str().map(str::to_owned));
+            let (o, n) = (
+                old.as_str().map(str::to_owned),
+                value.as_str().map(str::to_owned),
+            );
             self.index_child(class, reference, field, o.as_deref(), n.as_deref());
         }
         if class.def().fields[field].name == "uuid" {
@@ -310,11 +360,20 @@ impl State {
     pub fn apply(&mut self, rec: &ChangeRecord) {
         for op in &rec.ops {
             match op {
-                Op::Create { class, reference, fields } => {
+                Op::Create {
+                    class,
+                    reference,
+                    fields,
+                } => {
                     self.remove_row(*class, reference);
                     self.insert_row(*class, reference, fields.clone(), rec.generation)
                 }
-                Op::Set { class, reference, field, value } => {
+                Op::Set {
+                    class,
+                    reference,
+                    field,
+                    value,
+                } => {
                     self.set_field(*class, reference, *field, value.clone());
                     if let Some(r) = self.tables[class.0].rows.get_mut(reference) {
                         r.modified = rec.generation;
@@ -351,9 +410,17 @@ impl Txn<'_> {
 
     /// Creates a row; missing fields take their spec defaults. `fields` are
     /// given by name and are assumed already type-checked.
-    pub fn create(&mut self, class: ClassId, reference: &str, given: Vec<(usize, Value)>) -> Result<(), ApiError> {
+    pub fn create(
+        &mut self,
+        class: ClassId,
+        reference: &str,
+        given: Vec<(usize, Value)>,
+    ) -> Result<(), ApiError> {
         if self.state.exists(class, reference) {
-            return Err(ApiError::new("DB_UNIQUENESS_CONSTRAINT_VIOLATION", [class.name(), "ref", reference]));
+            return Err(ApiError::new(
+                "DB_UNIQUENESS_CONSTRAINT_VIOLATION",
+                [class.name(), "ref", reference],
+            ));
         }
         let def = class.def();
         let mut fields: Vec<Value> = def.fields.iter().map(field_default).collect();
@@ -365,7 +432,10 @@ impl Txn<'_> {
                 Some("") | None => fields[ui] = Value::String(corral_model::new_uuid()),
                 Some(u) => {
                     if self.state.by_uuid(class, u).is_some() {
-                        return Err(ApiError::new("DB_UNIQUENESS_CONSTRAINT_VIOLATION", [class.name(), "uuid", u]));
+                        return Err(ApiError::new(
+                            "DB_UNIQUENESS_CONSTRAINT_VIOLATION",
+                            [class.name(), "uuid", u],
+                        ));
                     }
                 }
             }
@@ -379,24 +449,41 @@ impl Txn<'_> {
         self.note_parents(class, &fields);
         self.state.insert_row(class, reference, fields.clone(), 0);
         self.undo.push(Undo::Created(class, reference.to_owned()));
-        self.ops.push(Op::Create { class, reference: reference.to_owned(), fields });
+        self.ops.push(Op::Create {
+            class,
+            reference: reference.to_owned(),
+            fields,
+        });
         Ok(())
     }
 
     /// Writes one field (no type check: callers coerce first).
     pub fn set(&mut self, f: FieldId, reference: &str, value: Value) -> Result<(), ApiError> {
         if f.def().rel.is_some() {
-            return Err(ApiError::internal(format!("{}.{} is derived", f.class.name(), f.def().name)));
+            return Err(ApiError::internal(format!(
+                "{}.{} is derived",
+                f.class.name(),
+                f.def().name
+            )));
         }
-        match self.state.set_field(f.class, reference, f.index, value.clone()) {
+        match self
+            .state
+            .set_field(f.class, reference, f.index, value.clone())
+        {
             Some(old) => {
                 if let Some(&(pc, _)) = self.state.rel_targets.get(&(f.class, f.index)) {
                     for p in [old.as_str(), value.as_str()].into_iter().flatten() {
                         self.parents.push((pc, p.to_owned()));
                     }
                 }
-                self.undo.push(Undo::Set(f.class, reference.to_owned(), f.index, old));
-                self.ops.push(Op::Set { class: f.class, reference: reference.to_owned(), field: f.index, value });
+                self.undo
+                    .push(Undo::Set(f.class, reference.to_owned(), f.index, old));
+                self.ops.push(Op::Set {
+                    class: f.class,
+                    reference: reference.to_owned(),
+                    field: f.index,
+                    value,
+                });
                 Ok(())
             }
             None => Err(ApiError::handle_invalid(f.class.name(), reference)),
@@ -407,8 +494,12 @@ impl Txn<'_> {
         match self.state.remove_row(class, reference) {
             Some(row) => {
                 self.note_parents(class, &row.fields);
-                self.undo.push(Undo::Deleted(class, reference.to_owned(), row));
-                self.ops.push(Op::Delete { class, reference: reference.to_owned() });
+                self.undo
+                    .push(Undo::Deleted(class, reference.to_owned(), row));
+                self.ops.push(Op::Delete {
+                    class,
+                    reference: reference.to_owned(),
+                });
                 Ok(())
             }
             None => Err(ApiError::handle_invalid(class.name(), reference)),
@@ -417,8 +508,13 @@ impl Txn<'_> {
 
     /// Marks an object modified without changing it (`event.inject`).
     pub fn touch(&mut self, class: ClassId, reference: &str) -> Result<(), ApiError> {
-        let uuid = class.field("uuid").ok_or_else(|| ApiError::internal("class without uuid"))?;
-        let v = self.state.get(uuid, reference).ok_or_else(|| ApiError::handle_invalid(class.name(), reference))?;
+        let uuid = class
+            .field("uuid")
+            .ok_or_else(|| ApiError::internal("class without uuid"))?;
+        let v = self
+            .state
+            .get(uuid, reference)
+            .ok_or_else(|| ApiError::handle_invalid(class.name(), reference))?;
         self.set(uuid, reference, v)
     }
 
@@ -457,7 +553,11 @@ impl Txn<'_> {
 impl Db {
     /// An empty database held only in memory (tests, benchmarks).
     pub fn in_memory() -> Db {
-        Db { state: RwLock::new(State::new()), store: Mutex::new(None), hook: RwLock::new(None) }
+        Db {
+            state: RwLock::new(State::new()),
+            store: Mutex::new(None),
+            hook: RwLock::new(None),
+        }
     }
 
     /// Opens (creating if needed) the database at `path`, migrating its schema
@@ -470,7 +570,11 @@ impl Db {
         }
         state.generation = generation;
         state.log_floor = generation;
-        Ok(Db { state: RwLock::new(state), store: Mutex::new(Some(store)), hook: RwLock::new(None) })
+        Ok(Db {
+            state: RwLock::new(state),
+            store: Mutex::new(Some(store)),
+            hook: RwLock::new(None),
+        })
     }
 
     /// Called with the new generation after every commit.
@@ -485,9 +589,17 @@ impl Db {
     }
 
     /// Runs `f` as one transaction. See the module docs.
-    pub fn write<T>(&self, f: impl FnOnce(&mut Txn<'_>) -> Result<T, ApiError>) -> Result<T, DbError> {
+    pub fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<T, ApiError>,
+    ) -> Result<T, DbError> {
         let mut guard = self.state.write().unwrap_or_else(|p| p.into_inner());
-        let mut txn = Txn { state: &mut guard, ops: Vec::new(), undo: Vec::new(), parents: Vec::new() };
+        let mut txn = Txn {
+            state: &mut guard,
+            ops: Vec::new(),
+            undo: Vec::new(),
+            parents: Vec::new(),
+        };
         let out = match f(&mut txn) {
             Ok(v) => v,
             Err(e) => {
@@ -499,8 +611,15 @@ impl Db {
             return Ok(out);
         }
         let generation = txn.state.generation + 1;
-        let record = ChangeRecord { generation, ops: std::mem::take(&mut txn.ops) };
-        let durable: Vec<&Op> = record.ops.iter().filter(|op| op_class(op).def().persist).collect();
+        let record = ChangeRecord {
+            generation,
+            ops: std::mem::take(&mut txn.ops),
+        };
+        let durable: Vec<&Op> = record
+            .ops
+            .iter()
+            .filter(|op| op_class(op).def().persist)
+            .collect();
         if !durable.is_empty() {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = store.as_mut() {
@@ -533,12 +652,19 @@ fn op_class(op: &Op) -> ClassId {
 /// `mod` events for parents whose derived sets changed.
 fn publish(state: &mut State, rec: &ChangeRecord, parents: Vec<(ClassId, String)>) {
     let g = rec.generation;
-    let mut events: Vec<(ClassId, String, EventOp)> = Vec::with_capacity(rec.ops.len() + parents.len());
+    let mut events: Vec<(ClassId, String, EventOp)> =
+        Vec::with_capacity(rec.ops.len() + parents.len());
     for op in &rec.ops {
         match op {
-            Op::Create { class, reference, .. } => events.push((*class, reference.clone(), EventOp::Add)),
-            Op::Set { class, reference, .. } => events.push((*class, reference.clone(), EventOp::Mod)),
-            Op::Delete { class, reference } => events.push((*class, reference.clone(), EventOp::Del)),
+            Op::Create {
+                class, reference, ..
+            } => events.push((*class, reference.clone(), EventOp::Add)),
+            Op::Set {
+                class, reference, ..
+            } => events.push((*class, reference.clone(), EventOp::Mod)),
+            Op::Delete { class, reference } => {
+                events.push((*class, reference.clone(), EventOp::Del))
+            }
         }
     }
     for (pc, p) in parents {
@@ -554,7 +680,12 @@ fn publish(state: &mut State, rec: &ChangeRecord, parents: Vec<(ClassId, String)
             }
         }
         if class.def().events {
-            state.log.push_back(LogEntry { generation: g, class, reference, op });
+            state.log.push_back(LogEntry {
+                generation: g,
+                class,
+                reference,
+                op,
+            });
         }
     }
     while state.log.len() > EVENT_LOG_LEN {

@@ -6,12 +6,12 @@
 //! `sqlite3`. The `objects` table holds the current row of every persistent
 //! object; `changes` holds the recent change records (the replication log).
 
-use crate::{ChangeRecord, Op, State, SCHEMA_VERSION};
+use crate::{ChangeRecord, Op, SCHEMA_VERSION, State};
+use corral_model::Value;
 use corral_model::jsonrpc::{from_json, write_value};
 use corral_model::schema::ClassId;
 use corral_model::value::coerce;
-use corral_model::Value;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 
 /// How many change records are kept on disk.
@@ -65,7 +65,9 @@ fn row_json(class: ClassId, fields: &[Value]) -> String {
 
 fn row_from_json(class: ClassId, text: &str) -> Option<Vec<Value>> {
     let j: serde_json::Value = serde_json::from_str(text).ok()?;
-    let serde_json::Value::Object(mut o) = j else { return None };
+    let serde_json::Value::Object(mut o) = j else {
+        return None;
+    };
     let def = class.def();
     Some(
         def.fields
@@ -88,14 +90,26 @@ fn record_json(rec_gen: u64, ops: &[&Op]) -> String {
             out.push(',');
         }
         match op {
-            Op::Create { class, reference, fields } => {
-                out.push_str(&format!("{{\"op\":\"create\",\"class\":\"{}\",\"ref\":", class.name()));
+            Op::Create {
+                class,
+                reference,
+                fields,
+            } => {
+                out.push_str(&format!(
+                    "{{\"op\":\"create\",\"class\":\"{}\",\"ref\":",
+                    class.name()
+                ));
                 corral_model::jsonrpc::write_str(reference, &mut out);
                 out.push_str(",\"row\":");
                 out.push_str(&row_json(*class, fields));
                 out.push('}');
             }
-            Op::Set { class, reference, field, value } => {
+            Op::Set {
+                class,
+                reference,
+                field,
+                value,
+            } => {
                 out.push_str(&format!(
                     "{{\"op\":\"set\",\"class\":\"{}\",\"field\":\"{}\",\"ref\":",
                     class.name(),
@@ -107,7 +121,10 @@ fn record_json(rec_gen: u64, ops: &[&Op]) -> String {
                 out.push('}');
             }
             Op::Delete { class, reference } => {
-                out.push_str(&format!("{{\"op\":\"delete\",\"class\":\"{}\",\"ref\":", class.name()));
+                out.push_str(&format!(
+                    "{{\"op\":\"delete\",\"class\":\"{}\",\"ref\":",
+                    class.name()
+                ));
                 corral_model::jsonrpc::write_str(reference, &mut out);
                 out.push('}');
             }
@@ -128,12 +145,22 @@ pub fn decode_record(text: &str) -> Option<ChangeRecord> {
         match op.get("op")?.as_str()? {
             "create" => {
                 let fields = row_from_json(class, &op.get("row")?.to_string())?;
-                ops.push(Op::Create { class, reference, fields })
+                ops.push(Op::Create {
+                    class,
+                    reference,
+                    fields,
+                })
             }
             "set" => {
                 let f = class.field(op.get("field")?.as_str()?)?;
-                let value = coerce(from_json(op.get("value")?.clone()), &f.def().ty, "value").ok()?;
-                ops.push(Op::Set { class, reference, field: f.index, value })
+                let value =
+                    coerce(from_json(op.get("value")?.clone()), &f.def().ty, "value").ok()?;
+                ops.push(Op::Set {
+                    class,
+                    reference,
+                    field: f.index,
+                    value,
+                })
             }
             "delete" => ops.push(Op::Delete { class, reference }),
             _ => return None,
@@ -143,18 +170,29 @@ pub fn decode_record(text: &str) -> Option<ChangeRecord> {
 }
 
 impl Store {
-    pub(crate) fn open(path: &Path) -> Result<(Store, Vec<(ClassId, String, Vec<Value>)>, u64), StoreError> {
+    pub(crate) fn open(
+        path: &Path,
+    ) -> Result<(Store, Vec<(ClassId, String, Vec<Value>)>, u64), StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )?;
         let version: u32 = conn
-            .query_row("SELECT value FROM meta WHERE key='schema_version'", [], |r| r.get::<_, String>(0))
+            .query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
             .optional()?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         if version > SCHEMA_VERSION {
-            return Err(StoreError::TooNew { found: version, supported: SCHEMA_VERSION });
+            return Err(StoreError::TooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
         }
         for (n, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             let tx = conn.unchecked_transaction()?;
@@ -166,7 +204,9 @@ impl Store {
             tx.commit()?;
         }
         let generation: u64 = conn
-            .query_row("SELECT value FROM meta WHERE key='generation'", [], |r| r.get::<_, String>(0))
+            .query_row("SELECT value FROM meta WHERE key='generation'", [], |r| {
+                r.get::<_, String>(0)
+            })
             .optional()?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
@@ -182,8 +222,10 @@ impl Store {
                     tracing::warn!(class = %class_name, "skipping row of unknown class");
                     continue;
                 };
-                let fields = row_from_json(class, &data)
-                    .ok_or_else(|| StoreError::Corrupt { class: class_name.clone(), reference: reference.clone() })?;
+                let fields = row_from_json(class, &data).ok_or_else(|| StoreError::Corrupt {
+                    class: class_name.clone(),
+                    reference: reference.clone(),
+                })?;
                 rows.push((class, reference, fields));
             }
         }
@@ -191,7 +233,12 @@ impl Store {
     }
 
     /// Writes one commit: the touched rows as they now are, and the record.
-    pub(crate) fn commit(&mut self, generation: u64, ops: &[&Op], state: &State) -> Result<(), StoreError> {
+    pub(crate) fn commit(
+        &mut self,
+        generation: u64,
+        ops: &[&Op],
+        state: &State,
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
             let mut upsert =
@@ -200,7 +247,12 @@ impl Store {
             let mut done = std::collections::HashSet::new();
             for op in ops {
                 let (class, reference) = match op {
-                    Op::Create { class, reference, .. } | Op::Set { class, reference, .. } => (*class, reference),
+                    Op::Create {
+                        class, reference, ..
+                    }
+                    | Op::Set {
+                        class, reference, ..
+                    } => (*class, reference),
                     Op::Delete { class, reference } => (*class, reference),
                 };
                 if !done.insert(reference.as_str()) {
@@ -208,7 +260,11 @@ impl Store {
                 }
                 match state.row(class, reference) {
                     Some(row) => {
-                        upsert.execute(params![reference, class.name(), row_json(class, &row.fields)])?;
+                        upsert.execute(params![
+                            reference,
+                            class.name(),
+                            row_json(class, &row.fields)
+                        ])?;
                     }
                     None => {
                         delete.execute(params![reference])?;
@@ -224,7 +280,10 @@ impl Store {
                 params![generation.to_string()],
             )?;
             if generation % 1000 == 0 && generation > KEEP_CHANGES {
-                tx.execute("DELETE FROM changes WHERE generation < ?1", params![(generation - KEEP_CHANGES) as i64])?;
+                tx.execute(
+                    "DELETE FROM changes WHERE generation < ?1",
+                    params![(generation - KEEP_CHANGES) as i64],
+                )?;
             }
         }
         tx.commit()?;

@@ -11,10 +11,16 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: &str, params: impl IntoIterator<Item = impl Into<String>>) -> Self {
-        ApiError { code: code.to_owned(), params: params.into_iter().map(Into::into).collect() }
+        ApiError {
+            code: code.to_owned(),
+            params: params.into_iter().map(Into::into).collect(),
+        }
     }
     pub fn code(code: &str) -> Self {
-        ApiError { code: code.to_owned(), params: Vec::new() }
+        ApiError {
+            code: code.to_owned(),
+            params: Vec::new(),
+        }
     }
     pub fn handle_invalid(class: &str, handle: &str) -> Self {
         Self::new("HANDLE_INVALID", [class, handle])
@@ -26,7 +32,10 @@ impl ApiError {
         Self::new("SESSION_INVALID", [handle])
     }
     pub fn internal(msg: impl Into<String>) -> Self {
-        ApiError { code: "INTERNAL_ERROR".into(), params: vec![msg.into()] }
+        ApiError {
+            code: "INTERNAL_ERROR".into(),
+            params: vec![msg.into()],
+        }
     }
     pub fn invalid_value(field: &str, value: &str) -> Self {
         Self::new("INVALID_VALUE", [field, value])
@@ -35,7 +44,10 @@ impl ApiError {
         Self::new("FIELD_TYPE_ERROR", [field])
     }
     pub fn operation_not_allowed(reason: impl Into<String>) -> Self {
-        ApiError { code: "OPERATION_NOT_ALLOWED".into(), params: vec![reason.into()] }
+        ApiError {
+            code: "OPERATION_NOT_ALLOWED".into(),
+            params: vec![reason.into()],
+        }
     }
     pub fn method_unknown(method: &str) -> Self {
         Self::new("MESSAGE_METHOD_UNKNOWN", [method])

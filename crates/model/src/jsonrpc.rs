@@ -61,7 +61,12 @@ pub fn parse_call(body: &[u8]) -> Result<Call, ParseError> {
         Some(obj @ Json::Object(_)) if v2 => vec![from_json(obj)],
         _ => return Err(ParseError("params must be an array".into())),
     };
-    Ok(Call { method, params, id, v2 })
+    Ok(Call {
+        method,
+        params,
+        id,
+        v2,
+    })
 }
 
 /// Appends `s` as a JSON string literal.

@@ -16,8 +16,8 @@ pub mod xmlrpc;
 
 pub use error::ApiError;
 pub use schema::{
-    class, field, ClassDef, ClassId, EnumDef, ErrorDef, FieldDef, FieldId, Lifecycle, MessageDef, ParamDef,
-    Qual, Role, Ty,
+    ClassDef, ClassId, EnumDef, ErrorDef, FieldDef, FieldId, Lifecycle, MessageDef, ParamDef, Qual,
+    Role, Ty, class, field,
 };
 pub use value::Value;
 

@@ -51,8 +51,14 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 6] =
-        [Role::PoolAdmin, Role::PoolOperator, Role::VmPowerAdmin, Role::VmAdmin, Role::VmOperator, Role::ReadOnly];
+    pub const ALL: [Role; 6] = [
+        Role::PoolAdmin,
+        Role::PoolOperator,
+        Role::VmPowerAdmin,
+        Role::VmAdmin,
+        Role::VmOperator,
+        Role::ReadOnly,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -67,7 +73,9 @@ impl Role {
     }
 
     pub fn from_name(s: &str) -> Option<Role> {
-        Role::ALL.into_iter().find(|r| r.name().eq_ignore_ascii_case(s))
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name().eq_ignore_ascii_case(s))
     }
 
     /// Whether a session holding `self` may do what needs `required`.
@@ -77,15 +85,22 @@ impl Role {
 
     /// The roles that hold a permission needing `required`, as XAPI lists them.
     pub fn holders(required: Role) -> Vec<Role> {
-        Role::ALL.into_iter().filter(|r| r.allows(required)).collect()
+        Role::ALL
+            .into_iter()
+            .filter(|r| r.allows(required))
+            .collect()
     }
 
     pub fn description(self) -> &'static str {
         match self {
             Role::Root => "The local superuser",
-            Role::PoolAdmin => "The Pool Administrator role has full access to all features and settings",
+            Role::PoolAdmin => {
+                "The Pool Administrator role has full access to all features and settings"
+            }
             Role::PoolOperator => "The Pool Operator role manages host- and pool-wide resources",
-            Role::VmPowerAdmin => "The VM Power Administrator role has full access to VM and template management",
+            Role::VmPowerAdmin => {
+                "The VM Power Administrator role has full access to VM and template management"
+            }
             Role::VmAdmin => "The VM Administrator role can manage VMs and templates",
             Role::VmOperator => "The VM Operator role can use VMs and interact with VM consoles",
             Role::ReadOnly => "The Read-Only role can log in with basic read-only access",
@@ -185,9 +200,26 @@ struct Index {
 fn index() -> &'static Index {
     static INDEX: OnceLock<Index> = OnceLock::new();
     INDEX.get_or_init(|| Index {
-        by_name: CLASSES.iter().enumerate().map(|(i, c)| (c.name, ClassId(i))).collect(),
-        by_lower: CLASSES.iter().enumerate().map(|(i, c)| (c.name.to_lowercase(), ClassId(i))).collect(),
-        fields: CLASSES.iter().map(|c| c.fields.iter().enumerate().map(|(i, f)| (f.name, i)).collect()).collect(),
+        by_name: CLASSES
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name, ClassId(i)))
+            .collect(),
+        by_lower: CLASSES
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.to_lowercase(), ClassId(i)))
+            .collect(),
+        fields: CLASSES
+            .iter()
+            .map(|c| {
+                c.fields
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| (f.name, i))
+                    .collect()
+            })
+            .collect(),
         enums: ENUMS.iter().map(|e| (e.name, e)).collect(),
         errors: ERRORS.iter().map(|e| (e.code, e)).collect(),
     })
@@ -209,13 +241,19 @@ impl ClassId {
         index().by_lower.get(&name.to_ascii_lowercase()).copied()
     }
     pub fn field(self, name: &str) -> Option<FieldId> {
-        index().fields[self.0].get(name).map(|&index| FieldId { class: self, index })
+        index().fields[self.0]
+            .get(name)
+            .map(|&index| FieldId { class: self, index })
     }
     pub fn all() -> impl Iterator<Item = ClassId> {
         (0..CLASSES.len()).map(ClassId)
     }
     pub fn implicit_role(self, message: &str) -> Option<Role> {
-        self.def().implicit.iter().find(|(m, _)| *m == message).map(|(_, r)| *r)
+        self.def()
+            .implicit
+            .iter()
+            .find(|(m, _)| *m == message)
+            .map(|(_, r)| *r)
     }
     pub fn message(self, name: &str) -> Option<&'static MessageDef> {
         self.def().messages.iter().find(|m| m.name == name)

@@ -3,7 +3,7 @@
 
 use crate::date;
 use crate::error::ApiError;
-use crate::schema::{enum_def, Ty};
+use crate::schema::{Ty, enum_def};
 
 /// A XenAPI value. Integers stay distinct from strings so that XML-RPC can
 /// send them as untyped strings and JSON-RPC as numbers.
@@ -67,13 +67,21 @@ impl Value {
     }
     /// Looks a member up in a struct.
     pub fn member(&self, key: &str) -> Option<&Value> {
-        self.as_struct()?.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+        self.as_struct()?
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
     }
     pub fn string_set(items: impl IntoIterator<Item = impl Into<String>>) -> Value {
         Value::Array(items.into_iter().map(|s| Value::String(s.into())).collect())
     }
     pub fn string_map<'a>(items: impl IntoIterator<Item = (&'a str, &'a str)>) -> Value {
-        Value::Struct(items.into_iter().map(|(k, v)| (k.to_owned(), Value::str(v))).collect())
+        Value::Struct(
+            items
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), Value::str(v)))
+                .collect(),
+        )
     }
 
     /// The database's string form of a scalar, as the `where` filter language
@@ -87,12 +95,17 @@ impl Value {
             Value::Bool(b) => b.to_string(),
             Value::Nil => String::new(),
             Value::Array(items) => {
-                let parts: Vec<String> = items.iter().map(|v| format!("'{}'", v.db_string())).collect();
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|v| format!("'{}'", v.db_string()))
+                    .collect();
                 format!("({})", parts.join(" "))
             }
             Value::Struct(items) => {
-                let parts: Vec<String> =
-                    items.iter().map(|(k, v)| format!("('{}' '{}')", k, v.db_string())).collect();
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|(k, v)| format!("('{}' '{}')", k, v.db_string()))
+                    .collect();
                 format!("({})", parts.join(" "))
             }
         }
@@ -114,12 +127,20 @@ pub fn format_float(f: f64) -> String {
     if (-5..16).contains(&exp) {
         let decimals = (15 - exp).max(0) as usize;
         let s = format!("{f:.decimals$}");
-        let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_owned() } else { s };
+        let s = if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            s
+        };
         s
     } else {
         let s = format!("{f:.15e}");
         let (mant, e) = s.split_once('e').unwrap_or((&s, "0"));
-        let mant = if mant.contains('.') { mant.trim_end_matches('0').trim_end_matches('.') } else { mant };
+        let mant = if mant.contains('.') {
+            mant.trim_end_matches('0').trim_end_matches('.')
+        } else {
+            mant
+        };
         let e: i32 = e.parse().unwrap_or(0);
         format!("{mant}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
     }
@@ -134,11 +155,26 @@ pub fn default_value(ty: &Ty, default: Option<&str>) -> Value {
         Ty::Int => Value::Int(d.parse().unwrap_or(0)),
         Ty::Float => Value::Float(d.trim_end_matches('.').parse().unwrap_or(0.0)),
         Ty::Bool => Value::Bool(d == "true"),
-        Ty::DateTime => Value::DateTime(date::parse(d).map(date::format).unwrap_or_else(|| date::EPOCH.into())),
-        Ty::Ref(_) => Value::String(if d.is_empty() { crate::NULL_REF.into() } else { d.to_owned() }),
+        Ty::DateTime => Value::DateTime(
+            date::parse(d)
+                .map(date::format)
+                .unwrap_or_else(|| date::EPOCH.into()),
+        ),
+        Ty::Ref(_) => Value::String(if d.is_empty() {
+            crate::NULL_REF.into()
+        } else {
+            d.to_owned()
+        }),
         Ty::Enum(e) => {
-            let first = enum_def(e).and_then(|e| e.values.first()).copied().unwrap_or("");
-            Value::String(if d.is_empty() { first.to_owned() } else { d.to_owned() })
+            let first = enum_def(e)
+                .and_then(|e| e.values.first())
+                .copied()
+                .unwrap_or("");
+            Value::String(if d.is_empty() {
+                first.to_owned()
+            } else {
+                d.to_owned()
+            })
         }
         Ty::Set(_) => Value::Array(Vec::new()),
         Ty::Map(..) | Ty::Record(_) | Ty::EventBatch => Value::Struct(Vec::new()),
@@ -164,15 +200,19 @@ pub fn coerce(v: Value, ty: &Ty, name: &str) -> Result<Value, ApiError> {
         }
         (Ty::Int, Value::Int(i)) => Ok(Value::Int(i)),
         (Ty::Int, Value::I4(i)) => Ok(Value::Int(i64::from(i))),
-        (Ty::Int, Value::String(s)) => {
-            s.trim().parse::<i64>().map(Value::Int).map_err(|_| ApiError::field_type(name))
-        }
+        (Ty::Int, Value::String(s)) => s
+            .trim()
+            .parse::<i64>()
+            .map(Value::Int)
+            .map_err(|_| ApiError::field_type(name)),
         (Ty::Float, Value::Float(f)) => Ok(Value::Float(f)),
         (Ty::Float, Value::Int(i)) => Ok(Value::Float(i as f64)),
         (Ty::Float, Value::I4(i)) => Ok(Value::Float(f64::from(i))),
-        (Ty::Float, Value::String(s)) => {
-            s.trim().parse::<f64>().map(Value::Float).map_err(|_| ApiError::field_type(name))
-        }
+        (Ty::Float, Value::String(s)) => s
+            .trim()
+            .parse::<f64>()
+            .map(Value::Float)
+            .map_err(|_| ApiError::field_type(name)),
         (Ty::Bool, Value::Bool(b)) => Ok(Value::Bool(b)),
         (Ty::DateTime, Value::DateTime(s) | Value::String(s)) => match date::parse(&s) {
             Some(t) => Ok(Value::DateTime(date::format(t))),
@@ -225,11 +265,28 @@ mod tests {
     #[test]
     fn coercion_follows_xapi() {
         assert_eq!(coerce(Value::str("42"), &Ty::Int, "x"), Ok(Value::Int(42)));
-        assert_eq!(coerce(Value::str("x"), &Ty::Int, "f").unwrap_err().code, "FIELD_TYPE_ERROR");
-        assert_eq!(coerce(Value::str("true"), &Ty::Bool, "f").unwrap_err().code, "FIELD_TYPE_ERROR");
-        assert_eq!(coerce(Value::Int(3), &Ty::Float, "f"), Ok(Value::Float(3.0)));
-        let e = coerce(Value::str("Bogus"), &Ty::Enum("vm_power_state"), "power_state").unwrap_err();
-        assert_eq!(e.description(), vec!["INVALID_VALUE", "power_state", "Bogus"]);
+        assert_eq!(
+            coerce(Value::str("x"), &Ty::Int, "f").unwrap_err().code,
+            "FIELD_TYPE_ERROR"
+        );
+        assert_eq!(
+            coerce(Value::str("true"), &Ty::Bool, "f").unwrap_err().code,
+            "FIELD_TYPE_ERROR"
+        );
+        assert_eq!(
+            coerce(Value::Int(3), &Ty::Float, "f"),
+            Ok(Value::Float(3.0))
+        );
+        let e = coerce(
+            Value::str("Bogus"),
+            &Ty::Enum("vm_power_state"),
+            "power_state",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.description(),
+            vec!["INVALID_VALUE", "power_state", "Bogus"]
+        );
         assert_eq!(
             coerce(Value::str("2025-03-19T04:16:24Z"), &Ty::DateTime, "d"),
             Ok(Value::DateTime("20250319T04:16:24Z".into()))

@@ -5,9 +5,9 @@
 //! (elements, text, entities, CDATA, comments, an optional prolog). It never
 //! panics on any input and bounds nesting depth.
 
-use crate::error::ApiError;
-use crate::value::{format_float, Value};
 use crate::date;
+use crate::error::ApiError;
+use crate::value::{Value, format_float};
 
 const MAX_DEPTH: usize = 64;
 
@@ -99,7 +99,10 @@ impl<'a> Reader<'a> {
             Some(i) => (i, true),
             None => (inner, false),
         };
-        let name = inner.split(|c: char| c.is_ascii_whitespace()).next().unwrap_or("");
+        let name = inner
+            .split(|c: char| c.is_ascii_whitespace())
+            .next()
+            .unwrap_or("");
         if name.is_empty() {
             return err("empty tag name");
         }
@@ -294,13 +297,14 @@ fn decode_entities(s: &str, out: &mut String) -> Result<(), ParseError> {
             "quot" => '"',
             "apos" => '\'',
             _ => {
-                let code = if let Some(h) = ent.strip_prefix("#x").or_else(|| ent.strip_prefix("#X")) {
-                    u32::from_str_radix(h, 16).ok()
-                } else if let Some(d) = ent.strip_prefix('#') {
-                    d.parse::<u32>().ok()
-                } else {
-                    None
-                };
+                let code =
+                    if let Some(h) = ent.strip_prefix("#x").or_else(|| ent.strip_prefix("#X")) {
+                        u32::from_str_radix(h, 16).ok()
+                    } else if let Some(d) = ent.strip_prefix('#') {
+                        d.parse::<u32>().ok()
+                    } else {
+                        None
+                    };
                 match code.and_then(char::from_u32) {
                     Some(c) => c,
                     None => return err(format!("unknown entity &{ent};")),
@@ -328,7 +332,10 @@ pub fn parse_call(body: &[u8]) -> Result<Call, ParseError> {
     let method = r.element_text("methodName")?.trim().to_owned();
     let mut params = Vec::new();
     match r.peek_tag()? {
-        Some(Tag::Open { name: "params", empty }) => {
+        Some(Tag::Open {
+            name: "params",
+            empty,
+        }) => {
             r.open("params")?;
             if !empty {
                 while let Some(Tag::Open { name: "param", .. }) = r.peek_tag()? {
@@ -374,11 +381,23 @@ pub fn parse_value(body: &str) -> Result<Value, ParseError> {
 
 fn envelope(v: Value) -> Response {
     match v.member("Status").and_then(Value::as_str) {
-        Some("Success") => Response::Success(v.member("Value").cloned().unwrap_or(Value::String(String::new()))),
+        Some("Success") => Response::Success(
+            v.member("Value")
+                .cloned()
+                .unwrap_or(Value::String(String::new())),
+        ),
         Some(_) => Response::Failure(
             v.member("ErrorDescription")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.db_string())).collect())
+                .map(|a| {
+                    a.iter()
+                        .map(|x| {
+                            x.as_str()
+                                .map(str::to_owned)
+                                .unwrap_or_else(|| x.db_string())
+                        })
+                        .collect()
+                })
                 .unwrap_or_default(),
         ),
         None => Response::Bare(v),
@@ -428,7 +447,11 @@ pub fn write_value(v: &Value, out: &mut String) {
             out.push_str(&format_float(*f));
             out.push_str("</double></value>");
         }
-        Value::Bool(b) => out.push_str(if *b { "<value><boolean>1</boolean></value>" } else { "<value><boolean>0</boolean></value>" }),
+        Value::Bool(b) => out.push_str(if *b {
+            "<value><boolean>1</boolean></value>"
+        } else {
+            "<value><boolean>0</boolean></value>"
+        }),
         Value::DateTime(d) => {
             out.push_str("<value><dateTime.iso8601>");
             escape_into(d, out);

@@ -8,10 +8,10 @@
 
 use crate::events::EventHub;
 use crate::sessions::Sessions;
-use corral_db::{check_field, settable_at_create, Db, Txn};
-use corral_model::schema::{class, field, ClassId, FieldId, Qual, Role, Ty, CLASSES};
+use corral_db::{Db, Txn, check_field, settable_at_create};
+use corral_model::schema::{CLASSES, ClassId, FieldId, Qual, Role, Ty, class, field};
 use corral_model::value::{coerce, default_value};
-use corral_model::{date, new_ref, xmlrpc, ApiError, Value, NULL_REF};
+use corral_model::{ApiError, NULL_REF, Value, date, new_ref, xmlrpc};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -119,7 +119,13 @@ fn db_err(e: corral_db::DbError) -> ApiError {
 }
 
 impl Server {
-    pub fn new(db: Db, host_ref: String, pool_ref: String, config: Config, state_dir: std::path::PathBuf) -> Arc<Server> {
+    pub fn new(
+        db: Db,
+        host_ref: String,
+        pool_ref: String,
+        config: Config,
+        state_dir: std::path::PathBuf,
+    ) -> Arc<Server> {
         let events = EventHub::new(db.read().generation());
         let server = Arc::new(Server {
             db,
@@ -165,14 +171,21 @@ impl Server {
                 if def.getters {
                     out.push(Value::String(format!("{}.get_{}", def.name, f.name)));
                 }
-                if f.set_role.is_some() && !self.handlers.contains_key(&format!("{}.set_{}", def.name, f.name)) {
+                if f.set_role.is_some()
+                    && !self
+                        .handlers
+                        .contains_key(&format!("{}.set_{}", def.name, f.name))
+                {
                     out.push(Value::String(format!("{}.set_{}", def.name, f.name)));
                 }
                 if f.ops_role.is_some() {
                     match f.ty {
                         Ty::Map(..) => {
                             out.push(Value::String(format!("{}.add_to_{}", def.name, f.name)));
-                            out.push(Value::String(format!("{}.remove_from_{}", def.name, f.name)));
+                            out.push(Value::String(format!(
+                                "{}.remove_from_{}",
+                                def.name, f.name
+                            )));
                         }
                         Ty::Set(_) => {
                             out.push(Value::String(format!("{}.add_{}", def.name, f.name)));
@@ -191,7 +204,10 @@ impl Server {
             Some(x) => x,
             None => {
                 // The `<Class>_<message>` form.
-                let c = CLASSES.iter().filter(|c| wire.starts_with(&format!("{}_", c.name))).max_by_key(|c| c.name.len())?;
+                let c = CLASSES
+                    .iter()
+                    .filter(|c| wire.starts_with(&format!("{}_", c.name)))
+                    .max_by_key(|c| c.name.len())?;
                 (c.name, &wire[c.name.len() + 1..])
             }
         };
@@ -209,7 +225,12 @@ impl Server {
         };
         if let Some(m) = class.message(mname) {
             let h = *self.handlers.get(&format!("{}.{}", def.name, m.name))?;
-            let mut r = mk(m.params.iter().map(|p| (p.name, p.ty, p.default)).collect(), m.role, m.is_async, Kind::Custom(h));
+            let mut r = mk(
+                m.params.iter().map(|p| (p.name, p.ty, p.default)).collect(),
+                m.role,
+                m.is_async,
+                Kind::Custom(h),
+            );
             r.session = !matches!(
                 (def.name, m.name),
                 ("session", "login_with_password") | ("session", "slave_local_login_with_password")
@@ -223,31 +244,57 @@ impl Server {
         let has = |m: &str| class.implicit_role(m);
         let role_of = |m: &str| has(m).unwrap_or(Role::ReadOnly);
         let r = match mname {
-            "get_all" if has("get_all").is_some() => mk(vec![], role_of("get_all"), false, Kind::GetAll),
-            "get_all_records" if has("get_all_records").is_some() => {
-                mk(vec![], role_of("get_all_records"), false, Kind::GetAllRecords)
+            "get_all" if has("get_all").is_some() => {
+                mk(vec![], role_of("get_all"), false, Kind::GetAll)
             }
-            "get_all_records_where" if has("get_all_records").is_some() => {
-                mk(vec![("expr", Ty::String, None)], Role::ReadOnly, false, Kind::GetAllRecordsWhere)
-            }
-            "get_all_where" if has("get_all_records").is_some() => {
-                mk(vec![("expr", Ty::String, None)], Role::ReadOnly, false, Kind::GetAllWhere)
-            }
-            "get_record" if has("get_record").is_some() => {
-                mk(vec![self_param(name)], role_of("get_record"), false, Kind::GetRecord)
-            }
-            "get_by_uuid" if has("get_by_uuid").is_some() => {
-                mk(vec![("uuid", Ty::String, None)], role_of("get_by_uuid"), false, Kind::GetByUuid)
-            }
-            "get_by_name_label" if has("get_by_name_label").is_some() => {
-                mk(vec![("label", Ty::String, None)], role_of("get_by_name_label"), false, Kind::GetByNameLabel)
-            }
-            "create" if has("create").is_some() => {
-                mk(vec![("args", Ty::Record(name), None)], role_of("create"), true, Kind::Create)
-            }
-            "destroy" if has("destroy").is_some() => {
-                mk(vec![self_param(name)], role_of("destroy"), true, Kind::Destroy)
-            }
+            "get_all_records" if has("get_all_records").is_some() => mk(
+                vec![],
+                role_of("get_all_records"),
+                false,
+                Kind::GetAllRecords,
+            ),
+            "get_all_records_where" if has("get_all_records").is_some() => mk(
+                vec![("expr", Ty::String, None)],
+                Role::ReadOnly,
+                false,
+                Kind::GetAllRecordsWhere,
+            ),
+            "get_all_where" if has("get_all_records").is_some() => mk(
+                vec![("expr", Ty::String, None)],
+                Role::ReadOnly,
+                false,
+                Kind::GetAllWhere,
+            ),
+            "get_record" if has("get_record").is_some() => mk(
+                vec![self_param(name)],
+                role_of("get_record"),
+                false,
+                Kind::GetRecord,
+            ),
+            "get_by_uuid" if has("get_by_uuid").is_some() => mk(
+                vec![("uuid", Ty::String, None)],
+                role_of("get_by_uuid"),
+                false,
+                Kind::GetByUuid,
+            ),
+            "get_by_name_label" if has("get_by_name_label").is_some() => mk(
+                vec![("label", Ty::String, None)],
+                role_of("get_by_name_label"),
+                false,
+                Kind::GetByNameLabel,
+            ),
+            "create" if has("create").is_some() => mk(
+                vec![("args", Ty::Record(name), None)],
+                role_of("create"),
+                true,
+                Kind::Create,
+            ),
+            "destroy" if has("destroy").is_some() => mk(
+                vec![self_param(name)],
+                role_of("destroy"),
+                true,
+                Kind::Destroy,
+            ),
             _ => {
                 let field_op = |prefix: &str| -> Option<FieldId> {
                     let f = class.field(mname.strip_prefix(prefix)?)?;
@@ -257,19 +304,50 @@ impl Server {
                     mk(vec![self_param(name)], Role::ReadOnly, false, Kind::Get(f))
                 } else if let Some(f) = field_op("set_").filter(|f| f.def().set_role.is_some()) {
                     let d = f.def();
-                    mk(vec![self_param(name), ("value", d.ty, None)], d.set_role.unwrap_or(Role::PoolAdmin), false, Kind::Set(f))
+                    mk(
+                        vec![self_param(name), ("value", d.ty, None)],
+                        d.set_role.unwrap_or(Role::PoolAdmin),
+                        false,
+                        Kind::Set(f),
+                    )
                 } else if let Some(f) = field_op("add_to_").filter(|f| f.def().ops_role.is_some()) {
-                    let Ty::Map(k, v) = f.def().ty else { return None };
-                    mk(vec![self_param(name), ("key", *k, None), ("value", *v, None)], f.def().ops_role.unwrap_or(Role::PoolAdmin), false, Kind::MapAdd(f))
-                } else if let Some(f) = field_op("remove_from_").filter(|f| f.def().ops_role.is_some()) {
-                    let Ty::Map(k, _) = f.def().ty else { return None };
-                    mk(vec![self_param(name), ("key", *k, None)], f.def().ops_role.unwrap_or(Role::PoolAdmin), false, Kind::MapRemove(f))
+                    let Ty::Map(k, v) = f.def().ty else {
+                        return None;
+                    };
+                    mk(
+                        vec![self_param(name), ("key", *k, None), ("value", *v, None)],
+                        f.def().ops_role.unwrap_or(Role::PoolAdmin),
+                        false,
+                        Kind::MapAdd(f),
+                    )
+                } else if let Some(f) =
+                    field_op("remove_from_").filter(|f| f.def().ops_role.is_some())
+                {
+                    let Ty::Map(k, _) = f.def().ty else {
+                        return None;
+                    };
+                    mk(
+                        vec![self_param(name), ("key", *k, None)],
+                        f.def().ops_role.unwrap_or(Role::PoolAdmin),
+                        false,
+                        Kind::MapRemove(f),
+                    )
                 } else if let Some(f) = field_op("add_").filter(|f| f.def().ops_role.is_some()) {
                     let Ty::Set(e) = f.def().ty else { return None };
-                    mk(vec![self_param(name), ("value", *e, None)], f.def().ops_role.unwrap_or(Role::PoolAdmin), false, Kind::SetAdd(f))
+                    mk(
+                        vec![self_param(name), ("value", *e, None)],
+                        f.def().ops_role.unwrap_or(Role::PoolAdmin),
+                        false,
+                        Kind::SetAdd(f),
+                    )
                 } else if let Some(f) = field_op("remove_").filter(|f| f.def().ops_role.is_some()) {
                     let Ty::Set(e) = f.def().ty else { return None };
-                    mk(vec![self_param(name), ("value", *e, None)], f.def().ops_role.unwrap_or(Role::PoolAdmin), false, Kind::SetRemove(f))
+                    mk(
+                        vec![self_param(name), ("value", *e, None)],
+                        f.def().ops_role.unwrap_or(Role::PoolAdmin),
+                        false,
+                        Kind::SetRemove(f),
+                    )
                 } else {
                     return None;
                 }
@@ -279,7 +357,12 @@ impl Server {
     }
 
     /// Runs one API call.
-    pub async fn call(self: &Arc<Self>, method: &str, params: Vec<Value>, caller: &Caller) -> ApiResult {
+    pub async fn call(
+        self: &Arc<Self>,
+        method: &str,
+        params: Vec<Value>,
+        caller: &Caller,
+    ) -> ApiResult {
         let (is_async_call, wire) = match method.strip_prefix("Async.") {
             Some(rest) => (true, rest),
             None => (false, method),
@@ -294,14 +377,24 @@ impl Server {
             return Err(ApiError::method_unknown(method));
         };
         if is_async_call && !res.is_async {
-            return Err(ApiError::new("Fault", [format!("No async mode for this operation (rpc: {method})")]));
+            return Err(ApiError::new(
+                "Fault",
+                [format!("No async mode for this operation (rpc: {method})")],
+            ));
         }
         let mut params = params;
         let given = params.len().saturating_sub(usize::from(res.session));
         let required = res.params.iter().filter(|p| p.2.is_none()).count();
         if given < required || given > res.params.len() {
-            let expected = if required == res.params.len() { required.to_string() } else { format!("{required}-{}", res.params.len()) };
-            return Err(ApiError::new("MESSAGE_PARAMETER_COUNT_MISMATCH", [res.wire.clone(), expected, given.to_string()]));
+            let expected = if required == res.params.len() {
+                required.to_string()
+            } else {
+                format!("{required}-{}", res.params.len())
+            };
+            return Err(ApiError::new(
+                "MESSAGE_PARAMETER_COUNT_MISMATCH",
+                [res.wire.clone(), expected, given.to_string()],
+            ));
         }
         let ctx = if res.session {
             let s = params.remove(0);
@@ -312,12 +405,28 @@ impl Server {
                 let holders: Vec<&str> = Role::holders(res.role).iter().map(|r| r.name()).collect();
                 return Err(ApiError::new(
                     "RBAC_PERMISSION_DENIED",
-                    [perm, format!("No permission in user session. (Roles with this permission: {})", holders.join(", "))],
+                    [
+                        perm,
+                        format!(
+                            "No permission in user session. (Roles with this permission: {})",
+                            holders.join(", ")
+                        ),
+                    ],
                 ));
             }
-            Ctx { session: s, role: info.role, user: info.user_name.clone(), task: None }
+            Ctx {
+                session: s,
+                role: info.role,
+                user: info.user_name.clone(),
+                task: None,
+            }
         } else {
-            Ctx { session: String::new(), role: Role::ReadOnly, user: String::new(), task: None }
+            Ctx {
+                session: String::new(),
+                role: Role::ReadOnly,
+                user: String::new(),
+                task: None,
+            }
         };
         // Types and defaults.
         let mut typed = Vec::with_capacity(res.params.len());
@@ -334,8 +443,18 @@ impl Server {
         if let Kind::Custom(_) = res.kind {
             if !res.session {
                 // Login calls see the transport.
-                typed.push(Value::String(if caller.origin.local_root { "local".into() } else { String::new() }));
-                typed.push(Value::String(caller.origin.addr.map(|a| a.to_string()).unwrap_or_default()));
+                typed.push(Value::String(if caller.origin.local_root {
+                    "local".into()
+                } else {
+                    String::new()
+                }));
+                typed.push(Value::String(
+                    caller
+                        .origin
+                        .addr
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                ));
                 typed.push(Value::String(caller.originator.clone().unwrap_or_default()));
             }
         }
@@ -382,14 +501,25 @@ impl Server {
             }
         };
         match kind {
-            Kind::GetAll => Ok(Value::Array(self.db.read().refs(c).map(|r| Value::String(r.clone())).collect())),
+            Kind::GetAll => Ok(Value::Array(
+                self.db
+                    .read()
+                    .refs(c)
+                    .map(|r| Value::String(r.clone()))
+                    .collect(),
+            )),
             Kind::GetAllRecords => {
                 let st = self.db.read();
-                Ok(Value::Struct(st.refs(c).filter_map(|r| Some((r.clone(), st.record(c, r)?))).collect()))
+                Ok(Value::Struct(
+                    st.refs(c)
+                        .filter_map(|r| Some((r.clone(), st.record(c, r)?)))
+                        .collect(),
+                ))
             }
             Kind::GetAllRecordsWhere | Kind::GetAllWhere => {
                 let expr = take_str(&mut p);
-                let filter = crate::filter::parse(&expr).map_err(|e| ApiError::invalid_value(&expr, &e))?;
+                let filter =
+                    crate::filter::parse(&expr).map_err(|e| ApiError::invalid_value(&expr, &e))?;
                 let st = self.db.read();
                 let mut out = Vec::new();
                 for r in st.refs(c) {
@@ -406,19 +536,30 @@ impl Server {
             }
             Kind::GetRecord => {
                 let r = take_str(&mut p);
-                self.db.read().record(c, &r).ok_or_else(|| ApiError::handle_invalid(c.name(), &r))
+                self.db
+                    .read()
+                    .record(c, &r)
+                    .ok_or_else(|| ApiError::handle_invalid(c.name(), &r))
             }
             Kind::GetByUuid => {
                 let u = take_str(&mut p);
-                self.db.read().by_uuid(c, &u).map(|r| Value::String(r.clone())).ok_or_else(|| ApiError::uuid_invalid(c.name(), &u))
+                self.db
+                    .read()
+                    .by_uuid(c, &u)
+                    .map(|r| Value::String(r.clone()))
+                    .ok_or_else(|| ApiError::uuid_invalid(c.name(), &u))
             }
             Kind::GetByNameLabel => {
                 let l = take_str(&mut p);
-                let f = c.field("name_label").ok_or_else(|| ApiError::internal("no name_label"))?;
+                let f = c
+                    .field("name_label")
+                    .ok_or_else(|| ApiError::internal("no name_label"))?;
                 let st = self.db.read();
                 Ok(Value::Array(
                     st.refs(c)
-                        .filter(|r| st.get(f, r).as_ref().and_then(Value::as_str) == Some(l.as_str()))
+                        .filter(|r| {
+                            st.get(f, r).as_ref().and_then(Value::as_str) == Some(l.as_str())
+                        })
                         .map(|r| Value::String(r.clone()))
                         .collect(),
                 ))
@@ -442,7 +583,10 @@ impl Server {
             }
             Kind::Get(f) => {
                 let r = take_str(&mut p);
-                self.db.read().get(*f, &r).ok_or_else(|| ApiError::handle_invalid(c.name(), &r))
+                self.db
+                    .read()
+                    .get(*f, &r)
+                    .ok_or_else(|| ApiError::handle_invalid(c.name(), &r))
             }
             Kind::Set(f) => {
                 let r = take_str(&mut p);
@@ -461,11 +605,17 @@ impl Server {
                 let val = p.remove(0);
                 self.db
                     .write(|t| {
-                        let cur = t.state().get(*f, &r).ok_or_else(|| ApiError::handle_invalid(c.name(), &r))?;
+                        let cur = t
+                            .state()
+                            .get(*f, &r)
+                            .ok_or_else(|| ApiError::handle_invalid(c.name(), &r))?;
                         let mut m = cur.as_struct().map(<[_]>::to_vec).unwrap_or_default();
                         if m.iter().any(|(k, _)| *k == key) {
                             let uuid = t.state().get_str(uuid_field(c), &r).unwrap_or_default();
-                            return Err(ApiError::new("MAP_DUPLICATE_KEY", [c.name(), f.def().name, &uuid, &key]));
+                            return Err(ApiError::new(
+                                "MAP_DUPLICATE_KEY",
+                                [c.name(), f.def().name, &uuid, &key],
+                            ));
                         }
                         m.push((key.clone(), val.clone()));
                         t.set(*f, &r, Value::Struct(m))
@@ -478,12 +628,19 @@ impl Server {
                 let key = p.remove(0).db_string();
                 self.db
                     .write(|t| {
-                        let cur = t.state().get(*f, &r).ok_or_else(|| ApiError::handle_invalid(c.name(), &r))?;
+                        let cur = t
+                            .state()
+                            .get(*f, &r)
+                            .ok_or_else(|| ApiError::handle_invalid(c.name(), &r))?;
                         let m = cur.as_struct().map(<[_]>::to_vec).unwrap_or_default();
                         if !m.iter().any(|(k, _)| *k == key) {
                             return Ok(());
                         }
-                        t.set(*f, &r, Value::Struct(m.into_iter().filter(|(k, _)| *k != key).collect()))
+                        t.set(
+                            *f,
+                            &r,
+                            Value::Struct(m.into_iter().filter(|(k, _)| *k != key).collect()),
+                        )
                     })
                     .map_err(db_err)?;
                 Ok(Value::String(String::new()))
@@ -494,7 +651,10 @@ impl Server {
                 let v = p.remove(0);
                 self.db
                     .write(|t| {
-                        let cur = t.state().get(*f, &r).ok_or_else(|| ApiError::handle_invalid(c.name(), &r))?;
+                        let cur = t
+                            .state()
+                            .get(*f, &r)
+                            .ok_or_else(|| ApiError::handle_invalid(c.name(), &r))?;
                         let mut s = cur.as_array().map(<[_]>::to_vec).unwrap_or_default();
                         let present = s.contains(&v);
                         if adding == present {
@@ -516,10 +676,20 @@ impl Server {
 
     // ----- tasks -----
 
-    pub fn task_create(&self, label: &str, description: &str, session: &str, cancellable: bool) -> Result<String, ApiError> {
+    pub fn task_create(
+        &self,
+        label: &str,
+        description: &str,
+        session: &str,
+        cancellable: bool,
+    ) -> Result<String, ApiError> {
         let reference = new_ref();
         let now = Value::DateTime(date::now());
-        let allowed = if cancellable { Value::string_set(["cancel"]) } else { Value::Array(vec![]) };
+        let allowed = if cancellable {
+            Value::string_set(["cancel"])
+        } else {
+            Value::Array(vec![])
+        };
         self.db
             .write(|t| {
                 t.create(
@@ -544,12 +714,17 @@ impl Server {
     }
 
     pub fn task_progress(&self, task: &str, progress: f64) {
-        let _ = self.db.write(|t| t.set(field::task::PROGRESS, task, Value::Float(progress)));
+        let _ = self
+            .db
+            .write(|t| t.set(field::task::PROGRESS, task, Value::Float(progress)));
     }
 
     /// Whether someone asked `task` to cancel.
     pub fn task_cancel_requested(&self, task: &str) -> bool {
-        self.cancelled.lock().map(|c| c.contains(task)).unwrap_or(false)
+        self.cancelled
+            .lock()
+            .map(|c| c.contains(task))
+            .unwrap_or(false)
     }
 
     pub fn request_cancel(&self, task: &str) {
@@ -577,12 +752,24 @@ impl Server {
             t.set(field::task::CURRENT_OPERATIONS, task, Value::Struct(vec![]))?;
             match &out {
                 Ok(v) => {
-                    t.set(field::task::RESULT, task, Value::String(xmlrpc::value_to_string(v)))?;
+                    t.set(
+                        field::task::RESULT,
+                        task,
+                        Value::String(xmlrpc::value_to_string(v)),
+                    )?;
                     t.set(field::task::STATUS, task, Value::str("success"))
                 }
                 Err(e) => {
-                    t.set(field::task::ERROR_INFO, task, Value::string_set(e.description()))?;
-                    let st = if e.code == "TASK_CANCELLED" { "cancelled" } else { "failure" };
+                    t.set(
+                        field::task::ERROR_INFO,
+                        task,
+                        Value::string_set(e.description()),
+                    )?;
+                    let st = if e.code == "TASK_CANCELLED" {
+                        "cancelled"
+                    } else {
+                        "failure"
+                    };
                     t.set(field::task::STATUS, task, Value::str(st))
                 }
             }
@@ -597,7 +784,9 @@ pub fn uuid_field(c: ClassId) -> FieldId {
 /// The fields given to a generic `create`, type-checked; RW and ctor fields
 /// without a datamodel default must be present.
 fn create_fields(c: ClassId, args: &Value) -> Result<Vec<(usize, Value)>, ApiError> {
-    let members = args.as_struct().ok_or_else(|| ApiError::field_type("args"))?;
+    let members = args
+        .as_struct()
+        .ok_or_else(|| ApiError::field_type("args"))?;
     let mut out = Vec::new();
     for (i, f) in c.def().fields.iter().enumerate() {
         if !settable_at_create(f) {
@@ -607,7 +796,11 @@ fn create_fields(c: ClassId, args: &Value) -> Result<Vec<(usize, Value)>, ApiErr
             Some((_, v)) => out.push((i, coerce(v.clone(), &f.ty, f.name)?)),
             None if f.default.is_some() => {}
             None => {
-                return Err(ApiError::internal(format!("Missing field {} in {}.create", f.name, c.name())));
+                return Err(ApiError::internal(format!(
+                    "Missing field {} in {}.create",
+                    f.name,
+                    c.name()
+                )));
             }
         }
     }
@@ -645,4 +838,3 @@ pub fn void() -> ApiResult {
 pub fn is_rw(f: FieldId) -> bool {
     f.def().qual == Qual::RW
 }
-

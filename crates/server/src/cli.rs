@@ -8,9 +8,9 @@
 
 use crate::api::{Caller, Server};
 use crate::http::Origin;
-use corral_model::schema::{error_def, ClassId, FieldDef, Ty};
+use corral_model::schema::{ClassId, FieldDef, Ty, error_def};
 use corral_model::value::format_float;
-use corral_model::{ApiError, Value, NULL_REF};
+use corral_model::{ApiError, NULL_REF, Value};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -72,9 +72,18 @@ pub fn encode(run: &Run) -> Vec<u8> {
     out
 }
 
-pub async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin + Send>(server: Arc<Server>, mut stream: S, origin: Origin, body: Vec<u8>) {
+pub async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    server: Arc<Server>,
+    mut stream: S,
+    origin: Origin,
+    body: Vec<u8>,
+) {
     let text = String::from_utf8_lossy(&body);
-    let args: Vec<String> = text.split('\n').map(|l| l.trim_end_matches('\r').to_owned()).filter(|l| !l.is_empty()).collect();
+    let args: Vec<String> = text
+        .split('\n')
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
     let mut hello = GREETING.to_vec();
     hello.extend_from_slice(&0i32.to_le_bytes());
     hello.extend_from_slice(&2i32.to_le_bytes());
@@ -99,10 +108,14 @@ pub struct Cmd {
 
 impl Cmd {
     fn get(&self, k: &str) -> Option<&str> {
-        self.params.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v.as_str())
     }
     fn flag(&self, f: &str) -> bool {
-        self.flags.iter().any(|x| x == f) || self.get(f).is_some_and(|v| parse_bool(v) == Some(true))
+        self.flags.iter().any(|x| x == f)
+            || self.get(f).is_some_and(|v| parse_bool(v) == Some(true))
     }
 }
 
@@ -114,7 +127,22 @@ pub fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
-const STD_PARAMS: &[&str] = &["server", "password", "port", "username", "minimal", "force", "multiple", "all", "message-priority", "trace", "session_id", "passwordfile", "nossl", "debug"];
+const STD_PARAMS: &[&str] = &[
+    "server",
+    "password",
+    "port",
+    "username",
+    "minimal",
+    "force",
+    "multiple",
+    "all",
+    "message-priority",
+    "trace",
+    "session_id",
+    "passwordfile",
+    "nossl",
+    "debug",
+];
 
 pub fn parse_args(args: &[String]) -> Result<Cmd, String> {
     let mut it = args.iter();
@@ -145,7 +173,11 @@ pub fn parse_args(args: &[String]) -> Result<Cmd, String> {
             }
         }
     }
-    Ok(Cmd { name, params, flags })
+    Ok(Cmd {
+        name,
+        params,
+        flags,
+    })
 }
 
 async fn run(server: &Arc<Server>, args: Vec<String>, origin: Origin) -> Run {
@@ -156,24 +188,47 @@ async fn run(server: &Arc<Server>, args: Vec<String>, origin: Origin) -> Run {
     if cmd.name.is_empty() || cmd.name == "help" {
         return help(&cmd);
     }
-    let caller = Caller { origin, originator: Some("cli".into()) };
+    let caller = Caller {
+        origin,
+        originator: Some("cli".into()),
+    };
     let session = match cmd.get("session_id") {
         Some(s) => s.to_owned(),
         None => {
             let user = cmd.get("username").unwrap_or("root").to_owned();
             let pwd = cmd.get("password").unwrap_or("").to_owned();
-            match server.call("session.login_with_password", vec![Value::String(user.clone()), Value::String(pwd), Value::str("1.0"), Value::str("cli")], &caller).await {
+            match server
+                .call(
+                    "session.login_with_password",
+                    vec![
+                        Value::String(user.clone()),
+                        Value::String(pwd),
+                        Value::str("1.0"),
+                        Value::str("cli"),
+                    ],
+                    &caller,
+                )
+                .await
+            {
                 Ok(v) => v.as_str().unwrap_or_default().to_owned(),
-                Err(_) if user.is_empty() => return fail_text("Username/password must be specified".into()),
+                Err(_) if user.is_empty() => {
+                    return fail_text("Username/password must be specified".into());
+                }
                 Err(_) => return fail_text("Authentication failed".into()),
             }
         }
     };
-    let ctx = CliCtx { server: Arc::clone(server), session: session.clone(), caller };
+    let ctx = CliCtx {
+        server: Arc::clone(server),
+        session: session.clone(),
+        caller,
+    };
     let mut out = Vec::new();
     let res = ctx.dispatch(&cmd, &mut out).await;
     if cmd.get("session_id").is_none() {
-        let _ = server.call("session.logout", vec![Value::String(session)], &ctx.caller).await;
+        let _ = server
+            .call("session.logout", vec![Value::String(session)], &ctx.caller)
+            .await;
     }
     match res {
         Ok(()) => Run { out, exit: 0 },
@@ -189,7 +244,10 @@ async fn run(server: &Arc<Server>, args: Vec<String>, origin: Origin) -> Run {
 }
 
 fn fail_text(t: String) -> Run {
-    Run { out: vec![Out::Stderr(format!("{t}\n"))], exit: 1 }
+    Run {
+        out: vec![Out::Stderr(format!("{t}\n"))],
+        exit: 1,
+    }
 }
 
 #[derive(Debug)]
@@ -227,30 +285,111 @@ pub fn cli_classes() -> Vec<CliClass> {
         if !def.in_db || c.implicit_role("get_all_records").is_none() {
             continue;
         }
-        let name: &'static str = Box::leak(def.name.to_lowercase().replace('_', "-").into_boxed_str());
+        let name: &'static str =
+            Box::leak(def.name.to_lowercase().replace('_', "-").into_boxed_str());
         let (filter, params): (&'static [(&str, &str)], &'static [&str]) = match def.name {
-            "VM" => (&[("is-a-template", "false"), ("is-control-domain", "false")], &["uuid", "name-label", "power-state"]),
+            "VM" => (
+                &[("is-a-template", "false"), ("is-control-domain", "false")],
+                &["uuid", "name-label", "power-state"],
+            ),
             "host" => (&[], &["uuid", "name-label", "name-description"]),
-            "pool" => (&[], &["uuid", "name-label", "name-description", "master", "default-SR"]),
-            "SR" => (&[], &["uuid", "name-label", "name-description", "host", "type", "content-type"]),
-            "PBD" => (&[], &["uuid", "host-uuid", "sr-uuid", "device-config", "currently-attached"]),
-            "VDI" => (&[], &["uuid", "name-label", "name-description", "virtual-size", "read-only", "sharable", "sr-uuid"]),
+            "pool" => (
+                &[],
+                &[
+                    "uuid",
+                    "name-label",
+                    "name-description",
+                    "master",
+                    "default-SR",
+                ],
+            ),
+            "SR" => (
+                &[],
+                &[
+                    "uuid",
+                    "name-label",
+                    "name-description",
+                    "host",
+                    "type",
+                    "content-type",
+                ],
+            ),
+            "PBD" => (
+                &[],
+                &[
+                    "uuid",
+                    "host-uuid",
+                    "sr-uuid",
+                    "device-config",
+                    "currently-attached",
+                ],
+            ),
+            "VDI" => (
+                &[],
+                &[
+                    "uuid",
+                    "name-label",
+                    "name-description",
+                    "virtual-size",
+                    "read-only",
+                    "sharable",
+                    "sr-uuid",
+                ],
+            ),
             "VBD" => (&[], &["uuid", "vm-uuid", "vdi-uuid", "device", "empty"]),
             "VIF" => (&[], &["uuid", "device", "vm-uuid", "network-uuid"]),
             "network" => (&[], &["uuid", "name-label", "name-description", "bridge"]),
-            "PIF" => (&[], &["uuid", "device", "VLAN", "MAC", "network-uuid", "currently-attached", "host-uuid"]),
+            "PIF" => (
+                &[],
+                &[
+                    "uuid",
+                    "device",
+                    "VLAN",
+                    "MAC",
+                    "network-uuid",
+                    "currently-attached",
+                    "host-uuid",
+                ],
+            ),
             "Bond" => (&[], &["uuid", "master", "slaves"]),
             "VLAN" => (&[], &["uuid", "tagged-PIF", "untagged-PIF", "tag"]),
-            "task" => (&[], &["uuid", "name-label", "name-description", "status", "progress"]),
-            "subject" => (&[], &["uuid", "subject-identifier", "other-config", "roles"]),
+            "task" => (
+                &[],
+                &[
+                    "uuid",
+                    "name-label",
+                    "name-description",
+                    "status",
+                    "progress",
+                ],
+            ),
+            "subject" => (
+                &[],
+                &["uuid", "subject-identifier", "other-config", "roles"],
+            ),
             "console" => (&[], &["uuid", "vm-uuid", "protocol", "location"]),
             "message" | "user" => (&[], &[]),
             _ => (&[], &["uuid", "name-label", "name-description"]),
         };
-        out.push(CliClass { name, class: c, filter, default_params: params });
+        out.push(CliClass {
+            name,
+            class: c,
+            filter,
+            default_params: params,
+        });
         if def.name == "VM" {
-            out.push(CliClass { name: "template", class: c, filter: &[("is-a-template", "true")], default_params: &["uuid", "name-label", "name-description"] });
-            out.push(CliClass { name: "snapshot", class: c, filter: &[("is-a-snapshot", "true")], default_params: &["uuid", "name-label", "name-description"] });
+            out.push(CliClass {
+                name: "template",
+                class: c,
+                filter: &[("is-a-template", "true")],
+                default_params: &["uuid", "name-label", "name-description"],
+            });
+            out.push(CliClass {
+                name: "snapshot",
+                class: c,
+                filter: &[("is-a-snapshot", "true")],
+                default_params: &["uuid", "name-label", "name-description"],
+            });
         }
     }
     out
@@ -259,7 +398,18 @@ pub fn cli_classes() -> Vec<CliClass> {
 /// The xe name of a field: hyphens for underscores, and `<x>-uuid` for a
 /// pointer to the class `x` (`PBD.host` → `host-uuid`).
 pub fn cli_field_name(f: &FieldDef) -> String {
-    const KEEP: &[&str] = &["cpu_info", "subtask_of", "error_info", "allowed_operations", "current_operations", "qos_algorithm_type", "qos_algorithm_params", "qos_supported_algorithms", "io_read_kbs", "io_write_kbs"];
+    const KEEP: &[&str] = &[
+        "cpu_info",
+        "subtask_of",
+        "error_info",
+        "allowed_operations",
+        "current_operations",
+        "qos_algorithm_type",
+        "qos_algorithm_params",
+        "qos_supported_algorithms",
+        "io_read_kbs",
+        "io_write_kbs",
+    ];
     if KEEP.contains(&f.name) && !matches!(f.name, "allowed_operations" | "current_operations") {
         return f.name.to_owned();
     }
@@ -273,9 +423,27 @@ pub fn cli_field_name(f: &FieldDef) -> String {
 
 fn tag(f: &FieldDef) -> &'static str {
     match f.ty {
-        Ty::Set(_) => if f.ops_role.is_some() { "SRW" } else { "SRO" },
-        Ty::Map(..) => if f.ops_role.is_some() || f.set_role.is_some() { "MRW" } else { "MRO" },
-        _ => if f.set_role.is_some() { " RW" } else { " RO" },
+        Ty::Set(_) => {
+            if f.ops_role.is_some() {
+                "SRW"
+            } else {
+                "SRO"
+            }
+        }
+        Ty::Map(..) => {
+            if f.ops_role.is_some() || f.set_role.is_some() {
+                "MRW"
+            } else {
+                "MRO"
+            }
+        }
+        _ => {
+            if f.set_role.is_some() {
+                " RW"
+            } else {
+                " RO"
+            }
+        }
     }
 }
 
@@ -316,10 +484,20 @@ impl CliCtx {
             }
         };
         match (&f.ty, v) {
-            (Ty::Set(inner), Value::Array(items)) => items.iter().map(|i| scalar(inner, i)).collect::<Vec<_>>().join("; "),
+            (Ty::Set(inner), Value::Array(items)) => items
+                .iter()
+                .map(|i| scalar(inner, i))
+                .collect::<Vec<_>>()
+                .join("; "),
             (Ty::Map(kt, vt), Value::Struct(m)) => m
                 .iter()
-                .map(|(k, x)| format!("{}: {}", scalar(kt, &Value::String(k.clone())), scalar(vt, x)))
+                .map(|(k, x)| {
+                    format!(
+                        "{}: {}",
+                        scalar(kt, &Value::String(k.clone())),
+                        scalar(vt, x)
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("; "),
             (Ty::Enum("vm_power_state"), Value::String(s)) => s.to_lowercase(),
@@ -343,34 +521,72 @@ impl CliCtx {
     }
 
     async fn records(&self, cc: &CliClass) -> Result<Vec<(String, Value)>, CliError> {
-        let all = self.call(&format!("{}.get_all_records_where", cc.class.name()), vec![Value::str("true")]).await?;
+        let all = self
+            .call(
+                &format!("{}.get_all_records_where", cc.class.name()),
+                vec![Value::str("true")],
+            )
+            .await?;
         let mut out = Vec::new();
         for (r, rec) in all.as_struct().map(<[_]>::to_vec).unwrap_or_default() {
             let cr = self.cli_record(cc, &rec);
-            if cc.filter.iter().all(|(k, v)| cr.iter().any(|(n, _, val)| n == k && val == v)) {
+            if cc
+                .filter
+                .iter()
+                .all(|(k, v)| cr.iter().any(|(n, _, val)| n == k && val == v))
+            {
                 out.push((r, rec));
             }
         }
         Ok(out)
     }
 
-    fn matches(&self, cc: &CliClass, rec: &Value, filters: &[(String, String)]) -> Result<bool, CliError> {
+    fn matches(
+        &self,
+        cc: &CliClass,
+        rec: &Value,
+        filters: &[(String, String)],
+    ) -> Result<bool, CliError> {
         let cr = self.cli_record(cc, rec);
         for (k, want) in filters {
             let (name, sub) = match k.split_once(':') {
                 Some((n, s)) => (n, Some(s)),
                 None => (k.as_str(), None),
             };
-            let Some(f) = cc.class.def().fields.iter().find(|f| cli_field_name(f) == name) else {
-                return text(format!("Parameter '{name}' is not a field of the {} class. Failed to select {} for operation.", cc.class.name(), cc.class.name()));
+            let Some(f) = cc
+                .class
+                .def()
+                .fields
+                .iter()
+                .find(|f| cli_field_name(f) == name)
+            else {
+                return text(format!(
+                    "Parameter '{name}' is not a field of the {} class. Failed to select {} for operation.",
+                    cc.class.name(),
+                    cc.class.name()
+                ));
             };
             let v = rec.member(f.name).cloned().unwrap_or(Value::Nil);
             let ok = match (sub, &f.ty) {
-                (Some("contains"), Ty::Set(_)) => v.as_array().unwrap_or_default().iter().any(|x| x.db_string() == *want || self.uuid_of(&x.db_string()) == *want),
-                (Some(key), Ty::Map(..)) => v.member(key).map(|x| x.db_string()) == Some(want.clone()),
+                (Some("contains"), Ty::Set(_)) => v
+                    .as_array()
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|x| x.db_string() == *want || self.uuid_of(&x.db_string()) == *want),
+                (Some(key), Ty::Map(..)) => {
+                    v.member(key).map(|x| x.db_string()) == Some(want.clone())
+                }
                 _ => {
-                    let shown = cr.iter().find(|(n, _, _)| n == name).map(|(_, _, s)| s.clone()).unwrap_or_default();
-                    if name == "MAC" { shown.eq_ignore_ascii_case(want) } else { shown == *want }
+                    let shown = cr
+                        .iter()
+                        .find(|(n, _, _)| n == name)
+                        .map(|(_, _, s)| s.clone())
+                        .unwrap_or_default();
+                    if name == "MAC" {
+                        shown.eq_ignore_ascii_case(want)
+                    } else {
+                        shown == *want
+                    }
                 }
             };
             if !ok {
@@ -384,68 +600,155 @@ impl CliCtx {
         match cmd.name.as_str() {
             "user-password-change" => {
                 let old = cmd.get("old").unwrap_or("").to_owned();
-                let Some(new) = cmd.get("new") else { return text("Required parameter not found: new") };
-                self.call("session.change_password", vec![Value::String(old), Value::str(new)]).await?;
+                let Some(new) = cmd.get("new") else {
+                    return text("Required parameter not found: new");
+                };
+                self.call(
+                    "session.change_password",
+                    vec![Value::String(old), Value::str(new)],
+                )
+                .await?;
                 return Ok(());
             }
             "user-create" => {
-                let need = |k: &str| cmd.get(k).map(str::to_owned).ok_or_else(|| CliError::Text(format!("Required parameter not found: {k}")));
+                let need = |k: &str| {
+                    cmd.get(k)
+                        .map(str::to_owned)
+                        .ok_or_else(|| CliError::Text(format!("Required parameter not found: {k}")))
+                };
                 let (name, pwd, role) = (need("user-name")?, need("password-new")?, need("role")?);
                 let full = cmd.get("fullname").unwrap_or("").to_owned();
-                let r = self.call("user.create_local", vec![Value::String(name), Value::String(full), Value::String(pwd), Value::String(role)]).await?;
+                let r = self
+                    .call(
+                        "user.create_local",
+                        vec![
+                            Value::String(name),
+                            Value::String(full),
+                            Value::String(pwd),
+                            Value::String(role),
+                        ],
+                    )
+                    .await?;
                 out.push(Out::Print(self.uuid_of(r.as_str().unwrap_or_default())));
                 return Ok(());
             }
             _ => {}
         }
-        for suffix in ["-list", "-param-list", "-param-get", "-param-set", "-param-add", "-param-remove", "-param-clear"] {
+        for suffix in [
+            "-list",
+            "-param-list",
+            "-param-get",
+            "-param-set",
+            "-param-add",
+            "-param-remove",
+            "-param-clear",
+        ] {
             if let Some(cname) = cmd.name.strip_suffix(suffix) {
                 if let Some(cc) = self.find_class(cname) {
                     return self.generic(&cc, suffix, cmd, out).await;
                 }
             }
         }
-        text(format!("Unknown command: {}\nFor usage run: 'xe help'", cmd.name))
+        text(format!(
+            "Unknown command: {}\nFor usage run: 'xe help'",
+            cmd.name
+        ))
     }
 
     async fn by_uuid(&self, cc: &CliClass, cmd: &Cmd) -> Result<(String, Value), CliError> {
-        let Some(uuid) = cmd.get("uuid") else { return text("Required parameter not found: uuid") };
-        let r = self.call(&format!("{}.get_by_uuid", cc.class.name()), vec![Value::str(uuid)]).await?;
+        let Some(uuid) = cmd.get("uuid") else {
+            return text("Required parameter not found: uuid");
+        };
+        let r = self
+            .call(
+                &format!("{}.get_by_uuid", cc.class.name()),
+                vec![Value::str(uuid)],
+            )
+            .await?;
         let r = r.as_str().unwrap_or_default().to_owned();
-        let rec = self.call(&format!("{}.get_record", cc.class.name()), vec![Value::String(r.clone())]).await?;
+        let rec = self
+            .call(
+                &format!("{}.get_record", cc.class.name()),
+                vec![Value::String(r.clone())],
+            )
+            .await?;
         Ok((r, rec))
     }
 
     fn field_for(&self, cc: &CliClass, name: &str) -> Result<&'static FieldDef, CliError> {
-        cc.class.def().fields.iter().filter(|f| !f.internal).find(|f| cli_field_name(f) == name).ok_or_else(|| CliError::Text(format!("Unknown field '{name}'")))
+        cc.class
+            .def()
+            .fields
+            .iter()
+            .filter(|f| !f.internal)
+            .find(|f| cli_field_name(f) == name)
+            .ok_or_else(|| CliError::Text(format!("Unknown field '{name}'")))
     }
 
     /// Converts xe text to a wire value of the field's type.
     fn value_of(&self, f: &FieldDef, ty: &Ty, s: &str, name: &str) -> Result<Value, CliError> {
         Ok(match ty {
-            Ty::Int => Value::Int(s.trim().parse().map_err(|_| CliError::Text(format!("Parameter {name} must be an integer")))?),
-            Ty::Float => Value::Float(s.trim().parse().map_err(|_| CliError::Text(format!("Parameter {name} must be a number")))?),
-            Ty::Bool => Value::Bool(parse_bool(s).ok_or_else(|| CliError::Text(format!("Parameter {name} must be a boolean (true or false)")))?),
+            Ty::Int => Value::Int(
+                s.trim()
+                    .parse()
+                    .map_err(|_| CliError::Text(format!("Parameter {name} must be an integer")))?,
+            ),
+            Ty::Float => Value::Float(
+                s.trim()
+                    .parse()
+                    .map_err(|_| CliError::Text(format!("Parameter {name} must be a number")))?,
+            ),
+            Ty::Bool => Value::Bool(parse_bool(s).ok_or_else(|| {
+                CliError::Text(format!(
+                    "Parameter {name} must be a boolean (true or false)"
+                ))
+            })?),
             Ty::Ref(target) => {
                 if s.starts_with("OpaqueRef:") || s.is_empty() {
                     Value::str(if s.is_empty() { NULL_REF } else { s })
                 } else {
-                    let c = ClassId::by_name(target).ok_or_else(|| CliError::Text(format!("Cannot resolve {s}")))?;
+                    let c = ClassId::by_name(target)
+                        .ok_or_else(|| CliError::Text(format!("Cannot resolve {s}")))?;
                     let st = self.server.db.read();
-                    Value::String(st.by_uuid(c, s).cloned().ok_or_else(|| CliError::Api(ApiError::uuid_invalid(target, s)))?)
+                    Value::String(
+                        st.by_uuid(c, s)
+                            .cloned()
+                            .ok_or_else(|| CliError::Api(ApiError::uuid_invalid(target, s)))?,
+                    )
                 }
             }
-            Ty::Set(inner) => Value::Array(s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(|x| self.value_of(f, inner, x, name)).collect::<Result<_, _>>()?),
+            Ty::Set(inner) => Value::Array(
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .map(|x| self.value_of(f, inner, x, name))
+                    .collect::<Result<_, _>>()?,
+            ),
             _ => Value::str(s),
         })
     }
 
-    async fn generic(&self, cc: &CliClass, suffix: &str, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+    async fn generic(
+        &self,
+        cc: &CliClass,
+        suffix: &str,
+        cmd: &Cmd,
+        out: &mut Vec<Out>,
+    ) -> Result<(), CliError> {
         let cname = cc.class.name();
         match suffix {
             "-list" => {
                 let params = cmd.get("params");
-                let filters: Vec<(String, String)> = cmd.params.iter().filter(|(k, _)| !STD_PARAMS.contains(&k.as_str()) && k != "params" && !k.starts_with("database:")).cloned().collect();
+                let filters: Vec<(String, String)> = cmd
+                    .params
+                    .iter()
+                    .filter(|(k, _)| {
+                        !STD_PARAMS.contains(&k.as_str())
+                            && k != "params"
+                            && !k.starts_with("database:")
+                    })
+                    .cloned()
+                    .collect();
                 let mut printed = Vec::new();
                 for (_, rec) in self.records(cc).await? {
                     if !self.matches(cc, &rec, &filters)? {
@@ -456,15 +759,26 @@ impl CliCtx {
                         Some("all") => cr,
                         Some(p) => {
                             let want: Vec<&str> = p.split(',').map(str::trim).collect();
-                            cr.into_iter().filter(|(n, _, _)| want.contains(&n.as_str())).collect()
+                            cr.into_iter()
+                                .filter(|(n, _, _)| want.contains(&n.as_str()))
+                                .collect()
                         }
                         None if cc.default_params.is_empty() => cr,
-                        None => cr.into_iter().filter(|(n, _, _)| cc.default_params.contains(&n.as_str())).collect(),
+                        None => cr
+                            .into_iter()
+                            .filter(|(n, _, _)| cc.default_params.contains(&n.as_str()))
+                            .collect(),
                     };
                     printed.push(cols);
                 }
                 if cmd.flag("minimal") {
-                    let firsts: Vec<String> = printed.iter().filter_map(|c| c.first().map(|(_, _, v)| v.replace('\\', "\\\\").replace(',', "\\,"))).collect();
+                    let firsts: Vec<String> = printed
+                        .iter()
+                        .filter_map(|c| {
+                            c.first()
+                                .map(|(_, _, v)| v.replace('\\', "\\\\").replace(',', "\\,"))
+                        })
+                        .collect();
                     out.push(Out::Print(firsts.join(",")));
                 } else {
                     for cols in printed {
@@ -475,12 +789,17 @@ impl CliCtx {
             }
             "-param-list" => {
                 let (_, rec) = self.by_uuid(cc, cmd).await?;
-                out.push(Out::Print(format!("{}\n", table(&self.cli_record(cc, &rec)))));
+                out.push(Out::Print(format!(
+                    "{}\n",
+                    table(&self.cli_record(cc, &rec))
+                )));
                 Ok(())
             }
             "-param-get" => {
                 let (_, rec) = self.by_uuid(cc, cmd).await?;
-                let Some(pn) = cmd.get("param-name") else { return text("Required parameter not found: param-name") };
+                let Some(pn) = cmd.get("param-name") else {
+                    return text("Required parameter not found: param-name");
+                };
                 let f = self.field_for(cc, pn)?;
                 let v = rec.member(f.name).cloned().unwrap_or(Value::Nil);
                 match cmd.get("param-key") {
@@ -494,14 +813,26 @@ impl CliCtx {
             }
             "-param-set" => {
                 let (r, _) = self.by_uuid(cc, cmd).await?;
-                for (k, v) in cmd.params.iter().filter(|(k, _)| k != "uuid" && !STD_PARAMS.contains(&k.as_str())) {
+                for (k, v) in cmd
+                    .params
+                    .iter()
+                    .filter(|(k, _)| k != "uuid" && !STD_PARAMS.contains(&k.as_str()))
+                {
                     if let Some((m, key)) = k.split_once(':') {
                         let f = self.field_for(cc, m)?;
                         if !matches!(f.ty, Ty::Map(..)) || f.ops_role.is_none() {
                             return text(format!("Field '{m}' is read-only."));
                         }
-                        self.call(&format!("{cname}.remove_from_{}", f.name), vec![Value::String(r.clone()), Value::str(key)]).await?;
-                        self.call(&format!("{cname}.add_to_{}", f.name), vec![Value::String(r.clone()), Value::str(key), Value::str(v)]).await?;
+                        self.call(
+                            &format!("{cname}.remove_from_{}", f.name),
+                            vec![Value::String(r.clone()), Value::str(key)],
+                        )
+                        .await?;
+                        self.call(
+                            &format!("{cname}.add_to_{}", f.name),
+                            vec![Value::String(r.clone()), Value::str(key), Value::str(v)],
+                        )
+                        .await?;
                         continue;
                     }
                     let f = self.field_for(cc, k)?;
@@ -512,28 +843,47 @@ impl CliCtx {
                         return text(format!("Field '{k}' is read-only."));
                     }
                     let val = self.value_of(f, &f.ty, v, k)?;
-                    self.call(&format!("{cname}.set_{}", f.name), vec![Value::String(r.clone()), val]).await?;
+                    self.call(
+                        &format!("{cname}.set_{}", f.name),
+                        vec![Value::String(r.clone()), val],
+                    )
+                    .await?;
                 }
                 Ok(())
             }
             "-param-add" => {
                 let (r, _) = self.by_uuid(cc, cmd).await?;
-                let Some(pn) = cmd.get("param-name") else { return text("Required parameter not found: param-name") };
+                let Some(pn) = cmd.get("param-name") else {
+                    return text("Required parameter not found: param-name");
+                };
                 let f = self.field_for(cc, pn)?;
                 if f.ops_role.is_none() {
                     return text("Parameter is read-only");
                 }
                 match f.ty {
                     Ty::Set(inner) => {
-                        let Some(key) = cmd.get("param-key") else { return text("Required parameter not found: param-key") };
+                        let Some(key) = cmd.get("param-key") else {
+                            return text("Required parameter not found: param-key");
+                        };
                         for item in key.split(',') {
                             let v = self.value_of(f, inner, item.trim(), pn)?;
-                            self.call(&format!("{cname}.add_{}", f.name), vec![Value::String(r.clone()), v]).await?;
+                            self.call(
+                                &format!("{cname}.add_{}", f.name),
+                                vec![Value::String(r.clone()), v],
+                            )
+                            .await?;
                         }
                     }
                     _ => {
-                        for (k, v) in cmd.params.iter().filter(|(k, _)| !["uuid", "param-name"].contains(&k.as_str()) && !STD_PARAMS.contains(&k.as_str())) {
-                            self.call(&format!("{cname}.add_to_{}", f.name), vec![Value::String(r.clone()), Value::str(k), Value::str(v)]).await?;
+                        for (k, v) in cmd.params.iter().filter(|(k, _)| {
+                            !["uuid", "param-name"].contains(&k.as_str())
+                                && !STD_PARAMS.contains(&k.as_str())
+                        }) {
+                            self.call(
+                                &format!("{cname}.add_to_{}", f.name),
+                                vec![Value::String(r.clone()), Value::str(k), Value::str(v)],
+                            )
+                            .await?;
                         }
                     }
                 }
@@ -541,8 +891,12 @@ impl CliCtx {
             }
             "-param-remove" => {
                 let (r, rec) = self.by_uuid(cc, cmd).await?;
-                let Some(pn) = cmd.get("param-name") else { return text("Required parameter not found: param-name") };
-                let Some(key) = cmd.get("param-key") else { return text("Required parameter not found: param-key") };
+                let Some(pn) = cmd.get("param-name") else {
+                    return text("Required parameter not found: param-name");
+                };
+                let Some(key) = cmd.get("param-key") else {
+                    return text("Required parameter not found: param-key");
+                };
                 let f = self.field_for(cc, pn)?;
                 if f.ops_role.is_none() {
                     return text("Parameter is read-only");
@@ -554,20 +908,30 @@ impl CliCtx {
                         if !cur.as_array().unwrap_or_default().contains(&v) {
                             return text(format!("Key {key} is not in the set"));
                         }
-                        self.call(&format!("{cname}.remove_{}", f.name), vec![Value::String(r), v]).await?;
+                        self.call(
+                            &format!("{cname}.remove_{}", f.name),
+                            vec![Value::String(r), v],
+                        )
+                        .await?;
                     }
                     _ => {
                         if cur.member(key).is_none() {
                             return text(format!("Key {key} is not in map"));
                         }
-                        self.call(&format!("{cname}.remove_from_{}", f.name), vec![Value::String(r), Value::str(key)]).await?;
+                        self.call(
+                            &format!("{cname}.remove_from_{}", f.name),
+                            vec![Value::String(r), Value::str(key)],
+                        )
+                        .await?;
                     }
                 }
                 Ok(())
             }
             "-param-clear" => {
                 let (r, _) = self.by_uuid(cc, cmd).await?;
-                let Some(pn) = cmd.get("param-name") else { return text("Required parameter not found: param-name") };
+                let Some(pn) = cmd.get("param-name") else {
+                    return text("Required parameter not found: param-name");
+                };
                 let f = self.field_for(cc, pn)?;
                 if f.set_role.is_none() && f.ops_role.is_none() {
                     return text(format!("Field '{pn}' is read-only."));
@@ -578,11 +942,24 @@ impl CliCtx {
                     _ => Value::str(""),
                 };
                 if f.set_role.is_some() {
-                    self.call(&format!("{cname}.set_{}", f.name), vec![Value::String(r), empty]).await?;
+                    self.call(
+                        &format!("{cname}.set_{}", f.name),
+                        vec![Value::String(r), empty],
+                    )
+                    .await?;
                 } else if let Ty::Map(..) = f.ty {
-                    let cur = self.call(&format!("{cname}.get_{}", f.name), vec![Value::String(r.clone())]).await?;
+                    let cur = self
+                        .call(
+                            &format!("{cname}.get_{}", f.name),
+                            vec![Value::String(r.clone())],
+                        )
+                        .await?;
                     for (k, _) in cur.as_struct().map(<[_]>::to_vec).unwrap_or_default() {
-                        self.call(&format!("{cname}.remove_from_{}", f.name), vec![Value::String(r.clone()), Value::String(k)]).await?;
+                        self.call(
+                            &format!("{cname}.remove_from_{}", f.name),
+                            vec![Value::String(r.clone()), Value::String(k)],
+                        )
+                        .await?;
                     }
                 }
                 Ok(())
@@ -599,9 +976,16 @@ impl CliCtx {
                 let mut s = format!("{}\n", def.doc);
                 for (i, name) in def.params.iter().enumerate() {
                     let v = e.params.get(i).map(|p| {
-                        if p.starts_with("OpaqueRef:") && p != NULL_REF { self.uuid_of(p) } else { p.clone() }
+                        if p.starts_with("OpaqueRef:") && p != NULL_REF {
+                            self.uuid_of(p)
+                        } else {
+                            p.clone()
+                        }
                     });
-                    s.push_str(&format!("{name}: {}\n", v.unwrap_or_else(|| "<unknown>".into())));
+                    s.push_str(&format!(
+                        "{name}: {}\n",
+                        v.unwrap_or_else(|| "<unknown>".into())
+                    ));
                 }
                 for extra in e.params.iter().skip(def.params.len()) {
                     s.push_str(&format!("<extra>: {extra}\n"));
@@ -631,37 +1015,81 @@ pub fn table(cols: &[(String, &str, String)]) -> String {
 
 fn help(cmd: &Cmd) -> Run {
     let classes = cli_classes();
-    let target = cmd.params.iter().find(|(k, v)| v.is_empty() && !STD_PARAMS.contains(&k.as_str())).map(|(k, _)| k.clone());
+    let target = cmd
+        .params
+        .iter()
+        .find(|(k, v)| v.is_empty() && !STD_PARAMS.contains(&k.as_str()))
+        .map(|(k, _)| k.clone());
     let mut out = Vec::new();
     match target {
         Some(c) if c != "--all" => {
             let (reqd, opt, desc) = if let Some(cn) = c.strip_suffix("-list") {
-                ("", "params", format!("Lists {cn} objects, filtered by field=value"))
+                (
+                    "",
+                    "params",
+                    format!("Lists {cn} objects, filtered by field=value"),
+                )
             } else if c.ends_with("-param-list") {
-                ("uuid", "", "Lists all the parameters of the object".to_owned())
+                (
+                    "uuid",
+                    "",
+                    "Lists all the parameters of the object".to_owned(),
+                )
             } else if c.ends_with("-param-get") {
-                ("uuid, param-name", "param-key", "Gets a parameter of the object".to_owned())
+                (
+                    "uuid, param-name",
+                    "param-key",
+                    "Gets a parameter of the object".to_owned(),
+                )
             } else if c.ends_with("-param-set") {
                 ("uuid", "", "Sets parameters of the object".to_owned())
             } else if c.ends_with("-param-add") {
-                ("uuid, param-name", "param-key", "Adds to a set or map parameter".to_owned())
+                (
+                    "uuid, param-name",
+                    "param-key",
+                    "Adds to a set or map parameter".to_owned(),
+                )
             } else if c.ends_with("-param-remove") {
-                ("uuid, param-name, param-key", "", "Removes from a set or map parameter".to_owned())
+                (
+                    "uuid, param-name, param-key",
+                    "",
+                    "Removes from a set or map parameter".to_owned(),
+                )
             } else if c.ends_with("-param-clear") {
                 ("uuid, param-name", "", "Clears a parameter".to_owned())
             } else if c == "user-password-change" {
-                ("new", "old", "Changes the password of the logged-in user".to_owned())
+                (
+                    "new",
+                    "old",
+                    "Changes the password of the logged-in user".to_owned(),
+                )
             } else if c == "user-create" {
-                ("user-name, password-new, role", "fullname", "Creates a local user with a role (Corral extension)".to_owned())
+                (
+                    "user-name, password-new, role",
+                    "fullname",
+                    "Creates a local user with a role (Corral extension)".to_owned(),
+                )
             } else {
                 return fail_text(format!("Unknown command: {c}\nFor usage run: 'xe help'"));
             };
             out.push(Out::Print(format!("command name            : {c}\n        reqd params     : {reqd}\n        optional params : {opt}\n\n        description     : {desc}")));
         }
         _ => {
-            let mut names: Vec<String> = vec!["help".into(), "user-create".into(), "user-password-change".into()];
+            let mut names: Vec<String> = vec![
+                "help".into(),
+                "user-create".into(),
+                "user-password-change".into(),
+            ];
             for c in &classes {
-                for s in ["-list", "-param-list", "-param-get", "-param-set", "-param-add", "-param-remove", "-param-clear"] {
+                for s in [
+                    "-list",
+                    "-param-list",
+                    "-param-get",
+                    "-param-set",
+                    "-param-add",
+                    "-param-remove",
+                    "-param-clear",
+                ] {
                     names.push(format!("{}{s}", c.name));
                 }
             }

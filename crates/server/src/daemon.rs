@@ -1,7 +1,7 @@
 //! Wiring: open the database, make the listeners, serve until SIGTERM.
 
 use crate::api::{Config, Server};
-use crate::http::{serve, Origin};
+use crate::http::{Origin, serve};
 use anyhow::Context;
 use corral_db::Db;
 use std::net::SocketAddr;
@@ -20,56 +20,100 @@ pub struct Options {
 
 /// Opens the state directory and builds the server (no listeners yet).
 pub fn build(opts: &Options) -> anyhow::Result<Arc<Server>> {
-    std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating {}", opts.state_dir.display()))?;
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let db = Db::open(&opts.state_dir.join("pool.db")).context("opening the pool database")?;
     let id = crate::init::ensure(&db, opts.root_password.clone())?;
-    Ok(Server::new(db, id.host_ref, id.pool_ref, opts.config.clone(), opts.state_dir.clone()))
+    Ok(Server::new(
+        db,
+        id.host_ref,
+        id.pool_ref,
+        opts.config.clone(),
+        opts.state_dir.clone(),
+    ))
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let server = build(&opts)?;
     let sock_path = opts.state_dir.join("xapi.sock");
     let _ = std::fs::remove_file(&sock_path);
-    let unix = UnixListener::bind(&sock_path).with_context(|| format!("binding {}", sock_path.display()))?;
+    let unix = UnixListener::bind(&sock_path)
+        .with_context(|| format!("binding {}", sock_path.display()))?;
     {
         let server = Arc::clone(&server);
         tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = unix.accept().await else { continue };
+                let Ok((s, _)) = unix.accept().await else {
+                    continue;
+                };
                 let server = Arc::clone(&server);
-                tokio::spawn(serve(server, s, Origin { addr: None, local_root: true }));
+                tokio::spawn(serve(
+                    server,
+                    s,
+                    Origin {
+                        addr: None,
+                        local_root: true,
+                    },
+                ));
             }
         });
     }
     if let Some(addr) = opts.listen {
-        let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         tracing::info!(%addr, "serving HTTP");
         let server = Arc::clone(&server);
         tokio::spawn(async move {
             loop {
-                let Ok((s, peer)) = l.accept().await else { continue };
+                let Ok((s, peer)) = l.accept().await else {
+                    continue;
+                };
                 let _ = s.set_nodelay(true);
                 let server = Arc::clone(&server);
-                tokio::spawn(serve(server, s, Origin { addr: Some(peer.ip()), local_root: false }));
+                tokio::spawn(serve(
+                    server,
+                    s,
+                    Origin {
+                        addr: Some(peer.ip()),
+                        local_root: false,
+                    },
+                ));
             }
         });
     }
     if let Some(addr) = opts.tls_listen {
-        let names = vec![crate::init::hostname(), crate::init::primary_address(), "localhost".into()];
+        let names = vec![
+            crate::init::hostname(),
+            crate::init::primary_address(),
+            "localhost".into(),
+        ];
         let cfg = crate::tls::server_config(&opts.state_dir, names)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        let l = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         tracing::info!(%addr, "serving HTTPS");
         let server = Arc::clone(&server);
         tokio::spawn(async move {
             loop {
-                let Ok((s, peer)) = l.accept().await else { continue };
+                let Ok((s, peer)) = l.accept().await else {
+                    continue;
+                };
                 let _ = s.set_nodelay(true);
                 let server = Arc::clone(&server);
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     if let Ok(tls) = acceptor.accept(s).await {
-                        serve(server, tls, Origin { addr: Some(peer.ip()), local_root: false }).await;
+                        serve(
+                            server,
+                            tls,
+                            Origin {
+                                addr: Some(peer.ip()),
+                                local_root: false,
+                            },
+                        )
+                        .await;
                     }
                 });
             }

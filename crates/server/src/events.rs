@@ -19,7 +19,9 @@ pub struct EventHub {
 
 impl EventHub {
     pub fn new(g: u64) -> EventHub {
-        EventHub { tx: watch::channel(g).0 }
+        EventHub {
+            tx: watch::channel(g).0,
+        }
     }
     pub fn sender(&self) -> watch::Sender<u64> {
         self.tx.clone()
@@ -42,7 +44,11 @@ fn parse_token(t: &str) -> Result<Option<u64>, ApiError> {
         return Ok(None);
     }
     let first = t.split(',').next().unwrap_or("");
-    first.trim().parse::<u64>().map(Some).map_err(|_| ApiError::new("EVENT_FROM_TOKEN_PARSE_FAILURE", [t]))
+    first
+        .trim()
+        .parse::<u64>()
+        .map(Some)
+        .map_err(|_| ApiError::new("EVENT_FROM_TOKEN_PARSE_FAILURE", [t]))
 }
 
 /// A parsed subscription list.
@@ -55,19 +61,29 @@ pub struct Subs {
 
 impl Subs {
     pub fn parse(items: &[String]) -> Result<Subs, ApiError> {
-        let mut s = Subs { all: false, classes: vec![], objects: vec![] };
+        let mut s = Subs {
+            all: false,
+            classes: vec![],
+            objects: vec![],
+        };
         for i in items {
             if i == "*" {
                 s.all = true;
             } else if let Some((c, r)) = i.split_once('/') {
                 if c.is_empty() || r.is_empty() {
-                    return Err(ApiError::new("EVENT_SUBSCRIPTION_PARSE_FAILURE", [i.as_str()]));
+                    return Err(ApiError::new(
+                        "EVENT_SUBSCRIPTION_PARSE_FAILURE",
+                        [i.as_str()],
+                    ));
                 }
                 if let Some(c) = ClassId::by_lower_name(c) {
                     s.objects.push((c, r.to_owned()));
                 }
             } else if i.is_empty() {
-                return Err(ApiError::new("EVENT_SUBSCRIPTION_PARSE_FAILURE", [i.as_str()]));
+                return Err(ApiError::new(
+                    "EVENT_SUBSCRIPTION_PARSE_FAILURE",
+                    [i.as_str()],
+                ));
             } else if let Some(c) = ClassId::by_lower_name(i) {
                 s.classes.push(c);
             }
@@ -75,10 +91,16 @@ impl Subs {
         Ok(s)
     }
     fn class_wanted(&self, c: ClassId) -> bool {
-        c.def().events && (self.all || self.classes.contains(&c) || self.objects.iter().any(|(oc, _)| *oc == c))
+        c.def().events
+            && (self.all
+                || self.classes.contains(&c)
+                || self.objects.iter().any(|(oc, _)| *oc == c))
     }
     fn wants(&self, c: ClassId, r: &str) -> bool {
-        c.def().events && (self.all || self.classes.contains(&c) || self.objects.iter().any(|(oc, or)| *oc == c && or == r))
+        c.def().events
+            && (self.all
+                || self.classes.contains(&c)
+                || self.objects.iter().any(|(oc, or)| *oc == c && or == r))
     }
 }
 
@@ -152,10 +174,20 @@ fn ref_counts(st: &State) -> Value {
 }
 
 /// `event.from(classes, token, timeout)`.
-pub async fn from(server: Arc<Server>, ctx: Ctx, classes: Vec<String>, tok: String, timeout: f64) -> ApiResult {
+pub async fn from(
+    server: Arc<Server>,
+    ctx: Ctx,
+    classes: Vec<String>,
+    tok: String,
+    timeout: f64,
+) -> ApiResult {
     let subs = Subs::parse(&classes)?;
     let since = parse_token(&tok)?;
-    let timeout = if timeout.is_finite() && timeout > 0.0 { timeout.min(3600.0) } else { 0.0 };
+    let timeout = if timeout.is_finite() && timeout > 0.0 {
+        timeout.min(3600.0)
+    } else {
+        0.0
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
     let mut rx = server.events.subscribe();
     loop {
@@ -179,7 +211,9 @@ pub async fn from(server: Arc<Server>, ctx: Ctx, classes: Vec<String>, tok: Stri
                     }
                     out
                 }
-                Some(s) if s > g || s < st.log_floor() => return Err(ApiError::code("EVENTS_LOST")),
+                Some(s) if s > g || s < st.log_floor() => {
+                    return Err(ApiError::code("EVENTS_LOST"));
+                }
                 Some(s) => collect(&st, &subs, s),
             };
             if !events.is_empty() || since.is_none() || tokio::time::Instant::now() >= deadline {
@@ -190,7 +224,10 @@ pub async fn from(server: Arc<Server>, ctx: Ctx, classes: Vec<String>, tok: Stri
                 ]));
             }
         }
-        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
             continue; // deadline: one last look, then an empty reply
         }
     }
@@ -199,7 +236,9 @@ pub async fn from(server: Arc<Server>, ctx: Ctx, classes: Vec<String>, tok: Stri
 /// `event.inject(class, ref)`: touches the object; the token returned sits
 /// just before that change.
 pub fn inject(server: &Server, class_name: &str, r: &str) -> ApiResult {
-    let c = ClassId::by_lower_name(class_name).filter(|c| c.def().in_db).ok_or_else(|| ApiError::handle_invalid(class_name, r))?;
+    let c = ClassId::by_lower_name(class_name)
+        .filter(|c| c.def().in_db)
+        .ok_or_else(|| ApiError::handle_invalid(class_name, r))?;
     let before = server.db.write(|t| {
         let g = t.state().generation();
         t.touch(c, r)?;
@@ -234,9 +273,14 @@ pub async fn next(server: Arc<Server>, ctx: Ctx) -> ApiResult {
     loop {
         rx.borrow_and_update();
         let reg = server.sessions.with(&ctx.session, |i| i.registered.clone());
-        let Some(reg) = reg else { return Err(ApiError::session_invalid(&ctx.session)) };
+        let Some(reg) = reg else {
+            return Err(ApiError::session_invalid(&ctx.session));
+        };
         let Some((subs, cursor)) = reg else {
-            return Err(ApiError::new("SESSION_NOT_REGISTERED", [ctx.session.as_str()]));
+            return Err(ApiError::new(
+                "SESSION_NOT_REGISTERED",
+                [ctx.session.as_str()],
+            ));
         };
         let parsed = Subs::parse(&subs)?;
         let (events, g) = {

@@ -159,7 +159,10 @@ impl P {
 }
 
 pub fn parse(s: &str) -> Result<Expr, String> {
-    let mut p = P { toks: lex(s)?, pos: 0 };
+    let mut p = P {
+        toks: lex(s)?,
+        pos: 0,
+    };
     let e = p.expr(0)?;
     if p.pos != p.toks.len() {
         return Err("trailing tokens".into());
@@ -174,7 +177,10 @@ impl Expr {
             match o {
                 Operand::Literal(s) => s.clone(),
                 // DB columns join namespaces with `__`; wire names with `_`.
-                Operand::Field(f) => rec.member(&f.replace("__", "_")).map(Value::db_string).unwrap_or_default(),
+                Operand::Field(f) => rec
+                    .member(&f.replace("__", "_"))
+                    .map(Value::db_string)
+                    .unwrap_or_default(),
             }
         };
         match self {
@@ -200,8 +206,16 @@ mod tests {
             ("is_a_template".into(), Value::Bool(false)),
         ]);
         assert!(parse("true").unwrap().eval(&rec));
-        assert!(parse(r#"(field "uuid"="web") or (field "name__label"="web")"#).unwrap().eval(&rec));
-        assert!(parse(r#"field "is_a_template"="false" and not (field "uuid"="x")"#).unwrap().eval(&rec));
+        assert!(
+            parse(r#"(field "uuid"="web") or (field "name__label"="web")"#)
+                .unwrap()
+                .eval(&rec)
+        );
+        assert!(
+            parse(r#"field "is_a_template"="false" and not (field "uuid"="x")"#)
+                .unwrap()
+                .eval(&rec)
+        );
         assert!(!parse(r#"field "uuid"="u2""#).unwrap().eval(&rec));
         assert!(parse(r#"field "uuid"="#).is_err());
         assert!(parse(r#"(field "uuid"="a""#).is_err());

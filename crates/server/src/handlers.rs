@@ -2,12 +2,12 @@
 //! datamodel declares without an entry here is not callable yet and is left
 //! out of `system.listMethods`.
 
-use crate::api::{pstr, void, ApiResult, BoxFut, Ctx, Handler, Server};
+use crate::api::{ApiResult, BoxFut, Ctx, Handler, Server, pstr, void};
 use crate::sessions::hash_password;
-use corral_model::schema::{class, field, Role};
 #[allow(unused_imports)]
 use corral_model::FieldId;
-use corral_model::{date, new_ref, ApiError, Value};
+use corral_model::schema::{Role, class, field};
+use corral_model::{ApiError, Value, date, new_ref};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -27,22 +27,39 @@ pub fn table() -> HashMap<String, Handler> {
     sync("session.change_password", change_password);
     sync("task.destroy", |s, _, p| {
         let r = pstr(&mut p.into_iter());
-        s.db.write(|t| t.delete(class::TASK, &r)).map_err(ApiError::from)?;
+        s.db.write(|t| t.delete(class::TASK, &r))
+            .map_err(ApiError::from)?;
         void()
     });
     sync("task.create", |s, c, p| {
         let mut p = p.into_iter();
         let (label, descr) = (pstr(&mut p), pstr(&mut p));
-        Ok(Value::String(s.task_create(&label, &descr, &c.session, true)?))
+        Ok(Value::String(
+            s.task_create(&label, &descr, &c.session, true)?,
+        ))
     });
     sync("task.cancel", |s, _, p| {
         let r = pstr(&mut p.into_iter());
-        let allowed = s.db.read().get(field::task::ALLOWED_OPERATIONS, &r).ok_or_else(|| ApiError::handle_invalid("task", &r))?;
-        if !allowed.as_array().unwrap_or_default().iter().any(|v| v.as_str() == Some("cancel")) {
+        let allowed =
+            s.db.read()
+                .get(field::task::ALLOWED_OPERATIONS, &r)
+                .ok_or_else(|| ApiError::handle_invalid("task", &r))?;
+        if !allowed
+            .as_array()
+            .unwrap_or_default()
+            .iter()
+            .any(|v| v.as_str() == Some("cancel"))
+        {
             return Err(ApiError::operation_not_allowed("task is not cancellable"));
         }
-        s.db.write(|t| t.set(field::task::CURRENT_OPERATIONS, &r, Value::Struct(vec![(r.clone(), Value::str("cancel"))])))
-            .map_err(ApiError::from)?;
+        s.db.write(|t| {
+            t.set(
+                field::task::CURRENT_OPERATIONS,
+                &r,
+                Value::Struct(vec![(r.clone(), Value::str("cancel"))]),
+            )
+        })
+        .map_err(ApiError::from)?;
         s.request_cancel(&r);
         // A client-created task has no worker to notice: cancel it here.
         if !s.task_has_worker(&r) {
@@ -50,9 +67,15 @@ pub fn table() -> HashMap<String, Handler> {
         }
         void()
     });
-    sync("event.register", |s, c, p| crate::events::register(s, c, set_of(p), true));
-    sync("event.unregister", |s, c, p| crate::events::register(s, c, set_of(p), false));
-    sync("event.get_current_id", |s, _, _| Ok(Value::Int(s.db.read().generation() as i64)));
+    sync("event.register", |s, c, p| {
+        crate::events::register(s, c, set_of(p), true)
+    });
+    sync("event.unregister", |s, c, p| {
+        crate::events::register(s, c, set_of(p), false)
+    });
+    sync("event.get_current_id", |s, _, _| {
+        Ok(Value::Int(s.db.read().generation() as i64))
+    });
     sync("event.inject", |s, _, p| {
         let mut p = p.into_iter();
         let (c, r) = (pstr(&mut p), pstr(&mut p));
@@ -67,7 +90,8 @@ pub fn table() -> HashMap<String, Handler> {
     });
     sync("message.destroy", |s, _, p| {
         let r = pstr(&mut p.into_iter());
-        s.db.write(|t| t.delete(class::MESSAGE, &r)).map_err(ApiError::from)?;
+        s.db.write(|t| t.delete(class::MESSAGE, &r))
+            .map_err(ApiError::from)?;
         void()
     });
     sync("message.get_since", |s, _, p| {
@@ -84,7 +108,8 @@ pub fn table() -> HashMap<String, Handler> {
         let mut p = p.into_iter();
         let (r, pwd) = (pstr(&mut p), pstr(&mut p));
         let h = hash_password(&pwd)?;
-        s.db.write(|t| t.set(field::user::PASSWORD_HASH, &r, Value::String(h.clone()))).map_err(ApiError::from)?;
+        s.db.write(|t| t.set(field::user::PASSWORD_HASH, &r, Value::String(h.clone())))
+            .map_err(ApiError::from)?;
         void()
     });
     sync("VM.clone", vm_clone);
@@ -99,8 +124,16 @@ pub fn table() -> HashMap<String, Handler> {
             if !t.state().exists(class::VM, &r) {
                 return Err(ApiError::handle_invalid("VM", &r));
             }
-            let oc = t.state().get(field::vm::OTHER_CONFIG, &r).and_then(|v| v.as_struct().map(<[_]>::to_vec)).unwrap_or_default();
-            t.set(field::vm::OTHER_CONFIG, &r, Value::Struct(oc.into_iter().filter(|(k, _)| k != "disks").collect()))
+            let oc = t
+                .state()
+                .get(field::vm::OTHER_CONFIG, &r)
+                .and_then(|v| v.as_struct().map(<[_]>::to_vec))
+                .unwrap_or_default();
+            t.set(
+                field::vm::OTHER_CONFIG,
+                &r,
+                Value::Struct(oc.into_iter().filter(|(k, _)| k != "disks").collect()),
+            )
         })
         .map_err(ApiError::from)?;
         void()
@@ -109,8 +142,12 @@ pub fn table() -> HashMap<String, Handler> {
     let mut asyn = |n: &str, f: fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut| {
         t.insert(n.to_owned(), Handler::Async(f));
     };
-    asyn("session.login_with_password", |s, _, p| Box::pin(login(s, p)));
-    asyn("session.slave_local_login_with_password", |s, _, p| Box::pin(login(s, p)));
+    asyn("session.login_with_password", |s, _, p| {
+        Box::pin(login(s, p))
+    });
+    asyn("session.slave_local_login_with_password", |s, _, p| {
+        Box::pin(login(s, p))
+    });
     asyn("event.from", |s, c, p| {
         Box::pin(async move {
             let mut p = p.into_iter();
@@ -127,7 +164,13 @@ pub fn table() -> HashMap<String, Handler> {
 fn set_of(p: Vec<Value>) -> Vec<String> {
     p.into_iter()
         .next()
-        .and_then(|v| v.as_array().map(|a| a.iter().map(|x| x.as_str().unwrap_or_default().to_owned()).collect()))
+        .and_then(|v| {
+            v.as_array().map(|a| {
+                a.iter()
+                    .map(|x| x.as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+        })
         .unwrap_or_default()
 }
 
@@ -138,30 +181,55 @@ async fn login(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let mut it = p.into_iter();
     let uname = pstr(&mut it);
     let pwd = pstr(&mut it);
-    let rest: Vec<String> = it.map(|v| v.as_str().unwrap_or_default().to_owned()).collect();
+    let rest: Vec<String> = it
+        .map(|v| v.as_str().unwrap_or_default().to_owned())
+        .collect();
     let (declared, transport) = rest.split_at(rest.len().saturating_sub(3));
-    let originator = if n >= 7 { declared.get(1).cloned().unwrap_or_default() } else { String::new() };
+    let originator = if n >= 7 {
+        declared.get(1).cloned().unwrap_or_default()
+    } else {
+        String::new()
+    };
     let local = transport.first().map(String::as_str) == Some("local");
     let addr = transport.get(1).and_then(|a| a.parse().ok());
-    let originator = if originator.is_empty() { transport.get(2).cloned().unwrap_or_default() } else { originator };
-    s.sessions.login(&s, &uname, &pwd, &originator, local, addr).await.map(Value::String)
+    let originator = if originator.is_empty() {
+        transport.get(2).cloned().unwrap_or_default()
+    } else {
+        originator
+    };
+    s.sessions
+        .login(&s, &uname, &pwd, &originator, local, addr)
+        .await
+        .map(Value::String)
 }
 
 fn change_password(s: &Arc<Server>, c: &Ctx, p: Vec<Value>) -> ApiResult {
     let mut p = p.into_iter();
     let (old, new) = (pstr(&mut p), pstr(&mut p));
     let st = s.db.read();
-    let user = st.refs(class::USER).find(|r| st.get_str(field::user::SHORT_NAME, r).as_deref() == Some(c.user.as_str())).cloned();
-    let hash = user.as_ref().and_then(|u| st.get_str(field::user::PASSWORD_HASH, u));
+    let user = st
+        .refs(class::USER)
+        .find(|r| st.get_str(field::user::SHORT_NAME, r).as_deref() == Some(c.user.as_str()))
+        .cloned();
+    let hash = user
+        .as_ref()
+        .and_then(|u| st.get_str(field::user::PASSWORD_HASH, u));
     drop(st);
     let (Some(user), Some(hash)) = (user, hash) else {
-        return Err(ApiError::new("USER_IS_NOT_LOCAL_SUPERUSER", [c.user.as_str()]));
+        return Err(ApiError::new(
+            "USER_IS_NOT_LOCAL_SUPERUSER",
+            [c.user.as_str()],
+        ));
     };
     if !crate::sessions::verify_password(&old, &hash) {
-        return Err(ApiError::new("SESSION_AUTHENTICATION_FAILED", [c.user.as_str(), "Old password does not match"]));
+        return Err(ApiError::new(
+            "SESSION_AUTHENTICATION_FAILED",
+            [c.user.as_str(), "Old password does not match"],
+        ));
     }
     let h = hash_password(&new)?;
-    s.db.write(|t| t.set(field::user::PASSWORD_HASH, &user, Value::String(h.clone()))).map_err(ApiError::from)?;
+    s.db.write(|t| t.set(field::user::PASSWORD_HASH, &user, Value::String(h.clone())))
+        .map_err(ApiError::from)?;
     void()
 }
 
@@ -176,12 +244,21 @@ fn create_local_user(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
     let r = new_ref();
     s.db.write(|t| {
         let st = t.state();
-        if st.refs(class::USER).any(|u| st.get_str(field::user::SHORT_NAME, u).as_deref() == Some(name.as_str())) {
-            return Err(ApiError::new("DB_UNIQUENESS_CONSTRAINT_VIOLATION", ["user", "short_name", name.as_str()]));
+        if st
+            .refs(class::USER)
+            .any(|u| st.get_str(field::user::SHORT_NAME, u).as_deref() == Some(name.as_str()))
+        {
+            return Err(ApiError::new(
+                "DB_UNIQUENESS_CONSTRAINT_VIOLATION",
+                ["user", "short_name", name.as_str()],
+            ));
         }
         let role_ref = st
             .refs(class::ROLE)
-            .find(|x| st.get_str(field::role::NAME_LABEL, x).is_some_and(|n| n.eq_ignore_ascii_case(&role)))
+            .find(|x| {
+                st.get_str(field::role::NAME_LABEL, x)
+                    .is_some_and(|n| n.eq_ignore_ascii_case(&role))
+            })
             .cloned()
             .ok_or_else(|| ApiError::code("ROLE_NOT_FOUND"))?;
         t.create(
@@ -206,26 +283,65 @@ fn vm_clone(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
     let r = new_ref();
     s.db.write(|t| {
         let st = t.state();
-        let row = st.row(class::VM, &src).ok_or_else(|| ApiError::handle_invalid("VM", &src))?;
+        let row = st
+            .row(class::VM, &src)
+            .ok_or_else(|| ApiError::handle_invalid("VM", &src))?;
         let power = st.get_str(field::vm::POWER_STATE, &src).unwrap_or_default();
         if power != "Halted" {
-            return Err(ApiError::new("VM_BAD_POWER_STATE", [src.as_str(), "halted", power.to_lowercase().as_str()]));
+            return Err(ApiError::new(
+                "VM_BAD_POWER_STATE",
+                [src.as_str(), "halted", power.to_lowercase().as_str()],
+            ));
         }
         let mut fields: Vec<(usize, Value)> = row.fields.iter().cloned().enumerate().collect();
-        let set = |fields: &mut Vec<(usize, Value)>, f: corral_model::FieldId, v: Value| fields[f.index].1 = v;
+        let set = |fields: &mut Vec<(usize, Value)>, f: corral_model::FieldId, v: Value| {
+            fields[f.index].1 = v
+        };
         set(&mut fields, field::vm::UUID, Value::str(""));
-        set(&mut fields, field::vm::NAME_LABEL, Value::String(name.clone()));
-        set(&mut fields, field::vm::IS_DEFAULT_TEMPLATE, Value::Bool(false));
-        set(&mut fields, field::vm::ALLOWED_OPERATIONS, Value::Array(vec![]));
-        set(&mut fields, field::vm::CURRENT_OPERATIONS, Value::Struct(vec![]));
-        set(&mut fields, field::vm::RESIDENT_ON, Value::str(corral_model::NULL_REF));
-        set(&mut fields, field::vm::SNAPSHOT_OF, Value::str(corral_model::NULL_REF));
+        set(
+            &mut fields,
+            field::vm::NAME_LABEL,
+            Value::String(name.clone()),
+        );
+        set(
+            &mut fields,
+            field::vm::IS_DEFAULT_TEMPLATE,
+            Value::Bool(false),
+        );
+        set(
+            &mut fields,
+            field::vm::ALLOWED_OPERATIONS,
+            Value::Array(vec![]),
+        );
+        set(
+            &mut fields,
+            field::vm::CURRENT_OPERATIONS,
+            Value::Struct(vec![]),
+        );
+        set(
+            &mut fields,
+            field::vm::RESIDENT_ON,
+            Value::str(corral_model::NULL_REF),
+        );
+        set(
+            &mut fields,
+            field::vm::SNAPSHOT_OF,
+            Value::str(corral_model::NULL_REF),
+        );
         set(&mut fields, field::vm::PARENT, Value::str(&src));
         if let Value::Struct(oc) = &mut fields[field::vm::OTHER_CONFIG.index].1 {
             oc.retain(|(k, _)| k != "default_template");
         }
-        set(&mut fields, field::vm::METRICS, Value::str(corral_model::NULL_REF));
-        set(&mut fields, field::vm::GUEST_METRICS, Value::str(corral_model::NULL_REF));
+        set(
+            &mut fields,
+            field::vm::METRICS,
+            Value::str(corral_model::NULL_REF),
+        );
+        set(
+            &mut fields,
+            field::vm::GUEST_METRICS,
+            Value::str(corral_model::NULL_REF),
+        );
         fields.retain(|(i, _)| class::VM.def().fields[*i].rel.is_none());
         t.create(class::VM, &r, fields)
     })
@@ -234,7 +350,14 @@ fn vm_clone(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
 }
 
 /// Creates an alert (`message` object).
-pub fn create_message(s: &Server, name: &str, priority: i64, cls: &str, obj_uuid: &str, body: &str) -> Result<String, ApiError> {
+pub fn create_message(
+    s: &Server,
+    name: &str,
+    priority: i64,
+    cls: &str,
+    obj_uuid: &str,
+    body: &str,
+) -> Result<String, ApiError> {
     let r = new_ref();
     s.db.write(|t| {
         t.create(
@@ -245,7 +368,10 @@ pub fn create_message(s: &Server, name: &str, priority: i64, cls: &str, obj_uuid
                 (field::message::PRIORITY.index, Value::Int(priority)),
                 (field::message::CLS.index, Value::str(cls)),
                 (field::message::OBJ_UUID.index, Value::str(obj_uuid)),
-                (field::message::TIMESTAMP.index, Value::DateTime(date::now())),
+                (
+                    field::message::TIMESTAMP.index,
+                    Value::DateTime(date::now()),
+                ),
                 (field::message::BODY.index, Value::str(body)),
             ],
         )
@@ -259,12 +385,17 @@ fn messages_since(s: &Server, filter: Option<(&str, &str)>, since: &str) -> ApiR
     let st = s.db.read();
     let mut out = Vec::new();
     for r in st.refs(class::MESSAGE) {
-        let ts = st.get_str(field::message::TIMESTAMP, r).and_then(|t| date::parse(&t)).unwrap_or(0);
+        let ts = st
+            .get_str(field::message::TIMESTAMP, r)
+            .and_then(|t| date::parse(&t))
+            .unwrap_or(0);
         if ts <= since {
             continue;
         }
         if let Some((cls, obj)) = filter {
-            if st.get_str(field::message::CLS, r).as_deref() != Some(cls) || st.get_str(field::message::OBJ_UUID, r).as_deref() != Some(obj) {
+            if st.get_str(field::message::CLS, r).as_deref() != Some(cls)
+                || st.get_str(field::message::OBJ_UUID, r).as_deref() != Some(obj)
+            {
                 continue;
             }
         }
@@ -277,10 +408,16 @@ fn messages_since(s: &Server, filter: Option<(&str, &str)>, since: &str) -> ApiR
 
 impl Server {
     pub fn host_uuid(&self) -> String {
-        self.db.read().get_str(field::host::UUID, &self.host_ref).unwrap_or_default()
+        self.db
+            .read()
+            .get_str(field::host::UUID, &self.host_ref)
+            .unwrap_or_default()
     }
     /// Tasks created by `Async.*` calls have a worker; `task.create` ones do not.
     pub fn task_has_worker(&self, task: &str) -> bool {
-        self.workers.lock().map(|w| w.contains(task)).unwrap_or(false)
+        self.workers
+            .lock()
+            .map(|w| w.contains(task))
+            .unwrap_or(false)
     }
 }

@@ -4,7 +4,7 @@
 //! the transport so TCP, TLS and the unix socket share it.
 
 use crate::api::{Caller, Server};
-use corral_model::{jsonrpc, xmlrpc, ApiError};
+use corral_model::{ApiError, jsonrpc, xmlrpc};
 use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,7 +25,10 @@ pub struct Request {
 
 impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     fn keep_alive(&self) -> bool {
         match self.header("connection") {
@@ -81,7 +84,15 @@ where
                 break n;
             }
             if buf.len() > MAX_HEAD {
-                let _ = write_simple(&mut stream, "431 Request Header Fields Too Large", "text/html", &error_page("431"), false, "").await;
+                let _ = write_simple(
+                    &mut stream,
+                    "431 Request Header Fields Too Large",
+                    "text/html",
+                    &error_page("431"),
+                    false,
+                    "",
+                )
+                .await;
                 return;
             }
             let mut chunk = [0u8; 8192];
@@ -93,13 +104,27 @@ where
         let req = match parse_head(&buf[..head_len]) {
             Some(r) => r,
             None => {
-                let _ = write_simple(&mut stream, "400 Bad Request", "text/html", &error_page("400"), false, "").await;
+                let _ = write_simple(
+                    &mut stream,
+                    "400 Bad Request",
+                    "text/html",
+                    &error_page("400"),
+                    false,
+                    "",
+                )
+                .await;
                 return;
             }
         };
         buf.drain(..head_len);
-        let limit = if req.path == "/cli" { MAX_CLI_BODY } else { MAX_RPC_BODY };
-        let content_length = req.header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
+        let limit = if req.path == "/cli" {
+            MAX_CLI_BODY
+        } else {
+            MAX_RPC_BODY
+        };
+        let content_length = req
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<usize>().ok());
         let keep_alive = req.keep_alive();
 
         if req.method == "OPTIONS" {
@@ -121,15 +146,39 @@ where
         }
 
         if req.method != "POST" {
-            let _ = write_simple(&mut stream, "403 Forbidden", "text/html", &error_page("403"), false, "").await;
+            let _ = write_simple(
+                &mut stream,
+                "403 Forbidden",
+                "text/html",
+                &error_page("403"),
+                false,
+                "",
+            )
+            .await;
             return;
         }
         let Some(len) = content_length else {
-            let _ = write_simple(&mut stream, "411 Length Required", "text/html", &error_page("411"), false, "").await;
+            let _ = write_simple(
+                &mut stream,
+                "411 Length Required",
+                "text/html",
+                &error_page("411"),
+                false,
+                "",
+            )
+            .await;
             return;
         };
         if len > limit {
-            let _ = write_simple(&mut stream, "413 Payload Too Large", "text/html", &error_page("413"), false, "").await;
+            let _ = write_simple(
+                &mut stream,
+                "413 Payload Too Large",
+                "text/html",
+                &error_page("413"),
+                false,
+                "",
+            )
+            .await;
             return;
         }
         while buf.len() < len {
@@ -148,7 +197,10 @@ where
         let (status, ctype, out) = if req.path == "/jsonrpc" || req.path.starts_with("/jsonrpc/") {
             match jsonrpc::parse_call(&body) {
                 Ok(call) => {
-                    let caller = Caller { origin, originator: req.header("originator").map(str::to_owned) };
+                    let caller = Caller {
+                        origin,
+                        originator: req.header("originator").map(str::to_owned),
+                    };
                     let res = server.call(&call.method, call.params, &caller).await;
                     let text = match res {
                         Ok(v) => jsonrpc::success(&v, &call.id, call.v2),
@@ -164,7 +216,10 @@ where
         } else {
             match xmlrpc::parse_call(&body) {
                 Ok(call) => {
-                    let caller = Caller { origin, originator: req.header("originator").map(str::to_owned) };
+                    let caller = Caller {
+                        origin,
+                        originator: req.header("originator").map(str::to_owned),
+                    };
                     let text = if call.method == "system.listMethods" {
                         xmlrpc::bare(&server.list_methods())
                     } else {
@@ -177,7 +232,8 @@ where
                 }
                 Err(e) if std::str::from_utf8(&body).is_err() => {
                     tracing::debug!(error = %e, "XML-RPC body is not UTF-8");
-                    let err = ApiError::new("INVALID_VALUE", ["Invalid UTF-8 string in parameter", ""]);
+                    let err =
+                        ApiError::new("INVALID_VALUE", ["Invalid UTF-8 string in parameter", ""]);
                     ("200 OK", "text/xml", xmlrpc::failure(&err).into_bytes())
                 }
                 Err(e) => {
@@ -187,7 +243,11 @@ where
             }
         };
         let ka = keep_alive && status.starts_with("200");
-        if write_simple(&mut stream, status, ctype, &out, ka, "").await.is_err() || !ka {
+        if write_simple(&mut stream, status, ctype, &out, ka, "")
+            .await
+            .is_err()
+            || !ka
+        {
             return;
         }
     }
@@ -216,7 +276,12 @@ fn parse_head(head: &[u8]) -> Option<Request> {
         headers: r
             .headers
             .iter()
-            .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+            .map(|h| {
+                (
+                    h.name.to_owned(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
             .collect(),
         http10: r.version == Some(0),
     })

@@ -3,8 +3,8 @@
 use crate::sessions::hash_password;
 use anyhow::Context;
 use corral_db::Db;
-use corral_model::schema::{class, field, Role};
-use corral_model::{date, new_ref, ApiError, Value, NULL_REF};
+use corral_model::schema::{Role, class, field};
+use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
 
 /// Corral's product version (numeric X.Y.Z, as Ansible requires) and build.
 pub const PRODUCT_VERSION: &str = "0.1.0";
@@ -14,10 +14,59 @@ pub const API_MINOR: i64 = 21;
 
 /// Storage drivers this host offers (their SM records).
 pub const SM_DRIVERS: &[(&str, &str, &[&str])] = &[
-    ("file", "Local or mounted directory (qcow2 files)", &["SR_PROBE", "SR_UPDATE", "VDI_CREATE", "VDI_DELETE", "VDI_ATTACH", "VDI_DETACH", "VDI_CLONE", "VDI_SNAPSHOT", "VDI_RESIZE", "VDI_UPDATE"]),
-    ("ext", "Local ext4 filesystem on a block device", &["SR_PROBE", "SR_UPDATE", "VDI_CREATE", "VDI_DELETE", "VDI_ATTACH", "VDI_DETACH", "VDI_CLONE", "VDI_SNAPSHOT", "VDI_RESIZE", "VDI_UPDATE"]),
-    ("nfs", "NFS (userspace client)", &["SR_PROBE", "SR_UPDATE", "VDI_CREATE", "VDI_DELETE", "VDI_ATTACH", "VDI_DETACH", "VDI_CLONE", "VDI_SNAPSHOT", "VDI_RESIZE", "VDI_UPDATE"]),
-    ("iso", "ISO library", &["VDI_ATTACH", "VDI_DETACH", "SR_SCAN"]),
+    (
+        "file",
+        "Local or mounted directory (qcow2 files)",
+        &[
+            "SR_PROBE",
+            "SR_UPDATE",
+            "VDI_CREATE",
+            "VDI_DELETE",
+            "VDI_ATTACH",
+            "VDI_DETACH",
+            "VDI_CLONE",
+            "VDI_SNAPSHOT",
+            "VDI_RESIZE",
+            "VDI_UPDATE",
+        ],
+    ),
+    (
+        "ext",
+        "Local ext4 filesystem on a block device",
+        &[
+            "SR_PROBE",
+            "SR_UPDATE",
+            "VDI_CREATE",
+            "VDI_DELETE",
+            "VDI_ATTACH",
+            "VDI_DETACH",
+            "VDI_CLONE",
+            "VDI_SNAPSHOT",
+            "VDI_RESIZE",
+            "VDI_UPDATE",
+        ],
+    ),
+    (
+        "nfs",
+        "NFS (userspace client)",
+        &[
+            "SR_PROBE",
+            "SR_UPDATE",
+            "VDI_CREATE",
+            "VDI_DELETE",
+            "VDI_ATTACH",
+            "VDI_DETACH",
+            "VDI_CLONE",
+            "VDI_SNAPSHOT",
+            "VDI_RESIZE",
+            "VDI_UPDATE",
+        ],
+    ),
+    (
+        "iso",
+        "ISO library",
+        &["VDI_ATTACH", "VDI_DETACH", "SR_SCAN"],
+    ),
 ];
 
 pub struct Identity {
@@ -53,7 +102,9 @@ fn meminfo_kib(key: &str) -> i64 {
 }
 
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 /// The first non-loopback IPv4 address of this host (the management address).
@@ -92,7 +143,10 @@ pub fn ensure(db: &Db, root_password: Option<String>) -> anyhow::Result<Identity
         let st = db.read();
         st.refs(class::POOL).next().cloned().and_then(|pool| {
             let host = st.get_str(field::pool::MASTER, &pool).unwrap_or_default();
-            st.exists(class::HOST, &host).then_some(Identity { host_ref: host, pool_ref: pool })
+            st.exists(class::HOST, &host).then_some(Identity {
+                host_ref: host,
+                pool_ref: pool,
+            })
         })
     };
     if let Some(id) = existing {
@@ -103,7 +157,12 @@ pub fn ensure(db: &Db, root_password: Option<String>) -> anyhow::Result<Identity
         "first start needs the root password: set CORRAL_ROOT_PASSWORD or pass --root-password-file",
     )?;
     let (ncpu, cpu) = cpuinfo();
-    let get = |k: &str| cpu.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let get = |k: &str| {
+        cpu.iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     let host_ref = new_ref();
     let pool_ref = new_ref();
     let metrics_ref = new_ref();
@@ -145,7 +204,10 @@ pub fn ensure(db: &Db, root_password: Option<String>) -> anyhow::Result<Identity
                 (field::host_metrics::MEMORY_TOTAL.index, Value::Int(total)),
                 (field::host_metrics::MEMORY_FREE.index, Value::Int(free)),
                 (field::host_metrics::LIVE.index, Value::Bool(true)),
-                (field::host_metrics::LAST_UPDATED.index, Value::DateTime(date::now())),
+                (
+                    field::host_metrics::LAST_UPDATED.index,
+                    Value::DateTime(date::now()),
+                ),
             ],
         )?;
         t.create(
@@ -162,7 +224,10 @@ pub fn ensure(db: &Db, root_password: Option<String>) -> anyhow::Result<Identity
                 (field::host::SOFTWARE_VERSION.index, software.clone()),
                 (field::host::CPU_INFO.index, cpu_info.clone()),
                 (field::host::METRICS.index, s(&metrics_ref)),
-                (field::host::CAPABILITIES.index, Value::string_set(["hvm-3.0-x86_64"])),
+                (
+                    field::host::CAPABILITIES.index,
+                    Value::string_set(["hvm-3.0-x86_64"]),
+                ),
                 (field::host::EDITION.index, s("free")),
                 (field::host::SCHED_POLICY.index, s("credit")),
             ],
@@ -175,10 +240,19 @@ pub fn ensure(db: &Db, root_password: Option<String>) -> anyhow::Result<Identity
                     (field::host_cpu::HOST.index, s(&host_ref)),
                     (field::host_cpu::NUMBER.index, Value::Int(n as i64)),
                     (field::host_cpu::VENDOR.index, s(&get("vendor_id"))),
-                    (field::host_cpu::SPEED.index, Value::Int(get("cpu MHz").parse::<f64>().unwrap_or(0.0) as i64)),
+                    (
+                        field::host_cpu::SPEED.index,
+                        Value::Int(get("cpu MHz").parse::<f64>().unwrap_or(0.0) as i64),
+                    ),
                     (field::host_cpu::MODELNAME.index, s(&get("model name"))),
-                    (field::host_cpu::FAMILY.index, Value::Int(get("cpu family").parse().unwrap_or(0))),
-                    (field::host_cpu::MODEL.index, Value::Int(get("model").parse().unwrap_or(0))),
+                    (
+                        field::host_cpu::FAMILY.index,
+                        Value::Int(get("cpu family").parse().unwrap_or(0)),
+                    ),
+                    (
+                        field::host_cpu::MODEL.index,
+                        Value::Int(get("model").parse().unwrap_or(0)),
+                    ),
                     (field::host_cpu::STEPPING.index, s(&get("stepping"))),
                     (field::host_cpu::FLAGS.index, s(&get("flags"))),
                 ],
@@ -210,8 +284,18 @@ pub fn ensure(db: &Db, root_password: Option<String>) -> anyhow::Result<Identity
                     (field::sm::COPYRIGHT.index, s("(C) Corral developers")),
                     (field::sm::VERSION.index, s("1.0")),
                     (field::sm::REQUIRED_API_VERSION.index, s("1.0")),
-                    (field::sm::CAPABILITIES.index, Value::string_set(caps.iter().copied())),
-                    (field::sm::FEATURES.index, Value::Struct(caps.iter().map(|c| ((*c).to_owned(), Value::Int(1))).collect())),
+                    (
+                        field::sm::CAPABILITIES.index,
+                        Value::string_set(caps.iter().copied()),
+                    ),
+                    (
+                        field::sm::FEATURES.index,
+                        Value::Struct(
+                            caps.iter()
+                                .map(|c| ((*c).to_owned(), Value::Int(1)))
+                                .collect(),
+                        ),
+                    ),
                 ],
             )?;
         }
@@ -231,7 +315,10 @@ pub fn ensure(db: &Db, root_password: Option<String>) -> anyhow::Result<Identity
             vec![
                 (field::user::SHORT_NAME.index, s("root")),
                 (field::user::FULLNAME.index, s("Local superuser")),
-                (field::user::PASSWORD_HASH.index, Value::String(root_hash.clone())),
+                (
+                    field::user::PASSWORD_HASH.index,
+                    Value::String(root_hash.clone()),
+                ),
             ],
         )?;
         for tpl in templates() {
@@ -246,12 +333,23 @@ pub fn ensure(db: &Db, root_password: Option<String>) -> anyhow::Result<Identity
 
 /// Refreshes what changes between starts (memory, address, version).
 fn refresh(db: &Db, id: &Identity) -> anyhow::Result<()> {
-    let metrics = db.read().get_str(field::host::METRICS, &id.host_ref).unwrap_or_default();
+    let metrics = db
+        .read()
+        .get_str(field::host::METRICS, &id.host_ref)
+        .unwrap_or_default();
     db.write(|t| {
         if t.state().exists(class::HOST_METRICS, &metrics) {
-            t.set(field::host_metrics::MEMORY_FREE, &metrics, Value::Int(meminfo_kib("MemAvailable:") * 1024))?;
+            t.set(
+                field::host_metrics::MEMORY_FREE,
+                &metrics,
+                Value::Int(meminfo_kib("MemAvailable:") * 1024),
+            )?;
             t.set(field::host_metrics::LIVE, &metrics, Value::Bool(true))?;
-            t.set(field::host_metrics::LAST_UPDATED, &metrics, Value::DateTime(date::now()))?;
+            t.set(
+                field::host_metrics::LAST_UPDATED,
+                &metrics,
+                Value::DateTime(date::now()),
+            )?;
         }
         Ok::<(), ApiError>(())
     })
@@ -284,15 +382,41 @@ fn templates() -> Vec<Vec<(usize, Value)>> {
             (f::BLOCKED_OPERATIONS.index, Value::Struct(vec![])),
         ]
     };
-    let mut other = base("Other install media", "Template for installing an operating system from install media (BIOS boot).");
+    let mut other = base(
+        "Other install media",
+        "Template for installing an operating system from install media (BIOS boot).",
+    );
     other.push((f::HVM_BOOT_POLICY.index, s("BIOS order")));
-    other.push((f::HVM_BOOT_PARAMS.index, Value::string_map([("order", "cd")])));
-    other.push((f::PLATFORM.index, Value::string_map([("acpi", "1"), ("apic", "true"), ("pae", "true"), ("nx", "true")])));
-    other.push((f::OTHER_CONFIG.index, Value::string_map([("install-methods", "cdrom"), ("default_template", "true")])));
-    let mut linux = base("Linux direct kernel boot", "Template for a Linux guest booted from a kernel and initrd on the host (PV_kernel, PV_ramdisk, PV_args).");
+    other.push((
+        f::HVM_BOOT_PARAMS.index,
+        Value::string_map([("order", "cd")]),
+    ));
+    other.push((
+        f::PLATFORM.index,
+        Value::string_map([
+            ("acpi", "1"),
+            ("apic", "true"),
+            ("pae", "true"),
+            ("nx", "true"),
+        ]),
+    ));
+    other.push((
+        f::OTHER_CONFIG.index,
+        Value::string_map([("install-methods", "cdrom"), ("default_template", "true")]),
+    ));
+    let mut linux = base(
+        "Linux direct kernel boot",
+        "Template for a Linux guest booted from a kernel and initrd on the host (PV_kernel, PV_ramdisk, PV_args).",
+    );
     linux.push((f::HVM_BOOT_POLICY.index, s("")));
     linux.push((f::PV_ARGS.index, s("console=ttyS0")));
-    linux.push((f::PLATFORM.index, Value::string_map([("acpi", "1"), ("apic", "true")])));
-    linux.push((f::OTHER_CONFIG.index, Value::string_map([("default_template", "true"), ("linux_template", "true")])));
+    linux.push((
+        f::PLATFORM.index,
+        Value::string_map([("acpi", "1"), ("apic", "true")]),
+    ));
+    linux.push((
+        f::OTHER_CONFIG.index,
+        Value::string_map([("default_template", "true"), ("linux_template", "true")]),
+    ));
     vec![other, linux]
 }

@@ -1,8 +1,8 @@
 //! `corrald --state-dir DIR [--listen ADDR:PORT] [--tls-listen ADDR:PORT]
 //!          [--config FILE] [--root-password-file FILE]`
 
-use anyhow::{bail, Context};
-use corral_server::daemon::{run, Options};
+use anyhow::{Context, bail};
+use corral_server::daemon::{Options, run};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -22,7 +22,9 @@ fn main() -> anyhow::Result<()> {
         state_dir: PathBuf::from("/var/lib/corral"),
         listen: None,
         tls_listen: Some("0.0.0.0:443".parse()?),
-        root_password: std::env::var("CORRAL_ROOT_PASSWORD").ok().filter(|p| !p.is_empty()),
+        root_password: std::env::var("CORRAL_ROOT_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty()),
         config: Default::default(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,7 +34,9 @@ fn main() -> anyhow::Result<()> {
         let a = args[i].as_str();
         let mut val = || -> anyhow::Result<String> {
             i += 1;
-            args.get(i).cloned().with_context(|| format!("{a} needs a value"))
+            args.get(i)
+                .cloned()
+                .with_context(|| format!("{a} needs a value"))
         };
         match a {
             "--state-dir" => settings.push(("state-dir".into(), val()?)),
@@ -47,8 +51,14 @@ fn main() -> anyhow::Result<()> {
             "--config" => {
                 let f = val()?;
                 let text = std::fs::read_to_string(&f).with_context(|| format!("reading {f}"))?;
-                for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-                    let (k, v) = line.split_once('=').with_context(|| format!("{f}: bad line {line:?}"))?;
+                for line in text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                {
+                    let (k, v) = line
+                        .split_once('=')
+                        .with_context(|| format!("{f}: bad line {line:?}"))?;
                     // Command-line options win: config entries go first.
                     settings.insert(0, (k.trim().into(), v.trim().trim_matches('"').into()));
                 }
@@ -64,30 +74,63 @@ fn main() -> anyhow::Result<()> {
     for (k, v) in settings {
         match k.as_str() {
             "state-dir" => opts.state_dir = v.into(),
-            "listen" => opts.listen = if v == "none" { None } else { Some(v.parse().with_context(|| format!("bad listen address {v}"))?) },
-            "tls-listen" => opts.tls_listen = if v == "none" { None } else { Some(v.parse().with_context(|| format!("bad tls-listen address {v}"))?) },
-            "session-timeout-secs" => opts.config.session_timeout = std::time::Duration::from_secs(v.parse()?),
+            "listen" => {
+                opts.listen = if v == "none" {
+                    None
+                } else {
+                    Some(
+                        v.parse()
+                            .with_context(|| format!("bad listen address {v}"))?,
+                    )
+                }
+            }
+            "tls-listen" => {
+                opts.tls_listen = if v == "none" {
+                    None
+                } else {
+                    Some(
+                        v.parse()
+                            .with_context(|| format!("bad tls-listen address {v}"))?,
+                    )
+                }
+            }
+            "session-timeout-secs" => {
+                opts.config.session_timeout = std::time::Duration::from_secs(v.parse()?)
+            }
             "max-sessions-per-user" => opts.config.max_sessions_per_user = v.parse()?,
             "login-failures-per-minute" => opts.config.login_failures_per_minute = v.parse()?,
-            "failed-login-delay-ms" => opts.config.failed_login_delay = std::time::Duration::from_millis(v.parse()?),
+            "failed-login-delay-ms" => {
+                opts.config.failed_login_delay = std::time::Duration::from_millis(v.parse()?)
+            }
             other => bail!("unknown setting {other}"),
         }
     }
-    std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating {}", opts.state_dir.display()))?;
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     init_logging(&opts.state_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run(opts))
 }
 
 fn init_logging(dir: &std::path::Path) -> anyhow::Result<()> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("corrald.log"))?;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| "info".into());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("corrald.log"))?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::registry()
         .with(filter)
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(Mutex::new(file)))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(Mutex::new(file)),
+        )
         .init();
     Ok(())
 }

@@ -1,10 +1,10 @@
 //! Sessions, local users and login throttling.
 
 use crate::api::{Config, Server};
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
-use corral_model::schema::{class, field, Role};
-use corral_model::{date, new_ref, ApiError, Value, NULL_REF};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use corral_model::schema::{Role, class, field};
+use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -40,23 +40,35 @@ pub fn hash_password(pwd: &str) -> Result<String, ApiError> {
 
 pub fn verify_password(pwd: &str, phc: &str) -> bool {
     match PasswordHash::new(phc) {
-        Ok(h) => Argon2::default().verify_password(pwd.as_bytes(), &h).is_ok(),
+        Ok(h) => Argon2::default()
+            .verify_password(pwd.as_bytes(), &h)
+            .is_ok(),
         Err(_) => false,
     }
 }
 
 fn auth_failed(uname: &str) -> ApiError {
-    ApiError::new("SESSION_AUTHENTICATION_FAILED", [uname, "Authentication failure"])
+    ApiError::new(
+        "SESSION_AUTHENTICATION_FAILED",
+        [uname, "Authentication failure"],
+    )
 }
 
 impl Sessions {
     pub fn new(config: Config) -> Sessions {
-        Sessions { map: Mutex::new(HashMap::new()), failures: Mutex::new(HashMap::new()), config }
+        Sessions {
+            map: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            config,
+        }
     }
 
     /// Validates a session and marks it used.
     pub fn check(&self, server: &Server, s: &str) -> Result<SessionInfo, ApiError> {
-        let mut map = self.map.lock().map_err(|_| ApiError::internal("session table poisoned"))?;
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| ApiError::internal("session table poisoned"))?;
         match map.get_mut(s) {
             Some(info) if info.last_active.elapsed() < self.config.session_timeout => {
                 info.last_active = Instant::now();
@@ -83,8 +95,13 @@ impl Sessions {
     /// Finds a local user by name: (user ref, password hash, role).
     fn user(server: &Server, uname: &str) -> Option<(String, String, Role)> {
         let st = server.db.read();
-        let r = st.refs(class::USER).find(|r| st.get_str(field::user::SHORT_NAME, r).as_deref() == Some(uname))?.clone();
-        let hash = st.get_str(field::user::PASSWORD_HASH, &r).unwrap_or_default();
+        let r = st
+            .refs(class::USER)
+            .find(|r| st.get_str(field::user::SHORT_NAME, r).as_deref() == Some(uname))?
+            .clone();
+        let hash = st
+            .get_str(field::user::PASSWORD_HASH, &r)
+            .unwrap_or_default();
         let role = if uname == "root" {
             Role::Root
         } else {
@@ -92,7 +109,10 @@ impl Sessions {
                 .and_then(|v| v.as_array().map(<[_]>::to_vec))
                 .unwrap_or_default()
                 .iter()
-                .filter_map(|rr| rr.as_str().and_then(|rr| st.get_str(field::role::NAME_LABEL, rr)))
+                .filter_map(|rr| {
+                    rr.as_str()
+                        .and_then(|rr| st.get_str(field::role::NAME_LABEL, rr))
+                })
                 .filter_map(|n| Role::from_name(&n))
                 .min()
                 .unwrap_or(Role::ReadOnly)
@@ -112,8 +132,17 @@ impl Sessions {
         addr: Option<IpAddr>,
     ) -> Result<String, ApiError> {
         let (user_ref, role, name) = if local_root {
-            let (r, _, _) = Self::user(server, "root").unwrap_or((NULL_REF.into(), String::new(), Role::Root));
-            (r, Role::Root, if uname.is_empty() { "root".to_owned() } else { uname.to_owned() })
+            let (r, _, _) =
+                Self::user(server, "root").unwrap_or((NULL_REF.into(), String::new(), Role::Root));
+            (
+                r,
+                Role::Root,
+                if uname.is_empty() {
+                    "root".to_owned()
+                } else {
+                    uname.to_owned()
+                },
+            )
         } else {
             if let Some(a) = addr {
                 let throttled = self
@@ -121,7 +150,9 @@ impl Sessions {
                     .lock()
                     .ok()
                     .and_then(|f| f.get(&a).copied())
-                    .is_some_and(|(since, n)| since.elapsed().as_secs() < 60 && n >= self.config.login_failures_per_minute);
+                    .is_some_and(|(since, n)| {
+                        since.elapsed().as_secs() < 60 && n >= self.config.login_failures_per_minute
+                    });
                 if throttled {
                     tracing::warn!(source = %a, user = %uname, "login refused: too many failed attempts");
                     return Err(auth_failed(uname));
@@ -131,7 +162,9 @@ impl Sessions {
             let ok = match &found {
                 Some((_, hash, _)) => {
                     let (p, h) = (pwd.to_owned(), hash.clone());
-                    tokio::task::spawn_blocking(move || verify_password(&p, &h)).await.unwrap_or(false)
+                    tokio::task::spawn_blocking(move || verify_password(&p, &h))
+                        .await
+                        .unwrap_or(false)
                 }
                 None => false,
             };
@@ -152,10 +185,16 @@ impl Sessions {
                     class::SESSION,
                     &reference,
                     vec![
-                        (field::session::THIS_HOST.index, Value::str(&server.host_ref)),
+                        (
+                            field::session::THIS_HOST.index,
+                            Value::str(&server.host_ref),
+                        ),
                         (field::session::THIS_USER.index, Value::str(&user_ref)),
                         (field::session::LAST_ACTIVE.index, now.clone()),
-                        (field::session::IS_LOCAL_SUPERUSER.index, Value::Bool(role == Role::Root)),
+                        (
+                            field::session::IS_LOCAL_SUPERUSER.index,
+                            Value::Bool(role == Role::Root),
+                        ),
                         (field::session::AUTH_USER_NAME.index, Value::str(&name)),
                         (field::session::ORIGINATOR.index, Value::str(originator)),
                     ],
@@ -163,7 +202,10 @@ impl Sessions {
             })
             .map_err(ApiError::from)?;
         let reaped = {
-            let mut map = self.map.lock().map_err(|_| ApiError::internal("session table poisoned"))?;
+            let mut map = self
+                .map
+                .lock()
+                .map_err(|_| ApiError::internal("session table poisoned"))?;
             map.insert(
                 reference.clone(),
                 SessionInfo {
@@ -175,12 +217,18 @@ impl Sessions {
                     registered: None,
                 },
             );
-            let mut mine: Vec<(Instant, String)> =
-                map.iter().filter(|(_, i)| i.user_name == name).map(|(k, i)| (i.created, k.clone())).collect();
+            let mut mine: Vec<(Instant, String)> = map
+                .iter()
+                .filter(|(_, i)| i.user_name == name)
+                .map(|(k, i)| (i.created, k.clone()))
+                .collect();
             let mut reaped = Vec::new();
             if mine.len() > self.config.max_sessions_per_user {
                 mine.sort();
-                for (_, k) in mine.iter().take(mine.len() - self.config.max_sessions_per_user) {
+                for (_, k) in mine
+                    .iter()
+                    .take(mine.len() - self.config.max_sessions_per_user)
+                {
                     map.remove(k);
                     reaped.push(k.clone());
                 }
@@ -213,8 +261,17 @@ impl Sessions {
             false
         };
         if tripped {
-            let body = format!("Too many failed login attempts from {a}; further attempts are refused for a minute.");
-            let _ = crate::handlers::create_message(server, "FAILED_LOGIN_ATTEMPTS", 3, "Host", &server.host_uuid(), &body);
+            let body = format!(
+                "Too many failed login attempts from {a}; further attempts are refused for a minute."
+            );
+            let _ = crate::handlers::create_message(
+                server,
+                "FAILED_LOGIN_ATTEMPTS",
+                3,
+                "Host",
+                &server.host_uuid(),
+                &body,
+            );
         }
     }
 

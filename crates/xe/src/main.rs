@@ -45,17 +45,30 @@ fn parse() -> Opts {
             args.push(cur);
         }
     }
-    let mut o = Opts { server: None, port: None, user: String::new(), password: String::new(), nossl: false, rest: vec![] };
+    let mut o = Opts {
+        server: None,
+        port: None,
+        user: String::new(),
+        password: String::new(),
+        nossl: false,
+        rest: vec![],
+    };
     let (mut user, mut pwd) = (None, None);
     let mut i = 0;
-    let set = |k: &str, v: String, o: &mut Opts, user: &mut Option<String>, pwd: &mut Option<String>| -> bool {
+    let set = |k: &str,
+               v: String,
+               o: &mut Opts,
+               user: &mut Option<String>,
+               pwd: &mut Option<String>|
+     -> bool {
         match k {
             "server" => o.server = Some(v),
             "port" => o.port = Some(v.parse().unwrap_or_else(|_| die(&format!("Bad port: {v}")))),
             "username" => *user = Some(v),
             "password" => *pwd = Some(v),
             "passwordfile" => {
-                let text = std::fs::read_to_string(&v).unwrap_or_else(|e| die(&format!("Cannot read {v}: {e}")));
+                let text = std::fs::read_to_string(&v)
+                    .unwrap_or_else(|e| die(&format!("Cannot read {v}: {e}")));
                 let mut lines = text.lines();
                 *user = lines.next().map(str::to_owned);
                 *pwd = lines.next().map(str::to_owned);
@@ -69,21 +82,40 @@ fn parse() -> Opts {
         let a = args[i].clone();
         let next = |i: &mut usize| -> String {
             *i += 1;
-            args.get(*i).cloned().unwrap_or_else(|| die(&format!("Option {a} needs a value")))
+            args.get(*i)
+                .cloned()
+                .unwrap_or_else(|| die(&format!("Option {a} needs a value")))
         };
         match a.as_str() {
-            "-s" | "-h" => { let v = next(&mut i); set("server", v, &mut o, &mut user, &mut pwd); }
-            "-p" => { let v = next(&mut i); set("port", v, &mut o, &mut user, &mut pwd); }
-            "-u" => { let v = next(&mut i); set("username", v, &mut o, &mut user, &mut pwd); }
-            "-pw" => { let v = next(&mut i); set("password", v, &mut o, &mut user, &mut pwd); }
-            "-pwf" => { let v = next(&mut i); set("passwordfile", v, &mut o, &mut user, &mut pwd); }
+            "-s" | "-h" => {
+                let v = next(&mut i);
+                set("server", v, &mut o, &mut user, &mut pwd);
+            }
+            "-p" => {
+                let v = next(&mut i);
+                set("port", v, &mut o, &mut user, &mut pwd);
+            }
+            "-u" => {
+                let v = next(&mut i);
+                set("username", v, &mut o, &mut user, &mut pwd);
+            }
+            "-pw" => {
+                let v = next(&mut i);
+                set("password", v, &mut o, &mut user, &mut pwd);
+            }
+            "-pwf" => {
+                let v = next(&mut i);
+                set("passwordfile", v, &mut o, &mut user, &mut pwd);
+            }
             "--nossl" => o.nossl = true,
             "-version" => {
                 println!("ThinCLI protocol: 0.2");
                 std::process::exit(0)
             }
             _ => {
-                let handled = a.split_once('=').is_some_and(|(k, v)| set(k, v.to_owned(), &mut o, &mut user, &mut pwd));
+                let handled = a
+                    .split_once('=')
+                    .is_some_and(|(k, v)| set(k, v.to_owned(), &mut o, &mut user, &mut pwd));
                 if !handled {
                     o.rest.push(a);
                 }
@@ -154,14 +186,23 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 }
 
 fn connect(o: &Opts) -> Box<dyn Stream> {
-    let Some(server) = o.server.as_deref().filter(|s| *s != "127.0.0.1" || std::env::var_os("CORRAL_XAPI_SOCKET").is_none()) else {
+    let Some(server) = o
+        .server
+        .as_deref()
+        .filter(|s| *s != "127.0.0.1" || std::env::var_os("CORRAL_XAPI_SOCKET").is_none())
+    else {
         let path = std::env::var("CORRAL_XAPI_SOCKET").unwrap_or_else(|_| DEFAULT_SOCKET.into());
-        let s = UnixStream::connect(&path).unwrap_or_else(|e| die(&format!("Unable to contact the local toolstack at {path}: {e}")));
+        let s = UnixStream::connect(&path).unwrap_or_else(|e| {
+            die(&format!(
+                "Unable to contact the local toolstack at {path}: {e}"
+            ))
+        });
         return Box::new(s);
     };
     let port = o.port.unwrap_or(if o.nossl { 80 } else { 443 });
     let host = server.trim_start_matches('[').trim_end_matches(']');
-    let tcp = TcpStream::connect((host, port)).unwrap_or_else(|e| die(&format!("Unable to contact server {server}:{port}: {e}")));
+    let tcp = TcpStream::connect((host, port))
+        .unwrap_or_else(|e| die(&format!("Unable to contact server {server}:{port}: {e}")));
     if o.nossl {
         return Box::new(tcp);
     }
@@ -172,8 +213,10 @@ fn connect(o: &Opts) -> Box<dyn Stream> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
         .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap_or_else(|_| die("Bad server name"));
-    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap_or_else(|e| die(&format!("TLS setup failed: {e}")));
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .unwrap_or_else(|_| die("Bad server name"));
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name)
+        .unwrap_or_else(|e| die(&format!("TLS setup failed: {e}")));
     Box::new(rustls::StreamOwned::new(conn, tcp))
 }
 
@@ -184,7 +227,10 @@ fn read_i32(s: &mut dyn Stream) -> std::io::Result<i32> {
 }
 
 fn take_i32(b: &[u8], pos: &mut usize) -> i32 {
-    let v = b.get(*pos..*pos + 4).map(|x| i32::from_le_bytes([x[0], x[1], x[2], x[3]])).unwrap_or(0);
+    let v = b
+        .get(*pos..*pos + 4)
+        .map(|x| i32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+        .unwrap_or(0);
     *pos += 4;
     v
 }
@@ -219,8 +265,15 @@ fn run(o: &Opts, mut args: Vec<String>) -> ! {
     args.push(format!("password={}", o.password));
     let body = args.join("\n");
     let mut s = connect(o);
-    let head = format!("POST /cli HTTP/1.0\r\nUser-agent: xe-cli/Unix/0.2\r\noriginator: cli\r\ncontent-length: {}\r\n\r\n", body.len());
-    if s.write_all(head.as_bytes()).and_then(|_| s.write_all(body.as_bytes())).and_then(|_| s.flush()).is_err() {
+    let head = format!(
+        "POST /cli HTTP/1.0\r\nUser-agent: xe-cli/Unix/0.2\r\noriginator: cli\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    if s.write_all(head.as_bytes())
+        .and_then(|_| s.write_all(body.as_bytes()))
+        .and_then(|_| s.flush())
+        .is_err()
+    {
         die("Failed to send the command to the server");
     }
     let mut hello = [0u8; 35];
@@ -230,7 +283,9 @@ fn run(o: &Opts, mut args: Vec<String>) -> ! {
     if hello.starts_with(b"HTTP") {
         die("Server internal error");
     }
-    if !hello.starts_with(GREETING) || i32::from_le_bytes([hello[27], hello[28], hello[29], hello[30]]) != 0 {
+    if !hello.starts_with(GREETING)
+        || i32::from_le_bytes([hello[27], hello[28], hello[29], hello[30]]) != 0
+    {
         die("Failed to contact the management agent: unexpected protocol greeting");
     }
     if s.write_all(&hello).and_then(|_| s.flush()).is_err() {
@@ -238,7 +293,9 @@ fn run(o: &Opts, mut args: Vec<String>) -> ! {
     }
     let stdout = std::io::stdout();
     loop {
-        let Ok(len) = read_i32(&mut *s) else { die("Lost connection to the server") };
+        let Ok(len) = read_i32(&mut *s) else {
+            die("Lost connection to the server")
+        };
         let mut payload = vec![0u8; len.max(0) as usize];
         if s.read_exact(&mut payload).is_err() {
             die("Lost connection to the server");

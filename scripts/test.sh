@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test: Rust unit/property tests, then the integration tests that
+# drive a real corrald with the real Python SDK and xe.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/corral/target}"
+venv="${CORRAL_VENV:-$HOME/.cache/corral/venv}"
+
+cargo build --workspace --bins
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace
+else
+  cargo test --workspace
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check XenAPI pytest
+cd tests/python
+"$venv/bin/python" -m pytest -q
