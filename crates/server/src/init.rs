@@ -12,56 +12,33 @@ pub const BUILD_NUMBER: &str = "1";
 pub const API_MAJOR: i64 = 2;
 pub const API_MINOR: i64 = 21;
 
+/// Capabilities of the drivers that keep qcow2 images in a filesystem.
+const FILE_SR_CAPS: &[&str] = &[
+    "SR_PROBE",
+    "SR_UPDATE",
+    "VDI_CREATE",
+    "VDI_DELETE",
+    "VDI_ATTACH",
+    "VDI_DETACH",
+    "VDI_CLONE",
+    "VDI_SNAPSHOT",
+    "VDI_RESIZE",
+    "VDI_UPDATE",
+];
+
 /// Storage drivers this host offers (their SM records).
 pub const SM_DRIVERS: &[(&str, &str, &[&str])] = &[
     (
         "file",
         "Local or mounted directory (qcow2 files)",
-        &[
-            "SR_PROBE",
-            "SR_UPDATE",
-            "VDI_CREATE",
-            "VDI_DELETE",
-            "VDI_ATTACH",
-            "VDI_DETACH",
-            "VDI_CLONE",
-            "VDI_SNAPSHOT",
-            "VDI_RESIZE",
-            "VDI_UPDATE",
-        ],
+        FILE_SR_CAPS,
     ),
     (
         "ext",
         "Local ext4 filesystem on a block device",
-        &[
-            "SR_PROBE",
-            "SR_UPDATE",
-            "VDI_CREATE",
-            "VDI_DELETE",
-            "VDI_ATTACH",
-            "VDI_DETACH",
-            "VDI_CLONE",
-            "VDI_SNAPSHOT",
-            "VDI_RESIZE",
-            "VDI_UPDATE",
-        ],
+        FILE_SR_CAPS,
     ),
-    (
-        "nfs",
-        "NFS (userspace client)",
-        &[
-            "SR_PROBE",
-            "SR_UPDATE",
-            "VDI_CREATE",
-            "VDI_DELETE",
-            "VDI_ATTACH",
-            "VDI_DETACH",
-            "VDI_CLONE",
-            "VDI_SNAPSHOT",
-            "VDI_RESIZE",
-            "VDI_UPDATE",
-        ],
-    ),
+    ("nfs", "NFS (userspace client)", FILE_SR_CAPS),
     (
         "iso",
         "ISO library",
