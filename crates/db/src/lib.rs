@@ -78,6 +78,21 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The object this operation touches.
+    pub fn target(&self) -> (ClassId, &str) {
+        match self {
+            Op::Create {
+                class, reference, ..
+            }
+            | Op::Set {
+                class, reference, ..
+            }
+            | Op::Delete { class, reference } => (*class, reference),
+        }
+    }
+}
+
 /// A committed transaction: what the pool replicates, in commit order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChangeRecord {
@@ -618,7 +633,7 @@ impl Db {
         let durable: Vec<&Op> = record
             .ops
             .iter()
-            .filter(|op| op_class(op).def().persist)
+            .filter(|op| op.target().0.def().persist)
             .collect();
         if !durable.is_empty() {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
@@ -642,12 +657,6 @@ impl Db {
     }
 }
 
-fn op_class(op: &Op) -> ClassId {
-    match op {
-        Op::Create { class, .. } | Op::Set { class, .. } | Op::Delete { class, .. } => *class,
-    }
-}
-
 /// Stamps generations on touched rows and appends the events, including
 /// `mod` events for parents whose derived sets changed.
 fn publish(state: &mut State, rec: &ChangeRecord, parents: Vec<(ClassId, String)>) {
@@ -655,17 +664,13 @@ fn publish(state: &mut State, rec: &ChangeRecord, parents: Vec<(ClassId, String)
     let mut events: Vec<(ClassId, String, EventOp)> =
         Vec::with_capacity(rec.ops.len() + parents.len());
     for op in &rec.ops {
-        match op {
-            Op::Create {
-                class, reference, ..
-            } => events.push((*class, reference.clone(), EventOp::Add)),
-            Op::Set {
-                class, reference, ..
-            } => events.push((*class, reference.clone(), EventOp::Mod)),
-            Op::Delete { class, reference } => {
-                events.push((*class, reference.clone(), EventOp::Del))
-            }
-        }
+        let (class, reference) = op.target();
+        let kind = match op {
+            Op::Create { .. } => EventOp::Add,
+            Op::Set { .. } => EventOp::Mod,
+            Op::Delete { .. } => EventOp::Del,
+        };
+        events.push((class, reference.to_owned(), kind));
     }
     for (pc, p) in parents {
         if state.exists(pc, &p) {

@@ -246,16 +246,8 @@ impl Store {
             let mut delete = tx.prepare_cached("DELETE FROM objects WHERE ref = ?1")?;
             let mut done = std::collections::HashSet::new();
             for op in ops {
-                let (class, reference) = match op {
-                    Op::Create {
-                        class, reference, ..
-                    }
-                    | Op::Set {
-                        class, reference, ..
-                    } => (*class, reference),
-                    Op::Delete { class, reference } => (*class, reference),
-                };
-                if !done.insert(reference.as_str()) {
+                let (class, reference) = op.target();
+                if !done.insert(reference) {
                     continue;
                 }
                 match state.row(class, reference) {
