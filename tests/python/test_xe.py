@@ -91,3 +91,7 @@ def test_help(daemon):
     assert "vm-list" in r.stdout and "user-password-change" in r.stdout
     r = daemon.xe("help", "vm-param-get", check=0)
     assert "reqd params     : uuid, param-name" in r.stdout
+    r = daemon.xe("help", "vm-param-list", check=0)
+    assert "description     : Lists all the parameters of the object" in r.stdout
+    r = daemon.xe("help", "vm-list", check=0)
+    assert "optional params : params" in r.stdout

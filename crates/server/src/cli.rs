@@ -16,6 +16,57 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const GREETING: &[u8] = b"XenSource thin CLI protocol";
 
+/// The per-class generic commands: suffix, required params, optional
+/// params, description. `-list` comes last so that `vm-param-list` is not
+/// taken for a `-list` of the class `vm-param`.
+const GENERIC_COMMANDS: &[(&str, &str, &str, &str)] = &[
+    (
+        "-param-list",
+        "uuid",
+        "",
+        "Lists all the parameters of the object",
+    ),
+    (
+        "-param-get",
+        "uuid, param-name",
+        "param-key",
+        "Gets a parameter of the object",
+    ),
+    ("-param-set", "uuid", "", "Sets parameters of the object"),
+    (
+        "-param-add",
+        "uuid, param-name",
+        "param-key",
+        "Adds to a set or map parameter",
+    ),
+    (
+        "-param-remove",
+        "uuid, param-name, param-key",
+        "",
+        "Removes from a set or map parameter",
+    ),
+    ("-param-clear", "uuid, param-name", "", "Clears a parameter"),
+    (
+        "-list",
+        "",
+        "params",
+        "Lists the objects, filtered by field=value",
+    ),
+];
+
+type GenericCommand = (&'static str, &'static str, &'static str, &'static str);
+
+/// Splits `vm-param-get` into the CLI class and the generic command's entry.
+fn generic_command(name: &str) -> Option<(CliClass, &'static GenericCommand)> {
+    GENERIC_COMMANDS.iter().find_map(|entry| {
+        let cname = name.strip_suffix(entry.0)?;
+        cli_classes()
+            .into_iter()
+            .find(|c| c.name == cname)
+            .map(|c| (c, entry))
+    })
+}
+
 /// What a command produced, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Out {
@@ -516,10 +567,6 @@ impl CliCtx {
         out
     }
 
-    fn find_class(&self, name: &str) -> Option<CliClass> {
-        cli_classes().into_iter().find(|c| c.name == name)
-    }
-
     async fn records(&self, cc: &CliClass) -> Result<Vec<(String, Value)>, CliError> {
         let all = self
             .call(
@@ -634,20 +681,8 @@ impl CliCtx {
             }
             _ => {}
         }
-        for suffix in [
-            "-list",
-            "-param-list",
-            "-param-get",
-            "-param-set",
-            "-param-add",
-            "-param-remove",
-            "-param-clear",
-        ] {
-            if let Some(cname) = cmd.name.strip_suffix(suffix) {
-                if let Some(cc) = self.find_class(cname) {
-                    return self.generic(&cc, suffix, cmd, out).await;
-                }
-            }
+        if let Some((cc, (suffix, ..))) = generic_command(&cmd.name) {
+            return self.generic(&cc, suffix, cmd, out).await;
         }
         text(format!(
             "Unknown command: {}\nFor usage run: 'xe help'",
@@ -1023,40 +1058,8 @@ fn help(cmd: &Cmd) -> Run {
     let mut out = Vec::new();
     match target {
         Some(c) if c != "--all" => {
-            let (reqd, opt, desc) = if let Some(cn) = c.strip_suffix("-list") {
-                (
-                    "",
-                    "params",
-                    format!("Lists {cn} objects, filtered by field=value"),
-                )
-            } else if c.ends_with("-param-list") {
-                (
-                    "uuid",
-                    "",
-                    "Lists all the parameters of the object".to_owned(),
-                )
-            } else if c.ends_with("-param-get") {
-                (
-                    "uuid, param-name",
-                    "param-key",
-                    "Gets a parameter of the object".to_owned(),
-                )
-            } else if c.ends_with("-param-set") {
-                ("uuid", "", "Sets parameters of the object".to_owned())
-            } else if c.ends_with("-param-add") {
-                (
-                    "uuid, param-name",
-                    "param-key",
-                    "Adds to a set or map parameter".to_owned(),
-                )
-            } else if c.ends_with("-param-remove") {
-                (
-                    "uuid, param-name, param-key",
-                    "",
-                    "Removes from a set or map parameter".to_owned(),
-                )
-            } else if c.ends_with("-param-clear") {
-                ("uuid, param-name", "", "Clears a parameter".to_owned())
+            let (reqd, opt, desc) = if let Some((_, (_, reqd, opt, desc))) = generic_command(&c) {
+                (*reqd, *opt, (*desc).to_owned())
             } else if c == "user-password-change" {
                 (
                     "new",
@@ -1081,16 +1084,8 @@ fn help(cmd: &Cmd) -> Run {
                 "user-password-change".into(),
             ];
             for c in &classes {
-                for s in [
-                    "-list",
-                    "-param-list",
-                    "-param-get",
-                    "-param-set",
-                    "-param-add",
-                    "-param-remove",
-                    "-param-clear",
-                ] {
-                    names.push(format!("{}{s}", c.name));
+                for (suffix, ..) in GENERIC_COMMANDS {
+                    names.push(format!("{}{suffix}", c.name));
                 }
             }
             names.sort();
