@@ -17,5 +17,8 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check XenAPI pytest
+# Xen Orchestra's connector, pinned by tests/node/package-lock.json.
+(cd tests/node && npm ci --silent --no-audit --no-fund)
+export CORRAL_REQUIRE_NODE=1
 cd tests/python
 "$venv/bin/python" -m pytest -q

@@ -267,6 +267,34 @@ impl State {
         Some(Value::Struct(members))
     }
 
+    /// Calls `f` with each field of a record as [`State::record`] would
+    /// return it, borrowing stored values instead of cloning them (large
+    /// replies are encoded straight from the tables). False if no such row.
+    pub fn visit_record(
+        &self,
+        class: ClassId,
+        reference: &str,
+        mut f: impl FnMut(&str, &Value),
+    ) -> bool {
+        let Some(row) = self.row(class, reference) else {
+            return false;
+        };
+        for (i, fd) in class.def().fields.iter().enumerate() {
+            if fd.internal {
+                continue;
+            }
+            if fd.rel.is_some() {
+                f(
+                    fd.name,
+                    &self.field_of(FieldId { class, index: i }, reference, row),
+                );
+            } else {
+                f(fd.name, &row.fields[i]);
+            }
+        }
+        true
+    }
+
     fn index_child(
         &mut self,
         class: ClassId,

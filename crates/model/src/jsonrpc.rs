@@ -3,6 +3,7 @@
 use crate::error::ApiError;
 use crate::value::Value;
 use serde_json::Value as Json;
+use std::fmt::Write as _;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Call {
@@ -99,8 +100,12 @@ pub fn write_str(s: &str, out: &mut String) {
 pub fn write_value(v: &Value, out: &mut String) {
     match v {
         Value::String(s) | Value::DateTime(s) => write_str(s, out),
-        Value::Int(i) => out.push_str(&i.to_string()),
-        Value::I4(i) => out.push_str(&i.to_string()),
+        Value::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::I4(i) => {
+            let _ = write!(out, "{i}");
+        }
         Value::Float(f) => {
             if f.is_finite() {
                 let s = f.to_string();
@@ -142,13 +147,24 @@ fn id_text(id: &Json) -> String {
 
 /// A success reply: v1 carries `"error": null`, v2 has no `error` key.
 pub fn success(v: &Value, id: &Json, v2: bool) -> String {
-    let mut out = String::with_capacity(128);
+    success_with(id, v2, 128, |out| write_value(v, out))
+}
+
+/// A success reply whose result is written by `result` straight into the
+/// output (large replies are encoded without building a [`Value`] first).
+pub fn success_with(
+    id: &Json,
+    v2: bool,
+    capacity: usize,
+    result: impl FnOnce(&mut String),
+) -> String {
+    let mut out = String::with_capacity(capacity);
     if v2 {
         out.push_str("{\"jsonrpc\":\"2.0\",\"result\":");
-        write_value(v, &mut out);
+        result(&mut out);
     } else {
         out.push_str("{\"result\":");
-        write_value(v, &mut out);
+        result(&mut out);
         out.push_str(",\"error\":null");
     }
     out.push_str(",\"id\":");

@@ -10,6 +10,7 @@
 pub mod date;
 pub mod error;
 pub mod jsonrpc;
+pub mod reference;
 pub mod schema;
 pub mod value;
 pub mod xmlrpc;

@@ -8,6 +8,7 @@
 use crate::date;
 use crate::error::ApiError;
 use crate::value::{Value, format_float};
+use std::fmt::Write as _;
 
 const MAX_DEPTH: usize = 64;
 
@@ -433,14 +434,10 @@ pub fn write_value(v: &Value, out: &mut String) {
             out.push_str("</value>");
         }
         Value::Int(i) => {
-            out.push_str("<value>");
-            out.push_str(&i.to_string());
-            out.push_str("</value>");
+            let _ = write!(out, "<value>{i}</value>");
         }
         Value::I4(i) => {
-            out.push_str("<value><i4>");
-            out.push_str(&i.to_string());
-            out.push_str("</i4></value>");
+            let _ = write!(out, "<value><i4>{i}</i4></value>");
         }
         Value::Float(f) => {
             out.push_str("<value><double>");
@@ -491,10 +488,16 @@ const TAIL: &str = "</param></params></methodResponse>";
 
 /// A success response in XenAPI's envelope.
 pub fn success(v: &Value) -> String {
-    let mut out = String::with_capacity(256);
+    success_with(256, |out| write_value(v, out))
+}
+
+/// A success response whose `<value>` is written by `value` straight into the
+/// output (large replies are encoded without building a [`Value`] first).
+pub fn success_with(capacity: usize, value: impl FnOnce(&mut String)) -> String {
+    let mut out = String::with_capacity(capacity);
     out.push_str(HEAD);
     out.push_str("<value><struct><member><name>Status</name><value>Success</value></member><member><name>Value</name>");
-    write_value(v, &mut out);
+    value(&mut out);
     out.push_str("</member></struct></value>");
     out.push_str(TAIL);
     out

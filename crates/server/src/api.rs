@@ -20,6 +20,14 @@ use std::sync::{Arc, Mutex};
 pub type ApiResult = Result<Value, ApiError>;
 pub type BoxFut = Pin<Box<dyn Future<Output = ApiResult> + Send>>;
 
+/// What a call produced, before it is encoded for the wire.
+pub enum Reply {
+    Value(Value),
+    /// `<class>.get_all_records`: encoded by the transport straight from the
+    /// tables under one read lock, without building a [`Value`] tree.
+    AllRecords(ClassId),
+}
+
 /// Who is calling, as far as the transport knows.
 #[derive(Clone, Debug)]
 pub struct Caller {
@@ -112,6 +120,8 @@ pub struct Server {
     /// Tasks with a worker running (from `Async.*`).
     pub(crate) workers: Mutex<std::collections::HashSet<String>>,
     pub state_dir: std::path::PathBuf,
+    /// Per class: bytes per record last time all records were encoded.
+    record_sizes: Vec<std::sync::atomic::AtomicUsize>,
 }
 
 fn db_err(e: corral_db::DbError) -> ApiError {
@@ -138,6 +148,7 @@ impl Server {
             cancelled: Mutex::new(Default::default()),
             workers: Mutex::new(Default::default()),
             state_dir,
+            record_sizes: CLASSES.iter().map(|_| Default::default()).collect(),
         });
         let hub = server.events.sender();
         server.db.set_commit_hook(move |g| {
@@ -363,6 +374,93 @@ impl Server {
         params: Vec<Value>,
         caller: &Caller,
     ) -> ApiResult {
+        match self.call_reply(method, params, caller).await? {
+            Reply::Value(v) => Ok(v),
+            Reply::AllRecords(c) => Ok(self.all_records(c)),
+        }
+    }
+
+    /// Every record of a class as one struct keyed by ref.
+    fn all_records(&self, c: ClassId) -> Value {
+        let st = self.db.read();
+        Value::Struct(
+            st.refs(c)
+                .filter_map(|r| Some((r.clone(), st.record(c, r)?)))
+                .collect(),
+        )
+    }
+
+    /// Encodes `<class>.get_all_records` as the XML-RPC `<value>` or the
+    /// JSON-RPC result, field by field from the tables.
+    pub fn write_all_records(&self, c: ClassId, json: bool, out: &mut String) {
+        let st = self.db.read();
+        out.push_str(if json { "{" } else { "<value><struct>" });
+        let mut first = true;
+        for r in st.refs(c) {
+            if json {
+                if !first {
+                    out.push(',');
+                }
+                corral_model::jsonrpc::write_str(r, out);
+                out.push_str(":{");
+            } else {
+                out.push_str("<member><name>");
+                xmlrpc::escape_into(r, out);
+                out.push_str("</name><value><struct>");
+            }
+            first = false;
+            let mut first_field = true;
+            st.visit_record(c, r, |name, v| {
+                if json {
+                    if !first_field {
+                        out.push(',');
+                    }
+                    corral_model::jsonrpc::write_str(name, out);
+                    out.push(':');
+                    corral_model::jsonrpc::write_value(v, out);
+                } else {
+                    out.push_str("<member><name>");
+                    out.push_str(name);
+                    out.push_str("</name>");
+                    xmlrpc::write_value(v, out);
+                    out.push_str("</member>");
+                }
+                first_field = false;
+            });
+            out.push_str(if json {
+                "}"
+            } else {
+                "</struct></value></member>"
+            });
+        }
+        out.push_str(if json { "}" } else { "</struct></value>" });
+    }
+
+    /// Bytes per record of the last encoding of each class, to size the
+    /// next one's buffer in one allocation.
+    pub fn records_size_hint(&self, c: ClassId) -> usize {
+        let per = self
+            .record_sizes
+            .get(c.0)
+            .map(|a| a.load(std::sync::atomic::Ordering::Relaxed))
+            .unwrap_or(0);
+        (per.max(256) * self.db.read().count(c)).saturating_add(4096)
+    }
+
+    pub fn note_records_size(&self, c: ClassId, bytes: usize) {
+        let n = self.db.read().count(c).max(1);
+        if let Some(a) = self.record_sizes.get(c.0) {
+            a.store(bytes / n + 16, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// [`Server::call`], leaving large replies for the transport to encode.
+    pub async fn call_reply(
+        self: &Arc<Self>,
+        method: &str,
+        params: Vec<Value>,
+        caller: &Caller,
+    ) -> Result<Reply, ApiError> {
         let (is_async_call, wire) = match method.strip_prefix("Async.") {
             Some(rest) => (true, rest),
             None => (false, method),
@@ -471,7 +569,10 @@ impl Server {
                 let out = server.run(&res, &tctx, typed).await;
                 server.task_complete(&t2, out);
             });
-            return Ok(Value::String(task));
+            return Ok(Reply::Value(Value::String(task)));
+        }
+        if let Kind::GetAllRecords = res.kind {
+            return Ok(Reply::AllRecords(res.class));
         }
         if res.is_async && res.session {
             // A transient task, visible while the call runs.
@@ -480,9 +581,9 @@ impl Server {
             tctx.task = Some(task.clone());
             let out = self.run(&res, &tctx, typed).await;
             let _ = self.db.write(|t| t.delete(class::TASK, &task));
-            return out;
+            return out.map(Reply::Value);
         }
-        self.run(&res, &ctx, typed).await
+        self.run(&res, &ctx, typed).await.map(Reply::Value)
     }
 
     async fn run(self: &Arc<Self>, res: &Resolved, ctx: &Ctx, params: Vec<Value>) -> ApiResult {
@@ -508,14 +609,7 @@ impl Server {
                     .map(|r| Value::String(r.clone()))
                     .collect(),
             )),
-            Kind::GetAllRecords => {
-                let st = self.db.read();
-                Ok(Value::Struct(
-                    st.refs(c)
-                        .filter_map(|r| Some((r.clone(), st.record(c, r)?)))
-                        .collect(),
-                ))
-            }
+            Kind::GetAllRecords => Ok(self.all_records(c)),
             Kind::GetAllRecordsWhere | Kind::GetAllWhere => {
                 let expr = take_str(&mut p);
                 let filter =

@@ -19,6 +19,44 @@ pub const GREETING: &[u8] = b"XenSource thin CLI protocol";
 /// The per-class generic commands: suffix, required params, optional
 /// params, description. `-list` comes last so that `vm-param-list` is not
 /// taken for a `-list` of the class `vm-param`.
+/// A hand-written command, for dispatch and `xe help`.
+pub struct CommandSpec {
+    pub name: &'static str,
+    /// Required parameters, comma-separated as `xe help` prints them.
+    pub reqd: &'static str,
+    pub optional: &'static str,
+    pub description: &'static str,
+}
+
+const fn cmd(
+    name: &'static str,
+    reqd: &'static str,
+    optional: &'static str,
+    description: &'static str,
+) -> CommandSpec {
+    CommandSpec {
+        name,
+        reqd,
+        optional,
+        description,
+    }
+}
+
+pub const COMMANDS: &[CommandSpec] = &[
+    cmd(
+        "user-create",
+        "user-name, password-new, role",
+        "fullname",
+        "Creates a local user with a role (Corral extension).",
+    ),
+    cmd(
+        "user-password-change",
+        "new",
+        "old",
+        "Changes the password of the logged-in user.",
+    ),
+];
+
 const GENERIC_COMMANDS: &[(&str, &str, &str, &str)] = &[
     (
         "-param-list",
@@ -644,42 +682,13 @@ impl CliCtx {
     }
 
     async fn dispatch(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
-        match cmd.name.as_str() {
-            "user-password-change" => {
-                let old = cmd.get("old").unwrap_or("").to_owned();
-                let Some(new) = cmd.get("new") else {
-                    return text("Required parameter not found: new");
-                };
-                self.call(
-                    "session.change_password",
-                    vec![Value::String(old), Value::str(new)],
-                )
-                .await?;
-                return Ok(());
+        if let Some(spec) = COMMANDS.iter().find(|c| c.name == cmd.name) {
+            for k in spec.reqd.split(", ").filter(|k| !k.is_empty()) {
+                if cmd.get(k).is_none() {
+                    return text(format!("Required parameter not found: {k}"));
+                }
             }
-            "user-create" => {
-                let need = |k: &str| {
-                    cmd.get(k)
-                        .map(str::to_owned)
-                        .ok_or_else(|| CliError::Text(format!("Required parameter not found: {k}")))
-                };
-                let (name, pwd, role) = (need("user-name")?, need("password-new")?, need("role")?);
-                let full = cmd.get("fullname").unwrap_or("").to_owned();
-                let r = self
-                    .call(
-                        "user.create_local",
-                        vec![
-                            Value::String(name),
-                            Value::String(full),
-                            Value::String(pwd),
-                            Value::String(role),
-                        ],
-                    )
-                    .await?;
-                out.push(Out::Print(self.uuid_of(r.as_str().unwrap_or_default())));
-                return Ok(());
-            }
-            _ => {}
+            return self.special(cmd, out).await;
         }
         if let Some((cc, (suffix, ..))) = generic_command(&cmd.name) {
             return self.generic(&cc, suffix, cmd, out).await;
@@ -688,6 +697,36 @@ impl CliCtx {
             "Unknown command: {}\nFor usage run: 'xe help'",
             cmd.name
         ))
+    }
+
+    /// The hand-written commands of [`COMMANDS`]; required params are checked.
+    async fn special(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        let arg = |k: &str| cmd.get(k).unwrap_or("").to_owned();
+        match cmd.name.as_str() {
+            "user-password-change" => {
+                self.call(
+                    "session.change_password",
+                    vec![Value::String(arg("old")), Value::String(arg("new"))],
+                )
+                .await?;
+            }
+            "user-create" => {
+                let r = self
+                    .call(
+                        "user.create_local",
+                        vec![
+                            Value::String(arg("user-name")),
+                            Value::String(arg("fullname")),
+                            Value::String(arg("password-new")),
+                            Value::String(arg("role")),
+                        ],
+                    )
+                    .await?;
+                out.push(Out::Print(self.uuid_of(r.as_str().unwrap_or_default())));
+            }
+            other => return text(format!("Unknown command: {other}")),
+        }
+        Ok(())
     }
 
     async fn by_uuid(&self, cc: &CliClass, cmd: &Cmd) -> Result<(String, Value), CliError> {
@@ -1060,35 +1099,27 @@ fn help(cmd: &Cmd) -> Run {
         Some(c) if c != "--all" => {
             let (reqd, opt, desc) = if let Some((_, (_, reqd, opt, desc))) = generic_command(&c) {
                 (*reqd, *opt, (*desc).to_owned())
-            } else if c == "user-password-change" {
-                (
-                    "new",
-                    "old",
-                    "Changes the password of the logged-in user".to_owned(),
-                )
-            } else if c == "user-create" {
-                (
-                    "user-name, password-new, role",
-                    "fullname",
-                    "Creates a local user with a role (Corral extension)".to_owned(),
-                )
+            } else if let Some(spec) = COMMANDS.iter().find(|s| s.name == c) {
+                (spec.reqd, spec.optional, spec.description.to_owned())
             } else {
                 return fail_text(format!("Unknown command: {c}\nFor usage run: 'xe help'"));
             };
             out.push(Out::Print(format!("command name            : {c}\n        reqd params     : {reqd}\n        optional params : {opt}\n\n        description     : {desc}")));
         }
         _ => {
-            let mut names: Vec<String> = vec![
-                "help".into(),
-                "user-create".into(),
-                "user-password-change".into(),
-            ];
+            let mut names: Vec<String> = vec!["help".into()];
+            names.extend(COMMANDS.iter().map(|c| c.name.to_owned()));
             for c in &classes {
                 for (suffix, ..) in GENERIC_COMMANDS {
                     names.push(format!("{}{suffix}", c.name));
                 }
             }
             names.sort();
+            if cmd.flag("minimal") {
+                // What shell completion reads.
+                out.push(Out::Print(names.join(",")));
+                return Run { out, exit: 0 };
+            }
             out.push(Out::Print(format!("Usage: xe <command> [-s server] [-pw passwd] [-p port] [-u user] [-pwf password-file]\n  [command specific arguments]\n\nTo get help on a specific command: xe help <command>\n\nCommands:\n{}", names.join(", "))));
         }
     }

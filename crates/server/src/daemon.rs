@@ -119,6 +119,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         });
     }
+    // Hand freed memory back to the kernel now and then (see main.rs on arenas).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            // SAFETY: malloc_trim only releases free pages of the allocator.
+            unsafe { libc::malloc_trim(0) };
+        }
+    });
     tracing::info!(state_dir = %opts.state_dir.display(), "corrald ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

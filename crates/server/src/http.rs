@@ -3,7 +3,7 @@
 //! streamed transfers and `CONNECT` consoles. Connections are generic over
 //! the transport so TCP, TLS and the unix socket share it.
 
-use crate::api::{Caller, Server};
+use crate::api::{Caller, Reply, Server};
 use corral_model::{ApiError, jsonrpc, xmlrpc};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -60,10 +60,16 @@ pub async fn write_simple<S: AsyncWrite + Unpin>(
         body.len(),
         if keep_alive { "keep-alive" } else { "close" }
     );
-    let mut buf = Vec::with_capacity(head.len() + body.len());
-    buf.extend_from_slice(head.as_bytes());
-    buf.extend_from_slice(body);
-    s.write_all(&buf).await?;
+    if body.len() > 64 * 1024 {
+        // Large replies are not copied behind the head.
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(body).await?;
+    } else {
+        let mut buf = Vec::with_capacity(head.len() + body.len());
+        buf.extend_from_slice(head.as_bytes());
+        buf.extend_from_slice(body);
+        s.write_all(&buf).await?;
+    }
     s.flush().await
 }
 
@@ -201,9 +207,23 @@ where
                         origin,
                         originator: req.header("originator").map(str::to_owned),
                     };
-                    let res = server.call(&call.method, call.params, &caller).await;
+                    let res = if call.method == "system.listMethods" {
+                        Ok(Reply::Value(server.list_methods()))
+                    } else {
+                        server.call_reply(&call.method, call.params, &caller).await
+                    };
                     let text = match res {
-                        Ok(v) => jsonrpc::success(&v, &call.id, call.v2),
+                        Ok(Reply::Value(v)) => jsonrpc::success(&v, &call.id, call.v2),
+                        Ok(Reply::AllRecords(c)) => {
+                            let text = jsonrpc::success_with(
+                                &call.id,
+                                call.v2,
+                                server.records_size_hint(c),
+                                |out| server.write_all_records(c, true, out),
+                            );
+                            server.note_records_size(c, text.len());
+                            text
+                        }
                         Err(e) => jsonrpc::failure(&e, &call.id, call.v2),
                     };
                     ("200 OK", "application/json", text.into_bytes())
@@ -223,8 +243,16 @@ where
                     let text = if call.method == "system.listMethods" {
                         xmlrpc::bare(&server.list_methods())
                     } else {
-                        match server.call(&call.method, call.params, &caller).await {
-                            Ok(v) => xmlrpc::success(&v),
+                        match server.call_reply(&call.method, call.params, &caller).await {
+                            Ok(Reply::Value(v)) => xmlrpc::success(&v),
+                            Ok(Reply::AllRecords(c)) => {
+                                let text =
+                                    xmlrpc::success_with(server.records_size_hint(c), |out| {
+                                        server.write_all_records(c, false, out)
+                                    });
+                                server.note_records_size(c, text.len());
+                                text
+                            }
                             Err(e) => xmlrpc::failure(&e),
                         }
                     };

@@ -108,10 +108,23 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     init_logging(&opts.state_dir)?;
+    limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(run(opts))
+}
+
+/// glibc gives every thread that allocates its own arena and keeps freed
+/// memory in it; under many concurrent requests corrald's RSS then grows far
+/// beyond its live data. Two arenas and a periodic trim keep RSS close to
+/// what the tables need (see docs/benchmarks.md).
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 fn init_logging(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -1,0 +1,88 @@
+// Drives a running corrald with Xen Orchestra's own connector (npm `xen-api`).
+// Usage: node xen_api_client.mjs <url> <password>
+// Exits non-zero (with the failed assertion) when Corral behaves differently
+// from what the connector expects of XAPI.
+import assert from 'node:assert/strict'
+import { createClient } from 'xen-api'
+
+const [url, password] = process.argv.slice(2)
+const xapi = createClient({ url, allowUnauthorized: true, auth: { user: 'root', password } })
+
+const withTimeout = (promise, ms, what) =>
+  Promise.race([
+    promise,
+    new Promise((_, reject) => setTimeout(() => reject(new Error(`timed out: ${what}`)), ms)),
+  ])
+
+await withTimeout(xapi.connect(), 10e3, 'connect')
+assert.equal(xapi.status, 'connected')
+await withTimeout(xapi.objectsFetched, 10e3, 'initial fetch')
+
+// Every record of every class the connector discovered through
+// system.listMethods is in its cache: compare with get_all_records per class.
+const byType = xapi.objects.indexes.type
+for (const type of ['pool', 'host', 'SM', 'VM', 'role', 'host_metrics']) {
+  const records = await xapi.call(`${type}.get_all_records`)
+  const cached = Object.values(byType[type] ?? {})
+  assert.equal(cached.length, Object.keys(records).length, `cached ${type} records`)
+  for (const obj of cached) {
+    assert.ok(records[obj.$ref], `${type} ${obj.$ref} in get_all_records`)
+  }
+}
+assert.equal(xapi.pool.$master.$type, 'host', 'pool.$master resolves to the host')
+const templates = Object.values(byType.VM).filter(vm => vm.is_a_template)
+assert.ok(templates.some(t => t.name_label === 'Other install media'))
+
+// callAsync: Async.VM.clone returns a task; the connector follows it through
+// events to its result, which is the new VM's ref parsed from task.result.
+const template = templates.find(t => t.name_label === 'Other install media')
+const vmRef = await withTimeout(xapi.callAsync('VM.clone', template.$ref, 'xo-vm'), 10e3, 'callAsync')
+assert.match(vmRef, /^OpaqueRef:[0-9a-f-]{36}$/)
+
+// barrier(): after a write, the event loop has delivered it to the cache.
+await xapi.call('VM.set_name_description', vmRef, 'made by xen-api')
+const vm = await withTimeout(xapi.barrier(vmRef), 10e3, 'barrier')
+assert.equal(vm.name_label, 'xo-vm')
+assert.equal(vm.name_description, 'made by xen-api')
+// As in XAPI, a clone of a template is a template until it is unmarked.
+assert.equal(vm.is_a_template, true)
+await xapi.call('VM.set_is_a_template', vmRef, false)
+assert.equal((await xapi.barrier(vmRef)).is_a_template, false)
+
+// A change made by another client reaches this one through event.from.
+const other = createClient({ url, allowUnauthorized: true, auth: { user: 'root', password }, watchEvents: false })
+await other.connect()
+const seen = new Promise(resolve => {
+  const onUpdate = objects => {
+    const o = objects[vm.$id]
+    if (o !== undefined && o.name_label === 'renamed elsewhere') {
+      xapi.objects.removeListener('update', onUpdate)
+      resolve(o)
+    }
+  }
+  xapi.objects.on('update', onUpdate)
+})
+await other.call('VM.set_name_label', vmRef, 'renamed elsewhere')
+await withTimeout(seen, 10e3, 'event from another session')
+await other.disconnect()
+
+// A failing async call rejects with XAPI's error code and parameters.
+await assert.rejects(
+  withTimeout(xapi.callAsync('VM.clone', 'OpaqueRef:00000000-0000-0000-0000-000000000000', 'x'), 10e3, 'failing callAsync'),
+  err => err.code === 'HANDLE_INVALID' && err.params[0] === 'VM'
+)
+
+// Destroying removes the object from the cache once the event arrives.
+await xapi.call('VM.destroy', vmRef)
+await withTimeout(xapi.barrier(), 10e3, 'barrier after destroy')
+assert.equal(xapi.getObjectByRef(vmRef, undefined), undefined)
+
+// barrier() keys are cleaned from pool.other_config.
+await withTimeout(xapi.barrier(), 10e3, 'second barrier')
+await new Promise(r => setTimeout(r, 300))
+const otherConfig = await xapi.call('pool.get_other_config', xapi.pool.$ref)
+assert.deepEqual(Object.keys(otherConfig).filter(k => k.startsWith('xo:barrier:')), [])
+
+await xapi.disconnect()
+console.log('xen-api client: ok')
+process.exit(0)
