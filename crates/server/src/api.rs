@@ -120,6 +120,8 @@ pub struct Server {
     /// Tasks with a worker running (from `Async.*`).
     pub(crate) workers: Mutex<std::collections::HashSet<String>>,
     pub state_dir: std::path::PathBuf,
+    /// Per SR uuid: serialises operations that change its images.
+    pub(crate) sr_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Per class: bytes per record last time all records were encoded.
     record_sizes: Vec<std::sync::atomic::AtomicUsize>,
 }
@@ -149,6 +151,7 @@ impl Server {
             workers: Mutex::new(Default::default()),
             state_dir,
             record_sizes: CLASSES.iter().map(|_| Default::default()).collect(),
+            sr_locks: Mutex::new(HashMap::new()),
         });
         let hub = server.events.sender();
         server.db.set_commit_hook(move |g| {
@@ -294,17 +297,25 @@ impl Server {
                 false,
                 Kind::GetByNameLabel,
             ),
+            // Classes whose create/destroy touch more than the database
+            // (PBD, VDI, VBD) have hand-written handlers.
             "create" if has("create").is_some() => mk(
                 vec![("args", Ty::Record(name), None)],
                 role_of("create"),
                 true,
-                Kind::Create,
+                match self.handlers.get(&format!("{name}.create")) {
+                    Some(h) => Kind::Custom(*h),
+                    None => Kind::Create,
+                },
             ),
             "destroy" if has("destroy").is_some() => mk(
                 vec![self_param(name)],
                 role_of("destroy"),
                 true,
-                Kind::Destroy,
+                match self.handlers.get(&format!("{name}.destroy")) {
+                    Some(h) => Kind::Custom(*h),
+                    None => Kind::Destroy,
+                },
             ),
             _ => {
                 let field_op = |prefix: &str| -> Option<FieldId> {
@@ -877,7 +888,7 @@ pub fn uuid_field(c: ClassId) -> FieldId {
 
 /// The fields given to a generic `create`, type-checked; RW and ctor fields
 /// without a datamodel default must be present.
-fn create_fields(c: ClassId, args: &Value) -> Result<Vec<(usize, Value)>, ApiError> {
+pub(crate) fn create_fields(c: ClassId, args: &Value) -> Result<Vec<(usize, Value)>, ApiError> {
     let members = args
         .as_struct()
         .ok_or_else(|| ApiError::field_type("args"))?;

@@ -8,7 +8,7 @@
 
 use crate::api::{Caller, Server};
 use crate::http::Origin;
-use corral_model::schema::{ClassId, FieldDef, Ty, error_def};
+use corral_model::schema::{ClassId, FieldDef, Ty, class, error_def};
 use corral_model::value::format_float;
 use corral_model::{ApiError, NULL_REF, Value};
 use std::sync::Arc;
@@ -43,6 +43,111 @@ const fn cmd(
 }
 
 pub const COMMANDS: &[CommandSpec] = &[
+    cmd(
+        "sr-create",
+        "name-label, type",
+        "host-uuid, content-type, shared, physical-size, device-config:, sm-config:",
+        "Create an SR, plugging it on its host(s).",
+    ),
+    cmd(
+        "sr-probe",
+        "type",
+        "host-uuid, device-config:, sm-config:",
+        "Probe for SRs with the given device-config; prints what was found.",
+    ),
+    cmd(
+        "sr-introduce",
+        "uuid, name-label, type",
+        "content-type, shared, sm-config:",
+        "Introduce an SR record for existing storage (no PBDs).",
+    ),
+    cmd(
+        "sr-forget",
+        "uuid",
+        "",
+        "Forget an SR (its storage is untouched).",
+    ),
+    cmd("sr-destroy", "uuid", "", "Destroy an SR and its storage."),
+    cmd(
+        "sr-scan",
+        "uuid",
+        "",
+        "Rescan an SR, reconciling the database with its storage.",
+    ),
+    cmd("sr-update", "uuid", "", "Refresh an SR's sizes."),
+    cmd(
+        "sr-repair",
+        "uuid",
+        "",
+        "Create missing PBDs and plug every unplugged one, reporting each host (Corral extension, as XenCenter's Repair).",
+    ),
+    cmd(
+        "sr-upgrade",
+        "uuid",
+        "",
+        "Upgrade a legacy-format SR in place, one way (Corral extension).",
+    ),
+    cmd(
+        "pbd-create",
+        "host-uuid, sr-uuid",
+        "device-config:",
+        "Create a PBD.",
+    ),
+    cmd("pbd-plug", "uuid", "", "Attach the SR on the PBD's host."),
+    cmd(
+        "pbd-unplug",
+        "uuid",
+        "",
+        "Detach the SR from the PBD's host.",
+    ),
+    cmd("pbd-destroy", "uuid", "", "Destroy an unplugged PBD."),
+    cmd(
+        "vdi-create",
+        "sr-uuid, name-label, virtual-size",
+        "type, sharable, read-only, sm-config:, other-config:",
+        "Create a VDI; sizes take KiB, MiB, GiB, TiB suffixes.",
+    ),
+    cmd("vdi-destroy", "uuid", "", "Destroy a VDI and its data."),
+    cmd(
+        "vdi-forget",
+        "uuid",
+        "",
+        "Forget a VDI record (its data stays).",
+    ),
+    cmd(
+        "vdi-clone",
+        "uuid",
+        "new-name-label, new-name-description",
+        "Clone a VDI (instant).",
+    ),
+    cmd("vdi-snapshot", "uuid", "", "Snapshot a VDI (instant)."),
+    cmd("vdi-resize", "uuid, disk-size", "online", "Grow a VDI."),
+    cmd(
+        "vdi-copy",
+        "uuid",
+        "sr-uuid",
+        "Copy a VDI's data into a new VDI.",
+    ),
+    cmd(
+        "vdi-update",
+        "uuid",
+        "",
+        "Refresh a VDI's sizes from its storage.",
+    ),
+    cmd(
+        "vbd-create",
+        "vm-uuid, device",
+        "vdi-uuid, type, mode, bootable, empty, unpluggable",
+        "Create a VBD.",
+    ),
+    cmd("vbd-destroy", "uuid", "", "Destroy a VBD."),
+    cmd(
+        "vbd-insert",
+        "uuid, vdi-uuid",
+        "",
+        "Insert a VDI into an empty CD drive.",
+    ),
+    cmd("vbd-eject", "uuid", "", "Eject the media from a CD drive."),
     cmd(
         "user-create",
         "user-name, password-new, role",
@@ -196,13 +301,13 @@ pub struct Cmd {
 }
 
 impl Cmd {
-    fn get(&self, k: &str) -> Option<&str> {
+    pub(crate) fn get(&self, k: &str) -> Option<&str> {
         self.params
             .iter()
             .find(|(kk, _)| kk == k)
             .map(|(_, v)| v.as_str())
     }
-    fn flag(&self, f: &str) -> bool {
+    pub(crate) fn flag(&self, f: &str) -> bool {
         self.flags.iter().any(|x| x == f)
             || self.get(f).is_some_and(|v| parse_bool(v) == Some(true))
     }
@@ -351,7 +456,7 @@ impl From<ApiError> for CliError {
     }
 }
 
-fn text<T>(t: impl Into<String>) -> Result<T, CliError> {
+pub(crate) fn text<T>(t: impl Into<String>) -> Result<T, CliError> {
     Err(CliError::Text(t.into()))
 }
 
@@ -536,19 +641,23 @@ fn tag(f: &FieldDef) -> &'static str {
     }
 }
 
-struct CliCtx {
-    server: Arc<Server>,
+pub(crate) struct CliCtx {
+    pub(crate) server: Arc<Server>,
     session: String,
     caller: Caller,
 }
 
 impl CliCtx {
-    async fn call(&self, method: &str, mut params: Vec<Value>) -> Result<Value, CliError> {
+    pub(crate) async fn call(
+        &self,
+        method: &str,
+        mut params: Vec<Value>,
+    ) -> Result<Value, CliError> {
         params.insert(0, Value::String(self.session.clone()));
         Ok(self.server.call(method, params, &self.caller).await?)
     }
 
-    fn uuid_of(&self, r: &str) -> String {
+    pub(crate) fn uuid_of(&self, r: &str) -> String {
         if r == NULL_REF || r.is_empty() {
             return r.to_owned();
         }
@@ -724,7 +833,7 @@ impl CliCtx {
                     .await?;
                 out.push(Out::Print(self.uuid_of(r.as_str().unwrap_or_default())));
             }
-            other => return text(format!("Unknown command: {other}")),
+            other => return self.storage_command(other, cmd, out).await,
         }
         Ok(())
     }
@@ -838,10 +947,24 @@ impl CliCtx {
                                 .collect()
                         }
                         None if cc.default_params.is_empty() => cr,
-                        None => cr
-                            .into_iter()
-                            .filter(|(n, _, _)| cc.default_params.contains(&n.as_str()))
-                            .collect(),
+                        None => {
+                            let mut cols: Vec<(String, &str, String)> = cr
+                                .into_iter()
+                                .filter(|(n, _, _)| cc.default_params.contains(&n.as_str()))
+                                .collect();
+                            // A legacy-format SR says so in sr-list (Corral
+                            // extension; the SR needs `xe sr-upgrade`).
+                            if cc.class == class::SR
+                                && rec
+                                    .member("sm_config")
+                                    .and_then(|m| m.member("requires_upgrade"))
+                                    .and_then(Value::as_str)
+                                    == Some("true")
+                            {
+                                cols.push(("requires-upgrade".into(), " RO", "true".into()));
+                            }
+                            cols
+                        }
                     };
                     printed.push(cols);
                 }

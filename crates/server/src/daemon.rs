@@ -35,6 +35,9 @@ pub fn build(opts: &Options) -> anyhow::Result<Arc<Server>> {
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let server = build(&opts)?;
+    crate::storage::startup(&server)
+        .await
+        .map_err(|e| anyhow::anyhow!("storage start-up: {e}"))?;
     let sock_path = opts.state_dir.join("xapi.sock");
     let _ = std::fs::remove_file(&sock_path);
     let unix = UnixListener::bind(&sock_path)

@@ -139,6 +139,7 @@ pub fn table() -> HashMap<String, Handler> {
         void()
     });
 
+    crate::storage::register(&mut t);
     let mut asyn = |n: &str, f: fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut| {
         t.insert(n.to_owned(), Handler::Async(f));
     };

@@ -12,40 +12,6 @@ pub const BUILD_NUMBER: &str = "1";
 pub const API_MAJOR: i64 = 2;
 pub const API_MINOR: i64 = 21;
 
-/// Capabilities of the drivers that keep qcow2 images in a filesystem.
-const FILE_SR_CAPS: &[&str] = &[
-    "SR_PROBE",
-    "SR_UPDATE",
-    "VDI_CREATE",
-    "VDI_DELETE",
-    "VDI_ATTACH",
-    "VDI_DETACH",
-    "VDI_CLONE",
-    "VDI_SNAPSHOT",
-    "VDI_RESIZE",
-    "VDI_UPDATE",
-];
-
-/// Storage drivers this host offers (their SM records).
-pub const SM_DRIVERS: &[(&str, &str, &[&str])] = &[
-    (
-        "file",
-        "Local or mounted directory (qcow2 files)",
-        FILE_SR_CAPS,
-    ),
-    (
-        "ext",
-        "Local ext4 filesystem on a block device",
-        FILE_SR_CAPS,
-    ),
-    ("nfs", "NFS (userspace client)", FILE_SR_CAPS),
-    (
-        "iso",
-        "ISO library",
-        &["VDI_ATTACH", "VDI_DETACH", "SR_SCAN"],
-    ),
-];
-
 pub struct Identity {
     pub host_ref: String,
     pub pool_ref: String,
@@ -249,33 +215,6 @@ pub fn ensure(db: &Db, root_password: Option<String>) -> anyhow::Result<Identity
                 (field::pool::METADATA_VDIS.index, Value::Array(vec![])),
             ],
         )?;
-        for (name, descr, caps) in SM_DRIVERS {
-            t.create(
-                class::SM,
-                &new_ref(),
-                vec![
-                    (field::sm::NAME_LABEL.index, s(name)),
-                    (field::sm::NAME_DESCRIPTION.index, s(descr)),
-                    (field::sm::TYPE_.index, s(name)),
-                    (field::sm::VENDOR.index, s("Corral")),
-                    (field::sm::COPYRIGHT.index, s("(C) Corral developers")),
-                    (field::sm::VERSION.index, s("1.0")),
-                    (field::sm::REQUIRED_API_VERSION.index, s("1.0")),
-                    (
-                        field::sm::CAPABILITIES.index,
-                        Value::string_set(caps.iter().copied()),
-                    ),
-                    (
-                        field::sm::FEATURES.index,
-                        Value::Struct(
-                            caps.iter()
-                                .map(|c| ((*c).to_owned(), Value::Int(1)))
-                                .collect(),
-                        ),
-                    ),
-                ],
-            )?;
-        }
         for role in Role::ALL {
             t.create(
                 class::ROLE,

@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cli_storage;
 pub mod daemon;
 pub mod events;
 pub mod filter;
@@ -9,4 +10,5 @@ pub mod handlers;
 pub mod http;
 pub mod init;
 pub mod sessions;
+pub mod storage;
 pub mod tls;
