@@ -512,3 +512,83 @@ def test_xe_sr_list_shows_legacy_sr_needs_upgrade(daemon, tmp_path):
     assert "format_version: 1" in daemon.xe("sr-param-list", f"uuid={sr}", check=0).stdout
     daemon.xe("sr-upgrade", f"uuid={sr}", check=0)
     assert "requires-upgrade" not in daemon.xe("sr-list", f"uuid={sr}", check=0).stdout
+
+
+def http_transfer(daemon, method, path, body=None, length=None):
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", daemon.http_port, timeout=60)
+    headers = {} if length is None else {"Content-Length": str(length)}
+    c.request(method, path, body, headers)
+    r = c.getresponse()
+    return r.status, r.getheader("Content-Type"), r.read()
+
+
+def test_import_export_round_trips(daemon, tmp_path):
+    s = login(daemon)
+    x, sid = s.xenapi, s._session
+    sr = local_sr(x)
+    src = tmp_path / "disk.raw"
+    with open(src, "wb") as f:
+        f.write(os.urandom(3 * MiB))
+        f.seek(20 * MiB)
+        f.write(os.urandom(MiB))
+        f.truncate(32 * MiB)
+    want = hashlib.sha256(src.read_bytes()).hexdigest()
+    v = make_vdi(x, sr, 32 * MiB, "imported")
+    with open(src, "rb") as f:
+        status, _, body = http_transfer(daemon, "PUT", f"/import_raw_vdi?session_id={sid}&vdi={v}&format=raw",
+                                        f, src.stat().st_size)
+    assert status == 200, body
+    # Zero runs stay unallocated.
+    assert int(x.VDI.get_physical_utilisation(v)) < 8 * MiB
+    status, ctype, data = http_transfer(daemon, "GET",
+                                        f"/export_raw_vdi?session_id={sid}&vdi={x.VDI.get_uuid(v)}&format=raw")
+    assert status == 200 and ctype == "application/octet-stream"
+    assert hashlib.sha256(data).hexdigest() == want
+    for fmt, ctype_want in (("vhd", "application/vhd"), ("qcow2", "application/x-qemu-disk")):
+        status, ctype, image = http_transfer(daemon, "GET", f"/export_raw_vdi?session_id={sid}&vdi={v}&format={fmt}")
+        assert status == 200 and ctype == ctype_want
+        (tmp_path / f"e.{fmt}").write_bytes(image)
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(tmp_path / f"e.{fmt}")],
+                                         check=True, capture_output=True).stdout)
+        assert info["format"] == {"vhd": "vpc", "qcow2": "qcow2"}[fmt] and info["virtual-size"] == 32 * MiB
+        w = make_vdi(x, sr, 32 * MiB, f"from-{fmt}")
+        status, _, body = http_transfer(daemon, "PUT", f"/import_raw_vdi?session_id={sid}&vdi={w}&format={fmt}",
+                                        image, len(image))
+        assert status == 200, body
+        _, _, back = http_transfer(daemon, "GET", f"/export_raw_vdi?session_id={sid}&vdi={w}&format=raw")
+        assert hashlib.sha256(back).hexdigest() == want
+    # Refusals: a bad session, an unknown format, data larger than the VDI (with its task failed).
+    assert http_transfer(daemon, "GET", f"/export_raw_vdi?session_id=OpaqueRef:bad&vdi={v}")[0] == 401
+    assert http_transfer(daemon, "GET", f"/export_raw_vdi?session_id={sid}&vdi={v}&format=vmdk")[0] == 400
+    small = make_vdi(x, sr, MiB, "small")
+    task = x.task.create("import", "")
+    status, _, body = http_transfer(daemon, "PUT",
+                                    f"/import_raw_vdi?session_id={sid}&vdi={small}&format=raw&task_id={task}",
+                                    b"x" * (2 * MiB), 2 * MiB)
+    assert status == 500 and b"SR_BACKEND_FAILURE_79" in body
+    assert x.task.get_status(task) == "failure"
+    assert x.task.get_error_info(task)[0] == "SR_BACKEND_FAILURE_79"
+    # The daemon still serves.
+    assert x.VDI.get_name_label(v) == "imported"
+
+
+def test_xe_vdi_import_export(daemon, tmp_path):
+    src = tmp_path / "in.raw"
+    src.write_bytes(os.urandom(MiB) + bytes(3 * MiB))
+    sr = daemon.xe("sr-list", "name-label=Local storage", "--minimal", check=0).stdout.strip()
+    vdi = daemon.xe("vdi-create", f"sr-uuid={sr}", "name-label=xe-import", "virtual-size=4MiB", check=0).stdout.strip()
+    daemon.xe("vdi-import", f"uuid={vdi}", f"filename={src}", "format=raw", check=0)
+    out = tmp_path / "out.raw"
+    daemon.xe("vdi-export", f"uuid={vdi}", f"filename={out}", check=0)
+    assert out.read_bytes() == src.read_bytes()
+    qc = tmp_path / "out.qcow2"
+    daemon.xe("vdi-export", f"uuid={vdi}", f"filename={qc}", "format=qcow2", server="https", check=0)
+    assert json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(qc)], check=True,
+                                     capture_output=True).stdout)["format"] == "qcow2"
+    r = daemon.xe("vdi-import", f"uuid={vdi}", f"filename={tmp_path / 'missing'}", check=1)
+    assert "Cannot open" in r.stderr
+    big = tmp_path / "big.raw"
+    big.write_bytes(bytes(8 * MiB))
+    r = daemon.xe("vdi-import", f"uuid={vdi}", f"filename={big}", check=1)
+    assert "SR_BACKEND_FAILURE_79" in r.stderr + r.stdout

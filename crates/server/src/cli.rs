@@ -44,6 +44,18 @@ const fn cmd(
 
 pub const COMMANDS: &[CommandSpec] = &[
     cmd(
+        "vdi-import",
+        "uuid, filename",
+        "format",
+        "Import a disk image (raw, vhd or qcow2) into a VDI.",
+    ),
+    cmd(
+        "vdi-export",
+        "uuid, filename",
+        "format",
+        "Export a VDI's data as raw, vhd or qcow2.",
+    ),
+    cmd(
         "sr-create",
         "name-label, type",
         "host-uuid, content-type, shared, physical-size, device-config:, sm-config:",
@@ -216,6 +228,15 @@ pub enum Out {
     Print(String),
     Stderr(String),
     Error(String, Vec<String>),
+    /// Ask the client to upload (`put`) or download a file to/from `url`
+    /// (XenServer's HttpPut/HttpGet), then report how `task` ended.
+    Transfer {
+        put: bool,
+        filename: String,
+        url: String,
+        task: String,
+        session: String,
+    },
 }
 
 pub struct Run {
@@ -242,6 +263,15 @@ fn command_frame(tag: i32, body: &[u8]) -> Vec<u8> {
 pub fn encode(run: &Run) -> Vec<u8> {
     let mut out = Vec::new();
     for o in &run.out {
+        out.extend(encode_one(o));
+    }
+    out.extend(command_frame(4, &run.exit.to_le_bytes()));
+    out
+}
+
+fn encode_one(o: &Out) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
         let mut body = Vec::new();
         match o {
             Out::Print(s) => {
@@ -260,10 +290,93 @@ pub fn encode(run: &Run) -> Vec<u8> {
                 }
                 out.extend(command_frame(14, &body));
             }
+            Out::Transfer {
+                put, filename, url, ..
+            } => {
+                frame_string(&mut body, filename);
+                frame_string(&mut body, url);
+                out.extend(command_frame(if *put { 13 } else { 12 }, &body));
+            }
         }
     }
-    out.extend(command_frame(4, &run.exit.to_le_bytes()));
     out
+}
+
+/// Runs one HttpPut/HttpGet exchange: the client moves the file, answers
+/// with a Response frame, and the task says how the server side ended.
+async fn transfer<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    server: &Arc<Server>,
+    stream: &mut S,
+    o: &Out,
+    origin: &Origin,
+) -> Vec<Out> {
+    let Out::Transfer { task, session, .. } = o else {
+        return vec![];
+    };
+    if stream.write_all(&encode_one(o)).await.is_err() || stream.flush().await.is_err() {
+        return vec![];
+    }
+    // The client's Response frame: [len][10][5 = OK | 6 = failed].
+    let mut head = [0u8; 4];
+    let mut client_ok = false;
+    if stream.read_exact(&mut head).await.is_ok() {
+        let n = i32::from_le_bytes(head).clamp(0, 64) as usize;
+        let mut body = vec![0u8; n];
+        if stream.read_exact(&mut body).await.is_ok() && body.len() >= 8 {
+            client_ok = i32::from_le_bytes([body[4], body[5], body[6], body[7]]) == 5;
+        }
+    }
+    // Wait for the handler to finish the task; when the client failed (no
+    // file, say), the handler may never have started.
+    let wait = if client_ok { 3600 } else { 5 };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let status = loop {
+        let st = server
+            .db
+            .read()
+            .get_str(corral_model::field::task::STATUS, task);
+        match st.as_deref() {
+            Some("pending") if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            other => break other.map(str::to_owned),
+        }
+    };
+    let error = server
+        .db
+        .read()
+        .get(corral_model::field::task::ERROR_INFO, task)
+        .and_then(|v| {
+            v.as_array()
+                .map(|a| a.iter().map(|x| x.db_string()).collect::<Vec<_>>())
+        })
+        .unwrap_or_default();
+    let _ = server
+        .db
+        .write(|t| t.delete(corral_model::class::TASK, task));
+    let ctx = CliCtx {
+        server: Arc::clone(server),
+        session: session.clone(),
+        caller: Caller {
+            origin: origin.clone(),
+            originator: Some("cli".into()),
+        },
+    };
+    let _ = server
+        .call(
+            "session.logout",
+            vec![Value::String(session.clone())],
+            &ctx.caller,
+        )
+        .await;
+    match (status.as_deref(), client_ok) {
+        (Some("success"), true) => vec![],
+        (Some("failure"), _) if !error.is_empty() => {
+            ctx.api_error(&ApiError::new(&error[0], error[1..].iter().cloned()))
+        }
+        (_, false) => vec![Out::Stderr("The file transfer failed.\n".into())],
+        _ => vec![Out::Stderr("The transfer did not complete.\n".into())],
+    }
 }
 
 pub async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -288,8 +401,28 @@ pub async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if stream.read_exact(&mut reply).await.is_err() || !reply.starts_with(GREETING) {
         return;
     }
-    let run = run(&server, args, origin).await;
-    let _ = stream.write_all(&encode(&run)).await;
+    let run = run(&server, args, origin.clone()).await;
+    let mut exit = run.exit;
+    let mut frames = Vec::new();
+    for o in &run.out {
+        if let Out::Transfer { .. } = o {
+            if stream.write_all(&frames).await.is_err() {
+                return;
+            }
+            frames.clear();
+            let errors = transfer(&server, &mut stream, o, &origin).await;
+            if !errors.is_empty() {
+                exit = 1;
+            }
+            for e in &errors {
+                frames.extend(encode_one(e));
+            }
+        } else {
+            frames.extend(encode_one(o));
+        }
+    }
+    frames.extend(command_frame(4, &exit.to_le_bytes()));
+    let _ = stream.write_all(&frames).await;
     let _ = stream.flush().await;
 }
 
@@ -419,7 +552,9 @@ async fn run(server: &Arc<Server>, args: Vec<String>, origin: Origin) -> Run {
     };
     let mut out = Vec::new();
     let res = ctx.dispatch(&cmd, &mut out).await;
-    if cmd.get("session_id").is_none() {
+    // A file transfer still needs the session; serve_cli ends it afterwards.
+    let transferring = out.iter().any(|o| matches!(o, Out::Transfer { .. }));
+    if cmd.get("session_id").is_none() && !transferring {
         let _ = server
             .call("session.logout", vec![Value::String(session)], &ctx.caller)
             .await;
@@ -643,7 +778,7 @@ fn tag(f: &FieldDef) -> &'static str {
 
 pub(crate) struct CliCtx {
     pub(crate) server: Arc<Server>,
-    session: String,
+    pub(crate) session: String,
     caller: Caller,
 }
 

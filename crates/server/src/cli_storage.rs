@@ -338,6 +338,33 @@ impl CliCtx {
                 self.call("VBD.insert", vec![Value::str(vbd), Value::str(vdi)])
                     .await?;
             }
+            "vdi-import" | "vdi-export" => {
+                let vdi = self.ref_of(class::VDI, cmd, "uuid").await?;
+                let format = cmd.get("format").unwrap_or("raw").to_owned();
+                let put = name == "vdi-import";
+                let task = self.server.task_create(
+                    if put { "VDI import" } else { "VDI export" },
+                    "",
+                    &self.session,
+                    true,
+                )?;
+                let url = format!(
+                    "/{}?session_id={}&task_id={task}&vdi={vdi}&format={format}",
+                    if put {
+                        "import_raw_vdi"
+                    } else {
+                        "export_raw_vdi"
+                    },
+                    self.session
+                );
+                out.push(Out::Transfer {
+                    put,
+                    filename: arg("filename"),
+                    url,
+                    task,
+                    session: self.session.clone(),
+                });
+            }
             other => return text(format!("Unknown command: {other}")),
         }
         Ok(())

@@ -151,6 +151,16 @@ where
             continue;
         }
 
+        // Disk transfers stream their bodies; they never enter `buf` whole.
+        if req.method == "PUT" && req.path == "/import_raw_vdi" {
+            let pending = std::mem::take(&mut buf);
+            crate::transfer::import(Arc::clone(&server), &mut stream, &req, pending).await;
+            return;
+        }
+        if req.method == "GET" && req.path == "/export_raw_vdi" {
+            crate::transfer::export(Arc::clone(&server), &mut stream, &req).await;
+            return;
+        }
         if req.method != "POST" {
             let _ = write_simple(
                 &mut stream,

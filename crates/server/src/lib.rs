@@ -12,3 +12,4 @@ pub mod init;
 pub mod sessions;
 pub mod storage;
 pub mod tls;
+pub mod transfer;

@@ -1868,6 +1868,32 @@ async fn vdi_update(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     void()
 }
 
+/// The path (or URL) of a VDI's image, for the transfer handlers.
+pub fn vdi_path(s: &Server, sr: &str, location: &str) -> Result<String, ApiError> {
+    let on = attached(s, sr)?;
+    on.driver
+        .vdi_path(&on.ctx, location)
+        .map_err(|e| storage_error(1, sr, e))
+}
+
+/// Re-reads a VDI's sizes (after an import wrote into it).
+pub async fn refresh_vdi(s: &Arc<Server>, sr: &str, vdi: &str) {
+    if let Ok(v) = vdi_on(s, vdi) {
+        let (d, ctx, loc) = (v.on.driver, v.on.ctx.clone(), v.location.clone());
+        if let Ok(Ok(info)) = blocking(move || d.vdi_info(&ctx, &loc)).await {
+            let _ = s.db.write(|t| {
+                t.set(
+                    field::vdi::PHYSICAL_UTILISATION,
+                    vdi,
+                    Value::Int(info.physical_utilisation),
+                )
+            });
+        }
+        refresh_sizes(s, &v.on).await;
+    }
+    let _ = sr;
+}
+
 // ---------------------------------------------------------------------------
 // Garbage collection: coalescing chains after deletes.
 

@@ -8,6 +8,7 @@
 //! reconciles with [`Driver::scan`].
 
 pub mod file;
+pub mod nbd;
 pub mod qemu_img;
 
 use std::collections::BTreeMap;

@@ -112,7 +112,12 @@ impl QemuImg {
         if let Some(f) = src_format {
             args.extend(["-f", f]);
         }
-        args.extend(["-O", format, src, dst]);
+        args.extend(["-O", format]);
+        if format == "vpc" {
+            // Keep the exact virtual size instead of rounding to CHS geometry.
+            args.extend(["-o", "subformat=dynamic,force_size=on"]);
+        }
+        args.extend([src, dst]);
         self.run(&args).map(|_| ())
     }
 

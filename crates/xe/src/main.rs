@@ -305,7 +305,8 @@ fn run(o: &Opts, mut args: Vec<String>) -> ! {
         if msg != 9 {
             continue;
         }
-        match take_i32(&payload, &mut pos) {
+        let tag = take_i32(&payload, &mut pos);
+        match tag {
             0 => {
                 let mut out = stdout.lock();
                 let _ = writeln!(out, "{}", take_str(&payload, &mut pos));
@@ -338,8 +339,146 @@ fn run(o: &Opts, mut args: Vec<String>) -> ! {
                 end.extend_from_slice(&8i32.to_le_bytes());
                 let _ = s.write_all(&end);
             }
-            // File transfers arrive with the features that need them.
+            12 | 13 => {
+                let filename = take_str(&payload, &mut pos);
+                let url = take_str(&payload, &mut pos);
+                let ok = if tag == 13 {
+                    http_put(o, &filename, &url_path(&url))
+                } else {
+                    http_get(o, &filename, &url_path(&url))
+                };
+                send_response(&mut *s, ok.is_ok());
+                if let Err(e) = ok {
+                    eprintln!("{e}");
+                }
+            }
             _ => send_response(&mut *s, false),
         }
     }
+}
+
+/// The path and query of a transfer URL (a bare path, or a full URL).
+fn url_path(url: &str) -> String {
+    match url.split_once("://") {
+        Some((_, rest)) => rest
+            .find('/')
+            .map(|i| rest[i..].to_owned())
+            .unwrap_or_else(|| "/".into()),
+        None => url.to_owned(),
+    }
+}
+
+/// A progress bar on stderr when it is a terminal.
+struct Progress {
+    total: u64,
+    shown: u64,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total: u64) -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            total,
+            shown: u64::MAX,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+    fn update(&mut self, done: u64) {
+        if !self.tty || self.total == 0 {
+            return;
+        }
+        let pct = done * 100 / self.total;
+        if pct != self.shown {
+            self.shown = pct;
+            let bars = (pct / 2) as usize;
+            eprint!("\r[{}{}] {pct:3}%", "#".repeat(bars), " ".repeat(50 - bars));
+            if done >= self.total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+fn read_head(conn: &mut dyn Stream) -> Result<(u32, Option<u64>), String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut b).map_err(|e| e.to_string())? == 0 {
+            return Err("the server closed the connection".into());
+        }
+        head.push(b[0]);
+        if head.len() > 65536 {
+            return Err("response header too large".into());
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("bad HTTP response")?;
+    let len = text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    });
+    Ok((status, len))
+}
+
+fn http_put(o: &Opts, filename: &str, path: &str) -> Result<(), String> {
+    let mut f =
+        std::fs::File::open(filename).map_err(|e| format!("Cannot open {filename}: {e}"))?;
+    let size = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut conn = connect(o);
+    let head = format!("PUT {path} HTTP/1.0\r\nHost: xe\r\nContent-Length: {size}\r\n\r\n");
+    conn.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut sent = 0u64;
+    let mut bar = Progress::new(size);
+    while sent < size {
+        let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        conn.write_all(&buf[..n])
+            .map_err(|e| format!("Upload failed: {e}"))?;
+        sent += n as u64;
+        bar.update(sent);
+    }
+    conn.flush().map_err(|e| e.to_string())?;
+    let (status, _) = read_head(&mut *conn)?;
+    if status != 200 {
+        return Err(format!("The server refused the upload (HTTP {status})"));
+    }
+    Ok(())
+}
+
+fn http_get(o: &Opts, filename: &str, path: &str) -> Result<(), String> {
+    let mut conn = connect(o);
+    let head = format!("GET {path} HTTP/1.0\r\nHost: xe\r\n\r\n");
+    conn.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    conn.flush().map_err(|e| e.to_string())?;
+    let (status, len) = read_head(&mut *conn)?;
+    if status != 200 {
+        return Err(format!("The server refused the download (HTTP {status})"));
+    }
+    let len = len.ok_or("download without Content-Length")?;
+    let mut f =
+        std::fs::File::create(filename).map_err(|e| format!("Cannot create {filename}: {e}"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    let mut bar = Progress::new(len);
+    while got < len {
+        let want = buf.len().min((len - got) as usize);
+        let n = conn.read(&mut buf[..want]).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("Download ended after {got} of {len} bytes"));
+        }
+        f.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        got += n as u64;
+        bar.update(got);
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    Ok(())
 }

@@ -1,0 +1,510 @@
+//! XAPI's disk transfer handlers: `PUT /import_raw_vdi` and
+//! `GET /export_raw_vdi` with `session_id`, `vdi` (ref or uuid), `format`
+//! (`raw`, `vhd`, `qcow2`) and an optional `task_id`. Raw data streams
+//! through qemu-nbd in fixed-size chunks (bounded memory at any disk size);
+//! vhd and qcow2 go through a temporary file converted by qemu-img.
+
+use crate::api::Server;
+use crate::http::{Request, write_simple};
+use corral_model::schema::{Role, class, field};
+use corral_model::{ApiError, Value};
+use corral_storage::nbd::{CHUNK, NbdImage};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What a transfer needs, checked before any data moves.
+struct Transfer {
+    vdi: String,
+    path: String,
+    image_format: String,
+    virtual_size: i64,
+    format: String,
+    task: String,
+    own_task: bool,
+}
+
+fn qemu_format(wire: &str) -> Option<&'static str> {
+    match wire {
+        "raw" => Some("raw"),
+        "vhd" => Some("vpc"),
+        "qcow2" => Some("qcow2"),
+        _ => None,
+    }
+}
+
+fn prepare(
+    server: &Arc<Server>,
+    req: &Request,
+    op: &str,
+) -> Result<Transfer, (&'static str, String)> {
+    let q = &req.query;
+    let session = query_param(q, "session_id").unwrap_or_default();
+    let info = server
+        .sessions
+        .check(server, &session)
+        .map_err(|_| ("401 Unauthorized", "invalid session".to_owned()))?;
+    if !info.role.allows(Role::VmAdmin) {
+        return Err(("403 Forbidden", "RBAC_PERMISSION_DENIED".into()));
+    }
+    let format = query_param(q, "format").unwrap_or_else(|| "raw".into());
+    if qemu_format(&format).is_none() {
+        return Err(("400 Bad Request", format!("unknown format {format}")));
+    }
+    let vdi_param = query_param(q, "vdi").unwrap_or_default();
+    let vdi = {
+        let st = server.db.read();
+        if st.exists(class::VDI, &vdi_param) {
+            vdi_param.clone()
+        } else {
+            st.by_uuid(class::VDI, &vdi_param)
+                .cloned()
+                .ok_or(("404 Not Found", format!("no VDI {vdi_param}")))?
+        }
+    };
+    let (sr, location, virtual_size) = {
+        let st = server.db.read();
+        (
+            st.get_str(field::vdi::SR, &vdi).unwrap_or_default(),
+            st.get_str(field::vdi::LOCATION, &vdi).unwrap_or_default(),
+            st.get(field::vdi::VIRTUAL_SIZE, &vdi)
+                .and_then(|v| v.as_int())
+                .unwrap_or(0),
+        )
+    };
+    let path = crate::storage::vdi_path(server, &sr, &location)
+        .map_err(|e| ("500 Internal Server Error", e.to_string()))?;
+    let image_format = corral_storage::qemu_img::QemuImg::default()
+        .info(&path)
+        .map(|i| i.format)
+        .map_err(|e| ("500 Internal Server Error", e.to_string()))?;
+    let (task, own_task) =
+        match query_param(q, "task_id").filter(|t| server.db.read().exists(class::TASK, t)) {
+            Some(t) => (t, false),
+            None => (
+                server
+                    .task_create(&format!("VDI {op}"), "", &session, true)
+                    .map_err(|e| ("500 Internal Server Error", e.to_string()))?,
+                true,
+            ),
+        };
+    Ok(Transfer {
+        vdi,
+        path,
+        image_format,
+        virtual_size,
+        format,
+        task,
+        own_task,
+    })
+}
+
+fn finish(server: &Server, t: &Transfer, result: Result<(), ApiError>) {
+    server.task_complete(&t.task, result.map(|_| Value::str("")));
+    if t.own_task {
+        // A task nobody asked for is not left behind on success.
+        let ok = server
+            .db
+            .read()
+            .get_str(field::task::STATUS, &t.task)
+            .as_deref()
+            == Some("success");
+        if ok {
+            let _ = server.db.write(|tx| tx.delete(class::TASK, &t.task));
+        }
+    }
+}
+
+fn storage_err(vdi: &str, e: corral_storage::StorageError) -> ApiError {
+    crate::storage::storage_error(1, vdi, e)
+}
+
+/// `PUT /import_raw_vdi`. `pending` holds body bytes already read.
+pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    server: Arc<Server>,
+    stream: &mut S,
+    req: &Request,
+    mut pending: Vec<u8>,
+) {
+    let t = match prepare(&server, req, "import") {
+        Ok(t) => t,
+        Err((status, why)) => {
+            let _ = write_simple(stream, status, "text/plain", why.as_bytes(), false, "").await;
+            return;
+        }
+    };
+    let Some(len) = req
+        .header("content-length")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    else {
+        finish(
+            &server,
+            &t,
+            Err(ApiError::internal("import needs a Content-Length")),
+        );
+        let _ = write_simple(stream, "411 Length Required", "text/plain", b"", false, "").await;
+        return;
+    };
+    // Data flows socket → bounded channel → blocking writer.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let run_dir = server.state_dir.join("run");
+    let (path, image_format, fmt, vsize) = (
+        t.path.clone(),
+        t.image_format.clone(),
+        t.format.clone(),
+        t.virtual_size,
+    );
+    let tmp = server
+        .state_dir
+        .join("transfer")
+        .join(format!("{}.upload", uuid::Uuid::new_v4()));
+    let tmp2 = tmp.clone();
+    let writer =
+        tokio::task::spawn_blocking(move || -> Result<(), corral_storage::StorageError> {
+            if fmt == "raw" {
+                if len > vsize as u64 {
+                    return Err(corral_storage::StorageError::backend(
+                        79,
+                        "VDI Invalid size",
+                        format!("{len} bytes do not fit in a {vsize}-byte VDI"),
+                    ));
+                }
+                let mut img = NbdImage::open(&path, &image_format, true, &run_dir)?;
+                let mut off = 0u64;
+                for chunk in rx {
+                    img.write_at(off, &chunk)?;
+                    off += chunk.len() as u64;
+                }
+                img.close()
+            } else {
+                use std::io::Write;
+                if let Some(d) = tmp2.parent() {
+                    std::fs::create_dir_all(d)?;
+                }
+                let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp2)?);
+                for chunk in rx {
+                    f.write_all(&chunk)?;
+                }
+                f.flush()?;
+                drop(f);
+                let qfmt = qemu_format(&fmt).unwrap_or("raw");
+                let tmp_s = tmp2.to_string_lossy().into_owned();
+                let info = corral_storage::qemu_img::QemuImg::default().info(&tmp_s)?;
+                if info.virtual_size > vsize {
+                    return Err(corral_storage::StorageError::backend(
+                        79,
+                        "VDI Invalid size",
+                        format!("the image is {} bytes; the VDI {vsize}", info.virtual_size),
+                    ));
+                }
+                let out = std::process::Command::new(
+                    std::env::var("CORRAL_QEMU_IMG").unwrap_or_else(|_| "qemu-img".into()),
+                )
+                .args([
+                    "convert",
+                    "-q",
+                    "-n",
+                    "-f",
+                    qfmt,
+                    "-O",
+                    &image_format,
+                    &tmp_s,
+                    &path,
+                ])
+                .output()?;
+                if !out.status.success() {
+                    return Err(corral_storage::StorageError::Tool(format!(
+                        "qemu-img convert: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                Ok(())
+            }
+        });
+    let mut received = 0u64;
+    let mut last_progress = 0.0;
+    let mut buf = vec![0u8; CHUNK];
+    let mut fill = pending.len().min(CHUNK);
+    buf[..fill].copy_from_slice(&pending[..fill]);
+    pending.drain(..fill);
+    let mut ok = true;
+    while received < len {
+        while fill < CHUNK && received + (fill as u64) < len {
+            let want = (CHUNK - fill).min((len - received) as usize - fill);
+            match stream.read(&mut buf[fill..fill + want]).await {
+                Ok(0) | Err(_) => {
+                    ok = false;
+                    break;
+                }
+                Ok(n) => fill += n,
+            }
+        }
+        if !ok || fill == 0 {
+            break;
+        }
+        received += fill as u64;
+        if tx.send(buf[..fill].to_vec()).is_err() {
+            // The writer failed (its error is reported below); read the rest
+            // of the body so the client gets to see the answer.
+            let mut left = len - received;
+            while left > 0 {
+                let want = (left as usize).min(CHUNK);
+                match stream.read(&mut buf[..want]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left -= n as u64,
+                }
+            }
+            received = len;
+            break;
+        }
+        fill = 0;
+        let p = received as f64 / len.max(1) as f64;
+        if p - last_progress >= 0.05 {
+            server.task_progress(&t.task, p.min(0.99));
+            last_progress = p;
+        }
+    }
+    drop(tx);
+    let written = writer.await.map_err(|e| ApiError::internal(e.to_string()));
+    let _ = std::fs::remove_file(&tmp);
+    let result = match written {
+        Ok(Ok(())) if ok && received == len => Ok(()),
+        Ok(Ok(())) => Err(ApiError::internal(format!(
+            "the upload ended after {received} of {len} bytes"
+        ))),
+        Ok(Err(e)) => Err(storage_err(&t.vdi, e)),
+        Err(e) => Err(e),
+    };
+    let failed = result.is_err();
+    let text = result
+        .as_ref()
+        .err()
+        .map(|e| e.description().join(" "))
+        .unwrap_or_default();
+    finish(&server, &t, result);
+    if !failed {
+        let (d_sr, vdi) = (
+            server
+                .db
+                .read()
+                .get_str(field::vdi::SR, &t.vdi)
+                .unwrap_or_default(),
+            t.vdi.clone(),
+        );
+        crate::storage::refresh_vdi(&server, &d_sr, &vdi).await;
+    }
+    let status = if failed {
+        "500 Internal Server Error"
+    } else {
+        "200 OK"
+    };
+    let _ = write_simple(
+        stream,
+        status,
+        "text/plain",
+        text.as_bytes(),
+        false,
+        &format!("Task-Id: {}\r\n", t.task),
+    )
+    .await;
+}
+
+/// `GET /export_raw_vdi`.
+pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    server: Arc<Server>,
+    stream: &mut S,
+    req: &Request,
+) {
+    let t = match prepare(&server, req, "export") {
+        Ok(t) => t,
+        Err((status, why)) => {
+            let _ = write_simple(stream, status, "text/plain", why.as_bytes(), false, "").await;
+            return;
+        }
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
+    let (size_tx, size_rx) =
+        tokio::sync::oneshot::channel::<Result<u64, corral_storage::StorageError>>();
+    let run_dir = server.state_dir.join("run");
+    let (path, image_format, fmt) = (t.path.clone(), t.image_format.clone(), t.format.clone());
+    let tmp = server
+        .state_dir
+        .join("transfer")
+        .join(format!("{}.download", uuid::Uuid::new_v4()));
+    let tmp2 = tmp.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        let send = |r: Result<Vec<u8>, String>| tx.blocking_send(r).is_ok();
+        if fmt == "raw" {
+            let mut img = match NbdImage::open(&path, &image_format, false, &run_dir) {
+                Ok(i) => i,
+                Err(e) => {
+                    let _ = size_tx.send(Err(e));
+                    return;
+                }
+            };
+            let size = img.size();
+            let _ = size_tx.send(Ok(size));
+            let mut off = 0u64;
+            while off < size {
+                let n = ((size - off) as usize).min(CHUNK);
+                let mut buf = vec![0u8; n];
+                if let Err(e) = img.read_at(off, &mut buf) {
+                    let _ = send(Err(e.to_string()));
+                    return;
+                }
+                off += n as u64;
+                if !send(Ok(buf)) {
+                    return;
+                }
+            }
+            let _ = img.close();
+        } else {
+            use std::io::Read;
+            let qfmt = qemu_format(&fmt).unwrap_or("raw");
+            if let Some(d) = tmp2.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            let made = corral_storage::qemu_img::QemuImg::default().convert(
+                &path,
+                Some(&image_format),
+                &tmp2.to_string_lossy(),
+                qfmt,
+            );
+            let mut f = match made.and_then(|_| Ok(std::fs::File::open(&tmp2)?)) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = size_tx.send(Err(e));
+                    return;
+                }
+            };
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = size_tx.send(Ok(size));
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if !send(Ok(buf)) {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = send(Err(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let size = match size_rx.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let err = storage_err(&t.vdi, e);
+            let text = err.description().join(" ");
+            finish(&server, &t, Err(err));
+            let _ = write_simple(
+                stream,
+                "500 Internal Server Error",
+                "text/plain",
+                text.as_bytes(),
+                false,
+                "",
+            )
+            .await;
+            let _ = std::fs::remove_file(&tmp);
+            return;
+        }
+        Err(_) => {
+            finish(
+                &server,
+                &t,
+                Err(ApiError::internal("export worker stopped")),
+            );
+            return;
+        }
+    };
+    let ctype = match t.format.as_str() {
+        "vhd" => "application/vhd",
+        "qcow2" => "application/x-qemu-disk",
+        _ => "application/octet-stream",
+    };
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {size}\r\nTask-Id: {}\r\nConnection: close\r\n\r\n",
+        t.task
+    );
+    let mut result = stream
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()));
+    let mut sent = 0u64;
+    let mut last = 0.0;
+    while result.is_ok() {
+        match rx.recv().await {
+            None => break,
+            Some(Ok(chunk)) => {
+                sent += chunk.len() as u64;
+                result = stream
+                    .write_all(&chunk)
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()));
+                let p = sent as f64 / size.max(1) as f64;
+                if p - last >= 0.05 {
+                    server.task_progress(&t.task, p.min(0.99));
+                    last = p;
+                }
+            }
+            Some(Err(e)) => result = Err(ApiError::internal(e)),
+        }
+    }
+    drop(rx);
+    let _ = reader.await;
+    let _ = stream.flush().await;
+    let _ = std::fs::remove_file(&tmp);
+    if result.is_ok() && sent != size {
+        result = Err(ApiError::internal(format!(
+            "exported {sent} of {size} bytes"
+        )));
+    }
+    finish(&server, &t, result);
+}
