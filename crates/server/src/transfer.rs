@@ -384,18 +384,9 @@ pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
             };
             let size = img.size();
             let _ = size_tx.send(Ok(size));
-            let mut off = 0u64;
-            while off < size {
-                let n = ((size - off) as usize).min(CHUNK);
-                let mut buf = vec![0u8; n];
-                if let Err(e) = img.read_at(off, &mut buf) {
-                    let _ = send(Err(e.to_string()));
-                    return;
-                }
-                off += n as u64;
-                if !send(Ok(buf)) {
-                    return;
-                }
+            if let Err(e) = img.read_all(4, |chunk| send(Ok(chunk))) {
+                let _ = send(Err(e.to_string()));
+                return;
             }
             let _ = img.close();
         } else {

@@ -195,6 +195,50 @@ impl NbdImage {
         self.stream.read_exact(buf).map_err(io)
     }
 
+    /// Reads the whole image in order, keeping `window` requests in flight
+    /// (replies may come back in any order), and hands each chunk to `sink`
+    /// until it returns false.
+    pub fn read_all(&mut self, window: usize, mut sink: impl FnMut(Vec<u8>) -> bool) -> Result<(), StorageError> {
+        use std::collections::{BTreeMap, HashMap};
+        let size = self.size;
+        let mut next_offset = 0u64;
+        let mut emit_offset = 0u64;
+        let mut in_flight: HashMap<u64, (u64, usize)> = HashMap::new();
+        let mut ready: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        while emit_offset < size {
+            while in_flight.len() < window && next_offset < size {
+                let n = ((size - next_offset) as usize).min(CHUNK);
+                self.request(CMD_READ, next_offset, n as u32, None)?;
+                in_flight.insert(self.handle, (next_offset, n));
+                next_offset += n as u64;
+            }
+            let mut r = [0u8; 16];
+            self.stream.read_exact(&mut r).map_err(io)?;
+            let magic = u32::from_be_bytes([r[0], r[1], r[2], r[3]]);
+            let err = u32::from_be_bytes([r[4], r[5], r[6], r[7]]);
+            let handle = u64::from_be_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
+            if magic != REPLY_MAGIC {
+                return Err(StorageError::Tool("NBD: bad reply".into()));
+            }
+            let (off, n) = in_flight
+                .remove(&handle)
+                .ok_or_else(|| StorageError::Tool("NBD: reply to an unknown request".into()))?;
+            if err != 0 {
+                return Err(StorageError::Tool(format!("NBD: read error {err} at {off}")));
+            }
+            let mut buf = vec![0u8; n];
+            self.stream.read_exact(&mut buf).map_err(io)?;
+            ready.insert(off, buf);
+            while let Some(buf) = ready.remove(&emit_offset) {
+                emit_offset += buf.len() as u64;
+                if !sink(buf) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `data` at `offset`; all-zero data becomes WRITE_ZEROES.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
         if data.iter().all(|&b| b == 0) {
