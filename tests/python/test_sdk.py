@@ -50,7 +50,7 @@ def test_pool_host_sm_and_templates(session):
     metrics = x.host_metrics.get_record(host["metrics"])
     assert int(metrics["memory_total"]) > 0
     sms = {x.SM.get_type(r) for r in x.SM.get_all()}
-    assert {"file", "ext", "iso"} <= sms
+    assert {"file", "ext", "nfs", "iso"} <= sms
     templates = [r for r, v in x.VM.get_all_records().items() if v["is_a_template"]]
     assert {x.VM.get_name_label(t) for t in templates} >= {"Other install media", "Linux direct kernel boot"}
     assert session.xenapi.session.get_this_host(session._session) == master

@@ -22,7 +22,7 @@ def test_template_list_golden(daemon):
 
 
 def test_minimal_and_params(daemon):
-    assert daemon.xe("sm-list", "params=type", "--minimal", check=0).stdout == "file,ext,iso\n"
+    assert daemon.xe("sm-list", "params=type", "--minimal", check=0).stdout == "file,ext,nfs,iso\n"
     uuids = daemon.xe("template-list", "--minimal", check=0).stdout.strip().split(",")
     assert len(uuids) == 2
     r = daemon.xe("template-list", "name-label=Other install media", "params=name-label", check=0)

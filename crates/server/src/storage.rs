@@ -1962,6 +1962,39 @@ pub async fn gc(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
                     if vdi_attached_rw_or_any(&s.db.read(), &child_ref) {
                         continue;
                     }
+                    if !on.driver.merges_by_commit() {
+                        // Pull the base's data into the child; then the base
+                        // has no children and goes on the next pass.
+                        let grandparent = images
+                            .iter()
+                            .find(|i| i.location == base_loc)
+                            .and_then(|i| i.parent.clone());
+                        let (d, ctx, loc, gp) = (
+                            on.driver,
+                            on.ctx.clone(),
+                            child.location.clone(),
+                            grandparent.clone(),
+                        );
+                        blocking(move || d.vdi_pull_parent(&ctx, &loc, gp.as_deref()))
+                            .await?
+                            .map_err(|e| storage_error(1, sr, e))?;
+                        db(s.db.write(|t| {
+                            let st = t.state();
+                            let base_sm =
+                                strmap(&st.get(field::vdi::SM_CONFIG, &base).unwrap_or(Value::Nil));
+                            let mut csm = strmap(
+                                &st.get(field::vdi::SM_CONFIG, &child_ref)
+                                    .unwrap_or(Value::Nil),
+                            );
+                            match base_sm.get("vhd-parent") {
+                                Some(p) => csm.insert("vhd-parent".into(), p.clone()),
+                                None => csm.remove("vhd-parent"),
+                            };
+                            t.set(field::vdi::SM_CONFIG, &child_ref, to_value(&csm))
+                        }))?;
+                        progressed = true;
+                        break;
+                    }
                     let journal = Journal::open(s, &on.uuid, &[&child.location])?;
                     // The child's own children (when it is a base copy too)
                     // must follow it onto the merged image.

@@ -60,7 +60,10 @@ static ISO_INFO: SmInfo = SmInfo {
     kind: "iso",
     name: "ISO",
     description: "Library of read-only ISO images in a directory",
-    configuration: &[("location", "path to the directory of .iso files (required)")],
+    configuration: &[(
+        "location",
+        "the directory of .iso files, or nfs://server/path (required)",
+    )],
     capabilities: &[
         "SR_PROBE",
         "SR_SCAN",
@@ -87,6 +90,18 @@ impl FileDriver {
         FileDriver {
             kind,
             cache: Mutex::new(None),
+        }
+    }
+
+    /// An ISO library on NFS (`location=nfs://server/path`), reached in userspace.
+    fn nfs_url(&self, sr: &SrCtx) -> Option<String> {
+        match self.kind {
+            Kind::Iso => sr
+                .device_config
+                .get("location")
+                .filter(|l| l.starts_with("nfs://"))
+                .cloned(),
+            _ => None,
         }
     }
 
@@ -263,6 +278,12 @@ impl Driver for FileDriver {
     }
 
     fn probe(&self, dc: &BTreeMap<String, String>, state_dir: &Path) -> Result<String> {
+        if self.kind == Kind::Iso {
+            if let Some(url) = dc.get("location").filter(|l| l.starts_with("nfs://")) {
+                crate::nfs::list_files(url)?;
+                return Ok("<?xml version=\"1.0\" ?>\n<SRlist>\n</SRlist>\n".into());
+            }
+        }
         let found = match self.kind {
             Kind::File | Kind::Iso => {
                 let dir = dc
@@ -337,6 +358,7 @@ impl Driver for FileDriver {
                 }
                 Self::write_marker(&dir, &sr.uuid, FORMAT_VERSION)
             }
+            Kind::Iso if self.nfs_url(sr).is_some() => self.attach(sr).map(|_| ()),
             Kind::Iso => {
                 let dir = self.dir(sr)?;
                 if !dir.is_dir() {
@@ -370,6 +392,10 @@ impl Driver for FileDriver {
     }
 
     fn attach(&self, sr: &SrCtx) -> Result<u32> {
+        if let Some(url) = self.nfs_url(sr) {
+            crate::nfs::list_files(&url)?;
+            return Ok(FORMAT_VERSION);
+        }
         let dir = self.dir(sr)?;
         if self.kind == Kind::Ext && !is_mounted(&dir) {
             let dev = self.device(&sr.device_config)?;
@@ -414,6 +440,13 @@ impl Driver for FileDriver {
     }
 
     fn stat(&self, sr: &SrCtx) -> Result<SrStat> {
+        if self.nfs_url(sr).is_some() {
+            let used: i64 = self.scan(sr)?.iter().map(|v| v.physical_utilisation).sum();
+            return Ok(SrStat {
+                physical_size: used,
+                physical_utilisation: used,
+            });
+        }
         let dir = self.dir(sr)?;
         let c = std::ffi::CString::new(path_str(&dir)?)
             .map_err(|_| StorageError::Tool("path contains NUL".into()))?;
@@ -430,6 +463,22 @@ impl Driver for FileDriver {
     }
 
     fn scan(&self, sr: &SrCtx) -> Result<Vec<VdiInfo>> {
+        if let Some(url) = self.nfs_url(sr) {
+            let mut out: Vec<VdiInfo> = crate::nfs::list_files(&url)?
+                .into_iter()
+                .filter(|(n, _, _)| n.to_ascii_lowercase().ends_with(".iso") && !n.starts_with('.'))
+                .map(|(name, size, used)| VdiInfo {
+                    location: name,
+                    virtual_size: size as i64,
+                    physical_utilisation: used as i64,
+                    parent: None,
+                    format: "iso".into(),
+                    read_only: true,
+                })
+                .collect();
+            out.sort_by(|a, b| a.location.cmp(&b.location));
+            return Ok(out);
+        }
         let dir = self.dir(sr)?;
         let mut out = Vec::new();
         let entries = std::fs::read_dir(&dir)
@@ -510,6 +559,13 @@ impl Driver for FileDriver {
     }
 
     fn vdi_info(&self, sr: &SrCtx, location: &str) -> Result<VdiInfo> {
+        if self.nfs_url(sr).is_some() {
+            return self
+                .scan(sr)?
+                .into_iter()
+                .find(|v| v.location == location)
+                .ok_or_else(|| StorageError::Missing(location.to_owned()));
+        }
         let dir = self.dir(sr)?;
         if self.kind == Kind::Iso {
             let p = dir.join(location);
@@ -566,6 +622,29 @@ impl Driver for FileDriver {
         QemuImg::default().commit(path_str(&p)?)
     }
 
+    fn vdi_pull_parent(&self, sr: &SrCtx, location: &str, new_parent: Option<&str>) -> Result<()> {
+        let dir = self.dir(sr)?;
+        let p = self.image_path(&dir, location)?;
+        let backing = match new_parent {
+            Some(np) => {
+                let pp = self.image_path(&dir, np)?;
+                let fmt = self.info_cached(&pp)?.format;
+                Some((
+                    pp.file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    fmt,
+                ))
+            }
+            None => None,
+        };
+        QemuImg::default().rebase_safe(
+            path_str(&p)?,
+            backing.as_ref().map(|(b, f)| (b.as_str(), f.as_str())),
+        )
+    }
+
     fn vdi_set_parent(&self, sr: &SrCtx, location: &str, parent: &str) -> Result<()> {
         let dir = self.dir(sr)?;
         let p = self.image_path(&dir, location)?;
@@ -579,6 +658,9 @@ impl Driver for FileDriver {
     }
 
     fn vdi_path(&self, sr: &SrCtx, location: &str) -> Result<String> {
+        if let Some(url) = self.nfs_url(sr) {
+            return Ok(format!("{}/{location}", url.trim_end_matches('/')));
+        }
         let dir = self.dir(sr)?;
         if self.kind == Kind::Iso {
             return Ok(path_str(&dir.join(location))?.to_owned());

@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod nbd;
+pub mod nfs;
 pub mod qemu_img;
 
 use std::collections::BTreeMap;
@@ -145,6 +146,16 @@ pub trait Driver: Send + Sync {
     /// Merges `child`'s own data into its backing image. The child stays a
     /// valid view of the same disk, so a crash at any point loses nothing.
     fn vdi_commit(&self, sr: &SrCtx, child: &str) -> Result<()>;
+    /// How chains are shortened: true = commit the child into its parent
+    /// (cheap when the child is small); false = pull the parent's data into
+    /// the child ([`Driver::vdi_pull_parent`]), for storage where backing
+    /// images cannot be reopened for writing (libnfs).
+    fn merges_by_commit(&self) -> bool {
+        true
+    }
+    /// Copies the parent's data into `location`, which then sits directly
+    /// on `new_parent` (the parent's own parent) or on nothing.
+    fn vdi_pull_parent(&self, sr: &SrCtx, location: &str, new_parent: Option<&str>) -> Result<()>;
     /// Points `location` at another backing image holding the same data
     /// (after a commit); rewrites only the image header.
     fn vdi_set_parent(&self, sr: &SrCtx, location: &str, parent: &str) -> Result<()>;
@@ -164,16 +175,18 @@ pub fn driver(kind: &str) -> Option<&'static dyn Driver> {
     static FILE: file::FileDriver = file::FileDriver::new(file::Kind::File);
     static EXT: file::FileDriver = file::FileDriver::new(file::Kind::Ext);
     static ISO: file::FileDriver = file::FileDriver::new(file::Kind::Iso);
+    static NFS: nfs::NfsDriver = nfs::NfsDriver::new();
     match kind {
         "file" => Some(&FILE),
         "ext" => Some(&EXT),
+        "nfs" => Some(&NFS),
         "iso" => Some(&ISO),
         _ => None,
     }
 }
 
 pub fn driver_kinds() -> &'static [&'static str] {
-    &["file", "ext", "iso"]
+    &["file", "ext", "nfs", "iso"]
 }
 
 /// Capabilities shared by the qcow2 file drivers.

@@ -198,7 +198,11 @@ impl NbdImage {
     /// Reads the whole image in order, keeping `window` requests in flight
     /// (replies may come back in any order), and hands each chunk to `sink`
     /// until it returns false.
-    pub fn read_all(&mut self, window: usize, mut sink: impl FnMut(Vec<u8>) -> bool) -> Result<(), StorageError> {
+    pub fn read_all(
+        &mut self,
+        window: usize,
+        mut sink: impl FnMut(Vec<u8>) -> bool,
+    ) -> Result<(), StorageError> {
         use std::collections::{BTreeMap, HashMap};
         let size = self.size;
         let mut next_offset = 0u64;
@@ -224,7 +228,9 @@ impl NbdImage {
                 .remove(&handle)
                 .ok_or_else(|| StorageError::Tool("NBD: reply to an unknown request".into()))?;
             if err != 0 {
-                return Err(StorageError::Tool(format!("NBD: read error {err} at {off}")));
+                return Err(StorageError::Tool(format!(
+                    "NBD: read error {err} at {off}"
+                )));
             }
             let mut buf = vec![0u8; n];
             self.stream.read_exact(&mut buf).map_err(io)?;

@@ -121,6 +121,23 @@ impl QemuImg {
         self.run(&args).map(|_| ())
     }
 
+    /// Makes `path` independent of its current backing image by copying in
+    /// what it reads from there, leaving `backing` (or nothing) underneath.
+    /// `path` shows the same data before, during and after.
+    pub fn rebase_safe(
+        &self,
+        path: &str,
+        backing: Option<(&str, &str)>,
+    ) -> Result<(), StorageError> {
+        let mut args = vec!["rebase", "-q", "-f", "qcow2"];
+        match backing {
+            Some((b, f)) => args.extend(["-F", f, "-b", b]),
+            None => args.extend(["-b", ""]),
+        }
+        args.push(path);
+        self.run(&args).map(|_| ())
+    }
+
     /// Rewrites the backing-file name in `path` without copying data.
     pub fn rebase_unsafe(&self, path: &str, backing: &str) -> Result<(), StorageError> {
         self.run(&[

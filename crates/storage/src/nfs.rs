@@ -1,0 +1,852 @@
+//! The `nfs` SR driver, with no kernel NFS client: image data is reached by
+//! qemu-img and QEMU through their built-in libnfs client (`nfs://` URLs),
+//! and the driver manages files (listing, deleting, the SR marker, sizes)
+//! with the userspace NFSv3 client of the `nfs3_client` crate.
+//!
+//! Layout as XAPI's NFS SR: `<serverpath>/<sr-uuid>/<location>.qcow2`.
+//! Backing files are stored as absolute `nfs://` URLs (QEMU cannot resolve
+//! relative backing names under `nfs://`), so every host must reach the
+//! server under the same name. Assumptions: AUTH_SYS as root, the export
+//! has `no_root_squash`, no Kerberos/CHAP; NFSv3 (Debian's libnfs 4.0, which
+//! QEMU links, has no NFSv4).
+
+use crate::qemu_img::{ImageInfo, QemuImg};
+use crate::{
+    Driver, FILE_CAPS, FORMAT_VERSION, LEGACY_FORMAT_VERSION, Result, SmInfo, SrCtx, SrStat,
+    StorageError, VdiInfo,
+};
+use nfs3_client::nfs3_types::nfs3::{
+    self, CREATE3args, FSSTAT3args, LOOKUP3args, MKDIR3args, Nfs3Option, Nfs3Result, READ3args,
+    READDIRPLUS3args, REMOVE3args, RMDIR3args, WRITE3args, createhow3, diropargs3, nfs_fh3, sattr3,
+};
+use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
+use nfs3_client::nfs3_types::xdr_codec::Opaque;
+use nfs3_client::tokio::{TokioConnector, TokioIo};
+use nfs3_client::{MountClient, Nfs3Connection, Nfs3ConnectionBuilder, PortmapperClient};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+const MARKER: &str = crate::file::MARKER;
+/// One NFS management call (mount + a few RPCs) may take this long.
+const RPC_TIMEOUT: Duration = Duration::from_secs(15);
+
+static NFS_INFO: SmInfo = SmInfo {
+    kind: "nfs",
+    name: "NFS",
+    description: "SR backed by qcow2 files on an NFS export, reached in userspace (libnfs, NFSv3)",
+    configuration: &[
+        (
+            "server",
+            "hostname or IP address of the NFS server (required)",
+        ),
+        ("serverpath", "path of the export on the server (required)"),
+        (
+            "nfsversion",
+            "NFS version: 3 (4 is refused: this host's userspace client speaks NFSv3)",
+        ),
+    ],
+    capabilities: FILE_CAPS,
+    content_type: "user",
+};
+
+type Conn = Nfs3Connection<TokioIo<tokio::net::TcpStream>>;
+
+fn nfs_err(what: &str, e: impl std::fmt::Display) -> StorageError {
+    // SMAPI 73: NFS mount error.
+    StorageError::backend(73, "NFS mount error", format!("{what}: {e}"))
+}
+
+fn status_err<E: std::fmt::Debug>(what: &str, r: (nfs3::nfsstat3, E)) -> StorageError {
+    StorageError::Tool(format!("NFS {what}: {:?}", r.0))
+}
+
+fn credential() -> opaque_auth<'static> {
+    let a = auth_unix {
+        stamp: 0,
+        machinename: Opaque::owned(b"corral".to_vec()),
+        uid: 0,
+        gid: 0,
+        gids: vec![],
+    };
+    opaque_auth::auth_unix(&a)
+}
+
+fn resolve(server: &str) -> Result<IpAddr> {
+    if let Ok(ip) = server.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    (server, 111)
+        .to_socket_addrs()
+        .map_err(|e| {
+            StorageError::backend(
+                140,
+                "Incorrect DNS name, unable to resolve.",
+                format!("{server}: {e}"),
+            )
+        })?
+        .next()
+        .map(|a| a.ip())
+        .ok_or_else(|| {
+            StorageError::backend(
+                140,
+                "Incorrect DNS name, unable to resolve.",
+                server.to_owned(),
+            )
+        })
+}
+
+/// Runs one management exchange on a private single-threaded runtime in its
+/// own thread (callers may be inside another runtime), bounded by
+/// [`RPC_TIMEOUT`].
+fn block<T: Send>(f: impl std::future::Future<Output = Result<T>> + Send) -> Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| StorageError::Tool(format!("runtime: {e}")))?;
+                rt.block_on(async {
+                    match tokio::time::timeout(RPC_TIMEOUT, f).await {
+                        Ok(r) => r,
+                        Err(_) => Err(StorageError::backend(
+                            73,
+                            "NFS mount error",
+                            "the NFS server did not answer in time",
+                        )),
+                    }
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(StorageError::Tool("NFS client thread panicked".into())))
+    })
+}
+
+async fn mount(server: &str, export: &str) -> Result<Conn> {
+    let ip = resolve(server)?;
+    Nfs3ConnectionBuilder::new(TokioConnector, ip.to_string(), export)
+        .credential(credential())
+        .mount()
+        .await
+        .map_err(|e| nfs_err(&format!("mounting {server}:{export}"), format!("{e:?}")))
+}
+
+async fn lookup(
+    c: &mut Conn,
+    dir: &nfs_fh3,
+    name: &str,
+) -> Result<Option<(nfs_fh3, Option<nfs3::fattr3>)>> {
+    let r = c
+        .lookup(&LOOKUP3args {
+            what: diropargs3 {
+                dir: dir.clone(),
+                name: name.as_bytes().into(),
+            },
+        })
+        .await
+        .map_err(|e| nfs_err("lookup", format!("{e:?}")))?;
+    Ok(match r {
+        Nfs3Result::Ok(ok) => {
+            let attr = match ok.obj_attributes {
+                Nfs3Option::Some(a) => Some(a),
+                Nfs3Option::None => None,
+            };
+            Some((ok.object, attr))
+        }
+        Nfs3Result::Err((nfs3::nfsstat3::NFS3ERR_NOENT, _)) => None,
+        Nfs3Result::Err(e) => return Err(status_err("lookup", e)),
+    })
+}
+
+async fn mkdir(c: &mut Conn, dir: &nfs_fh3, name: &str) -> Result<nfs_fh3> {
+    let mut attrs = sattr3::default();
+    attrs.mode = nfs3::set_mode3::Some(0o755);
+    let r = c
+        .mkdir(&MKDIR3args {
+            where_: diropargs3 {
+                dir: dir.clone(),
+                name: name.as_bytes().into(),
+            },
+            attributes: attrs,
+        })
+        .await
+        .map_err(|e| nfs_err("mkdir", format!("{e:?}")))?;
+    match r {
+        Nfs3Result::Ok(ok) => match ok.obj {
+            Nfs3Option::Some(fh) => Ok(fh),
+            Nfs3Option::None => lookup(c, dir, name)
+                .await?
+                .map(|x| x.0)
+                .ok_or_else(|| StorageError::Tool("NFS mkdir: no handle".into())),
+        },
+        Nfs3Result::Err((nfs3::nfsstat3::NFS3ERR_EXIST, _)) => lookup(c, dir, name)
+            .await?
+            .map(|x| x.0)
+            .ok_or_else(|| StorageError::Tool("NFS mkdir: vanished".into())),
+        Nfs3Result::Err(e) => Err(status_err("mkdir", e)),
+    }
+}
+
+struct Entry {
+    name: String,
+    size: u64,
+    used: u64,
+    mtime: (u32, u32),
+    is_file: bool,
+}
+
+async fn list(c: &mut Conn, dir: &nfs_fh3) -> Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    let mut cookie = 0;
+    let mut verf = nfs3::cookieverf3::default();
+    loop {
+        let r = c
+            .readdirplus(&READDIRPLUS3args {
+                dir: dir.clone(),
+                cookie,
+                cookieverf: verf,
+                dircount: 64 * 1024,
+                maxcount: 256 * 1024,
+            })
+            .await
+            .map_err(|e| nfs_err("readdirplus", format!("{e:?}")))?;
+        let ok = match r {
+            Nfs3Result::Ok(ok) => ok,
+            Nfs3Result::Err(e) => return Err(status_err("readdirplus", e)),
+        };
+        verf = ok.cookieverf;
+        for e in ok.reply.entries.0 {
+            cookie = e.cookie;
+            let name = String::from_utf8_lossy(&e.name.0).into_owned();
+            if let Nfs3Option::Some(a) = e.name_attributes {
+                out.push(Entry {
+                    name,
+                    size: a.size,
+                    used: a.used,
+                    mtime: (a.mtime.seconds, a.mtime.nseconds),
+                    is_file: matches!(a.type_, nfs3::ftype3::NF3REG),
+                });
+            }
+        }
+        if ok.reply.eof {
+            return Ok(out);
+        }
+    }
+}
+
+async fn remove(c: &mut Conn, dir: &nfs_fh3, name: &str) -> Result<()> {
+    let r = c
+        .remove(&REMOVE3args {
+            object: diropargs3 {
+                dir: dir.clone(),
+                name: name.as_bytes().into(),
+            },
+        })
+        .await
+        .map_err(|e| nfs_err("remove", format!("{e:?}")))?;
+    match r {
+        Nfs3Result::Ok(_) | Nfs3Result::Err((nfs3::nfsstat3::NFS3ERR_NOENT, _)) => Ok(()),
+        Nfs3Result::Err(e) => Err(status_err("remove", e)),
+    }
+}
+
+async fn read_small(c: &mut Conn, dir: &nfs_fh3, name: &str) -> Result<Option<Vec<u8>>> {
+    let Some((fh, _)) = lookup(c, dir, name).await? else {
+        return Ok(None);
+    };
+    let r = c
+        .read(&READ3args {
+            file: fh,
+            offset: 0,
+            count: 64 * 1024,
+        })
+        .await
+        .map_err(|e| nfs_err("read", format!("{e:?}")))?;
+    match r {
+        Nfs3Result::Ok(ok) => Ok(Some(ok.data.to_vec())),
+        Nfs3Result::Err(e) => Err(status_err("read", e)),
+    }
+}
+
+async fn write_small(c: &mut Conn, dir: &nfs_fh3, name: &str, data: &[u8]) -> Result<()> {
+    let mut attrs = sattr3::default();
+    attrs.mode = nfs3::set_mode3::Some(0o644);
+    attrs.size = nfs3::set_size3::Some(0);
+    let r = c
+        .create(&CREATE3args {
+            where_: diropargs3 {
+                dir: dir.clone(),
+                name: name.as_bytes().into(),
+            },
+            how: createhow3::UNCHECKED(attrs),
+        })
+        .await
+        .map_err(|e| nfs_err("create", format!("{e:?}")))?;
+    let fh = match r {
+        Nfs3Result::Ok(ok) => match ok.obj {
+            Nfs3Option::Some(fh) => fh,
+            Nfs3Option::None => lookup(c, dir, name)
+                .await?
+                .map(|x| x.0)
+                .ok_or_else(|| StorageError::Tool("NFS create: no handle".into()))?,
+        },
+        Nfs3Result::Err(e) => return Err(status_err("create", e)),
+    };
+    let r = c
+        .write(&WRITE3args {
+            file: fh,
+            offset: 0,
+            count: data.len() as u32,
+            stable: nfs3::stable_how::FILE_SYNC,
+            data: Opaque::borrowed(data),
+        })
+        .await
+        .map_err(|e| nfs_err("write", format!("{e:?}")))?;
+    match r {
+        Nfs3Result::Ok(_) => Ok(()),
+        Nfs3Result::Err(e) => Err(status_err("write", e)),
+    }
+}
+
+/// The exports a server offers: (path, allowed clients).
+fn exports(server: &str) -> Result<Vec<(String, Vec<String>)>> {
+    let ip = resolve(server)?;
+    block(async move {
+        let pm_io = TokioConnector_connect(ip, 111).await?;
+        let mut pm = PortmapperClient::new(pm_io);
+        let port = pm
+            .getport(
+                nfs3_client::nfs3_types::mount::PROGRAM,
+                nfs3_client::nfs3_types::mount::VERSION,
+                nfs3_client::nfs3_types::portmap::IPPROTO_TCP,
+            )
+            .await
+            .map_err(|e| {
+                StorageError::backend(
+                    108,
+                    "Unable to detect an NFS service on this target.",
+                    format!("{e:?}"),
+                )
+            })?;
+        let io = TokioConnector_connect(ip, port).await?;
+        let mut m = MountClient::new_with_auth(io, credential(), opaque_auth::default());
+        let list = m
+            .export()
+            .await
+            .map_err(|e| nfs_err("export list", format!("{e:?}")))?;
+        Ok(list
+            .0
+            .into_iter()
+            .map(|n| {
+                (
+                    String::from_utf8_lossy(&n.ex_dir.0).into_owned(),
+                    n.ex_groups
+                        .0
+                        .into_iter()
+                        .map(|g| String::from_utf8_lossy(&g.0).into_owned())
+                        .collect(),
+                )
+            })
+            .collect())
+    })
+}
+
+#[allow(non_snake_case)]
+async fn TokioConnector_connect(ip: IpAddr, port: u16) -> Result<TokioIo<tokio::net::TcpStream>> {
+    let s = tokio::net::TcpStream::connect((ip, port))
+        .await
+        .map_err(|e| {
+            StorageError::backend(
+                108,
+                "Unable to detect an NFS service on this target.",
+                e.to_string(),
+            )
+        })?;
+    Ok(TokioIo::new(s))
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+type InfoCache = HashMap<String, ((u32, u32), u64, ImageInfo)>;
+
+pub struct NfsDriver {
+    cache: Mutex<Option<InfoCache>>,
+}
+
+struct Where {
+    server: String,
+    export: String,
+    base_url: String,
+}
+
+impl NfsDriver {
+    pub const fn new() -> NfsDriver {
+        NfsDriver {
+            cache: Mutex::new(None),
+        }
+    }
+
+    fn where_(dc: &BTreeMap<String, String>, sr_uuid: &str) -> Result<Where> {
+        let server = dc.get("server").filter(|s| !s.is_empty()).ok_or_else(|| {
+            StorageError::backend(102, "The request is missing the server parameter", "")
+        })?;
+        let export = dc
+            .get("serverpath")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                StorageError::backend(101, "The request is missing the serverpath parameter", "")
+            })?;
+        match dc.get("nfsversion").map(String::as_str) {
+            None | Some("") | Some("3") => {}
+            Some(v) => {
+                return Err(StorageError::backend(
+                    73,
+                    "NFS mount error",
+                    format!(
+                        "nfsversion={v} is not supported: this host's userspace NFS client (libnfs) speaks NFSv3"
+                    ),
+                ));
+            }
+        }
+        let export = format!("/{}", export.trim_matches('/'));
+        Ok(Where {
+            base_url: format!("nfs://{server}{export}/{sr_uuid}/"),
+            server: server.clone(),
+            export,
+        })
+    }
+
+    async fn sr_dir(c: &mut Conn, sr_uuid: &str, create: bool) -> Result<nfs_fh3> {
+        let root = c.root_nfs_fh3();
+        match lookup(c, &root, sr_uuid).await? {
+            Some((fh, _)) => Ok(fh),
+            None if create => mkdir(c, &root, sr_uuid).await,
+            None => Err(StorageError::backend(
+                47,
+                "The SR is not available",
+                format!("no directory {sr_uuid} on the export"),
+            )),
+        }
+    }
+
+    fn entries(&self, sr: &SrCtx) -> Result<(Where, Vec<Entry>)> {
+        let w = Self::where_(&sr.device_config, &sr.uuid)?;
+        let (server, export, uuid) = (w.server.clone(), w.export.clone(), sr.uuid.clone());
+        let entries = block(async move {
+            let mut c = mount(&server, &export).await?;
+            let dir = Self::sr_dir(&mut c, &uuid, false).await?;
+            let l = list(&mut c, &dir).await;
+            let _ = c.unmount().await;
+            l
+        })?;
+        Ok((w, entries))
+    }
+
+    fn url_of(&self, w: &Where, entries: &[Entry], location: &str) -> Result<String> {
+        if location.is_empty() || location.contains('/') || location.starts_with('.') {
+            return Err(StorageError::Missing(location.to_owned()));
+        }
+        let q = format!("{location}.qcow2");
+        if entries.iter().any(|e| e.name == q) {
+            return Ok(format!("{}{q}", w.base_url));
+        }
+        if entries.iter().any(|e| e.name == location && e.is_file) {
+            return Ok(format!("{}{location}", w.base_url));
+        }
+        Err(StorageError::Missing(location.to_owned()))
+    }
+
+    fn describe(&self, w: &Where, e: &Entry) -> Result<VdiInfo> {
+        let url = format!("{}{}", w.base_url, e.name);
+        let cached = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().and_then(|c| c.get(&url).cloned()))
+            .filter(|(m, l, _)| *m == e.mtime && *l == e.size)
+            .map(|x| x.2);
+        let info = match cached {
+            Some(i) => i,
+            None => {
+                let i = QemuImg::default().info(&url)?;
+                if let Ok(mut c) = self.cache.lock() {
+                    c.get_or_insert_with(HashMap::new)
+                        .insert(url, (e.mtime, e.size, i.clone()));
+                }
+                i
+            }
+        };
+        let location = e.name.strip_suffix(".qcow2").unwrap_or(&e.name).to_owned();
+        let parent = info.backing.as_deref().map(|b| {
+            let name = b.rsplit('/').next().unwrap_or(b);
+            name.strip_suffix(".qcow2").unwrap_or(name).to_owned()
+        });
+        Ok(VdiInfo {
+            location,
+            virtual_size: info.virtual_size,
+            physical_utilisation: e.used as i64,
+            parent,
+            format: info.format,
+            read_only: false,
+        })
+    }
+
+    fn info_by_location(&self, sr: &SrCtx, location: &str) -> Result<(Where, VdiInfo, String)> {
+        let (w, entries) = self.entries(sr)?;
+        let url = self.url_of(&w, &entries, location)?;
+        let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+        let e = entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| StorageError::Missing(location.to_owned()))?;
+        let info = self.describe(&w, e)?;
+        Ok((w, info, url))
+    }
+
+    fn marker(&self, w: &Where, sr_uuid: &str) -> Result<Option<u32>> {
+        let (server, export, uuid) = (w.server.clone(), w.export.clone(), sr_uuid.to_owned());
+        let data = block(async move {
+            let mut c = mount(&server, &export).await?;
+            let dir = Self::sr_dir(&mut c, &uuid, false).await?;
+            let r = read_small(&mut c, &dir, MARKER).await;
+            let _ = c.unmount().await;
+            r
+        })?;
+        Ok(data
+            .and_then(|d| serde_json::from_slice::<serde_json::Value>(&d).ok())
+            .map(|j| j["format_version"].as_u64().unwrap_or(0) as u32))
+    }
+
+    fn write_marker(&self, w: &Where, sr_uuid: &str, version: u32, create_dir: bool) -> Result<()> {
+        let (server, export, uuid) = (w.server.clone(), w.export.clone(), sr_uuid.to_owned());
+        let text = serde_json::json!({ "uuid": sr_uuid, "format_version": version }).to_string();
+        block(async move {
+            let mut c = mount(&server, &export).await?;
+            let dir = Self::sr_dir(&mut c, &uuid, create_dir).await?;
+            let r = write_small(&mut c, &dir, MARKER, text.as_bytes()).await;
+            let _ = c.unmount().await;
+            r
+        })
+    }
+
+    fn new_location() -> String {
+        uuid::Uuid::new_v4().to_string()
+    }
+}
+
+impl Default for NfsDriver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Driver for NfsDriver {
+    fn info(&self) -> &'static SmInfo {
+        &NFS_INFO
+    }
+
+    fn probe(&self, dc: &BTreeMap<String, String>, _state_dir: &Path) -> Result<String> {
+        let server = dc.get("server").filter(|s| !s.is_empty()).ok_or_else(|| {
+            StorageError::backend(102, "The request is missing the server parameter", "")
+        })?;
+        if dc.get("serverpath").is_none_or(|p| p.is_empty()) {
+            // As XAPI: the export list travels in the error's third field.
+            let mut xml = String::from("<?xml version=\"1.0\" ?>\n<nfs-exports>\n");
+            for (path, groups) in exports(server)? {
+                let access = if groups.is_empty() {
+                    "*".to_owned()
+                } else {
+                    groups.join(",")
+                };
+                xml.push_str(&format!(
+                    "\t<Export>\n\t\t<Target>{}</Target>\n\t\t<Path>{}</Path>\n\t\t<Accesslist>{}</Accesslist>\n\t</Export>\n",
+                    xml_escape(server),
+                    xml_escape(&path),
+                    xml_escape(&access)
+                ));
+            }
+            xml.push_str("</nfs-exports>\n");
+            return Err(StorageError::backend(
+                101,
+                "The request is missing the serverpath parameter",
+                xml,
+            ));
+        }
+        let w = Self::where_(dc, "")?;
+        let (s2, e2) = (w.server.clone(), w.export.clone());
+        let found = block(async move {
+            let mut c = mount(&s2, &e2).await?;
+            let root = c.root_nfs_fh3();
+            let mut found = Vec::new();
+            for e in list(&mut c, &root).await? {
+                if e.is_file || e.name.starts_with('.') || uuid::Uuid::parse_str(&e.name).is_err() {
+                    continue;
+                }
+                if let Some((dir, _)) = lookup(&mut c, &root, &e.name).await? {
+                    if let Some(data) = read_small(&mut c, &dir, MARKER).await? {
+                        let v = serde_json::from_slice::<serde_json::Value>(&data)
+                            .ok()
+                            .and_then(|j| j["format_version"].as_u64())
+                            .unwrap_or(0);
+                        found.push((e.name.clone(), v));
+                    }
+                }
+            }
+            let _ = c.unmount().await;
+            Ok(found)
+        })?;
+        let mut xml = String::from("<?xml version=\"1.0\" ?>\n<SRlist>\n");
+        for (uuid, v) in found {
+            xml.push_str(&format!(
+                "\t<SR>\n\t\t<UUID>{uuid}</UUID>\n\t\t<FormatVersion>{v}</FormatVersion>\n\t</SR>\n"
+            ));
+        }
+        xml.push_str("</SRlist>\n");
+        Ok(xml)
+    }
+
+    fn create(&self, sr: &SrCtx, _physical_size: i64) -> Result<()> {
+        let w = Self::where_(&sr.device_config, &sr.uuid)?;
+        self.write_marker(&w, &sr.uuid, FORMAT_VERSION, true)
+    }
+
+    fn delete(&self, sr: &SrCtx) -> Result<()> {
+        let w = Self::where_(&sr.device_config, &sr.uuid)?;
+        let (server, export, uuid) = (w.server.clone(), w.export.clone(), sr.uuid.clone());
+        block(async move {
+            let mut c = mount(&server, &export).await?;
+            let root = c.root_nfs_fh3();
+            if let Some((dir, _)) = lookup(&mut c, &root, &uuid).await? {
+                remove(&mut c, &dir, MARKER).await?;
+                let r = c
+                    .rmdir(&RMDIR3args {
+                        object: diropargs3 {
+                            dir: root.clone(),
+                            name: uuid.as_bytes().into(),
+                        },
+                    })
+                    .await
+                    .map_err(|e| nfs_err("rmdir", format!("{e:?}")))?;
+                if let Nfs3Result::Err(e) = r {
+                    return Err(status_err("rmdir", e));
+                }
+            }
+            let _ = c.unmount().await;
+            Ok(())
+        })
+    }
+
+    fn attach(&self, sr: &SrCtx) -> Result<u32> {
+        let w = Self::where_(&sr.device_config, &sr.uuid)?;
+        match self.marker(&w, &sr.uuid)? {
+            Some(v) if v > FORMAT_VERSION => Err(StorageError::TooNew {
+                found: v,
+                supported: FORMAT_VERSION,
+            }),
+            Some(v) => Ok(v.max(LEGACY_FORMAT_VERSION)),
+            None => {
+                self.write_marker(&w, &sr.uuid, LEGACY_FORMAT_VERSION, false)?;
+                Ok(LEGACY_FORMAT_VERSION)
+            }
+        }
+    }
+
+    fn detach(&self, _sr: &SrCtx) -> Result<()> {
+        Ok(())
+    }
+
+    fn stat(&self, sr: &SrCtx) -> Result<SrStat> {
+        let w = Self::where_(&sr.device_config, &sr.uuid)?;
+        let (server, export) = (w.server.clone(), w.export.clone());
+        block(async move {
+            let mut c = mount(&server, &export).await?;
+            let root = c.root_nfs_fh3();
+            let r = c
+                .fsstat(&FSSTAT3args { fsroot: root })
+                .await
+                .map_err(|e| nfs_err("fsstat", format!("{e:?}")))?;
+            let _ = c.unmount().await;
+            match r {
+                Nfs3Result::Ok(ok) => Ok(SrStat {
+                    physical_size: ok.tbytes as i64,
+                    physical_utilisation: (ok.tbytes - ok.fbytes) as i64,
+                }),
+                Nfs3Result::Err(e) => Err(status_err("fsstat", e)),
+            }
+        })
+    }
+
+    fn scan(&self, sr: &SrCtx) -> Result<Vec<VdiInfo>> {
+        let (w, entries) = self.entries(sr)?;
+        let mut out = Vec::new();
+        for e in entries
+            .iter()
+            .filter(|e| e.is_file && !e.name.starts_with('.'))
+        {
+            out.push(self.describe(&w, e)?);
+        }
+        out.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(out)
+    }
+
+    fn upgrade(&self, sr: &SrCtx) -> Result<()> {
+        let w = Self::where_(&sr.device_config, &sr.uuid)?;
+        self.write_marker(&w, &sr.uuid, FORMAT_VERSION, false)
+    }
+
+    fn vdi_create(&self, sr: &SrCtx, size: i64, format_version: u32) -> Result<VdiInfo> {
+        let w = Self::where_(&sr.device_config, &sr.uuid)?;
+        let loc = Self::new_location();
+        let q = QemuImg::default();
+        let url = if format_version >= FORMAT_VERSION {
+            let url = format!("{}{loc}.qcow2", w.base_url);
+            q.create_qcow2(&url, size, None)?;
+            url
+        } else {
+            let url = format!("{}{loc}", w.base_url);
+            q.create_raw(&url, size)?;
+            url
+        };
+        let info = q.info(&url)?;
+        Ok(VdiInfo {
+            location: loc,
+            virtual_size: info.virtual_size,
+            physical_utilisation: info.actual_size,
+            parent: None,
+            format: info.format,
+            read_only: false,
+        })
+    }
+
+    fn vdi_delete(&self, sr: &SrCtx, location: &str) -> Result<()> {
+        let w = Self::where_(&sr.device_config, &sr.uuid)?;
+        let (server, export, uuid, loc) = (
+            w.server.clone(),
+            w.export.clone(),
+            sr.uuid.clone(),
+            location.to_owned(),
+        );
+        block(async move {
+            let mut c = mount(&server, &export).await?;
+            let dir = Self::sr_dir(&mut c, &uuid, false).await?;
+            remove(&mut c, &dir, &format!("{loc}.qcow2")).await?;
+            remove(&mut c, &dir, &loc).await?;
+            let _ = c.unmount().await;
+            Ok(())
+        })
+    }
+
+    fn vdi_info(&self, sr: &SrCtx, location: &str) -> Result<VdiInfo> {
+        Ok(self.info_by_location(sr, location)?.1)
+    }
+
+    fn vdi_child(&self, sr: &SrCtx, parent: &str) -> Result<VdiInfo> {
+        let (w, pinfo, purl) = self.info_by_location(sr, parent)?;
+        let loc = Self::new_location();
+        let url = format!("{}{loc}.qcow2", w.base_url);
+        QemuImg::default().create_qcow2(&url, pinfo.virtual_size, Some((&purl, &pinfo.format)))?;
+        Ok(VdiInfo {
+            location: loc,
+            virtual_size: pinfo.virtual_size,
+            physical_utilisation: 0,
+            parent: Some(parent.to_owned()),
+            format: "qcow2".into(),
+            read_only: false,
+        })
+    }
+
+    fn vdi_resize(&self, sr: &SrCtx, location: &str, size: i64) -> Result<VdiInfo> {
+        let (_, info, url) = self.info_by_location(sr, location)?;
+        QemuImg::default().resize(&url, &info.format, size)?;
+        self.vdi_info(sr, location)
+    }
+
+    fn vdi_commit(&self, sr: &SrCtx, child: &str) -> Result<()> {
+        let (_, _, url) = self.info_by_location(sr, child)?;
+        QemuImg::default().commit(&url)
+    }
+
+    fn merges_by_commit(&self) -> bool {
+        // libnfs cannot reopen a backing image read-write, so qemu-img
+        // commit fails on nfs:// chains.
+        false
+    }
+
+    fn vdi_pull_parent(&self, sr: &SrCtx, location: &str, new_parent: Option<&str>) -> Result<()> {
+        let (w, entries) = self.entries(sr)?;
+        let url = self.url_of(&w, &entries, location)?;
+        let backing = match new_parent {
+            Some(np) => {
+                let purl = self.url_of(&w, &entries, np)?;
+                let fmt = QemuImg::default().info(&purl)?.format;
+                Some((purl, fmt))
+            }
+            None => None,
+        };
+        QemuImg::default().rebase_safe(
+            &url,
+            backing.as_ref().map(|(b, f)| (b.as_str(), f.as_str())),
+        )
+    }
+
+    fn vdi_set_parent(&self, sr: &SrCtx, location: &str, parent: &str) -> Result<()> {
+        let (w, entries) = self.entries(sr)?;
+        let url = self.url_of(&w, &entries, location)?;
+        let purl = self.url_of(&w, &entries, parent)?;
+        QemuImg::default().rebase_unsafe(&url, &purl)
+    }
+
+    fn vdi_path(&self, sr: &SrCtx, location: &str) -> Result<String> {
+        let (w, entries) = self.entries(sr)?;
+        self.url_of(&w, &entries, location)
+    }
+
+    fn vdi_import_from(&self, sr: &SrCtx, src: &str, src_format: Option<&str>) -> Result<VdiInfo> {
+        let w = Self::where_(&sr.device_config, &sr.uuid)?;
+        let loc = Self::new_location();
+        let url = format!("{}{loc}.qcow2", w.base_url);
+        if let Err(e) = QemuImg::default().convert(src, src_format, &url, "qcow2") {
+            let _ = self.vdi_delete(sr, &loc);
+            return Err(e);
+        }
+        self.vdi_info(sr, &loc)
+    }
+}
+
+/// Splits `nfs://server/path` into (server, path).
+pub fn parse_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("nfs://")?;
+    let (server, path) = rest.split_once('/')?;
+    if server.is_empty() {
+        return None;
+    }
+    Some((
+        server.to_owned(),
+        format!("/{}", path.trim_end_matches('/')),
+    ))
+}
+
+/// Regular files in an exported directory: (name, size, bytes used).
+pub fn list_files(url: &str) -> Result<Vec<(String, u64, u64)>> {
+    let (server, path) = parse_url(url).ok_or_else(|| {
+        StorageError::backend(73, "NFS mount error", format!("not an nfs:// URL: {url}"))
+    })?;
+    block(async move {
+        let mut c = mount(&server, &path).await?;
+        let root = c.root_nfs_fh3();
+        let l = list(&mut c, &root).await;
+        let _ = c.unmount().await;
+        Ok(l?
+            .into_iter()
+            .filter(|e| e.is_file)
+            .map(|e| (e.name, e.size, e.used))
+            .collect())
+    })
+}
