@@ -384,7 +384,7 @@ pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
             };
             let size = img.size();
             let _ = size_tx.send(Ok(size));
-            if let Err(e) = img.read_all(4, |chunk| send(Ok(chunk))) {
+            if let Err(e) = img.read_all(8, |chunk| send(Ok(chunk))) {
                 let _ = send(Err(e.to_string()));
                 return;
             }
