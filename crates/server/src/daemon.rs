@@ -50,12 +50,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     continue;
                 };
                 let server = Arc::clone(&server);
+                let raw_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&s));
                 tokio::spawn(serve(
                     server,
                     s,
                     Origin {
                         addr: None,
                         local_root: true,
+                        raw_fd,
                     },
                 ));
             }
@@ -74,12 +76,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 };
                 let _ = s.set_nodelay(true);
                 let server = Arc::clone(&server);
+                let raw_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&s));
                 tokio::spawn(serve(
                     server,
                     s,
                     Origin {
                         addr: Some(peer.ip()),
                         local_root: false,
+                        raw_fd,
                     },
                 ));
             }
@@ -114,6 +118,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                             Origin {
                                 addr: Some(peer.ip()),
                                 local_root: false,
+                                raw_fd: None,
                             },
                         )
                         .await;

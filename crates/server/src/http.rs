@@ -45,6 +45,9 @@ pub struct Origin {
     pub addr: Option<IpAddr>,
     /// The unix socket: callers are the local superuser.
     pub local_root: bool,
+    /// The connection's socket when it carries plain HTTP (not TLS), so
+    /// bulk transfers can splice into it without copying through memory.
+    pub raw_fd: Option<i32>,
 }
 
 pub async fn write_simple<S: AsyncWrite + Unpin>(
@@ -158,7 +161,7 @@ where
             return;
         }
         if req.method == "GET" && req.path == "/export_raw_vdi" {
-            crate::transfer::export(Arc::clone(&server), &mut stream, &req).await;
+            crate::transfer::export(Arc::clone(&server), &mut stream, &req, origin.raw_fd).await;
             return;
         }
         if req.method != "POST" {

@@ -349,11 +349,13 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
     .await;
 }
 
-/// `GET /export_raw_vdi`.
+/// `GET /export_raw_vdi`. `raw_fd` is the plain-HTTP socket, if any: raw
+/// exports then splice from qemu-nbd straight into it.
 pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
     server: Arc<Server>,
     stream: &mut S,
     req: &Request,
+    raw_fd: Option<i32>,
 ) {
     let t = match prepare(&server, req, "export") {
         Ok(t) => t,
@@ -362,6 +364,30 @@ pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return;
         }
     };
+    if let (Some(fd), "raw") = (raw_fd, t.format.as_str()) {
+        let _ = stream.flush().await;
+        let run_dir = server.state_dir.join("run");
+        let (path, image_format, task) = (t.path.clone(), t.image_format.clone(), t.task.clone());
+        // The async side does not touch the stream until this returns.
+        let r = tokio::task::spawn_blocking(move || -> Result<(), corral_storage::StorageError> {
+            let mut img = NbdImage::open(&path, &image_format, false, &run_dir)?;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nTask-Id: {task}\r\nConnection: close\r\n\r\n",
+                img.size()
+            );
+            corral_storage::nbd::write_all_fd(fd, head.as_bytes())?;
+            img.splice_all(fd)?;
+            img.close()
+        })
+        .await;
+        let result = match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(storage_err(&t.vdi, e)),
+            Err(e) => Err(ApiError::internal(e.to_string())),
+        };
+        finish(&server, &t, result);
+        return;
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
     let (size_tx, size_rx) =
         tokio::sync::oneshot::channel::<Result<u64, corral_storage::StorageError>>();

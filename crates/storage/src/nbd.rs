@@ -245,6 +245,65 @@ impl NbdImage {
         Ok(())
     }
 
+    /// Sends the whole image to the socket `out` (which may be non-blocking)
+    /// with splice(2): data moves from qemu-nbd's socket through a pipe into
+    /// `out` without being copied into this process. Requests are issued one
+    /// ahead; a reply that arrives out of order is copied and sent in turn.
+    pub fn splice_all(&mut self, out: i32) -> Result<(), StorageError> {
+        use std::collections::{BTreeMap, HashMap};
+        use std::os::fd::AsRawFd;
+        let mut pipe = [0i32; 2];
+        // SAFETY: pipe2 fills the two-element array we own.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        let _closer = PipeFds(pipe);
+        // SAFETY: F_SETPIPE_SZ on our own pipe; failure only means smaller moves.
+        unsafe { libc::fcntl(pipe[1], libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+        let src = self.stream.as_raw_fd();
+        let size = self.size;
+        let mut next_offset = 0u64;
+        let mut emit_offset = 0u64;
+        let mut in_flight: HashMap<u64, (u64, usize)> = HashMap::new();
+        let mut stash: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        while emit_offset < size {
+            while in_flight.len() < 2 && next_offset < size {
+                let n = ((size - next_offset) as usize).min(CHUNK);
+                self.request(CMD_READ, next_offset, n as u32, None)?;
+                in_flight.insert(self.handle, (next_offset, n));
+                next_offset += n as u64;
+            }
+            let mut r = [0u8; 16];
+            self.stream.read_exact(&mut r).map_err(io)?;
+            let err = u32::from_be_bytes([r[4], r[5], r[6], r[7]]);
+            let handle = u64::from_be_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
+            if u32::from_be_bytes([r[0], r[1], r[2], r[3]]) != REPLY_MAGIC {
+                return Err(StorageError::Tool("NBD: bad reply".into()));
+            }
+            let (off, n) = in_flight
+                .remove(&handle)
+                .ok_or_else(|| StorageError::Tool("NBD: reply to an unknown request".into()))?;
+            if err != 0 {
+                return Err(StorageError::Tool(format!(
+                    "NBD: read error {err} at {off}"
+                )));
+            }
+            if off == emit_offset {
+                splice_exact(src, pipe, out, n)?;
+                emit_offset += n as u64;
+            } else {
+                let mut buf = vec![0u8; n];
+                self.stream.read_exact(&mut buf).map_err(io)?;
+                stash.insert(off, buf);
+            }
+            while let Some(buf) = stash.remove(&emit_offset) {
+                write_all_fd(out, &buf)?;
+                emit_offset += buf.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `data` at `offset`; all-zero data becomes WRITE_ZEROES.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
         if data.iter().all(|&b| b == 0) {
@@ -273,4 +332,110 @@ impl Drop for NbdImage {
         }
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+struct PipeFds([i32; 2]);
+
+impl Drop for PipeFds {
+    fn drop(&mut self) {
+        // SAFETY: closing the pipe we created.
+        unsafe {
+            libc::close(self.0[0]);
+            libc::close(self.0[1]);
+        }
+    }
+}
+
+/// Waits until `fd` can take more data (it may be non-blocking).
+fn wait_writable(fd: i32) -> Result<(), StorageError> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd we own; 60 s for a stalled client.
+    let r = unsafe { libc::poll(&mut p, 1, 60_000) };
+    if r <= 0 {
+        return Err(StorageError::Tool("the client stopped reading".into()));
+    }
+    if p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+        return Err(StorageError::Tool("the client went away".into()));
+    }
+    Ok(())
+}
+
+/// Writes all of `data` to a possibly non-blocking `fd`.
+pub fn write_all_fd(fd: i32, mut data: &[u8]) -> Result<(), StorageError> {
+    while !data.is_empty() {
+        // SAFETY: writing from a live slice to an fd the caller owns.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                wait_writable(fd)?;
+                continue;
+            }
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io(e));
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
+}
+
+/// Moves exactly `n` bytes from `src` to `out` through `pipe`.
+fn splice_exact(src: i32, pipe: [i32; 2], out: i32, n: usize) -> Result<(), StorageError> {
+    let mut left = n;
+    while left > 0 {
+        // SAFETY: splice between fds we own (src, pipe) and the caller's out.
+        let got = unsafe {
+            libc::splice(
+                src,
+                std::ptr::null_mut(),
+                pipe[1],
+                std::ptr::null_mut(),
+                left,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if got < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io(e));
+        }
+        if got == 0 {
+            return Err(StorageError::Tool(
+                "NBD: qemu-nbd closed the connection".into(),
+            ));
+        }
+        let mut in_pipe = got as usize;
+        while in_pipe > 0 {
+            let put = unsafe {
+                libc::splice(
+                    pipe[0],
+                    std::ptr::null_mut(),
+                    out,
+                    std::ptr::null_mut(),
+                    in_pipe,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            if put < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock => wait_writable(out)?,
+                    std::io::ErrorKind::Interrupted => {}
+                    _ => return Err(io(e)),
+                }
+                continue;
+            }
+            in_pipe -= put as usize;
+        }
+        left -= got as usize;
+    }
+    Ok(())
 }
