@@ -5,6 +5,23 @@ use crate::cli::{CliCtx, CliError, Cmd, Out, text};
 use corral_model::schema::{class, field};
 use corral_model::{ClassId, NULL_REF, Value};
 
+/// Commands that call one message on the object named by `uuid=`.
+const ON_UUID: &[(&str, ClassId, &str)] = &[
+    ("sr-forget", class::SR, "SR.forget"),
+    ("sr-destroy", class::SR, "SR.destroy"),
+    ("sr-scan", class::SR, "SR.scan"),
+    ("sr-update", class::SR, "SR.update"),
+    ("sr-upgrade", class::SR, "SR.upgrade"),
+    ("pbd-plug", class::PBD, "PBD.plug"),
+    ("pbd-unplug", class::PBD, "PBD.unplug"),
+    ("pbd-destroy", class::PBD, "PBD.destroy"),
+    ("vdi-destroy", class::VDI, "VDI.destroy"),
+    ("vdi-forget", class::VDI, "VDI.forget"),
+    ("vdi-update", class::VDI, "VDI.update"),
+    ("vbd-destroy", class::VBD, "VBD.destroy"),
+    ("vbd-eject", class::VBD, "VBD.eject"),
+];
+
 /// `key:sub=value` parameters of one map argument (`device-config:`).
 fn map_arg(cmd: &Cmd, prefix: &str) -> Value {
     let p = format!("{prefix}:");
@@ -59,8 +76,12 @@ impl CliCtx {
         Ok(r.db_string())
     }
 
-    fn this_host(&self) -> String {
-        self.server.host_ref.clone()
+    /// `host-uuid=` if given, else the host serving this command.
+    async fn host_or_this(&self, cmd: &Cmd) -> Result<String, CliError> {
+        match cmd.get("host-uuid") {
+            Some(_) => self.ref_of(class::HOST, cmd, "host-uuid").await,
+            None => Ok(self.server.host_ref.clone()),
+        }
     }
 
     fn print_uuid(&self, out: &mut Vec<Out>, r: &Value) {
@@ -74,12 +95,20 @@ impl CliCtx {
         out: &mut Vec<Out>,
     ) -> Result<(), CliError> {
         let arg = |k: &str| cmd.get(k).unwrap_or("").to_owned();
+        if let Some((_, c, method)) = ON_UUID.iter().find(|(n, ..)| *n == name) {
+            let r = self.ref_of(*c, cmd, "uuid").await?;
+            self.call(method, vec![Value::str(r)]).await?;
+            if name == "sr-upgrade" {
+                out.push(Out::Print(format!(
+                    "SR {} successfully upgraded",
+                    arg("uuid")
+                )));
+            }
+            return Ok(());
+        }
         match name {
             "sr-create" => {
-                let host = match cmd.get("host-uuid") {
-                    Some(_) => self.ref_of(class::HOST, cmd, "host-uuid").await?,
-                    None => self.this_host(),
-                };
+                let host = self.host_or_this(cmd).await?;
                 let size =
                     parse_size(cmd.get("physical-size").unwrap_or("0")).ok_or_else(|| {
                         CliError::Text("Failed to parse parameter 'physical-size'".into())
@@ -103,10 +132,7 @@ impl CliCtx {
                 self.print_uuid(out, &r);
             }
             "sr-probe" => {
-                let host = match cmd.get("host-uuid") {
-                    Some(_) => self.ref_of(class::HOST, cmd, "host-uuid").await?,
-                    None => self.this_host(),
-                };
+                let host = self.host_or_this(cmd).await?;
                 let r = self
                     .call(
                         "SR.probe",
@@ -137,23 +163,6 @@ impl CliCtx {
                     .await?;
                 self.print_uuid(out, &r);
             }
-            "sr-forget" | "sr-destroy" | "sr-scan" | "sr-update" | "sr-upgrade" => {
-                let sr = self.ref_of(class::SR, cmd, "uuid").await?;
-                let method = match name {
-                    "sr-forget" => "SR.forget",
-                    "sr-destroy" => "SR.destroy",
-                    "sr-scan" => "SR.scan",
-                    "sr-update" => "SR.update",
-                    _ => "SR.upgrade",
-                };
-                self.call(method, vec![Value::str(&sr)]).await?;
-                if name == "sr-upgrade" {
-                    out.push(Out::Print(format!(
-                        "SR {} successfully upgraded",
-                        arg("uuid")
-                    )));
-                }
-            }
             "sr-repair" => {
                 let sr = self.ref_of(class::SR, cmd, "uuid").await?;
                 self.sr_repair(&sr, out).await?;
@@ -172,15 +181,6 @@ impl CliCtx {
                     )
                     .await?;
                 self.print_uuid(out, &r);
-            }
-            "pbd-plug" | "pbd-unplug" | "pbd-destroy" => {
-                let pbd = self.ref_of(class::PBD, cmd, "uuid").await?;
-                let method = match name {
-                    "pbd-plug" => "PBD.plug",
-                    "pbd-unplug" => "PBD.unplug",
-                    _ => "PBD.destroy",
-                };
-                self.call(method, vec![Value::str(pbd)]).await?;
             }
             "vdi-create" => {
                 let sr = self.ref_of(class::SR, cmd, "sr-uuid").await?;
@@ -214,15 +214,6 @@ impl CliCtx {
                     )
                     .await?;
                 self.print_uuid(out, &r);
-            }
-            "vdi-destroy" | "vdi-forget" | "vdi-update" => {
-                let vdi = self.ref_of(class::VDI, cmd, "uuid").await?;
-                let method = match name {
-                    "vdi-destroy" => "VDI.destroy",
-                    "vdi-forget" => "VDI.forget",
-                    _ => "VDI.update",
-                };
-                self.call(method, vec![Value::str(vdi)]).await?;
             }
             "vdi-clone" | "vdi-snapshot" => {
                 let vdi = self.ref_of(class::VDI, cmd, "uuid").await?;
@@ -322,15 +313,6 @@ impl CliCtx {
                     )
                     .await?;
                 self.print_uuid(out, &r);
-            }
-            "vbd-destroy" | "vbd-eject" => {
-                let vbd = self.ref_of(class::VBD, cmd, "uuid").await?;
-                let method = if name == "vbd-destroy" {
-                    "VBD.destroy"
-                } else {
-                    "VBD.eject"
-                };
-                self.call(method, vec![Value::str(vbd)]).await?;
             }
             "vbd-insert" => {
                 let vbd = self.ref_of(class::VBD, cmd, "uuid").await?;

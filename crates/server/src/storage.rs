@@ -1117,20 +1117,35 @@ fn pbd_create(s: &Server, p: Vec<Value>) -> ApiResult {
     Ok(Value::String(r))
 }
 
+/// `HANDLE_INVALID` for a missing object, `OPERATION_NOT_ALLOWED` while its
+/// `currently_attached` flag is set (PBDs and VBDs are destroyed unplugged).
+fn assert_detached(
+    st: &corral_db::State,
+    attached: corral_model::FieldId,
+    r: &str,
+) -> Result<(), ApiError> {
+    let c = attached.class;
+    if !st.exists(c, r) {
+        return Err(ApiError::handle_invalid(c.name(), r));
+    }
+    if st
+        .get(attached, r)
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false)
+    {
+        return Err(ApiError::operation_not_allowed(format!(
+            "{} is currently attached",
+            c.name()
+        )));
+    }
+    Ok(())
+}
+
 fn pbd_destroy(s: &Server, p: Vec<Value>) -> ApiResult {
     let pbd = first(p);
     db(s.db.write(|t| {
         let st = t.state();
-        if !st.exists(class::PBD, &pbd) {
-            return Err(ApiError::handle_invalid("PBD", &pbd));
-        }
-        if st
-            .get(field::pbd::CURRENTLY_ATTACHED, &pbd)
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false)
-        {
-            return Err(ApiError::operation_not_allowed("PBD is currently attached"));
-        }
+        assert_detached(st, field::pbd::CURRENTLY_ATTACHED, &pbd)?;
         let dc = strmap(
             &st.get(field::pbd::DEVICE_CONFIG, &pbd)
                 .unwrap_or(Value::Nil),
@@ -1607,18 +1622,7 @@ async fn vdi_resize(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let info = blocking(move || d.vdi_resize(&ctx, &loc, size))
         .await?
         .map_err(|e| storage_error(79, &v.on.sr, e))?;
-    db(s.db.write(|t| {
-        t.set(
-            field::vdi::VIRTUAL_SIZE,
-            &vdi,
-            Value::Int(info.virtual_size),
-        )?;
-        t.set(
-            field::vdi::PHYSICAL_UTILISATION,
-            &vdi,
-            Value::Int(info.physical_utilisation),
-        )
-    }))?;
+    db(s.db.write(|t| write_vdi_sizes(t, &vdi, &info)))?;
     drop(_g);
     refresh_sizes(&s, &v.on).await;
     void()
@@ -1846,6 +1850,16 @@ fn vdi_forget(s: &Server, p: Vec<Value>) -> ApiResult {
     void()
 }
 
+/// A VDI's sizes as the storage reports them.
+fn write_vdi_sizes(t: &mut Txn<'_>, vdi: &str, info: &VdiInfo) -> Result<(), ApiError> {
+    t.set(field::vdi::VIRTUAL_SIZE, vdi, Value::Int(info.virtual_size))?;
+    t.set(
+        field::vdi::PHYSICAL_UTILISATION,
+        vdi,
+        Value::Int(info.physical_utilisation),
+    )
+}
+
 async fn vdi_update(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let vdi = first(p);
     let v = vdi_on(&s, &vdi)?;
@@ -1853,18 +1867,7 @@ async fn vdi_update(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let info = blocking(move || d.vdi_info(&ctx, &loc))
         .await?
         .map_err(|e| storage_error(1, &v.on.sr, e))?;
-    db(s.db.write(|t| {
-        t.set(
-            field::vdi::VIRTUAL_SIZE,
-            &vdi,
-            Value::Int(info.virtual_size),
-        )?;
-        t.set(
-            field::vdi::PHYSICAL_UTILISATION,
-            &vdi,
-            Value::Int(info.physical_utilisation),
-        )
-    }))?;
+    db(s.db.write(|t| write_vdi_sizes(t, &vdi, &info)))?;
     void()
 }
 
@@ -2168,17 +2171,7 @@ fn vbd_create(s: &Server, p: Vec<Value>) -> ApiResult {
 fn vbd_destroy(s: &Server, p: Vec<Value>) -> ApiResult {
     let vbd = first(p);
     db(s.db.write(|t| {
-        let st = t.state();
-        if !st.exists(class::VBD, &vbd) {
-            return Err(ApiError::handle_invalid("VBD", &vbd));
-        }
-        if st
-            .get(field::vbd::CURRENTLY_ATTACHED, &vbd)
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false)
-        {
-            return Err(ApiError::operation_not_allowed("VBD is currently attached"));
-        }
+        assert_detached(t.state(), field::vbd::CURRENTLY_ATTACHED, &vbd)?;
         t.delete(class::VBD, &vbd)
     }))?;
     void()

@@ -170,14 +170,53 @@ impl NbdImage {
         Ok(())
     }
 
-    fn reply(&mut self) -> Result<(), StorageError> {
+    /// Reads a simple reply's header: (error, handle).
+    fn reply_header(&mut self) -> Result<(u32, u64), StorageError> {
         let mut r = [0u8; 16];
         self.stream.read_exact(&mut r).map_err(io)?;
-        let magic = u32::from_be_bytes([r[0], r[1], r[2], r[3]]);
-        let err = u32::from_be_bytes([r[4], r[5], r[6], r[7]]);
-        if magic != REPLY_MAGIC {
+        if u32::from_be_bytes([r[0], r[1], r[2], r[3]]) != REPLY_MAGIC {
             return Err(StorageError::Tool("NBD: bad reply".into()));
         }
+        let err = u32::from_be_bytes([r[4], r[5], r[6], r[7]]);
+        let handle = u64::from_be_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
+        Ok((err, handle))
+    }
+
+    /// Keeps up to `window` sequential reads in flight, by handle.
+    fn issue_reads(
+        &mut self,
+        in_flight: &mut std::collections::HashMap<u64, (u64, usize)>,
+        next_offset: &mut u64,
+        window: usize,
+    ) -> Result<(), StorageError> {
+        while in_flight.len() < window && *next_offset < self.size {
+            let n = ((self.size - *next_offset) as usize).min(CHUNK);
+            self.request(CMD_READ, *next_offset, n as u32, None)?;
+            in_flight.insert(self.handle, (*next_offset, n));
+            *next_offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The next read reply: its (offset, length), data still on the wire.
+    fn next_read(
+        &mut self,
+        in_flight: &mut std::collections::HashMap<u64, (u64, usize)>,
+    ) -> Result<(u64, usize), StorageError> {
+        let (err, handle) = self.reply_header()?;
+        let (off, n) = in_flight
+            .remove(&handle)
+            .ok_or_else(|| StorageError::Tool("NBD: reply to an unknown request".into()))?;
+        if err != 0 {
+            return Err(StorageError::Tool(format!(
+                "NBD: read error {err} at {off}"
+            )));
+        }
+        Ok((off, n))
+    }
+
+    fn reply(&mut self) -> Result<(), StorageError> {
+        let (err, _) = self.reply_header()?;
         if err != 0 {
             return Err(if err == 28 {
                 StorageError::Full("NBD write: no space left on device".into())
@@ -210,28 +249,8 @@ impl NbdImage {
         let mut in_flight: HashMap<u64, (u64, usize)> = HashMap::new();
         let mut ready: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         while emit_offset < size {
-            while in_flight.len() < window && next_offset < size {
-                let n = ((size - next_offset) as usize).min(CHUNK);
-                self.request(CMD_READ, next_offset, n as u32, None)?;
-                in_flight.insert(self.handle, (next_offset, n));
-                next_offset += n as u64;
-            }
-            let mut r = [0u8; 16];
-            self.stream.read_exact(&mut r).map_err(io)?;
-            let magic = u32::from_be_bytes([r[0], r[1], r[2], r[3]]);
-            let err = u32::from_be_bytes([r[4], r[5], r[6], r[7]]);
-            let handle = u64::from_be_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
-            if magic != REPLY_MAGIC {
-                return Err(StorageError::Tool("NBD: bad reply".into()));
-            }
-            let (off, n) = in_flight
-                .remove(&handle)
-                .ok_or_else(|| StorageError::Tool("NBD: reply to an unknown request".into()))?;
-            if err != 0 {
-                return Err(StorageError::Tool(format!(
-                    "NBD: read error {err} at {off}"
-                )));
-            }
+            self.issue_reads(&mut in_flight, &mut next_offset, window)?;
+            let (off, n) = self.next_read(&mut in_flight)?;
             let mut buf = vec![0u8; n];
             self.stream.read_exact(&mut buf).map_err(io)?;
             ready.insert(off, buf);
@@ -267,27 +286,8 @@ impl NbdImage {
         let mut in_flight: HashMap<u64, (u64, usize)> = HashMap::new();
         let mut stash: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         while emit_offset < size {
-            while in_flight.len() < 2 && next_offset < size {
-                let n = ((size - next_offset) as usize).min(CHUNK);
-                self.request(CMD_READ, next_offset, n as u32, None)?;
-                in_flight.insert(self.handle, (next_offset, n));
-                next_offset += n as u64;
-            }
-            let mut r = [0u8; 16];
-            self.stream.read_exact(&mut r).map_err(io)?;
-            let err = u32::from_be_bytes([r[4], r[5], r[6], r[7]]);
-            let handle = u64::from_be_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
-            if u32::from_be_bytes([r[0], r[1], r[2], r[3]]) != REPLY_MAGIC {
-                return Err(StorageError::Tool("NBD: bad reply".into()));
-            }
-            let (off, n) = in_flight
-                .remove(&handle)
-                .ok_or_else(|| StorageError::Tool("NBD: reply to an unknown request".into()))?;
-            if err != 0 {
-                return Err(StorageError::Tool(format!(
-                    "NBD: read error {err} at {off}"
-                )));
-            }
+            self.issue_reads(&mut in_flight, &mut next_offset, 2)?;
+            let (off, n) = self.next_read(&mut in_flight)?;
             if off == emit_offset {
                 splice_exact(src, pipe, out, n)?;
                 emit_offset += n as u64;
