@@ -575,7 +575,7 @@ fn vdis_of(st: &corral_db::State, sr: &str) -> Vec<String> {
         .collect()
 }
 
-fn vdi_attached_rw_or_any(st: &corral_db::State, vdi: &str) -> bool {
+fn vdi_attached(st: &corral_db::State, vdi: &str) -> bool {
     st.refs(class::VBD).any(|b| {
         st.get_str(field::vbd::VDI, b).as_deref() == Some(vdi)
             && st
@@ -689,12 +689,7 @@ async fn sr_create(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
         vec![host.clone()]
     };
     let mut sm = sm_config.clone();
-    let version = if kind == "iso" {
-        FORMAT_VERSION
-    } else {
-        FORMAT_VERSION
-    };
-    sm.insert("format_version".into(), version.to_string());
+    sm.insert("format_version".into(), FORMAT_VERSION.to_string());
     let created = s.db.write(|t| {
         t.create(
             class::SR,
@@ -933,10 +928,7 @@ async fn sr_upgrade(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let _l = sr_lock(&s, &on.uuid).await;
     {
         let st = s.db.read();
-        if let Some(v) = vdis_of(&st, &sr)
-            .iter()
-            .find(|v| vdi_attached_rw_or_any(&st, v))
-        {
+        if let Some(v) = vdis_of(&st, &sr).iter().find(|v| vdi_attached(&st, v)) {
             return Err(ApiError::new("VDI_IN_USE", [v.as_str(), "sr_upgrade"]));
         }
     }
@@ -1079,12 +1071,7 @@ fn reconcile(t: &mut Txn<'_>, sr: &str, images: &[VdiInfo], iso: bool) -> Result
 fn pbd_create(s: &Server, p: Vec<Value>) -> ApiResult {
     let args = p.into_iter().next().unwrap_or(Value::Nil);
     let given = create_fields(class::PBD, &args)?;
-    let get = |f: corral_model::FieldId| {
-        given
-            .iter()
-            .find(|(i, _)| *i == f.index)
-            .map(|(_, v)| v.clone())
-    };
+    let get = |f: corral_model::FieldId| given_field(&given, f);
     let sr = get(field::pbd::SR)
         .map(|v| v.db_string())
         .unwrap_or_default();
@@ -1228,7 +1215,7 @@ pub async fn pbd_unplug(s: &Arc<Server>, pbd: &str) -> Result<(), ApiError> {
         let st = s.db.read();
         let in_use: Vec<String> = vdis_of(&st, &sr)
             .into_iter()
-            .filter(|v| vdi_attached_rw_or_any(&st, v))
+            .filter(|v| vdi_attached(&st, v))
             .collect();
         if let Some(v) = in_use.first() {
             return Err(ApiError::new("VDI_IN_USE", [v.as_str(), "unplug"]));
@@ -1253,22 +1240,15 @@ pub async fn pbd_unplug(s: &Arc<Server>, pbd: &str) -> Result<(), ApiError> {
 async fn vdi_create(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let args = p.into_iter().next().unwrap_or(Value::Nil);
     let given = create_fields(class::VDI, &args)?;
-    let get = |f: corral_model::FieldId| {
-        given
-            .iter()
-            .find(|(i, _)| *i == f.index)
-            .map(|(_, v)| v.clone())
-    };
+    let get = |f: corral_model::FieldId| given_field(&given, f);
     let sr = get(field::vdi::SR)
         .map(|v| v.db_string())
         .unwrap_or_default();
     let size = get(field::vdi::VIRTUAL_SIZE)
         .and_then(|v| v.as_int())
         .unwrap_or(0);
-    {
-        let st = s.db.read();
-        check_refs_read(&st, &given)?;
-    }
+    // `attached` answers HANDLE_INVALID for a bad SR before any storage work;
+    // the other references are checked in the transaction.
     let on = attached(&s, &sr)?;
     if !has_cap(&on, "VDI_CREATE") {
         return Err(ApiError::new("SR_OPERATION_NOT_SUPPORTED", [sr.as_str()]));
@@ -1299,6 +1279,7 @@ async fn vdi_create(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
         let mut sm = strmap(&get(field::vdi::SM_CONFIG).unwrap_or(Value::Nil));
         sm.insert("image-format".into(), info.format.clone());
         fields.push((field::vdi::SM_CONFIG.index, to_value(&sm)));
+        check_refs(t, class::VDI, &fields)?;
         t.create(class::VDI, &r, fields)?;
         refresh_allowed(t, &sr)
     });
@@ -1311,14 +1292,12 @@ async fn vdi_create(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     Ok(Value::String(r))
 }
 
-fn check_refs_read(st: &corral_db::State, given: &[(usize, Value)]) -> Result<(), ApiError> {
-    if let Some((_, v)) = given.iter().find(|(i, _)| *i == field::vdi::SR.index) {
-        let r = v.db_string();
-        if !st.exists(class::SR, &r) {
-            return Err(ApiError::handle_invalid("SR", &r));
-        }
-    }
-    Ok(())
+/// A field of a create call's record, as `create_fields` parsed it.
+fn given_field(given: &[(usize, Value)], f: corral_model::FieldId) -> Option<Value> {
+    given
+        .iter()
+        .find(|(i, _)| *i == f.index)
+        .map(|(_, v)| v.clone())
 }
 
 struct VdiOn {
@@ -1374,7 +1353,7 @@ async fn vdi_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     {
         let st = s.db.read();
         vdi_busy(&st, &vdi, "destroy")?;
-        if vdi_attached_rw_or_any(&st, &vdi) {
+        if vdi_attached(&st, &vdi) {
             return Err(ApiError::new("VDI_IN_USE", [vdi.as_str(), "destroy"]));
         }
     }
@@ -1753,20 +1732,9 @@ async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
 }
 
 fn copy_into(src: &str, dst: &str) -> Result<(), StorageError> {
-    let info = corral_storage::qemu_img::QemuImg::default().info(dst)?;
-    let out = std::process::Command::new(
-        std::env::var("CORRAL_QEMU_IMG").unwrap_or_else(|_| "qemu-img".into()),
-    )
-    .args(["convert", "-q", "-n", "-O", &info.format, src, dst])
-    .output()
-    .map_err(|e| StorageError::Tool(format!("cannot run qemu-img: {e}")))?;
-    if !out.status.success() {
-        return Err(StorageError::Tool(format!(
-            "qemu-img convert: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    let q = corral_storage::qemu_img::QemuImg::default();
+    let format = q.info(dst)?.format;
+    q.convert_into(src, None, dst, &format)
 }
 
 async fn vdi_introduce(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
@@ -1841,7 +1809,7 @@ fn vdi_forget(s: &Server, p: Vec<Value>) -> ApiResult {
             .state()
             .get_str(field::vdi::SR, &vdi)
             .ok_or_else(|| ApiError::handle_invalid("VDI", &vdi))?;
-        if vdi_attached_rw_or_any(t.state(), &vdi) {
+        if vdi_attached(t.state(), &vdi) {
             return Err(ApiError::new("VDI_IN_USE", [vdi.as_str(), "forget"]));
         }
         t.delete(class::VDI, &vdi)?;
@@ -1880,7 +1848,7 @@ pub fn vdi_path(s: &Server, sr: &str, location: &str) -> Result<String, ApiError
 }
 
 /// Re-reads a VDI's sizes (after an import wrote into it).
-pub async fn refresh_vdi(s: &Arc<Server>, sr: &str, vdi: &str) {
+pub async fn refresh_vdi(s: &Arc<Server>, vdi: &str) {
     if let Ok(v) = vdi_on(s, vdi) {
         let (d, ctx, loc) = (v.on.driver, v.on.ctx.clone(), v.location.clone());
         if let Ok(Ok(info)) = blocking(move || d.vdi_info(&ctx, &loc)).await {
@@ -1894,11 +1862,26 @@ pub async fn refresh_vdi(s: &Arc<Server>, sr: &str, vdi: &str) {
         }
         refresh_sizes(s, &v.on).await;
     }
-    let _ = sr;
 }
 
 // ---------------------------------------------------------------------------
 // Garbage collection: coalescing chains after deletes.
+
+/// The child's sm_config once its base copy is merged away: the child now
+/// sits on whatever the base sat on.
+fn sm_config_after_merge(
+    st: &corral_db::State,
+    base: &str,
+    child: &str,
+) -> BTreeMap<String, String> {
+    let base_sm = strmap(&st.get(field::vdi::SM_CONFIG, base).unwrap_or(Value::Nil));
+    let mut csm = strmap(&st.get(field::vdi::SM_CONFIG, child).unwrap_or(Value::Nil));
+    match base_sm.get("vhd-parent") {
+        Some(p) => csm.insert("vhd-parent".into(), p.clone()),
+        None => csm.remove("vhd-parent"),
+    };
+    csm
+}
 
 fn spawn_gc(s: &Arc<Server>, sr: &str) {
     let (s, sr) = (Arc::clone(s), sr.to_owned());
@@ -1962,7 +1945,7 @@ pub async fn gc(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
                     let Some(child_ref) = by_loc.get(&child.location).cloned() else {
                         continue;
                     };
-                    if vdi_attached_rw_or_any(&s.db.read(), &child_ref) {
+                    if vdi_attached(&s.db.read(), &child_ref) {
                         continue;
                     }
                     if !on.driver.merges_by_commit() {
@@ -1982,17 +1965,7 @@ pub async fn gc(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
                             .await?
                             .map_err(|e| storage_error(1, sr, e))?;
                         db(s.db.write(|t| {
-                            let st = t.state();
-                            let base_sm =
-                                strmap(&st.get(field::vdi::SM_CONFIG, &base).unwrap_or(Value::Nil));
-                            let mut csm = strmap(
-                                &st.get(field::vdi::SM_CONFIG, &child_ref)
-                                    .unwrap_or(Value::Nil),
-                            );
-                            match base_sm.get("vhd-parent") {
-                                Some(p) => csm.insert("vhd-parent".into(), p.clone()),
-                                None => csm.remove("vhd-parent"),
-                            };
+                            let csm = sm_config_after_merge(t.state(), &base, &child_ref);
                             t.set(field::vdi::SM_CONFIG, &child_ref, to_value(&csm))
                         }))?;
                         progressed = true;
@@ -2027,17 +2000,7 @@ pub async fn gc(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
                         .await?
                         .map_err(|e| storage_error(1, sr, e))?;
                     db(s.db.write(|t| {
-                        let st = t.state();
-                        let base_sm =
-                            strmap(&st.get(field::vdi::SM_CONFIG, &base).unwrap_or(Value::Nil));
-                        let mut csm = strmap(
-                            &st.get(field::vdi::SM_CONFIG, &child_ref)
-                                .unwrap_or(Value::Nil),
-                        );
-                        match base_sm.get("vhd-parent") {
-                            Some(p) => csm.insert("vhd-parent".into(), p.clone()),
-                            None => csm.remove("vhd-parent"),
-                        };
+                        let mut csm = sm_config_after_merge(t.state(), &base, &child_ref);
                         csm.insert("image-format".into(), merged.format.clone());
                         t.set(field::vdi::LOCATION, &child_ref, Value::str(&base_loc))?;
                         t.set(field::vdi::SM_CONFIG, &child_ref, to_value(&csm))?;
@@ -2076,11 +2039,7 @@ pub async fn gc(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
 fn vbd_create(s: &Server, p: Vec<Value>) -> ApiResult {
     let args = p.into_iter().next().unwrap_or(Value::Nil);
     let mut given = create_fields(class::VBD, &args)?;
-    let get = |g: &[(usize, Value)], f: corral_model::FieldId| {
-        g.iter()
-            .find(|(i, _)| *i == f.index)
-            .map(|(_, v)| v.clone())
-    };
+    let get = given_field;
     let vm = get(&given, field::vbd::VM)
         .map(|v| v.db_string())
         .unwrap_or_default();

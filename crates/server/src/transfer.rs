@@ -237,28 +237,12 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         format!("the image is {} bytes; the VDI {vsize}", info.virtual_size),
                     ));
                 }
-                let out = std::process::Command::new(
-                    std::env::var("CORRAL_QEMU_IMG").unwrap_or_else(|_| "qemu-img".into()),
-                )
-                .args([
-                    "convert",
-                    "-q",
-                    "-n",
-                    "-f",
-                    qfmt,
-                    "-O",
-                    &image_format,
+                corral_storage::qemu_img::QemuImg::default().convert_into(
                     &tmp_s,
+                    Some(qfmt),
                     &path,
-                ])
-                .output()?;
-                if !out.status.success() {
-                    return Err(corral_storage::StorageError::Tool(format!(
-                        "qemu-img convert: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
-                }
-                Ok(())
+                    &image_format,
+                )
             }
         });
     let mut received = 0u64;
@@ -323,15 +307,7 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .unwrap_or_default();
     finish(&server, &t, result);
     if !failed {
-        let (d_sr, vdi) = (
-            server
-                .db
-                .read()
-                .get_str(field::vdi::SR, &t.vdi)
-                .unwrap_or_default(),
-            t.vdi.clone(),
-        );
-        crate::storage::refresh_vdi(&server, &d_sr, &vdi).await;
+        crate::storage::refresh_vdi(&server, &t.vdi).await;
     }
     let status = if failed {
         "500 Internal Server Error"

@@ -138,6 +138,23 @@ impl QemuImg {
         self.run(&args).map(|_| ())
     }
 
+    /// Writes `src`'s data over the existing image `dst` (of `dst_format`),
+    /// which must be at least as large.
+    pub fn convert_into(
+        &self,
+        src: &str,
+        src_format: Option<&str>,
+        dst: &str,
+        dst_format: &str,
+    ) -> Result<(), StorageError> {
+        let mut args = vec!["convert", "-q", "-n"];
+        if let Some(f) = src_format {
+            args.extend(["-f", f]);
+        }
+        args.extend(["-O", dst_format, src, dst]);
+        self.run(&args).map(|_| ())
+    }
+
     /// Rewrites the backing-file name in `path` without copying data.
     pub fn rebase_unsafe(&self, path: &str, backing: &str) -> Result<(), StorageError> {
         self.run(&[
