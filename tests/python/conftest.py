@@ -44,7 +44,7 @@ class Daemon:
         cfg = os.path.join(self.state_dir, "test.conf")
         os.makedirs(self.state_dir, exist_ok=True)
         with open(cfg, "w") as f:
-            f.write("failed-login-delay-ms = 10\nlogin-failures-per-minute = 1000\n")
+            f.write("failed-login-delay-ms = 10\nlogin-failures-per-minute = 1000\naccel = tcg\n")
         env = dict(os.environ, CORRAL_ROOT_PASSWORD=ROOT_PASSWORD, CORRAL_LOG="warn")
         self.proc = subprocess.Popen(
             [CORRALD, "--state-dir", self.state_dir, "--listen", f"127.0.0.1:{self.http_port}",
@@ -76,6 +76,14 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
 
+    def kill_vms(self):
+        """QEMUs outlive corrald by design; tests clean up after themselves."""
+        subprocess.run(["pkill", "-9", "-f", self.vm_dir + "/"], check=False)
+
+    @property
+    def vm_dir(self):
+        return os.path.realpath(os.path.join(self.state_dir, "vms"))
+
     def xe(self, *args, server=None, check=None):
         env = dict(os.environ, CORRAL_XAPI_SOCKET=self.socket)
         env.pop("XE_EXTRA_ARGS", None)
@@ -95,6 +103,7 @@ def daemon(tmp_path):
     d = Daemon(tmp_path / "state").start()
     yield d
     d.stop()
+    d.kill_vms()
 
 
 @pytest.fixture

@@ -94,6 +94,13 @@ pub struct Config {
     pub login_failures_per_minute: u32,
     /// Delay before answering a failed login (XAPI waits 5 s).
     pub failed_login_delay: std::time::Duration,
+    /// `qemu`, `sim`, or `auto` (QEMU when installed, else the simulator).
+    pub host_driver: String,
+    /// `kvm`, `tcg` or `auto` (KVM when /dev/kvm opens).
+    pub accel: String,
+    pub qemu_binary: String,
+    /// How long VM.clean_shutdown waits for the guest.
+    pub clean_shutdown_timeout: std::time::Duration,
 }
 
 impl Default for Config {
@@ -103,6 +110,10 @@ impl Default for Config {
             max_sessions_per_user: 500,
             login_failures_per_minute: 10,
             failed_login_delay: std::time::Duration::from_secs(2),
+            host_driver: "auto".into(),
+            accel: "auto".into(),
+            qemu_binary: "qemu-system-x86_64".into(),
+            clean_shutdown_timeout: std::time::Duration::from_secs(1200),
         }
     }
 }
@@ -124,6 +135,63 @@ pub struct Server {
     pub(crate) sr_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Per class: bytes per record last time all records were encoded.
     record_sizes: Vec<std::sync::atomic::AtomicUsize>,
+    /// The host agent: VMs run through it.
+    pub agent: Arc<dyn corral_agent::HostAgent>,
+    /// VM uuids whose guest shutdown an operation is waiting for.
+    pub(crate) expected_shutdowns: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Picks the host agent. The simulator is used only when asked for, or
+/// when no QEMU is installed (and the host record then says so).
+fn make_agent(config: &Config, state_dir: &std::path::Path) -> Arc<dyn corral_agent::HostAgent> {
+    let have_qemu = std::process::Command::new(&config.qemu_binary)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let sim = config.host_driver == "sim" || (config.host_driver == "auto" && !have_qemu);
+    if sim {
+        tracing::warn!("host driver: sim (simulated VMs; nothing runs)");
+        Arc::new(corral_agent::sim::SimAgent::new(state_dir.join("sim-vms")))
+    } else {
+        let settings = corral_agent::qemu::QemuSettings {
+            binary: config.qemu_binary.clone(),
+            accel: corral_agent::resolve_accel(&config.accel).into(),
+            ..Default::default()
+        };
+        tracing::info!(accel = %settings.accel, "host driver: qemu");
+        Arc::new(corral_agent::qemu::QemuAgent::new(
+            vm_run_dir(state_dir),
+            settings,
+        ))
+    }
+}
+
+/// Where running VMs keep their sockets, logs and `vm.json`: under /run
+/// (unix socket paths must stay under 108 bytes, and nothing there should
+/// outlive a host reboot, just like the QEMUs), one directory per state
+/// directory. `<state-dir>/vms` links to it for operators.
+fn vm_run_dir(state_dir: &std::path::Path) -> std::path::PathBuf {
+    use std::hash::{Hash, Hasher};
+    let canon = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    canon.hash(&mut h);
+    let name = format!("{:08x}", h.finish() as u32);
+    let base = if std::fs::create_dir_all("/run/corral").is_ok() {
+        std::path::PathBuf::from("/run/corral")
+    } else {
+        std::env::temp_dir().join("corral-run")
+    };
+    let dir = base.join(name);
+    let _ = std::fs::create_dir_all(&dir);
+    let link = state_dir.join("vms");
+    if std::fs::read_link(&link).ok().as_deref() != Some(dir.as_path()) {
+        let _ = std::fs::remove_file(&link);
+        let _ = std::os::unix::fs::symlink(&dir, &link);
+    }
+    dir
 }
 
 fn db_err(e: corral_db::DbError) -> ApiError {
@@ -139,7 +207,10 @@ impl Server {
         state_dir: std::path::PathBuf,
     ) -> Arc<Server> {
         let events = EventHub::new(db.read().generation());
+        let agent = make_agent(&config, &state_dir);
         let server = Arc::new(Server {
+            agent,
+            expected_shutdowns: Mutex::new(Default::default()),
             db,
             host_ref,
             pool_ref,
@@ -676,7 +747,8 @@ impl Server {
                 self.db
                     .write(|t| {
                         check_refs(t, c, &given)?;
-                        t.create(c, &reference, given)
+                        t.create(c, &reference, given)?;
+                        follow_up(t, c, &reference)
                     })
                     .map_err(db_err)?;
                 Ok(Value::String(reference))
@@ -699,7 +771,8 @@ impl Server {
                 self.db
                     .write(|t| {
                         check_refs(t, c, &[(f.index, v.clone())])?;
-                        t.set(*f, &r, v)
+                        t.set(*f, &r, v)?;
+                        follow_up(t, c, &r)
                     })
                     .map_err(db_err)?;
                 Ok(Value::String(String::new()))
@@ -723,7 +796,8 @@ impl Server {
                             ));
                         }
                         m.push((key.clone(), val.clone()));
-                        t.set(*f, &r, Value::Struct(m))
+                        t.set(*f, &r, Value::Struct(m))?;
+                        follow_up(t, c, &r)
                     })
                     .map_err(db_err)?;
                 Ok(Value::String(String::new()))
@@ -745,7 +819,8 @@ impl Server {
                             *f,
                             &r,
                             Value::Struct(m.into_iter().filter(|(k, _)| *k != key).collect()),
-                        )
+                        )?;
+                        follow_up(t, c, &r)
                     })
                     .map_err(db_err)?;
                 Ok(Value::String(String::new()))
@@ -880,6 +955,15 @@ impl Server {
             }
         });
     }
+}
+
+/// Derived fields that a generic setter's change affects (a VM's
+/// `allowed_operations` after `is_a_template` or `blocked_operations`).
+fn follow_up(t: &mut Txn<'_>, c: ClassId, r: &str) -> Result<(), ApiError> {
+    if c == class::VM {
+        crate::vm::refresh_allowed(t, r)?;
+    }
+    Ok(())
 }
 
 pub fn uuid_field(c: ClassId) -> FieldId {

@@ -38,6 +38,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     crate::storage::startup(&server)
         .await
         .map_err(|e| anyhow::anyhow!("storage start-up: {e}"))?;
+    crate::init::record_host_driver(&server);
+    crate::vm::startup(&server)
+        .await
+        .map_err(|e| anyhow::anyhow!("VM start-up: {e}"))?;
     let sock_path = opts.state_dir.join("xapi.sock");
     let _ = std::fs::remove_file(&sock_path);
     let unix = UnixListener::bind(&sock_path)

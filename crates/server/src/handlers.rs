@@ -112,34 +112,8 @@ pub fn table() -> HashMap<String, Handler> {
             .map_err(ApiError::from)?;
         void()
     });
-    sync("VM.clone", vm_clone);
-    sync("VM.copy", |s, c, p| {
-        // Without storage yet, a copy is a clone whose disks would be full copies.
-        let p: Vec<Value> = p.into_iter().take(2).collect();
-        vm_clone(s, c, p)
-    });
-    sync("VM.provision", |s, _, p| {
-        let r = pstr(&mut p.into_iter());
-        s.db.write(|t| {
-            if !t.state().exists(class::VM, &r) {
-                return Err(ApiError::handle_invalid("VM", &r));
-            }
-            let oc = t
-                .state()
-                .get(field::vm::OTHER_CONFIG, &r)
-                .and_then(|v| v.as_struct().map(<[_]>::to_vec))
-                .unwrap_or_default();
-            t.set(
-                field::vm::OTHER_CONFIG,
-                &r,
-                Value::Struct(oc.into_iter().filter(|(k, _)| k != "disks").collect()),
-            )
-        })
-        .map_err(ApiError::from)?;
-        void()
-    });
-
     crate::storage::register(&mut t);
+    crate::vm::register(&mut t);
     let mut asyn = |n: &str, f: fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut| {
         t.insert(n.to_owned(), Handler::Async(f));
     };
@@ -277,10 +251,10 @@ fn create_local_user(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
     Ok(Value::String(r))
 }
 
-/// `VM.clone(vm, new_name)`: a new VM record copied from `vm`.
-fn vm_clone(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
-    let mut p = p.into_iter();
-    let (src, name) = (pstr(&mut p), pstr(&mut p));
+/// The record part of `VM.clone`/`VM.copy`: a new Halted VM copied from
+/// `src` (its disks are the caller's business).
+pub fn vm_clone_record(s: &Server, src: &str, name: &str) -> Result<String, ApiError> {
+    let (src, name) = (src.to_owned(), name.to_owned());
     let r = new_ref();
     s.db.write(|t| {
         let st = t.state();
@@ -343,11 +317,19 @@ fn vm_clone(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
             field::vm::GUEST_METRICS,
             Value::str(corral_model::NULL_REF),
         );
+        set(&mut fields, field::vm::POWER_STATE, Value::str("Halted"));
+        set(&mut fields, field::vm::DOMID, Value::Int(-1));
+        set(
+            &mut fields,
+            field::vm::SUSPEND_VDI,
+            Value::str(corral_model::NULL_REF),
+        );
         fields.retain(|(i, _)| class::VM.def().fields[*i].rel.is_none());
-        t.create(class::VM, &r, fields)
+        t.create(class::VM, &r, fields)?;
+        crate::vm::refresh_allowed(t, &r)
     })
     .map_err(ApiError::from)?;
-    Ok(Value::String(r))
+    Ok(r)
 }
 
 /// Creates an alert (`message` object).

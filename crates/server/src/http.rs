@@ -160,6 +160,11 @@ where
             crate::transfer::import(Arc::clone(&server), &mut stream, &req, pending).await;
             return;
         }
+        if req.method == "CONNECT" && req.path == "/console" {
+            let pending = std::mem::take(&mut buf);
+            crate::console::connect(Arc::clone(&server), &mut stream, &req, pending).await;
+            return;
+        }
         if req.method == "GET" && req.path == "/export_raw_vdi" {
             crate::transfer::export(Arc::clone(&server), &mut stream, &req, origin.raw_fd).await;
             return;

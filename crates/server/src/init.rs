@@ -336,3 +336,33 @@ fn templates() -> Vec<Vec<(usize, Value)>> {
     ));
     vec![other, linux]
 }
+
+/// Records which host agent runs VMs here: `software_version:host_driver`,
+/// and for the simulator a name_description that `xe host-list` shows.
+pub fn record_host_driver(server: &crate::api::Server) {
+    const SIM_NOTE: &str = "Simulated host (sim driver): VMs do not really run";
+    let kind = server.agent.kind();
+    let host = server.host_ref.clone();
+    let r = server.db.write(|t| {
+        let st = t.state();
+        let mut sv = st
+            .get(field::host::SOFTWARE_VERSION, &host)
+            .and_then(|v| v.as_struct().map(<[_]>::to_vec))
+            .unwrap_or_default();
+        sv.retain(|(k, _)| k != "host_driver");
+        sv.push(("host_driver".into(), s(kind)));
+        let descr = st
+            .get_str(field::host::NAME_DESCRIPTION, &host)
+            .unwrap_or_default();
+        t.set(field::host::SOFTWARE_VERSION, &host, Value::Struct(sv))?;
+        if kind == "sim" && descr.is_empty() {
+            t.set(field::host::NAME_DESCRIPTION, &host, s(SIM_NOTE))?;
+        } else if kind != "sim" && descr == SIM_NOTE {
+            t.set(field::host::NAME_DESCRIPTION, &host, s(""))?;
+        }
+        Ok::<(), ApiError>(())
+    });
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "cannot record the host driver");
+    }
+}

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod cli;
 pub mod cli_storage;
+pub mod console;
 pub mod daemon;
 pub mod events;
 pub mod filter;
@@ -13,3 +14,4 @@ pub mod sessions;
 pub mod storage;
 pub mod tls;
 pub mod transfer;
+pub mod vm;

@@ -11,9 +11,13 @@ const USAGE: &str = "usage: corrald --state-dir DIR [--listen ADDR:PORT] [--tls-
   --listen ADDR:PORT       plain HTTP XenAPI listener (XenServer: port 80)
   --tls-listen ADDR:PORT   HTTPS XenAPI listener (XenServer: port 443); default 0.0.0.0:443
   --no-tls                 do not serve HTTPS
+  --host-driver D          qemu | sim | auto (default: qemu when installed)
+  --accel A                kvm | tcg | auto (default: kvm when /dev/kvm opens)
   --config FILE            key = value settings (state-dir, listen, tls-listen,
                            session-timeout-secs, max-sessions-per-user,
-                           login-failures-per-minute, failed-login-delay-ms)
+                           login-failures-per-minute, failed-login-delay-ms,
+                           host-driver, accel, qemu-binary,
+                           clean-shutdown-timeout-secs)
   --root-password-file F   root's password on first start (or CORRAL_ROOT_PASSWORD)
 The unix socket <state-dir>/xapi.sock is always served; its callers are root.";
 
@@ -43,6 +47,8 @@ fn main() -> anyhow::Result<()> {
             "--listen" => settings.push(("listen".into(), val()?)),
             "--tls-listen" => settings.push(("tls-listen".into(), val()?)),
             "--no-tls" => settings.push(("tls-listen".into(), "none".into())),
+            "--host-driver" => settings.push(("host-driver".into(), val()?)),
+            "--accel" => settings.push(("accel".into(), val()?)),
             "--root-password-file" => {
                 let f = val()?;
                 let p = std::fs::read_to_string(&f).with_context(|| format!("reading {f}"))?;
@@ -101,6 +107,12 @@ fn main() -> anyhow::Result<()> {
             "login-failures-per-minute" => opts.config.login_failures_per_minute = v.parse()?,
             "failed-login-delay-ms" => {
                 opts.config.failed_login_delay = std::time::Duration::from_millis(v.parse()?)
+            }
+            "host-driver" => opts.config.host_driver = v,
+            "accel" => opts.config.accel = v,
+            "qemu-binary" => opts.config.qemu_binary = v,
+            "clean-shutdown-timeout-secs" => {
+                opts.config.clean_shutdown_timeout = std::time::Duration::from_secs(v.parse()?)
             }
             other => bail!("unknown setting {other}"),
         }

@@ -84,12 +84,6 @@ pub fn register(t: &mut HashMap<String, Handler>) {
     a("VBD.destroy", |s, _, p| {
         Box::pin(async move { vbd_destroy(&s, p) })
     });
-    a("VBD.insert", |s, _, p| {
-        Box::pin(async move { vbd_insert(&s, p) })
-    });
-    a("VBD.eject", |s, _, p| {
-        Box::pin(async move { vbd_eject(&s, p) })
-    });
 }
 
 fn first(p: Vec<Value>) -> String {
@@ -1237,7 +1231,7 @@ pub async fn pbd_unplug(s: &Arc<Server>, pbd: &str) -> Result<(), ApiError> {
 // ---------------------------------------------------------------------------
 // VDI
 
-async fn vdi_create(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
+pub(crate) async fn vdi_create(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let args = p.into_iter().next().unwrap_or(Value::Nil);
     let given = create_fields(class::VDI, &args)?;
     let get = |f: corral_model::FieldId| given_field(&given, f);
@@ -1338,7 +1332,7 @@ async fn vdi_locked(
     Ok((guard, vdi_on(s, vdi)?))
 }
 
-async fn vdi_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
+pub(crate) async fn vdi_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let vdi = first(p);
     let (_l, v) = vdi_locked(&s, &vdi).await?;
     if !v.managed {
@@ -1729,6 +1723,27 @@ async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     drop(_g);
     refresh_sizes(&s, &dst).await;
     Ok(Value::String(r))
+}
+
+/// VDI.clone for VM.clone: the new VDI's reference.
+pub(crate) async fn vdi_clone_of(s: &Arc<Server>, vdi: &str) -> Result<String, ApiError> {
+    Ok(vdi_snapshot(s, vdi, false).await?.db_string())
+}
+
+/// VDI.copy onto `sr` for VM.copy: the new VDI's reference.
+pub(crate) async fn vdi_copy_to(
+    s: &Arc<Server>,
+    c: &Ctx,
+    vdi: &str,
+    sr: &str,
+) -> Result<String, ApiError> {
+    Ok(vdi_copy(
+        Arc::clone(s),
+        c.clone(),
+        vec![Value::str(vdi), Value::str(sr)],
+    )
+    .await?
+    .db_string())
 }
 
 fn copy_into(src: &str, dst: &str) -> Result<(), StorageError> {
@@ -2136,7 +2151,7 @@ fn vbd_destroy(s: &Server, p: Vec<Value>) -> ApiResult {
     void()
 }
 
-fn vbd_insert(s: &Server, p: Vec<Value>) -> ApiResult {
+pub(crate) fn vbd_insert(s: &Server, p: Vec<Value>) -> ApiResult {
     let mut p = p.into_iter();
     let (vbd, vdi) = (pstr(&mut p), pstr(&mut p));
     db(s.db.write(|t| {
@@ -2163,7 +2178,7 @@ fn vbd_insert(s: &Server, p: Vec<Value>) -> ApiResult {
     void()
 }
 
-fn vbd_eject(s: &Server, p: Vec<Value>) -> ApiResult {
+pub(crate) fn vbd_eject(s: &Server, p: Vec<Value>) -> ApiResult {
     let vbd = first(p);
     db(s.db.write(|t| {
         let st = t.state();

@@ -1,0 +1,908 @@
+//! VMs as QEMU processes. Each VM has a run directory
+//! (`<state>/vms/<uuid>/`) with its configuration and pid (`vm.json`), its
+//! QMP, serial, guest-agent and VNC sockets, and the serial log QEMU itself
+//! writes. QEMU is started with `-daemonize`, so it is never corrald's child:
+//! killing or restarting corrald leaves it running, and the next corrald
+//! finds it again through `vm.json`.
+//!
+//! Guest intent reaches the toolstack instead of QEMU acting alone:
+//! `-action shutdown=pause` keeps a powered-off guest's process until the
+//! toolstack applies `actions_after_shutdown`, `panic=pause` does the same for
+//! crashes (pvpanic), and `reboot=shutdown` is used when a reboot must not
+//! simply reset the VM.
+
+use crate::qmp::{Qmp, QmpEvent, ga_call};
+use crate::{
+    AgentError, AgentFut, Boot, Drive, GuestStats, HostAgent, RunState, SERIAL_REPLAY,
+    SerialConsole, VmConfig, VmEvent,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc};
+
+/// The serial log is cut back to [`SERIAL_REPLAY`] bytes beyond this size.
+const SERIAL_LOG_MAX: u64 = 4 * 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct QemuSettings {
+    pub binary: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    pub machine: String,
+    /// UEFI firmware image for `HVM_boot_params:firmware=uefi`.
+    pub ovmf: String,
+}
+
+impl Default for QemuSettings {
+    fn default() -> Self {
+        QemuSettings {
+            binary: "qemu-system-x86_64".into(),
+            accel: crate::resolve_accel("auto").into(),
+            machine: "pc-i440fx-7.2".into(),
+            ovmf: "/usr/share/OVMF/OVMF_CODE.fd".into(),
+        }
+    }
+}
+
+/// What is persisted per VM (`vm.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Persisted {
+    pid: i32,
+    config: VmConfig,
+}
+
+/// A VM this agent is attached to.
+struct Attached {
+    pid: i32,
+    dir: PathBuf,
+    qmp: Arc<Qmp>,
+    serial_out: broadcast::Sender<Vec<u8>>,
+    serial_in: mpsc::UnboundedSender<Vec<u8>>,
+    /// Set before the toolstack stops QEMU on purpose, so the closing QMP
+    /// socket is not reported as a death.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub struct QemuAgent {
+    settings: QemuSettings,
+    root: PathBuf,
+    vms: Mutex<HashMap<String, Arc<Attached>>>,
+    events: broadcast::Sender<(String, VmEvent)>,
+}
+
+fn opt_escape(s: &str) -> String {
+    // QEMU option values escape a comma by doubling it.
+    s.replace(',', ",,")
+}
+
+impl QemuAgent {
+    pub fn new(root: PathBuf, settings: QemuSettings) -> QemuAgent {
+        let (events, _) = broadcast::channel(1024);
+        QemuAgent {
+            settings,
+            root,
+            vms: Mutex::new(HashMap::new()),
+            events,
+        }
+    }
+
+    fn dir(&self, vm: &str) -> PathBuf {
+        self.root.join(vm)
+    }
+
+    fn attached(&self, vm: &str) -> Result<Arc<Attached>, AgentError> {
+        self.vms
+            .lock()
+            .ok()
+            .and_then(|m| m.get(vm).cloned())
+            .ok_or_else(|| AgentError::NotRunning(vm.to_owned()))
+    }
+
+    /// The QEMU command line for `cfg` (without the binary).
+    pub fn command_line(
+        &self,
+        cfg: &VmConfig,
+        dir: &Path,
+        paused: bool,
+        incoming: Option<&Path>,
+    ) -> Vec<String> {
+        let d = |f: &str| opt_escape(&dir.join(f).to_string_lossy());
+        let mib = (cfg.memory / (1024 * 1024)).max(16);
+        let accel = if self.settings.accel == "tcg" {
+            // Bound TCG's translation cache (its default is 1 GiB per VM).
+            "tcg,tb-size=64".to_owned()
+        } else {
+            self.settings.accel.clone()
+        };
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!(
+                "guest={},debug-threads=on",
+                opt_escape(&cfg.name.replace(['=', '\n'], "_"))
+            ),
+            "-uuid".into(),
+            cfg.uuid.clone(),
+            "-machine".into(),
+            format!(
+                "{},acpi={}",
+                self.settings.machine,
+                if cfg.acpi { "on" } else { "off" }
+            ),
+            "-accel".into(),
+            accel,
+            "-m".into(),
+            format!("{mib}M"),
+            "-smp".into(),
+            format!(
+                "{},maxcpus={}",
+                cfg.vcpus.max(1),
+                cfg.vcpus_max.max(cfg.vcpus).max(1)
+            ),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-vga".into(),
+            "std".into(),
+            "-vnc".into(),
+            format!("unix:{}", d("vnc.sock")),
+            "-daemonize".into(),
+            "-pidfile".into(),
+            dir.join("qemu.pid").to_string_lossy().into_owned(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", d("qmp.sock")),
+            "-chardev".into(),
+            format!(
+                "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+                d("serial.sock"),
+                d("serial.log")
+            ),
+            "-serial".into(),
+            "chardev:serial0".into(),
+            "-device".into(),
+            "virtio-serial-pci,id=vser0".into(),
+            "-chardev".into(),
+            format!("socket,id=qga0,path={},server=on,wait=off", d("qga.sock")),
+            "-device".into(),
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+            "-device".into(),
+            "virtio-balloon-pci,id=balloon0".into(),
+            "-device".into(),
+            "pvpanic".into(),
+            "-action".into(),
+            format!(
+                "shutdown=pause,panic=pause,reboot={}",
+                if cfg.reboot_stops {
+                    "shutdown"
+                } else {
+                    "reset"
+                }
+            ),
+        ];
+        match &cfg.boot {
+            Boot::Kernel {
+                kernel,
+                initrd,
+                args,
+            } => {
+                a.extend(["-kernel".into(), kernel.clone()]);
+                if let Some(i) = initrd {
+                    a.extend(["-initrd".into(), i.clone()]);
+                }
+                a.extend(["-append".into(), args.clone()]);
+            }
+            Boot::Firmware { order, uefi } => {
+                let order: String = order
+                    .chars()
+                    .filter(|c| matches!(c, 'c' | 'd' | 'n'))
+                    .collect();
+                if !order.is_empty() {
+                    a.extend(["-boot".into(), format!("order={order}")]);
+                }
+                if *uefi {
+                    a.extend(["-bios".into(), self.settings.ovmf.clone()]);
+                }
+            }
+        }
+        let mut cd_unit = 0;
+        for drv in &cfg.drives {
+            a.extend(["-drive".into(), drive_spec(drv)]);
+            if drv.cdrom {
+                // Two IDE buses, one CD per unit: up to four CD drives.
+                let (bus, unit) = (1 - (cd_unit / 2) % 2, cd_unit % 2);
+                cd_unit += 1;
+                a.extend([
+                    "-device".into(),
+                    format!(
+                        "ide-cd,drive=drive-{0},id=vbd-{0},bus=ide.{bus},unit={unit}",
+                        drv.id
+                    ),
+                ]);
+            } else {
+                a.extend([
+                    "-device".into(),
+                    format!("virtio-blk-pci,drive=drive-{0},id=vbd-{0}", drv.id),
+                ]);
+            }
+        }
+        if paused {
+            a.push("-S".into());
+        }
+        if let Some(src) = incoming {
+            a.extend([
+                "-incoming".into(),
+                format!("exec:cat {}", shell_quote(&src.to_string_lossy())),
+            ]);
+        }
+        a
+    }
+
+    async fn attach(&self, vm: &str, pid: i32) -> Result<(Arc<Attached>, RunState), AgentError> {
+        let dir = self.dir(vm);
+        let (qmp, events) = Qmp::connect(&dir.join("qmp.sock")).await?;
+        let (serial_out, _) = broadcast::channel(256);
+        let (serial_in, serial_rx) = mpsc::unbounded_channel();
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let at = Arc::new(Attached {
+            pid,
+            dir: dir.clone(),
+            qmp: Arc::clone(&qmp),
+            serial_out: serial_out.clone(),
+            serial_in,
+            stopping: Arc::clone(&stopping),
+        });
+        tokio::spawn(serial_pump(dir.clone(), serial_out, serial_rx));
+        let status = qmp.execute("query-status", Value::Null).await?;
+        let state = run_state(&status);
+        // Balloon statistics are a QOM property, not migrated or kept across
+        // restarts: (re-)arm them on every attach.
+        let _ = qmp
+            .execute(
+                "qom-set",
+                json!({"path": "/machine/peripheral/balloon0", "property": "guest-stats-polling-interval", "value": 2}),
+            )
+            .await;
+        if let Ok(mut m) = self.vms.lock() {
+            m.insert(vm.to_owned(), Arc::clone(&at));
+        }
+        tokio::spawn(watch(
+            vm.to_owned(),
+            events,
+            self.events.clone(),
+            stopping,
+            dir,
+        ));
+        Ok((at, state))
+    }
+
+    fn forget(&self, vm: &str) {
+        if let Ok(mut m) = self.vms.lock() {
+            m.remove(vm);
+        }
+        let _ = std::fs::remove_dir_all(self.dir(vm));
+    }
+
+    async fn kill_and_forget(&self, vm: &str, pid: Option<i32>) {
+        let at = self.vms.lock().ok().and_then(|m| m.get(vm).cloned());
+        if let Some(at) = &at {
+            at.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(3), at.qmp.execute("quit", Value::Null))
+                    .await;
+        }
+        if let Some(pid) = at.as_ref().map(|a| a.pid).or(pid) {
+            wait_gone(pid, vm, Duration::from_secs(3)).await;
+            if is_qemu_of(pid, vm) {
+                // SAFETY: kill(2) on a pid verified to be this VM's QEMU.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                wait_gone(pid, vm, Duration::from_secs(3)).await;
+            }
+        }
+        self.forget(vm);
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn drive_spec(drv: &Drive) -> String {
+    let mut s = format!("if=none,id=drive-{}", drv.id);
+    if drv.cdrom {
+        s.push_str(",media=cdrom");
+    }
+    if let Some(p) = &drv.path {
+        s.push_str(&format!(
+            ",file={},format={},read-only={}",
+            opt_escape(p),
+            drv.format,
+            if drv.read_only || drv.cdrom {
+                "on"
+            } else {
+                "off"
+            }
+        ));
+        if !drv.cdrom {
+            s.push_str(",cache=writeback,discard=unmap");
+        }
+    }
+    s
+}
+
+fn run_state(status: &Value) -> RunState {
+    match status.get("status").and_then(Value::as_str).unwrap_or("") {
+        "running" => RunState::Running,
+        "shutdown" => RunState::ShutDown,
+        "guest-panicked" => RunState::Crashed,
+        _ => RunState::Paused,
+    }
+}
+
+/// True while `pid` is a live QEMU process started for VM `uuid`.
+fn is_qemu_of(pid: i32, uuid: &str) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    // A zombie has an empty command line.
+    !cmd.is_empty() && cmd.split(|b| *b == 0).any(|arg| arg == uuid.as_bytes())
+}
+
+async fn wait_gone(pid: i32, uuid: &str, limit: Duration) {
+    let t0 = std::time::Instant::now();
+    while is_qemu_of(pid, uuid) && t0.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Turns QMP events into [`VmEvent`]s until the socket closes.
+async fn watch(
+    vm: String,
+    mut events: mpsc::UnboundedReceiver<QmpEvent>,
+    out: broadcast::Sender<(String, VmEvent)>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    dir: PathBuf,
+) {
+    while let Some(ev) = events.recv().await {
+        let guest = ev
+            .data
+            .get("guest")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let reason = ev.data.get("reason").and_then(Value::as_str).unwrap_or("");
+        let e = match ev.name.as_str() {
+            "SHUTDOWN" if guest && reason == "guest-reset" => Some(VmEvent::GuestReboot),
+            "SHUTDOWN" if guest => Some(VmEvent::GuestShutdown),
+            "RESET" if guest => Some(VmEvent::GuestRebooted),
+            "GUEST_PANICKED" => Some(VmEvent::GuestCrash),
+            "STOP" => Some(VmEvent::Paused),
+            "RESUME" => Some(VmEvent::Resumed),
+            _ => None,
+        };
+        if let Some(e) = e {
+            tracing::debug!(vm = %vm, event = ?e, "VM event");
+            let _ = out.send((vm.clone(), e));
+        }
+    }
+    if !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        tracing::warn!(vm = %vm, "QEMU exited unexpectedly");
+        let why = std::fs::read_to_string(dir.join("qemu.log"))
+            .ok()
+            .and_then(|l| l.lines().last().map(str::to_owned))
+            .unwrap_or_else(|| "the QEMU process exited unexpectedly".into());
+        let _ = out.send((vm, VmEvent::Died(why)));
+    }
+}
+
+/// Moves serial output to console subscribers and their keystrokes to the
+/// guest; also keeps QEMU's serial log bounded.
+async fn serial_pump(
+    dir: PathBuf,
+    out: broadcast::Sender<Vec<u8>>,
+    mut input: mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let Ok(sock) = tokio::net::UnixStream::connect(dir.join("serial.sock")).await else {
+        return;
+    };
+    let (mut rd, mut wr) = sock.into_split();
+    tokio::spawn(async move {
+        while let Some(data) = input.recv().await {
+            if wr.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut since_check = 0usize;
+    loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let _ = out.send(buf[..n].to_vec());
+        since_check += n;
+        if since_check > 256 * 1024 {
+            since_check = 0;
+            rotate_serial_log(&dir);
+        }
+    }
+}
+
+/// Keeps the last [`SERIAL_REPLAY`] bytes in `serial.log.0` and empties
+/// `serial.log` once it is large (QEMU appends with O_APPEND, so a truncated
+/// file simply continues from its new end).
+fn rotate_serial_log(dir: &Path) {
+    let log = dir.join("serial.log");
+    if std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) < SERIAL_LOG_MAX {
+        return;
+    }
+    let tail = tail_of(&log, SERIAL_REPLAY);
+    if std::fs::write(dir.join("serial.log.0"), &tail).is_ok() {
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .and_then(|f| f.set_len(0));
+    }
+}
+
+fn tail_of(path: &Path, n: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(n as u64);
+    let mut v = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_ok() {
+        let _ = f.read_to_end(&mut v);
+    }
+    v
+}
+
+fn u64_stat(v: &Value, key: &str) -> Option<i64> {
+    // Unsupported statistics read as 2^64-1 (or -1): unknown.
+    let n = v.get(key)?;
+    let x = n.as_u64().map(|u| u as i64).or_else(|| n.as_i64())?;
+    (x >= 0 && x != i64::MAX && n.as_u64() != Some(u64::MAX)).then_some(x)
+}
+
+impl HostAgent for QemuAgent {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn memory_overhead(&self, memory: i64) -> i64 {
+        // Device model and (for TCG) the translation cache, plus page tables.
+        let base: i64 = if self.settings.accel == "tcg" { 96 } else { 32 };
+        base * 1024 * 1024 + memory / 128
+    }
+
+    fn start(&self, cfg: VmConfig, paused: bool, incoming: Option<PathBuf>) -> AgentFut<'_, i64> {
+        Box::pin(async move {
+            let dir = self.dir(&cfg.uuid);
+            if let Some(old) = read_persisted(&dir) {
+                if is_qemu_of(old.pid, &cfg.uuid) {
+                    return Err(AgentError::Other(format!(
+                        "VM {} already has a QEMU process",
+                        cfg.uuid
+                    )));
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let args = self.command_line(&cfg, &dir, paused, incoming.as_deref());
+            std::fs::write(
+                dir.join("cmdline"),
+                args.iter()
+                    .map(|a| shell_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )?;
+            let out = tokio::process::Command::new(&self.settings.binary)
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .map_err(|e| AgentError::StartFailed(format!("{}: {e}", self.settings.binary)))?;
+            if !out.status.success() {
+                let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(AgentError::StartFailed(msg));
+            }
+            let pid: i32 = std::fs::read_to_string(dir.join("qemu.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .ok_or_else(|| AgentError::StartFailed("QEMU wrote no pid file".into()))?;
+            let persisted = Persisted {
+                pid,
+                config: cfg.clone(),
+            };
+            let json = serde_json::to_vec_pretty(&persisted)
+                .map_err(|e| AgentError::Other(e.to_string()))?;
+            let tmp = dir.join("vm.json.tmp");
+            std::fs::write(&tmp, json)?;
+            std::fs::rename(&tmp, dir.join("vm.json"))?;
+            join_cgroup(&cfg.uuid, pid);
+            match self.attach(&cfg.uuid, pid).await {
+                Ok((at, _)) => {
+                    if incoming.is_some() {
+                        // Restoring: wait until QEMU has read the whole image.
+                        let t0 = std::time::Instant::now();
+                        loop {
+                            let st = at.qmp.execute("query-status", Value::Null).await?;
+                            if st.get("status").and_then(Value::as_str) != Some("inmigrate") {
+                                break;
+                            }
+                            if t0.elapsed() > Duration::from_secs(600) {
+                                self.kill_and_forget(&cfg.uuid, Some(pid)).await;
+                                return Err(AgentError::Other("restoring the VM timed out".into()));
+                            }
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        let mig = at.qmp.execute("query-migrate", Value::Null).await?;
+                        if mig.get("status").and_then(Value::as_str) == Some("failed") {
+                            self.kill_and_forget(&cfg.uuid, Some(pid)).await;
+                            return Err(AgentError::Other("restoring the VM failed".into()));
+                        }
+                    }
+                    if cfg.memory_target > 0 && cfg.memory_target < cfg.memory {
+                        let _ = at
+                            .qmp
+                            .execute("balloon", json!({"value": cfg.memory_target}))
+                            .await;
+                    }
+                    Ok(pid as i64)
+                }
+                Err(e) => {
+                    self.kill_and_forget(&cfg.uuid, Some(pid)).await;
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn reattach(&self) -> AgentFut<'_, Vec<(String, RunState)>> {
+        Box::pin(async move {
+            let mut found = Vec::new();
+            let Ok(rd) = std::fs::read_dir(&self.root) else {
+                return Ok(found);
+            };
+            for e in rd.flatten() {
+                let uuid = e.file_name().to_string_lossy().into_owned();
+                let Some(p) = read_persisted(&e.path()) else {
+                    let _ = std::fs::remove_dir_all(e.path());
+                    continue;
+                };
+                if !is_qemu_of(p.pid, &uuid) {
+                    found.push((uuid.clone(), RunState::Gone));
+                    self.forget(&uuid);
+                    continue;
+                }
+                match self.attach(&uuid, p.pid).await {
+                    Ok((_, st)) => found.push((uuid, st)),
+                    Err(err) => {
+                        tracing::warn!(vm = %uuid, error = %err, "cannot re-attach to QEMU; stopping it");
+                        self.kill_and_forget(&uuid, Some(p.pid)).await;
+                        found.push((uuid, RunState::Gone));
+                    }
+                }
+            }
+            Ok(found)
+        })
+    }
+
+    fn state(&self, vm: &str) -> AgentFut<'_, RunState> {
+        let vm = vm.to_owned();
+        Box::pin(async move {
+            let Ok(at) = self.attached(&vm) else {
+                return Ok(RunState::Gone);
+            };
+            match at.qmp.execute("query-status", Value::Null).await {
+                Ok(s) => Ok(run_state(&s)),
+                Err(_) if !is_qemu_of(at.pid, &vm) => Ok(RunState::Gone),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn powerdown(&self, vm: &str) -> AgentFut<'_, ()> {
+        let vm = vm.to_owned();
+        Box::pin(async move {
+            self.attached(&vm)?
+                .qmp
+                .execute("system_powerdown", Value::Null)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn destroy(&self, vm: &str) -> AgentFut<'_, ()> {
+        let vm = vm.to_owned();
+        Box::pin(async move {
+            let pid = read_persisted(&self.dir(&vm)).map(|p| p.pid);
+            self.kill_and_forget(&vm, pid).await;
+            Ok(())
+        })
+    }
+
+    fn reset(&self, vm: &str) -> AgentFut<'_, ()> {
+        let vm = vm.to_owned();
+        Box::pin(async move {
+            let at = self.attached(&vm)?;
+            at.qmp.execute("system_reset", Value::Null).await?;
+            at.qmp.execute("cont", Value::Null).await?;
+            Ok(())
+        })
+    }
+
+    fn pause(&self, vm: &str) -> AgentFut<'_, ()> {
+        let vm = vm.to_owned();
+        Box::pin(async move {
+            self.attached(&vm)?.qmp.execute("stop", Value::Null).await?;
+            Ok(())
+        })
+    }
+
+    fn unpause(&self, vm: &str) -> AgentFut<'_, ()> {
+        let vm = vm.to_owned();
+        Box::pin(async move {
+            self.attached(&vm)?.qmp.execute("cont", Value::Null).await?;
+            Ok(())
+        })
+    }
+
+    fn save(&self, vm: &str, dest: PathBuf) -> AgentFut<'_, ()> {
+        let vm = vm.to_owned();
+        Box::pin(async move {
+            let at = self.attached(&vm)?;
+            let q = &at.qmp;
+            q.execute("stop", Value::Null).await?;
+            // The default 128 MiB/s cap also throttles saving to a file.
+            q.execute(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8_i64 << 30}),
+            )
+            .await?;
+            q.execute(
+                "migrate",
+                json!({"uri": format!("exec:cat > {}", shell_quote(&dest.to_string_lossy()))}),
+            )
+            .await?;
+            loop {
+                let st = q.execute("query-migrate", Value::Null).await?;
+                match st.get("status").and_then(Value::as_str).unwrap_or("") {
+                    "completed" => return Ok(()),
+                    "failed" | "cancelled" => {
+                        let why = st
+                            .get("error-desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("migration failed");
+                        let _ = q.execute("cont", Value::Null).await;
+                        return Err(AgentError::Other(format!("saving the VM failed: {why}")));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+    }
+
+    fn drive_attach(&self, vm: &str, drive: Drive) -> AgentFut<'_, ()> {
+        let vm = vm.to_owned();
+        Box::pin(async move {
+            let at = self.attached(&vm)?;
+            let hmp = format!("drive_add 0 {}", drive_spec(&drive));
+            let out = at
+                .qmp
+                .execute("human-monitor-command", json!({"command-line": hmp}))
+                .await?;
+            let text = out.as_str().unwrap_or("").trim();
+            if !text.is_empty() && !text.eq_ignore_ascii_case("OK") {
+                return Err(AgentError::Other(text.to_owned()));
+            }
+            let dev = json!({"driver": "virtio-blk-pci", "drive": format!("drive-{}", drive.id), "id": format!("vbd-{}", drive.id)});
+            if let Err(e) = at.qmp.execute("device_add", dev).await {
+                let _ = at
+                    .qmp
+                    .execute(
+                        "human-monitor-command",
+                        json!({"command-line": format!("drive_del drive-{}", drive.id)}),
+                    )
+                    .await;
+                return Err(e.into());
+            }
+            Ok(())
+        })
+    }
+
+    fn drive_detach(&self, vm: &str, id: &str) -> AgentFut<'_, ()> {
+        let (vm, id) = (vm.to_owned(), id.to_owned());
+        Box::pin(async move {
+            let at = self.attached(&vm)?;
+            at.qmp
+                .execute("device_del", json!({"id": format!("vbd-{id}")}))
+                .await?;
+            // The guest acknowledges the unplug; the device is gone when
+            // qom-list no longer finds it.
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                let r = at
+                    .qmp
+                    .execute("qom-get", json!({"path": format!("/machine/peripheral/vbd-{id}"), "property": "type"}))
+                    .await;
+                if r.is_err() {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(AgentError::Other(format!(
+                "the guest did not release vbd-{id}"
+            )))
+        })
+    }
+
+    fn cd_change(&self, vm: &str, id: &str, path: Option<String>) -> AgentFut<'_, ()> {
+        let (vm, id) = (vm.to_owned(), id.to_owned());
+        Box::pin(async move {
+            let at = self.attached(&vm)?;
+            let qdev = format!("vbd-{id}");
+            match path {
+                Some(p) => {
+                    at.qmp
+                        .execute(
+                            "blockdev-change-medium",
+                            json!({"id": qdev, "filename": p, "format": "raw", "read-only-mode": "read-only"}),
+                        )
+                        .await?;
+                }
+                None => {
+                    at.qmp
+                        .execute("blockdev-open-tray", json!({"id": qdev, "force": true}))
+                        .await?;
+                    at.qmp
+                        .execute("blockdev-remove-medium", json!({"id": qdev}))
+                        .await?;
+                    at.qmp
+                        .execute("blockdev-close-tray", json!({"id": qdev}))
+                        .await?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn stats(&self, vm: &str) -> AgentFut<'_, GuestStats> {
+        let vm = vm.to_owned();
+        Box::pin(async move {
+            let at = self.attached(&vm)?;
+            let mut g = GuestStats::default();
+            if let Ok(b) = at.qmp.execute("query-balloon", Value::Null).await {
+                g.memory_actual = b.get("actual").and_then(Value::as_i64);
+            }
+            if let Ok(s) = at
+                .qmp
+                .execute(
+                    "qom-get",
+                    json!({"path": "/machine/peripheral/balloon0", "property": "guest-stats"}),
+                )
+                .await
+            {
+                // last-update 0: the guest has not answered since polling was armed.
+                if s.get("last-update").and_then(Value::as_i64).unwrap_or(0) > 0 {
+                    let st = s.get("stats").cloned().unwrap_or(Value::Null);
+                    g.memory_total = u64_stat(&st, "stat-total-memory");
+                    g.memory_free = u64_stat(&st, "stat-available-memory")
+                        .or_else(|| u64_stat(&st, "stat-free-memory"));
+                }
+            }
+            let ga = at.dir.join("qga.sock");
+            if let Ok(os) = ga_call(
+                &ga,
+                "guest-get-osinfo",
+                Value::Null,
+                Duration::from_millis(1500),
+            )
+            .await
+            {
+                g.agent = true;
+                let get = |k: &str| os.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+                let version = get("version-id");
+                let mut parts = version.split('.');
+                g.os_version = vec![
+                    ("name".into(), get("pretty-name")),
+                    ("uname".into(), get("kernel-release")),
+                    ("distro".into(), get("id")),
+                    ("major".into(), parts.next().unwrap_or("").to_owned()),
+                    ("minor".into(), parts.next().unwrap_or("").to_owned()),
+                ];
+                if let Ok(ifs) = ga_call(
+                    &ga,
+                    "guest-network-get-interfaces",
+                    Value::Null,
+                    Duration::from_millis(1500),
+                )
+                .await
+                {
+                    let mut n = 0;
+                    for i in ifs.as_array().into_iter().flatten() {
+                        if i.get("name").and_then(Value::as_str) == Some("lo") {
+                            continue;
+                        }
+                        let (mut v4, mut v6) = (0, 0);
+                        for ip in i
+                            .get("ip-addresses")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                        {
+                            let addr = ip
+                                .get("ip-address")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_owned();
+                            if ip.get("ip-address-type").and_then(Value::as_str) == Some("ipv6") {
+                                g.networks.push((format!("{n}/ipv6/{v6}"), addr));
+                                v6 += 1;
+                            } else {
+                                if v4 == 0 {
+                                    g.networks.push((format!("{n}/ip"), addr.clone()));
+                                }
+                                g.networks.push((format!("{n}/ipv4/{v4}"), addr));
+                                v4 += 1;
+                            }
+                        }
+                        n += 1;
+                    }
+                }
+            }
+            Ok(g)
+        })
+    }
+
+    fn events(&self) -> broadcast::Receiver<(String, VmEvent)> {
+        self.events.subscribe()
+    }
+
+    fn serial(&self, vm: &str) -> Result<SerialConsole, AgentError> {
+        let at = self.attached(vm)?;
+        // Subscribe before reading the log so nothing falls in between.
+        let output = at.serial_out.subscribe();
+        let mut replay = tail_of(&at.dir.join("serial.log.0"), SERIAL_REPLAY);
+        replay.extend(tail_of(&at.dir.join("serial.log"), SERIAL_REPLAY));
+        let cut = replay.len().saturating_sub(SERIAL_REPLAY);
+        Ok(SerialConsole {
+            replay: replay.split_off(cut),
+            output,
+            input: at.serial_in.clone(),
+        })
+    }
+
+    fn vnc_socket(&self, vm: &str) -> Option<PathBuf> {
+        self.attached(vm).ok().map(|a| a.dir.join("vnc.sock"))
+    }
+}
+
+fn read_persisted(dir: &Path) -> Option<Persisted> {
+    serde_json::from_slice(&std::fs::read(dir.join("vm.json")).ok()?).ok()
+}
+
+/// Puts the VM's QEMU in its own cgroup when the unified hierarchy is
+/// writable (pure cgroup v2); otherwise it stays where corrald started it.
+fn join_cgroup(uuid: &str, pid: i32) {
+    let root = Path::new("/sys/fs/cgroup");
+    if !root.join("cgroup.controllers").exists() {
+        return;
+    }
+    let dir = root.join("corral.slice").join(format!("vm-{uuid}.scope"));
+    if std::fs::create_dir_all(&dir).is_ok() {
+        if let Err(e) = std::fs::write(dir.join("cgroup.procs"), pid.to_string()) {
+            tracing::debug!(vm = %uuid, error = %e, "cannot move QEMU into its cgroup");
+        }
+    }
+}

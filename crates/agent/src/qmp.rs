@@ -1,0 +1,245 @@
+//! A small QMP client: one JSON object per line over a unix socket, replies
+//! matched to commands by `id`, events fanned out on a channel. QEMU's QMP
+//! socket takes one client at a time, so each VM has exactly one of these
+//! (owned by the agent), and a restarted corrald simply connects again.
+//!
+//! The guest agent speaks the same framing without a greeting; [`ga_call`]
+//! opens a short connection per query and resynchronises with
+//! `guest-sync-delimited`, discarding stale bytes up to the 0xFF sentinel.
+
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("QMP connection closed")]
+    Closed,
+    #[error("QMP timed out waiting for {0}")]
+    Timeout(String),
+    /// QEMU answered with an error object.
+    #[error("{class}: {desc}")]
+    Command { class: String, desc: String },
+    #[error("QMP protocol: {0}")]
+    Protocol(String),
+}
+
+/// An asynchronous QMP event (`{"event": …, "data": …}`).
+#[derive(Clone, Debug)]
+pub struct QmpEvent {
+    pub name: String,
+    pub data: Value,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;
+
+pub struct Qmp {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Qmp {
+    /// Connects, reads the greeting and negotiates capabilities. Events go to
+    /// the returned receiver, which yields `None` once QEMU closes the socket.
+    pub async fn connect(
+        path: &Path,
+    ) -> Result<(Arc<Qmp>, mpsc::UnboundedReceiver<QmpEvent>), QmpError> {
+        let stream = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(path))
+            .await
+            .map_err(|_| QmpError::Timeout("connect".into()))??;
+        let (rd, wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        let mut greeting = String::new();
+        tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut greeting))
+            .await
+            .map_err(|_| QmpError::Timeout("greeting".into()))??;
+        if !greeting.contains("\"QMP\"") {
+            return Err(QmpError::Protocol(format!(
+                "unexpected greeting {greeting:?}"
+            )));
+        }
+        let pending: Pending = Arc::default();
+        let (etx, erx) = mpsc::unbounded_channel();
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let qmp = Arc::new(Qmp {
+            writer: tokio::sync::Mutex::new(wr),
+            pending: Arc::clone(&pending),
+            next_id: AtomicU64::new(1),
+            closed: Arc::clone(&closed),
+        });
+        tokio::spawn(async move {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match rd.read_line(&mut line).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if let Some(name) = msg.get("event").and_then(Value::as_str) {
+                    let _ = etx.send(QmpEvent {
+                        name: name.to_owned(),
+                        data: msg.get("data").cloned().unwrap_or(Value::Null),
+                    });
+                    continue;
+                }
+                let Some(id) = msg.get("id").and_then(Value::as_u64) else {
+                    continue;
+                };
+                let reply = if let Some(r) = msg.get("return") {
+                    Ok(r.clone())
+                } else {
+                    let e = msg.get("error").cloned().unwrap_or(Value::Null);
+                    Err(QmpError::Command {
+                        class: e
+                            .get("class")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_owned(),
+                        desc: e
+                            .get("desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_owned(),
+                    })
+                };
+                let tx = pending.lock().ok().and_then(|mut p| p.remove(&id));
+                if let Some(tx) = tx {
+                    let _ = tx.send(reply);
+                }
+            }
+            closed.store(true, Ordering::SeqCst);
+            if let Ok(mut p) = pending.lock() {
+                for (_, tx) in p.drain() {
+                    let _ = tx.send(Err(QmpError::Closed));
+                }
+            }
+        });
+        qmp.execute("qmp_capabilities", Value::Null).await?;
+        Ok((qmp, erx))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Runs one command and waits for its reply.
+    pub async fn execute(&self, cmd: &str, args: Value) -> Result<Value, QmpError> {
+        if self.is_closed() {
+            return Err(QmpError::Closed);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({"execute": cmd, "id": id});
+        if !args.is_null() {
+            msg["arguments"] = args;
+        }
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(id, tx);
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        {
+            let mut w = self.writer.lock().await;
+            w.write_all(line.as_bytes()).await?;
+        }
+        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(QmpError::Closed),
+            Err(_) => {
+                if let Ok(mut p) = self.pending.lock() {
+                    p.remove(&id);
+                }
+                Err(QmpError::Timeout(cmd.to_owned()))
+            }
+        }
+    }
+}
+
+/// One guest-agent command over a fresh connection to its socket. Fails fast
+/// (within `timeout`) when no agent runs in the guest.
+pub async fn ga_call(
+    path: &Path,
+    cmd: &str,
+    args: Value,
+    timeout: Duration,
+) -> Result<Value, QmpError> {
+    tokio::time::timeout(timeout, ga_call_inner(path, cmd, args))
+        .await
+        .map_err(|_| QmpError::Timeout(cmd.to_owned()))?
+}
+
+async fn ga_call_inner(path: &Path, cmd: &str, args: Value) -> Result<Value, QmpError> {
+    let mut s = UnixStream::connect(path).await?;
+    let token: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 & 0x7fff_ffff)
+        .unwrap_or(1);
+    s.write_all(
+        format!("{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{token}}}}}\n")
+            .as_bytes(),
+    )
+    .await?;
+    let (rd, mut wr) = s.split();
+    let mut rd = BufReader::new(rd);
+    // Skip everything up to the sentinel, then read lines until our token.
+    loop {
+        let b = rd.read_u8().await?;
+        if b == 0xff {
+            break;
+        }
+    }
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if rd.read_line(&mut line).await? == 0 {
+            return Err(QmpError::Closed);
+        }
+        let v: Value =
+            serde_json::from_str(line.trim_start_matches('\u{ff}')).unwrap_or(Value::Null);
+        if v.get("return").and_then(Value::as_u64) == Some(token) {
+            break;
+        }
+    }
+    let mut msg = json!({"execute": cmd});
+    if !args.is_null() {
+        msg["arguments"] = args;
+    }
+    wr.write_all(format!("{msg}\n").as_bytes()).await?;
+    line.clear();
+    if rd.read_line(&mut line).await? == 0 {
+        return Err(QmpError::Closed);
+    }
+    let v: Value = serde_json::from_str(&line).map_err(|e| QmpError::Protocol(e.to_string()))?;
+    if let Some(r) = v.get("return") {
+        return Ok(r.clone());
+    }
+    let e = v.get("error").cloned().unwrap_or(Value::Null);
+    Err(QmpError::Command {
+        class: e
+            .get("class")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
+        desc: e
+            .get("desc")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
+    })
+}

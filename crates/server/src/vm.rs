@@ -1,0 +1,1956 @@
+//! VM lifecycle with XAPI's semantics: power operations checked and recorded
+//! as XAPI does (blocked → power state → other operation → template), run by
+//! the host agent, and the database kept in step with what the agent reports
+//! (guest shutdown, reboot, crash, a QEMU that died). Also VM.destroy, clone,
+//! copy and provision with their disks, and the host's VM shutdown/boot
+//! policy.
+
+use crate::api::{ApiResult, BoxFut, Ctx, Handler, Server, pstr, void};
+use corral_agent::{Boot, Drive, RunState, VmConfig, VmEvent};
+use corral_model::schema::{class, field};
+use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Host memory kept back from VMs (the host's own needs).
+const HOST_RESERVE: i64 = 512 * 1024 * 1024;
+
+/// (operation, power states it is allowed from, in XAPI's order).
+const POWER_OPS: &[(&str, &[&str])] = &[
+    ("start", &["Halted"]),
+    ("start_on", &["Halted"]),
+    ("pause", &["Running"]),
+    ("unpause", &["Paused"]),
+    ("clean_shutdown", &["Running"]),
+    ("shutdown", &["Paused", "Suspended", "Running"]),
+    ("hard_shutdown", &["Paused", "Suspended", "Running"]),
+    ("clean_reboot", &["Running"]),
+    ("hard_reboot", &["Paused", "Running"]),
+    ("suspend", &["Running"]),
+    ("resume", &["Suspended"]),
+    ("resume_on", &["Suspended"]),
+    (
+        "power_state_reset",
+        &["Halted", "Paused", "Suspended", "Running"],
+    ),
+    ("clone", &["Halted"]),
+    ("copy", &["Halted"]),
+    ("provision", &["Halted"]),
+    ("destroy", &["Halted", "Suspended"]),
+];
+
+/// Operations a template may not do.
+const NOT_FOR_TEMPLATES: &[&str] = &[
+    "start",
+    "start_on",
+    "pause",
+    "unpause",
+    "clean_shutdown",
+    "shutdown",
+    "hard_shutdown",
+    "clean_reboot",
+    "hard_reboot",
+    "suspend",
+    "resume",
+    "resume_on",
+];
+
+fn db<T>(r: Result<T, corral_db::DbError>) -> Result<T, ApiError> {
+    r.map_err(ApiError::from)
+}
+
+fn power(st: &corral_db::State, vm: &str) -> String {
+    st.get_str(field::vm::POWER_STATE, vm).unwrap_or_default()
+}
+
+fn strmap(v: Option<Value>) -> BTreeMap<String, String> {
+    v.and_then(|v| {
+        v.as_struct()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.db_string())).collect())
+    })
+    .unwrap_or_default()
+}
+
+fn int(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> i64 {
+    st.get(f, r).and_then(|v| v.as_int()).unwrap_or(0)
+}
+
+fn flag(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> bool {
+    st.get(f, r).and_then(|v| v.as_bool()).unwrap_or(false)
+}
+
+/// XAPI's `check_operation_error`, without the other-operation check when
+/// `ignore_current` (used to compute `allowed_operations`).
+fn check_op(
+    st: &corral_db::State,
+    vm: &str,
+    op: &str,
+    ignore_current: bool,
+) -> Result<(), ApiError> {
+    if !st.exists(class::VM, vm) {
+        return Err(ApiError::handle_invalid("VM", vm));
+    }
+    if let Some(reason) = strmap(st.get(field::vm::BLOCKED_OPERATIONS, vm)).get(op) {
+        return Err(ApiError::new("OPERATION_BLOCKED", [vm, reason.as_str()]));
+    }
+    if let Some((_, states)) = POWER_OPS.iter().find(|(o, _)| *o == op) {
+        let actual = power(st, vm);
+        if !states.contains(&actual.as_str()) {
+            let expected = states
+                .iter()
+                .map(|s| s.to_lowercase())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(ApiError::new(
+                "VM_BAD_POWER_STATE",
+                [vm.to_owned(), expected, actual.to_lowercase()],
+            ));
+        }
+    }
+    if !ignore_current {
+        let cur = st
+            .get(field::vm::CURRENT_OPERATIONS, vm)
+            .and_then(|v| v.as_struct().map(<[_]>::to_vec))
+            .unwrap_or_default();
+        if let Some((task, other)) = cur.first() {
+            return Err(ApiError::new(
+                "OTHER_OPERATION_IN_PROGRESS",
+                ["VM", vm, other.as_str().unwrap_or(""), task.as_str()],
+            ));
+        }
+    }
+    if flag(st, field::vm::IS_A_TEMPLATE, vm) && NOT_FOR_TEMPLATES.contains(&op) {
+        return Err(ApiError::new("VM_IS_TEMPLATE", [vm, op]));
+    }
+    if flag(st, field::vm::IS_CONTROL_DOMAIN, vm) {
+        return Err(ApiError::operation_not_allowed(
+            "This operation is not allowed on the control domain",
+        ));
+    }
+    Ok(())
+}
+
+/// Recomputes `allowed_operations`: nothing while an operation runs.
+pub fn refresh_allowed(t: &mut corral_db::Txn<'_>, vm: &str) -> Result<(), ApiError> {
+    let st = t.state();
+    if !st.exists(class::VM, vm) {
+        return Ok(());
+    }
+    let busy = st
+        .get(field::vm::CURRENT_OPERATIONS, vm)
+        .and_then(|v| v.as_struct().map(|m| !m.is_empty()))
+        .unwrap_or(false);
+    let ops: Vec<&str> = if busy {
+        Vec::new()
+    } else {
+        POWER_OPS
+            .iter()
+            .map(|(o, _)| *o)
+            .filter(|o| check_op(st, vm, o, true).is_ok())
+            .collect()
+    };
+    t.set(field::vm::ALLOWED_OPERATIONS, vm, Value::string_set(ops))
+}
+
+/// Marks an operation in `current_operations` for its lifetime.
+struct VmOp {
+    s: Arc<Server>,
+    vm: String,
+    key: String,
+}
+
+impl VmOp {
+    fn begin(s: &Arc<Server>, c: &Ctx, vm: &str, op: &str) -> Result<VmOp, ApiError> {
+        let key = c.task.clone().unwrap_or_else(new_ref);
+        db(s.db.write(|t| {
+            check_op(t.state(), vm, op, false)?;
+            let mut cur = t
+                .state()
+                .get(field::vm::CURRENT_OPERATIONS, vm)
+                .and_then(|v| v.as_struct().map(<[_]>::to_vec))
+                .unwrap_or_default();
+            cur.push((key.clone(), Value::str(op)));
+            t.set(field::vm::CURRENT_OPERATIONS, vm, Value::Struct(cur))?;
+            refresh_allowed(t, vm)
+        }))?;
+        Ok(VmOp {
+            s: Arc::clone(s),
+            vm: vm.to_owned(),
+            key,
+        })
+    }
+}
+
+impl Drop for VmOp {
+    fn drop(&mut self) {
+        let _ = self.s.db.write(|t| {
+            if let Some(cur) = t
+                .state()
+                .get(field::vm::CURRENT_OPERATIONS, &self.vm)
+                .and_then(|v| v.as_struct().map(<[_]>::to_vec))
+            {
+                t.set(
+                    field::vm::CURRENT_OPERATIONS,
+                    &self.vm,
+                    Value::Struct(cur.into_iter().filter(|(k, _)| *k != self.key).collect()),
+                )?;
+            }
+            refresh_allowed(t, &self.vm)
+        });
+    }
+}
+
+fn agent_err(e: corral_agent::AgentError) -> ApiError {
+    ApiError::internal(e.to_string())
+}
+
+fn vm_uuid(st: &corral_db::State, vm: &str) -> String {
+    st.get_str(field::vm::UUID, vm).unwrap_or_default()
+}
+
+fn vm_by_uuid(s: &Server, uuid: &str) -> Option<String> {
+    s.db.read().by_uuid(class::VM, uuid).cloned()
+}
+
+// ---------------------------------------------------------------------------
+// Configuration from the records
+
+fn vbds_of(st: &corral_db::State, vm: &str) -> Vec<String> {
+    st.get(field::vm::VBDS, vm)
+        .and_then(|v| {
+            v.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Device name for a VBD's `userdevice` (XenServer's `xvd<letter>`).
+fn device_name(userdevice: &str) -> String {
+    let n: u32 = userdevice.parse().unwrap_or(0);
+    let letter = char::from_u32('a' as u32 + n.min(25)).unwrap_or('a');
+    format!("xvd{letter}")
+}
+
+/// The agent's view of one VBD, if it has a medium or is a CD drive.
+fn drive_of(s: &Server, st: &corral_db::State, vbd: &str) -> Result<Option<Drive>, ApiError> {
+    let ty = st.get_str(field::vbd::TYPE_, vbd).unwrap_or_default();
+    let cdrom = ty == "CD";
+    if ty == "Floppy" {
+        return Ok(None);
+    }
+    let empty = flag(st, field::vbd::EMPTY, vbd);
+    let vdi = st.get_str(field::vbd::VDI, vbd).unwrap_or_default();
+    let id = st.get_str(field::vbd::UUID, vbd).unwrap_or_default();
+    let read_only = st.get_str(field::vbd::MODE, vbd).as_deref() == Some("RO");
+    if empty || !st.exists(class::VDI, &vdi) {
+        if cdrom {
+            return Ok(Some(Drive {
+                id,
+                path: None,
+                format: "raw".into(),
+                read_only: true,
+                cdrom,
+            }));
+        }
+        return Err(ApiError::new("VM_REQUIRES_VDI", [vbd, vdi.as_str()]));
+    }
+    let (path, format) = vdi_image(s, st, &vdi)?;
+    Ok(Some(Drive {
+        id,
+        path: Some(path),
+        format,
+        read_only,
+        cdrom,
+    }))
+}
+
+/// Path and QEMU format of a VDI's image.
+fn vdi_image(s: &Server, st: &corral_db::State, vdi: &str) -> Result<(String, String), ApiError> {
+    let sr = st.get_str(field::vdi::SR, vdi).unwrap_or_default();
+    let loc = st.get_str(field::vdi::LOCATION, vdi).unwrap_or_default();
+    let path = crate::storage::vdi_path(s, &sr, &loc)?;
+    let fmt = strmap(st.get(field::vdi::SM_CONFIG, vdi))
+        .get("image-format")
+        .cloned()
+        .unwrap_or_else(|| "qcow2".into());
+    let format = if fmt == "qcow2" { "qcow2" } else { "raw" };
+    Ok((path, format.into()))
+}
+
+/// A VDI attached read-write by a running VM cannot be used by another.
+fn check_vdi_free(st: &corral_db::State, vm: &str, vbd: &str) -> Result<(), ApiError> {
+    let vdi = st.get_str(field::vbd::VDI, vbd).unwrap_or_default();
+    if !st.exists(class::VDI, &vdi) || flag(st, field::vbd::EMPTY, vbd) {
+        return Ok(());
+    }
+    let rw = st.get_str(field::vbd::MODE, vbd).as_deref() == Some("RW");
+    for other in st.refs(class::VBD) {
+        if other == vbd
+            || st.get_str(field::vbd::VDI, other).as_deref() != Some(vdi.as_str())
+            || !flag(st, field::vbd::CURRENTLY_ATTACHED, other)
+        {
+            continue;
+        }
+        let other_vm = st.get_str(field::vbd::VM, other).unwrap_or_default();
+        if other_vm == vm {
+            continue;
+        }
+        let other_rw = st.get_str(field::vbd::MODE, other).as_deref() == Some("RW");
+        if rw || other_rw {
+            return Err(ApiError::new("VDI_IN_USE", [vdi.as_str(), "start"]));
+        }
+    }
+    Ok(())
+}
+
+fn build_config(s: &Server, vm: &str) -> Result<VmConfig, ApiError> {
+    let st = s.db.read();
+    let g = |f| st.get_str(f, vm).unwrap_or_default();
+    let (smin, dmin, dmax, smax) = (
+        int(&st, field::vm::MEMORY_STATIC_MIN, vm),
+        int(&st, field::vm::MEMORY_DYNAMIC_MIN, vm),
+        int(&st, field::vm::MEMORY_DYNAMIC_MAX, vm),
+        int(&st, field::vm::MEMORY_STATIC_MAX, vm),
+    );
+    if !(smin <= dmin && dmin <= dmax && dmax <= smax) {
+        return Err(ApiError::new(
+            "MEMORY_CONSTRAINT_VIOLATION",
+            ["memory_static_min <= memory_dynamic_min <= memory_dynamic_max <= memory_static_max"],
+        ));
+    }
+    if smax < 16 * 1024 * 1024 {
+        return Err(ApiError::new("VM_MEMORY_SIZE_TOO_LOW", [vm]));
+    }
+    let (vmax, vstart) = (
+        int(&st, field::vm::VCPUS_MAX, vm),
+        int(&st, field::vm::VCPUS_AT_STARTUP, vm),
+    );
+    if vstart < 1 || vstart > vmax {
+        return Err(ApiError::invalid_value(
+            "VCPUs_at_startup",
+            &vstart.to_string(),
+        ));
+    }
+    let platform = strmap(st.get(field::vm::PLATFORM, vm));
+    let hvm = strmap(st.get(field::vm::HVM_BOOT_PARAMS, vm));
+    let kernel = g(field::vm::PV_KERNEL);
+    let boot = if !kernel.is_empty() {
+        for p in [&kernel, &g(field::vm::PV_RAMDISK)] {
+            if !p.is_empty() && !std::path::Path::new(p).is_file() {
+                return Err(ApiError::new(
+                    "BOOTLOADER_FAILED",
+                    [vm.to_owned(), format!("{p}: no such file on the host")],
+                ));
+            }
+        }
+        let rd = g(field::vm::PV_RAMDISK);
+        Boot::Kernel {
+            kernel,
+            initrd: (!rd.is_empty()).then_some(rd),
+            args: g(field::vm::PV_ARGS),
+        }
+    } else {
+        Boot::Firmware {
+            order: hvm.get("order").cloned().unwrap_or_else(|| "cd".into()),
+            uefi: hvm.get("firmware").map(String::as_str) == Some("uefi"),
+        }
+    };
+    let mut drives = Vec::new();
+    let mut vbds = vbds_of(&st, vm);
+    vbds.sort_by_key(|v| {
+        st.get_str(field::vbd::USERDEVICE, v)
+            .and_then(|u| u.parse::<u32>().ok())
+    });
+    for vbd in &vbds {
+        check_vdi_free(&st, vm, vbd)?;
+        if let Some(d) = drive_of(s, &st, vbd)? {
+            drives.push(d);
+        }
+    }
+    Ok(VmConfig {
+        uuid: vm_uuid(&st, vm),
+        name: g(field::vm::NAME_LABEL),
+        memory: smax,
+        memory_target: dmax,
+        vcpus_max: vmax,
+        vcpus: vstart,
+        boot,
+        drives,
+        reboot_stops: g(field::vm::ACTIONS_AFTER_REBOOT) == "destroy",
+        acpi: platform.get("acpi").map(String::as_str) != Some("0"),
+    })
+}
+
+/// Free host memory for a new VM, as XAPI's `compute_free_memory`.
+pub fn host_free_memory(s: &Server, st: &corral_db::State) -> (i64, i64) {
+    let metrics = st
+        .get_str(field::host::METRICS, &s.host_ref)
+        .unwrap_or_default();
+    let total = int(st, field::host_metrics::MEMORY_TOTAL, &metrics);
+    let mut used = HOST_RESERVE;
+    for vm in st.refs(class::VM) {
+        let p = power(st, vm);
+        if (p == "Running" || p == "Paused")
+            && st.get_str(field::vm::RESIDENT_ON, vm).as_deref() == Some(s.host_ref.as_str())
+        {
+            let m = int(st, field::vm::MEMORY_STATIC_MAX, vm);
+            used += m + s.agent.memory_overhead(m);
+        }
+    }
+    (total, (total - used).max(0))
+}
+
+fn check_memory(s: &Server, cfg: &VmConfig) -> Result<(), ApiError> {
+    let st = s.db.read();
+    let (_, free) = host_free_memory(s, &st);
+    let needed = cfg.memory + s.agent.memory_overhead(cfg.memory);
+    if needed > free {
+        return Err(ApiError::new(
+            "HOST_NOT_ENOUGH_FREE_MEMORY",
+            [needed.to_string(), free.to_string()],
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Recording power states
+
+fn console_location(s: &Server, console_uuid: &str) -> String {
+    let st = s.db.read();
+    let addr = st
+        .get_str(field::host::ADDRESS, &s.host_ref)
+        .unwrap_or_default();
+    format!("https://{addr}/console?uuid={console_uuid}")
+}
+
+/// The VM now runs here (or is paused): records, metrics, consoles, VBDs.
+fn record_running(
+    s: &Server,
+    vm: &str,
+    paused: bool,
+    domid: i64,
+    cfg: &VmConfig,
+) -> Result<(), ApiError> {
+    let consoles: Vec<(String, String, &str)> = ["vt100", "rfb"]
+        .iter()
+        .map(|p| {
+            let u = corral_model::new_uuid();
+            (u.clone(), console_location(s, &u), *p)
+        })
+        .collect();
+    db(s.db.write(|t| {
+        let st = t.state();
+        if !st.exists(class::VM, vm) {
+            return Err(ApiError::handle_invalid("VM", vm));
+        }
+        t.set(
+            field::vm::POWER_STATE,
+            vm,
+            Value::str(if paused { "Paused" } else { "Running" }),
+        )?;
+        t.set(field::vm::RESIDENT_ON, vm, Value::str(&s.host_ref))?;
+        t.set(field::vm::DOMID, vm, Value::Int(domid))?;
+        t.set(field::vm::SUSPEND_VDI, vm, Value::str(NULL_REF))?;
+        t.set(field::vm::DOMARCH, vm, Value::str("x64"))?;
+        let metrics = ensure_metrics(t, vm)?;
+        t.set(
+            field::vm_metrics::START_TIME,
+            &metrics,
+            Value::DateTime(date::now()),
+        )?;
+        t.set(
+            field::vm_metrics::VCPUS_NUMBER,
+            &metrics,
+            Value::Int(cfg.vcpus),
+        )?;
+        t.set(
+            field::vm_metrics::MEMORY_ACTUAL,
+            &metrics,
+            Value::Int(cfg.memory_target),
+        )?;
+        t.set(
+            field::vm_metrics::STATE,
+            &metrics,
+            Value::string_set([if paused { "paused" } else { "running" }]),
+        )?;
+        t.set(
+            field::vm_metrics::LAST_UPDATED,
+            &metrics,
+            Value::DateTime(date::now()),
+        )?;
+        t.set(
+            field::vm_metrics::CURRENT_DOMAIN_TYPE,
+            &metrics,
+            Value::str(if matches!(cfg.boot, Boot::Kernel { .. }) {
+                "pv_in_pvh"
+            } else {
+                "hvm"
+            }),
+        )?;
+        t.set(
+            field::vm_metrics::HVM,
+            &metrics,
+            Value::Bool(!matches!(cfg.boot, Boot::Kernel { .. })),
+        )?;
+        for vbd in vbds_of(t.state(), vm) {
+            let ud = t
+                .state()
+                .get_str(field::vbd::USERDEVICE, &vbd)
+                .unwrap_or_default();
+            t.set(field::vbd::CURRENTLY_ATTACHED, &vbd, Value::Bool(true))?;
+            t.set(field::vbd::DEVICE, &vbd, Value::String(device_name(&ud)))?;
+        }
+        remove_consoles(t, vm)?;
+        for (uuid, loc, proto) in &consoles {
+            t.create(
+                class::CONSOLE,
+                &new_ref(),
+                vec![
+                    (field::console::UUID.index, Value::str(uuid)),
+                    (field::console::PROTOCOL.index, Value::str(*proto)),
+                    (field::console::LOCATION.index, Value::str(loc)),
+                    (field::console::VM.index, Value::str(vm)),
+                    (field::console::OTHER_CONFIG.index, Value::Struct(vec![])),
+                ],
+            )?;
+        }
+        refresh_allowed(t, vm)
+    }))
+}
+
+fn ensure_metrics(t: &mut corral_db::Txn<'_>, vm: &str) -> Result<String, ApiError> {
+    let m = t
+        .state()
+        .get_str(field::vm::METRICS, vm)
+        .unwrap_or_default();
+    if t.state().exists(class::VM_METRICS, &m) {
+        return Ok(m);
+    }
+    let m = new_ref();
+    t.create(class::VM_METRICS, &m, vec![])?;
+    t.set(field::vm::METRICS, vm, Value::str(&m))?;
+    Ok(m)
+}
+
+fn remove_consoles(t: &mut corral_db::Txn<'_>, vm: &str) -> Result<(), ApiError> {
+    let cons: Vec<String> = t
+        .state()
+        .refs(class::CONSOLE)
+        .filter(|c| t.state().get_str(field::console::VM, c).as_deref() == Some(vm))
+        .cloned()
+        .collect();
+    for c in cons {
+        t.delete(class::CONSOLE, &c)?;
+    }
+    Ok(())
+}
+
+/// The VM no longer runs: Halted (or Suspended with its image).
+fn record_stopped(
+    s: &Server,
+    vm: &str,
+    state: &str,
+    suspend_vdi: Option<&str>,
+) -> Result<(), ApiError> {
+    db(s.db.write(|t| {
+        if !t.state().exists(class::VM, vm) {
+            return Ok(());
+        }
+        t.set(field::vm::POWER_STATE, vm, Value::str(state))?;
+        t.set(field::vm::RESIDENT_ON, vm, Value::str(NULL_REF))?;
+        t.set(field::vm::DOMID, vm, Value::Int(-1))?;
+        t.set(
+            field::vm::SUSPEND_VDI,
+            vm,
+            Value::str(suspend_vdi.unwrap_or(NULL_REF)),
+        )?;
+        for vbd in vbds_of(t.state(), vm) {
+            t.set(field::vbd::CURRENTLY_ATTACHED, &vbd, Value::Bool(false))?;
+        }
+        remove_consoles(t, vm)?;
+        let metrics = t
+            .state()
+            .get_str(field::vm::METRICS, vm)
+            .unwrap_or_default();
+        if t.state().exists(class::VM_METRICS, &metrics) {
+            t.set(
+                field::vm_metrics::STATE,
+                &metrics,
+                Value::string_set([state.to_lowercase()]),
+            )?;
+            t.set(field::vm_metrics::MEMORY_ACTUAL, &metrics, Value::Int(0))?;
+            t.set(
+                field::vm_metrics::LAST_UPDATED,
+                &metrics,
+                Value::DateTime(date::now()),
+            )?;
+        }
+        let gm = t
+            .state()
+            .get_str(field::vm::GUEST_METRICS, vm)
+            .unwrap_or_default();
+        if t.state().exists(class::VM_GUEST_METRICS, &gm) {
+            t.delete(class::VM_GUEST_METRICS, &gm)?;
+        }
+        t.set(field::vm::GUEST_METRICS, vm, Value::str(NULL_REF))?;
+        refresh_allowed(t, vm)
+    }))
+}
+
+fn set_paused(s: &Server, vm: &str, paused: bool) -> Result<(), ApiError> {
+    db(s.db.write(|t| {
+        t.set(
+            field::vm::POWER_STATE,
+            vm,
+            Value::str(if paused { "Paused" } else { "Running" }),
+        )?;
+        let metrics = t
+            .state()
+            .get_str(field::vm::METRICS, vm)
+            .unwrap_or_default();
+        if t.state().exists(class::VM_METRICS, &metrics) {
+            t.set(
+                field::vm_metrics::STATE,
+                &metrics,
+                Value::string_set([if paused { "paused" } else { "running" }]),
+            )?;
+        }
+        refresh_allowed(t, vm)
+    }))
+}
+
+fn alert(s: &Server, vm: &str, name: &str, priority: i64, body: &str) {
+    let uuid = vm_uuid(&s.db.read(), vm);
+    if let Err(e) = crate::handlers::create_message(s, name, priority, "VM", &uuid, body) {
+        tracing::warn!(vm = %uuid, error = %e, "cannot record message");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Power operations
+
+fn params(p: Vec<Value>) -> (String, Vec<Value>) {
+    let mut it = p.into_iter();
+    let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
+    (vm, it.collect())
+}
+
+fn boolp(p: &[Value], i: usize) -> bool {
+    p.get(i).and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// Builds the configuration, checks memory and launches.
+async fn launch(
+    s: &Arc<Server>,
+    vm: &str,
+    paused: bool,
+    incoming: Option<std::path::PathBuf>,
+) -> Result<VmConfig, ApiError> {
+    let cfg = build_config(s, vm)?;
+    check_memory(s, &cfg)?;
+    let domid = s
+        .agent
+        .start(cfg.clone(), paused, incoming)
+        .await
+        .map_err(|e| match e {
+            corral_agent::AgentError::StartFailed(m) => {
+                ApiError::new("BOOTLOADER_FAILED", [vm, m.as_str()])
+            }
+            other => agent_err(other),
+        })?;
+    if let Err(e) = record_running(s, vm, paused, domid, &cfg) {
+        // Undo: the database could not say so, so nothing may run.
+        let _ = s.agent.destroy(&cfg.uuid).await;
+        return Err(e);
+    }
+    Ok(cfg)
+}
+
+async fn vm_start(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> ApiResult {
+    let (vm, rest) = params(p);
+    let (host, flags) = if with_host {
+        (rest.first().map(|v| v.db_string()), &rest[1..])
+    } else {
+        (None, &rest[..])
+    };
+    let op = if with_host { "start_on" } else { "start" };
+    let _op = VmOp::begin(&s, &c, &vm, op)?;
+    if let Some(h) = host {
+        check_host(&s, &h)?;
+    }
+    launch(&s, &vm, boolp(flags, 0), None).await?;
+    alert(&s, &vm, "VM_STARTED", 5, "VM started");
+    void()
+}
+
+fn check_host(s: &Server, h: &str) -> Result<(), ApiError> {
+    let st = s.db.read();
+    if !st.exists(class::HOST, h) {
+        return Err(ApiError::handle_invalid("host", h));
+    }
+    if h != s.host_ref {
+        return Err(ApiError::new("HOST_OFFLINE", [h]));
+    }
+    if !flag(&st, field::host::ENABLED, h) {
+        return Err(ApiError::new("HOST_DISABLED", [h]));
+    }
+    Ok(())
+}
+
+/// Waits for the guest to power itself off after the power button.
+async fn wait_guest_shutdown(
+    s: &Arc<Server>,
+    uuid: &str,
+    mut rx: tokio::sync::broadcast::Receiver<(String, VmEvent)>,
+    timeout: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if matches!(
+            s.agent.state(uuid).await,
+            Ok(RunState::ShutDown | RunState::Gone)
+        ) {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => return false,
+            Ok(Ok((u, VmEvent::GuestShutdown | VmEvent::Died(_)))) if u == uuid => return true,
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return false,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Power button, wait up to `timeout`; true when the guest went down.
+async fn clean_stop(s: &Arc<Server>, vm: &str, timeout: Duration) -> Result<bool, ApiError> {
+    let uuid = vm_uuid(&s.db.read(), vm);
+    s.expect_shutdown(&uuid, true);
+    let rx = s.agent.events();
+    let r = async {
+        s.agent.powerdown(&uuid).await.map_err(agent_err)?;
+        Ok(wait_guest_shutdown(s, &uuid, rx, timeout).await)
+    }
+    .await;
+    if !matches!(r, Ok(true)) {
+        s.expect_shutdown(&uuid, false);
+    }
+    r
+}
+
+async fn halt(s: &Arc<Server>, vm: &str) -> Result<(), ApiError> {
+    let uuid = vm_uuid(&s.db.read(), vm);
+    s.agent.destroy(&uuid).await.map_err(agent_err)?;
+    s.expect_shutdown(&uuid, false);
+    record_stopped(s, vm, "Halted", None)
+}
+
+fn clean_timeout(s: &Server, vm: &str) -> Duration {
+    let oc = strmap(s.db.read().get(field::vm::OTHER_CONFIG, vm));
+    Duration::from_secs(
+        oc.get("clean_shutdown_timeout")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(s.config.clean_shutdown_timeout.as_secs()),
+    )
+}
+
+async fn vm_clean_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
+    let (vm, _) = params(p);
+    let _op = VmOp::begin(&s, &c, &vm, "clean_shutdown")?;
+    let t = clean_timeout(&s, &vm);
+    if !clean_stop(&s, &vm, t).await? {
+        return Err(ApiError::new(
+            "VM_SHUTDOWN_TIMEOUT",
+            [vm.clone(), t.as_secs().to_string()],
+        ));
+    }
+    halt(&s, &vm).await?;
+    alert(&s, &vm, "VM_SHUTDOWN", 5, "VM shut down");
+    void()
+}
+
+async fn vm_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
+    let (vm, _) = params(p);
+    let _op = VmOp::begin(&s, &c, &vm, "shutdown")?;
+    let state = power(&s.db.read(), &vm);
+    if state == "Suspended" {
+        drop_suspend_image(&s, &vm).await;
+        record_stopped(&s, &vm, "Halted", None)?;
+        return void();
+    }
+    if state == "Running" {
+        let t = clean_timeout(&s, &vm);
+        if !clean_stop(&s, &vm, t).await.unwrap_or(false) {
+            tracing::info!(vm = %vm, "clean shutdown timed out; forcing off");
+        }
+    }
+    halt(&s, &vm).await?;
+    void()
+}
+
+async fn vm_hard_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
+    let (vm, _) = params(p);
+    let _op = VmOp::begin(&s, &c, &vm, "hard_shutdown")?;
+    if power(&s.db.read(), &vm) == "Suspended" {
+        drop_suspend_image(&s, &vm).await;
+        record_stopped(&s, &vm, "Halted", None)?;
+        return void();
+    }
+    halt(&s, &vm).await?;
+    void()
+}
+
+async fn vm_clean_reboot(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
+    let (vm, _) = params(p);
+    let _op = VmOp::begin(&s, &c, &vm, "clean_reboot")?;
+    let t = clean_timeout(&s, &vm);
+    if !clean_stop(&s, &vm, t).await? {
+        return Err(ApiError::new(
+            "VM_SHUTDOWN_TIMEOUT",
+            [vm.clone(), t.as_secs().to_string()],
+        ));
+    }
+    let uuid = vm_uuid(&s.db.read(), &vm);
+    let r = s.agent.reset(&uuid).await.map_err(agent_err);
+    s.expect_shutdown(&uuid, false);
+    r?;
+    set_paused(&s, &vm, false)?;
+    alert(&s, &vm, "VM_REBOOTED", 5, "VM rebooted");
+    void()
+}
+
+async fn vm_hard_reboot(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
+    let (vm, _) = params(p);
+    let _op = VmOp::begin(&s, &c, &vm, "hard_reboot")?;
+    let uuid = vm_uuid(&s.db.read(), &vm);
+    s.agent.reset(&uuid).await.map_err(agent_err)?;
+    set_paused(&s, &vm, false)?;
+    void()
+}
+
+async fn vm_pause(s: Arc<Server>, c: Ctx, p: Vec<Value>, pause: bool) -> ApiResult {
+    let (vm, _) = params(p);
+    let _op = VmOp::begin(&s, &c, &vm, if pause { "pause" } else { "unpause" })?;
+    let uuid = vm_uuid(&s.db.read(), &vm);
+    if pause {
+        s.agent.pause(&uuid).await.map_err(agent_err)?;
+    } else {
+        s.agent.unpause(&uuid).await.map_err(agent_err)?;
+    }
+    set_paused(&s, &vm, pause)?;
+    void()
+}
+
+async fn vm_power_state_reset(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
+    let (vm, _) = params(p);
+    let _op = VmOp::begin(&s, &c, &vm, "power_state_reset")?;
+    let uuid = vm_uuid(&s.db.read(), &vm);
+    // Only a VM this host no longer runs may be reset (XAPI refuses a
+    // running domain too); never leave a QEMU the database forgot.
+    if matches!(
+        s.agent.state(&uuid).await,
+        Ok(RunState::Running | RunState::Paused)
+    ) {
+        return Err(ApiError::operation_not_allowed(
+            "the VM is still running on this host",
+        ));
+    }
+    let _ = s.agent.destroy(&uuid).await;
+    record_stopped(&s, &vm, "Halted", None)?;
+    void()
+}
+
+// ---------------------------------------------------------------------------
+// Suspend and resume: the guest's state goes into a `suspend` VDI.
+
+fn suspend_sr(s: &Server, vm: &str) -> Result<String, ApiError> {
+    let st = s.db.read();
+    let candidates = [
+        st.get_str(field::vm::SUSPEND_SR, vm),
+        st.get_str(field::pool::SUSPEND_IMAGE_SR, &s.pool_ref),
+        st.get_str(field::host::SUSPEND_IMAGE_SR, &s.host_ref),
+        st.get_str(field::pool::DEFAULT_SR, &s.pool_ref),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|sr| st.exists(class::SR, sr))
+        .ok_or_else(|| ApiError::new("VM_NO_SUSPEND_SR", [vm]))
+}
+
+fn fifo(dir: &std::path::Path) -> Result<std::path::PathBuf, ApiError> {
+    std::fs::create_dir_all(dir).map_err(|e| ApiError::internal(e.to_string()))?;
+    let p = dir.join(format!("stream-{}", &corral_model::new_uuid()[..8]));
+    let c = std::ffi::CString::new(p.to_string_lossy().as_bytes())
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(ApiError::internal(
+            std::io::Error::last_os_error().to_string(),
+        ));
+    }
+    Ok(p)
+}
+
+async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
+    let (vm, _) = params(p);
+    let _op = VmOp::begin(&s, &c, &vm, "suspend")?;
+    let sr = suspend_sr(&s, &vm)?;
+    let (uuid, mem, name) = {
+        let st = s.db.read();
+        (
+            vm_uuid(&st, &vm),
+            int(&st, field::vm::MEMORY_STATIC_MAX, &vm),
+            st.get_str(field::vm::NAME_LABEL, &vm).unwrap_or_default(),
+        )
+    };
+    // Room for RAM and device state; the image is thin, so only what the
+    // stream holds is allocated.
+    let size = mem + mem / 8 + (64 << 20);
+    let rec = Value::Struct(vec![
+        (
+            "name_label".into(),
+            Value::String(format!("Suspend image for {name}")),
+        ),
+        ("SR".into(), Value::str(&sr)),
+        ("virtual_size".into(), Value::Int(size)),
+        ("type".into(), Value::str("suspend")),
+        ("sharable".into(), Value::Bool(false)),
+        ("read_only".into(), Value::Bool(false)),
+        ("other_config".into(), Value::Struct(vec![])),
+    ]);
+    let vdi = crate::storage::vdi_create(Arc::clone(&s), vec![rec])
+        .await?
+        .db_string();
+    let result = async {
+        let (path, format) = vdi_image(&s, &s.db.read(), &vdi)?;
+        let pipe = fifo(&s.state_dir.join("streams"))?;
+        let run_dir = s.state_dir.clone();
+        let reader = {
+            let pipe = pipe.clone();
+            tokio::task::spawn_blocking(move || stream_into_vdi(&pipe, &path, &format, &run_dir))
+        };
+        let saved = s.agent.save(&uuid, pipe.clone()).await.map_err(agent_err);
+        if saved.is_err() {
+            // Unblock the reader if QEMU never opened the FIFO.
+            let _ = std::fs::OpenOptions::new().write(true).open(&pipe);
+        }
+        let len = reader
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let _ = std::fs::remove_file(&pipe);
+        saved?;
+        let len = len?;
+        db(s.db.write(|t| {
+            let mut oc = strmap(t.state().get(field::vdi::OTHER_CONFIG, &vdi));
+            oc.insert("corral-suspend-length".into(), len.to_string());
+            t.set(
+                field::vdi::OTHER_CONFIG,
+                &vdi,
+                Value::Struct(oc.into_iter().map(|(k, v)| (k, Value::String(v))).collect()),
+            )
+        }))?;
+        Ok::<(), ApiError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        // Undo: the VM keeps running, the image goes.
+        let _ = s.agent.unpause(&uuid).await;
+        let _ = crate::storage::vdi_destroy(Arc::clone(&s), vec![Value::str(&vdi)]).await;
+        return Err(e);
+    }
+    s.agent.destroy(&uuid).await.map_err(agent_err)?;
+    record_stopped(&s, &vm, "Suspended", Some(&vdi))?;
+    alert(&s, &vm, "VM_SUSPENDED", 5, "VM suspended");
+    void()
+}
+
+/// Copies the save stream from the FIFO into the VDI; returns its length.
+fn stream_into_vdi(
+    pipe: &std::path::Path,
+    path: &str,
+    format: &str,
+    run_dir: &std::path::Path,
+) -> Result<u64, ApiError> {
+    use std::io::Read;
+    let mut src = std::fs::File::open(pipe).map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut img = corral_storage::nbd::NbdImage::open(path, format, true, run_dir)
+        .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
+    let mut buf = vec![0u8; corral_storage::nbd::CHUNK];
+    let mut off = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match src.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Err(ApiError::internal(e.to_string())),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        if off + n as u64 > img.size() {
+            return Err(ApiError::new(
+                "VDI_IO_ERROR",
+                ["suspend image too large for its VDI"],
+            ));
+        }
+        img.write_at(off, &buf[..n])
+            .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
+        off += n as u64;
+        if n < buf.len() {
+            break;
+        }
+    }
+    img.close()
+        .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
+    Ok(off)
+}
+
+/// Feeds `len` bytes of the VDI into the FIFO QEMU restores from.
+fn stream_from_vdi(
+    pipe: &std::path::Path,
+    path: &str,
+    format: &str,
+    len: u64,
+    run_dir: &std::path::Path,
+) -> Result<(), ApiError> {
+    let mut img = corral_storage::nbd::NbdImage::open(path, format, false, run_dir)
+        .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pipe)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&out);
+    let mut left = len;
+    let mut failed = None;
+    img.read_all(4, |chunk| {
+        let n = (chunk.len() as u64).min(left) as usize;
+        if let Err(e) = corral_storage::nbd::write_all_fd(fd, &chunk[..n]) {
+            failed = Some(e);
+            return false;
+        }
+        left -= n as u64;
+        left > 0
+    })
+    .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
+    if let Some(e) = failed {
+        return Err(ApiError::new("VDI_IO_ERROR", [e.to_string()]));
+    }
+    Ok(())
+}
+
+async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> ApiResult {
+    let (vm, rest) = params(p);
+    let (host, flags) = if with_host {
+        (rest.first().map(|v| v.db_string()), &rest[1..])
+    } else {
+        (None, &rest[..])
+    };
+    let _op = VmOp::begin(&s, &c, &vm, if with_host { "resume_on" } else { "resume" })?;
+    if let Some(h) = host {
+        check_host(&s, &h)?;
+    }
+    let paused = boolp(flags, 0);
+    let (vdi, uuid) = {
+        let st = s.db.read();
+        (
+            st.get_str(field::vm::SUSPEND_VDI, &vm).unwrap_or_default(),
+            vm_uuid(&st, &vm),
+        )
+    };
+    let (path, format, len) = {
+        let st = s.db.read();
+        if !st.exists(class::VDI, &vdi) {
+            return Err(ApiError::new(
+                "VM_REQUIRES_VDI",
+                [vm.as_str(), vdi.as_str()],
+            ));
+        }
+        let (p, f) = vdi_image(&s, &st, &vdi)?;
+        let len = strmap(st.get(field::vdi::OTHER_CONFIG, &vdi))
+            .get("corral-suspend-length")
+            .and_then(|l| l.parse::<u64>().ok())
+            .unwrap_or(0);
+        (p, f, len)
+    };
+    let pipe = fifo(&s.state_dir.join("streams"))?;
+    let writer = {
+        let (pipe, run_dir) = (pipe.clone(), s.state_dir.clone());
+        tokio::task::spawn_blocking(move || stream_from_vdi(&pipe, &path, &format, len, &run_dir))
+    };
+    let launched = launch(&s, &vm, true, Some(pipe.clone())).await;
+    if launched.is_err() {
+        // Unblock the writer: nobody will read the FIFO.
+        let _ = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags_nonblock()
+            .open(&pipe);
+    }
+    let fed = writer
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let _ = std::fs::remove_file(&pipe);
+    if let Err(e) = launched {
+        let _ = db(s.db.write(|t| {
+            t.set(field::vm::POWER_STATE, &vm, Value::str("Suspended"))?;
+            t.set(field::vm::SUSPEND_VDI, &vm, Value::str(&vdi))?;
+            refresh_allowed(t, &vm)
+        }));
+        return Err(e);
+    }
+    let restored = async {
+        fed?;
+        if !paused {
+            s.agent.unpause(&uuid).await.map_err(agent_err)?;
+        }
+        Ok::<(), ApiError>(())
+    }
+    .await;
+    if let Err(e) = restored {
+        // Undo: back to Suspended with the image kept.
+        let _ = s.agent.destroy(&uuid).await;
+        let _ = record_stopped(&s, &vm, "Suspended", Some(&vdi));
+        return Err(e);
+    }
+    set_paused(&s, &vm, paused)?;
+    let _ = crate::storage::vdi_destroy(Arc::clone(&s), vec![Value::str(&vdi)]).await;
+    alert(&s, &vm, "VM_RESUMED", 5, "VM resumed");
+    void()
+}
+
+trait NonBlock {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+impl NonBlock for std::fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NONBLOCK)
+    }
+}
+
+async fn drop_suspend_image(s: &Arc<Server>, vm: &str) {
+    let vdi =
+        s.db.read()
+            .get_str(field::vm::SUSPEND_VDI, vm)
+            .unwrap_or_default();
+    if s.db.read().exists(class::VDI, &vdi) {
+        let _ = crate::storage::vdi_destroy(Arc::clone(s), vec![Value::str(&vdi)]).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reacting to the agent
+
+impl Server {
+    /// Marks a VM whose next guest shutdown an operation is waiting for, so
+    /// the monitor leaves it to that operation.
+    pub(crate) fn expect_shutdown(&self, uuid: &str, on: bool) {
+        if let Ok(mut e) = self.expected_shutdowns.lock() {
+            if on {
+                e.insert(uuid.to_owned());
+            } else {
+                e.remove(uuid);
+            }
+        }
+    }
+    fn shutdown_expected(&self, uuid: &str) -> bool {
+        self.expected_shutdowns
+            .lock()
+            .map(|e| e.contains(uuid))
+            .unwrap_or(false)
+    }
+}
+
+fn busy(s: &Server, vm: &str) -> bool {
+    s.db.read()
+        .get(field::vm::CURRENT_OPERATIONS, vm)
+        .and_then(|v| v.as_struct().map(|m| !m.is_empty()))
+        .unwrap_or(false)
+}
+
+async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
+    let Some(vm) = vm_by_uuid(s, uuid) else {
+        return;
+    };
+    let action = |f| s.db.read().get_str(f, &vm).unwrap_or_default();
+    let r = match ev {
+        VmEvent::GuestShutdown if s.shutdown_expected(uuid) => Ok(()),
+        VmEvent::GuestShutdown => {
+            if action(field::vm::ACTIONS_AFTER_SHUTDOWN) == "restart" {
+                s.agent.reset(uuid).await.map_err(agent_err)
+            } else {
+                alert(s, &vm, "VM_SHUTDOWN", 5, "The guest shut itself down");
+                halt(s, &vm).await
+            }
+        }
+        VmEvent::GuestReboot => {
+            if action(field::vm::ACTIONS_AFTER_REBOOT) == "destroy" {
+                halt(s, &vm).await
+            } else {
+                s.agent.reset(uuid).await.map_err(agent_err)
+            }
+        }
+        VmEvent::GuestRebooted => {
+            alert(s, &vm, "VM_REBOOTED", 5, "The guest rebooted itself");
+            Ok(())
+        }
+        VmEvent::GuestCrash => {
+            alert(s, &vm, "VM_CRASHED", 2, "The guest crashed (pvpanic)");
+            match action(field::vm::ACTIONS_AFTER_CRASH).as_str() {
+                "preserve" => set_paused(s, &vm, true),
+                "restart" | "coredump_and_restart" | "rename_restart" => {
+                    s.agent.reset(uuid).await.map_err(agent_err)
+                }
+                _ => halt(s, &vm).await,
+            }
+        }
+        VmEvent::Paused | VmEvent::Resumed if busy(s, &vm) => Ok(()),
+        VmEvent::Paused | VmEvent::Resumed => {
+            let p = power(&s.db.read(), &vm);
+            let paused = ev == VmEvent::Paused;
+            if (p == "Running" && paused) || (p == "Paused" && !paused) {
+                // Someone outside the toolstack paused or resumed it; the
+                // database follows what the guest does.
+                match s.agent.state(uuid).await {
+                    Ok(RunState::Paused) => set_paused(s, &vm, true),
+                    Ok(RunState::Running) => set_paused(s, &vm, false),
+                    _ => Ok(()),
+                }
+            } else {
+                Ok(())
+            }
+        }
+        VmEvent::Died(why) => {
+            if s.shutdown_expected(uuid) {
+                s.expect_shutdown(uuid, false);
+            }
+            let p = power(&s.db.read(), &vm);
+            if p == "Running" || p == "Paused" {
+                let _ = s.agent.destroy(uuid).await;
+                alert(
+                    s,
+                    &vm,
+                    "VM_CRASHED",
+                    2,
+                    &format!(
+                        "The VM's QEMU process ended unexpectedly ({why}); the VM is now halted."
+                    ),
+                );
+                record_stopped(s, &vm, "Halted", None)
+            } else {
+                Ok(())
+            }
+        }
+    };
+    if let Err(e) = r {
+        tracing::warn!(vm = %uuid, error = %e, "handling a VM event failed");
+    }
+}
+
+/// Re-attaches to the VMs this host runs and reconciles power states, then
+/// follows the agent's events and refreshes metrics.
+pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
+    let found: HashMap<String, RunState> = s
+        .agent
+        .reattach()
+        .await
+        .map_err(agent_err)?
+        .into_iter()
+        .collect();
+    let mine: Vec<(String, String, String)> = {
+        let st = s.db.read();
+        st.refs(class::VM)
+            .filter(|vm| {
+                let p = power(&st, vm);
+                (p == "Running" || p == "Paused")
+                    && st.get_str(field::vm::RESIDENT_ON, vm).as_deref()
+                        == Some(s.host_ref.as_str())
+            })
+            .map(|vm| (vm.clone(), vm_uuid(&st, vm), power(&st, vm)))
+            .collect()
+    };
+    for (vm, uuid, p) in &mine {
+        let _ = db(s.db.write(|t| {
+            // Operations in flight died with the old corrald.
+            t.set(field::vm::CURRENT_OPERATIONS, vm, Value::Struct(vec![]))?;
+            refresh_allowed(t, vm)
+        }));
+        match found.get(uuid) {
+            Some(RunState::Running) if p != "Running" => {
+                let _ = set_paused(s, vm, false);
+            }
+            Some(RunState::Paused) if p != "Paused" => {
+                let _ = set_paused(s, vm, true);
+            }
+            Some(RunState::Running | RunState::Paused) => {}
+            Some(RunState::ShutDown) => on_event(s, uuid, VmEvent::GuestShutdown).await,
+            Some(RunState::Crashed) => on_event(s, uuid, VmEvent::GuestCrash).await,
+            Some(RunState::Gone) | None => {
+                alert(
+                    s,
+                    vm,
+                    "VM_CRASHED",
+                    2,
+                    "The VM's QEMU process was gone when the toolstack started; the VM is now halted.",
+                );
+                let _ = record_stopped(s, vm, "Halted", None);
+            }
+        }
+    }
+    // QEMUs the database does not know as running here are not ours to keep.
+    for (uuid, st) in &found {
+        if *st != RunState::Gone && !mine.iter().any(|(_, u, _)| u == uuid) {
+            tracing::warn!(vm = %uuid, "stopping a QEMU the database does not run here");
+            let _ = s.agent.destroy(uuid).await;
+        }
+    }
+    // Every VM's allowed operations follow the rules of this build.
+    let _ = db(s.db.write(|t| {
+        let vms: Vec<String> = t.state().refs(class::VM).cloned().collect();
+        for vm in vms {
+            refresh_allowed(t, &vm)?;
+        }
+        Ok::<(), ApiError>(())
+    }));
+    let mut rx = s.agent.events();
+    let srv = Arc::clone(s);
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok((uuid, ev)) => {
+                    let srv = Arc::clone(&srv);
+                    tokio::spawn(async move { on_event(&srv, &uuid, ev).await });
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            }
+        }
+    });
+    let srv = Arc::clone(s);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            refresh_metrics(&srv).await;
+        }
+    });
+    Ok(())
+}
+
+/// Reads guest statistics of every running VM into VM_metrics and
+/// VM_guest_metrics. Unknown values stay unknown (absent), never 100 % used.
+pub async fn refresh_metrics(s: &Arc<Server>) {
+    let running: Vec<(String, String)> = {
+        let st = s.db.read();
+        st.refs(class::VM)
+            .filter(|vm| power(&st, vm) == "Running")
+            .map(|vm| (vm.clone(), vm_uuid(&st, vm)))
+            .collect()
+    };
+    for (vm, uuid) in running {
+        let Ok(g) = s.agent.stats(&uuid).await else {
+            continue;
+        };
+        let _ = db(s.db.write(|t| {
+            let metrics = ensure_metrics(t, &vm)?;
+            if let Some(a) = g.memory_actual {
+                t.set(field::vm_metrics::MEMORY_ACTUAL, &metrics, Value::Int(a))?;
+            }
+            t.set(
+                field::vm_metrics::LAST_UPDATED,
+                &metrics,
+                Value::DateTime(date::now()),
+            )?;
+            let mut memory: Vec<(&str, String)> = Vec::new();
+            if let Some(tot) = g.memory_total {
+                memory.push(("total", (tot / 1024).to_string()));
+            }
+            if let Some(free) = g.memory_free {
+                memory.push(("free", (free / 1024).to_string()));
+            }
+            if memory.is_empty() && !g.agent {
+                return Ok(());
+            }
+            let gm = {
+                let cur = t
+                    .state()
+                    .get_str(field::vm::GUEST_METRICS, &vm)
+                    .unwrap_or_default();
+                if t.state().exists(class::VM_GUEST_METRICS, &cur) {
+                    cur
+                } else {
+                    let r = new_ref();
+                    t.create(class::VM_GUEST_METRICS, &r, vec![])?;
+                    t.set(field::vm::GUEST_METRICS, &vm, Value::str(&r))?;
+                    r
+                }
+            };
+            let map = |v: &[(String, String)]| {
+                Value::Struct(
+                    v.iter()
+                        .map(|(k, x)| (k.clone(), Value::String(x.clone())))
+                        .collect(),
+                )
+            };
+            let mem: Vec<(String, String)> =
+                memory.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            t.set(field::vm_guest_metrics::MEMORY, &gm, map(&mem))?;
+            if g.agent {
+                t.set(field::vm_guest_metrics::OS_VERSION, &gm, map(&g.os_version))?;
+                t.set(field::vm_guest_metrics::NETWORKS, &gm, map(&g.networks))?;
+            }
+            t.set(
+                field::vm_guest_metrics::PV_DRIVERS_DETECTED,
+                &gm,
+                Value::Bool(g.agent),
+            )?;
+            t.set(field::vm_guest_metrics::LIVE, &gm, Value::Bool(g.agent))?;
+            t.set(
+                field::vm_guest_metrics::LAST_UPDATED,
+                &gm,
+                Value::DateTime(date::now()),
+            )
+        }));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Disks and CDs of running VMs
+
+fn running_uuid(s: &Server, vbd: &str) -> Option<(String, String)> {
+    let st = s.db.read();
+    let vm = st.get_str(field::vbd::VM, vbd)?;
+    let p = power(&st, &vm);
+    (p == "Running" || p == "Paused").then(|| (vm.clone(), vm_uuid(&st, &vm)))
+}
+
+async fn vbd_plug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
+    let vbd = p
+        .into_iter()
+        .next()
+        .map(|v| v.db_string())
+        .unwrap_or_default();
+    if !s.db.read().exists(class::VBD, &vbd) {
+        return Err(ApiError::handle_invalid("VBD", &vbd));
+    }
+    let Some((vm, uuid)) = running_uuid(&s, &vbd) else {
+        let vm =
+            s.db.read()
+                .get_str(field::vbd::VM, &vbd)
+                .unwrap_or_default();
+        let actual = power(&s.db.read(), &vm).to_lowercase();
+        return Err(ApiError::new(
+            "VM_BAD_POWER_STATE",
+            [vm.as_str(), "running", actual.as_str()],
+        ));
+    };
+    let drive = {
+        let st = s.db.read();
+        if flag(&st, field::vbd::CURRENTLY_ATTACHED, &vbd) {
+            return Err(ApiError::new("DEVICE_ALREADY_ATTACHED", [vbd.as_str()]));
+        }
+        check_vdi_free(&st, &vm, &vbd)?;
+        drive_of(&s, &st, &vbd)?
+    };
+    let Some(drive) = drive else {
+        return Err(ApiError::operation_not_allowed(
+            "this VBD type cannot be plugged",
+        ));
+    };
+    if drive.cdrom {
+        return Err(ApiError::new("VBD_NOT_UNPLUGGABLE", [vbd.as_str()]));
+    }
+    s.agent
+        .drive_attach(&uuid, drive)
+        .await
+        .map_err(agent_err)?;
+    db(s.db.write(|t| {
+        let ud = t
+            .state()
+            .get_str(field::vbd::USERDEVICE, &vbd)
+            .unwrap_or_default();
+        t.set(field::vbd::DEVICE, &vbd, Value::String(device_name(&ud)))?;
+        t.set(field::vbd::CURRENTLY_ATTACHED, &vbd, Value::Bool(true))
+    }))?;
+    void()
+}
+
+async fn vbd_unplug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
+    let vbd = p
+        .into_iter()
+        .next()
+        .map(|v| v.db_string())
+        .unwrap_or_default();
+    let (attached, uuid, ty) = {
+        let st = s.db.read();
+        if !st.exists(class::VBD, &vbd) {
+            return Err(ApiError::handle_invalid("VBD", &vbd));
+        }
+        (
+            flag(&st, field::vbd::CURRENTLY_ATTACHED, &vbd),
+            st.get_str(field::vbd::UUID, &vbd).unwrap_or_default(),
+            st.get_str(field::vbd::TYPE_, &vbd).unwrap_or_default(),
+        )
+    };
+    if !attached {
+        return Err(ApiError::new("DEVICE_ALREADY_DETACHED", [vbd.as_str()]));
+    }
+    if ty == "CD" {
+        return Err(ApiError::new("VBD_NOT_UNPLUGGABLE", [vbd.as_str()]));
+    }
+    let Some((_, vm_uuid)) = running_uuid(&s, &vbd) else {
+        return Err(ApiError::new("DEVICE_ALREADY_DETACHED", [vbd.as_str()]));
+    };
+    s.agent.drive_detach(&vm_uuid, &uuid).await.map_err(|e| {
+        ApiError::new(
+            "DEVICE_DETACH_REJECTED",
+            ["VBD", vbd.as_str(), e.to_string().as_str()],
+        )
+    })?;
+    db(s.db.write(|t| t.set(field::vbd::CURRENTLY_ATTACHED, &vbd, Value::Bool(false))))?;
+    void()
+}
+
+/// VBD.insert / VBD.eject: the record first (it validates), then the
+/// running VM's drive; a failed media change puts the record back.
+async fn vbd_media(s: Arc<Server>, c: Ctx, p: Vec<Value>, insert: bool) -> ApiResult {
+    let vbd = p.first().map(|v| v.db_string()).unwrap_or_default();
+    let before = s.db.read().get_str(field::vbd::VDI, &vbd);
+    if insert {
+        crate::storage::vbd_insert(&s, p)?;
+    } else {
+        crate::storage::vbd_eject(&s, p)?;
+    }
+    let _ = c;
+    if let Some((_, vm_uuid)) = running_uuid(&s, &vbd) {
+        let (id, path) = {
+            let st = s.db.read();
+            let id = st.get_str(field::vbd::UUID, &vbd).unwrap_or_default();
+            let path = if insert {
+                let vdi = st.get_str(field::vbd::VDI, &vbd).unwrap_or_default();
+                Some(vdi_image(&s, &st, &vdi)?.0)
+            } else {
+                None
+            };
+            (id, path)
+        };
+        if let Err(e) = s.agent.cd_change(&vm_uuid, &id, path).await {
+            let _ = db(s.db.write(|t| {
+                let old = before.clone().unwrap_or_else(|| NULL_REF.into());
+                t.set(field::vbd::EMPTY, &vbd, Value::Bool(old == NULL_REF))?;
+                t.set(field::vbd::VDI, &vbd, Value::String(old))
+            }));
+            return Err(agent_err(e));
+        }
+    }
+    void()
+}
+
+// ---------------------------------------------------------------------------
+// Destroy, clone, copy, provision
+
+async fn vm_destroy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
+    let (vm, _) = params(p);
+    let op = VmOp::begin(&s, &c, &vm, "destroy")?;
+    if flag(&s.db.read(), field::vm::IS_DEFAULT_TEMPLATE, &vm) {
+        return Err(ApiError::new(
+            "VM_CANNOT_DELETE_DEFAULT_TEMPLATE",
+            [vm.as_str()],
+        ));
+    }
+    drop_suspend_image(&s, &vm).await;
+    drop(op);
+    // Only what belongs to the VM goes: its VBDs, consoles and metrics
+    // records. Its disks (VDIs) stay, as in XAPI.
+    db(s.db.write(|t| {
+        for vbd in vbds_of(t.state(), &vm) {
+            t.delete(class::VBD, &vbd)?;
+        }
+        remove_consoles(t, &vm)?;
+        for f in [field::vm::METRICS, field::vm::GUEST_METRICS] {
+            let r = t.state().get_str(f, &vm).unwrap_or_default();
+            let c = if f == field::vm::METRICS {
+                class::VM_METRICS
+            } else {
+                class::VM_GUEST_METRICS
+            };
+            if t.state().exists(c, &r) {
+                t.delete(c, &r)?;
+            }
+        }
+        t.delete(class::VM, &vm)
+    }))?;
+    void()
+}
+
+/// VM.clone (`sr` None: disks cloned on their SRs) and VM.copy (full copies
+/// onto `sr`, or onto each disk's own SR when `sr` is NULL).
+async fn vm_clone_or_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>, copy: bool) -> ApiResult {
+    let mut it = p.into_iter();
+    let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
+    let name = it.next().map(|v| v.db_string()).unwrap_or_default();
+    let sr = it.next().map(|v| v.db_string());
+    let _op = VmOp::begin(&s, &c, &vm, if copy { "copy" } else { "clone" })?;
+    if let Some(sr) = sr.as_deref().filter(|r| *r != NULL_REF) {
+        if !s.db.read().exists(class::SR, sr) {
+            return Err(ApiError::handle_invalid("SR", sr));
+        }
+    }
+    let new_vm = crate::handlers::vm_clone_record(&s, &vm, &name)?;
+    let vbds = vbds_of(&s.db.read(), &vm);
+    let mut made_vdis = Vec::new();
+    let result = async {
+        for vbd in vbds {
+            let (vdi, ty, empty) = {
+                let st = s.db.read();
+                (
+                    st.get_str(field::vbd::VDI, &vbd).unwrap_or_default(),
+                    st.get_str(field::vbd::TYPE_, &vbd).unwrap_or_default(),
+                    flag(&st, field::vbd::EMPTY, &vbd),
+                )
+            };
+            let new_vdi = if ty == "CD" || empty || !s.db.read().exists(class::VDI, &vdi) {
+                vdi.clone()
+            } else if copy {
+                let target = sr
+                    .clone()
+                    .filter(|r| r != NULL_REF)
+                    .or_else(|| s.db.read().get_str(field::vdi::SR, &vdi))
+                    .unwrap_or_default();
+                let r = crate::storage::vdi_copy_to(&s, &c, &vdi, &target).await?;
+                made_vdis.push(r.clone());
+                r
+            } else {
+                let r = crate::storage::vdi_clone_of(&s, &vdi).await?;
+                made_vdis.push(r.clone());
+                r
+            };
+            copy_vbd(&s, &vbd, &new_vm, &new_vdi)?;
+        }
+        Ok::<(), ApiError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        // Undo: the new VM and the disks made for it.
+        let _ = db(s.db.write(|t| {
+            for vbd in vbds_of(t.state(), &new_vm) {
+                t.delete(class::VBD, &vbd)?;
+            }
+            t.delete(class::VM, &new_vm)
+        }));
+        for v in made_vdis {
+            let _ = crate::storage::vdi_destroy(Arc::clone(&s), vec![Value::str(&v)]).await;
+        }
+        return Err(e);
+    }
+    Ok(Value::String(new_vm))
+}
+
+fn copy_vbd(s: &Server, vbd: &str, vm: &str, vdi: &str) -> Result<(), ApiError> {
+    db(s.db.write(|t| {
+        let st = t.state();
+        let g = |f| st.get(f, vbd).unwrap_or(Value::Nil);
+        let fields = vec![
+            (field::vbd::VM.index, Value::str(vm)),
+            (field::vbd::VDI.index, Value::str(vdi)),
+            (field::vbd::USERDEVICE.index, g(field::vbd::USERDEVICE)),
+            (field::vbd::BOOTABLE.index, g(field::vbd::BOOTABLE)),
+            (field::vbd::MODE.index, g(field::vbd::MODE)),
+            (field::vbd::TYPE_.index, g(field::vbd::TYPE_)),
+            (field::vbd::UNPLUGGABLE.index, g(field::vbd::UNPLUGGABLE)),
+            (field::vbd::EMPTY.index, g(field::vbd::EMPTY)),
+            (field::vbd::OTHER_CONFIG.index, g(field::vbd::OTHER_CONFIG)),
+            (
+                field::vbd::QOS_ALGORITHM_TYPE.index,
+                g(field::vbd::QOS_ALGORITHM_TYPE),
+            ),
+            (
+                field::vbd::QOS_ALGORITHM_PARAMS.index,
+                g(field::vbd::QOS_ALGORITHM_PARAMS),
+            ),
+        ];
+        t.create(
+            class::VBD,
+            &new_ref(),
+            fields
+                .into_iter()
+                .filter(|(_, v)| *v != Value::Nil)
+                .collect(),
+        )
+    }))
+}
+
+/// VM.provision: makes the disks a template's `other_config:disks` asks for
+/// (XenServer's `<provision><disk device= size= sr= bootable= type=/>`).
+async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
+    let (vm, _) = params(p);
+    let _op = VmOp::begin(&s, &c, &vm, "provision")?;
+    let oc = strmap(s.db.read().get(field::vm::OTHER_CONFIG, &vm));
+    let Some(xml) = oc.get("disks").cloned() else {
+        return void();
+    };
+    let disks = parse_provision(&xml)?;
+    let default_sr =
+        s.db.read()
+            .get_str(field::pool::DEFAULT_SR, &s.pool_ref)
+            .unwrap_or_default();
+    for d in disks {
+        let sr = {
+            let st = s.db.read();
+            let by_uuid = st.by_uuid(class::SR, &d.sr).cloned();
+            by_uuid.unwrap_or_else(|| default_sr.clone())
+        };
+        if !s.db.read().exists(class::SR, &sr) {
+            return Err(ApiError::new("VM_REQUIRES_SR", [vm.as_str(), sr.as_str()]));
+        }
+        let rec = Value::Struct(vec![
+            (
+                "name_label".into(),
+                Value::String(format!("{} {}", d.ty, d.device)),
+            ),
+            ("SR".into(), Value::str(&sr)),
+            ("virtual_size".into(), Value::Int(d.size)),
+            ("type".into(), Value::String(d.ty.clone())),
+            ("sharable".into(), Value::Bool(false)),
+            ("read_only".into(), Value::Bool(false)),
+            ("other_config".into(), Value::Struct(vec![])),
+        ]);
+        let vdi = crate::storage::vdi_create(Arc::clone(&s), vec![rec])
+            .await?
+            .db_string();
+        db(s.db.write(|t| {
+            t.create(
+                class::VBD,
+                &new_ref(),
+                vec![
+                    (field::vbd::VM.index, Value::str(&vm)),
+                    (field::vbd::VDI.index, Value::str(&vdi)),
+                    (
+                        field::vbd::USERDEVICE.index,
+                        Value::String(d.device.clone()),
+                    ),
+                    (field::vbd::BOOTABLE.index, Value::Bool(d.bootable)),
+                    (field::vbd::MODE.index, Value::str("RW")),
+                    (field::vbd::TYPE_.index, Value::str("Disk")),
+                    (field::vbd::EMPTY.index, Value::Bool(false)),
+                ],
+            )
+        }))?;
+    }
+    db(s.db.write(|t| {
+        let mut oc = strmap(t.state().get(field::vm::OTHER_CONFIG, &vm));
+        oc.remove("disks");
+        t.set(
+            field::vm::OTHER_CONFIG,
+            &vm,
+            Value::Struct(oc.into_iter().map(|(k, v)| (k, Value::String(v))).collect()),
+        )
+    }))?;
+    void()
+}
+
+struct ProvisionDisk {
+    device: String,
+    size: i64,
+    sr: String,
+    bootable: bool,
+    ty: String,
+}
+
+fn parse_provision(xml: &str) -> Result<Vec<ProvisionDisk>, ApiError> {
+    let bad = || ApiError::invalid_value("other_config:disks", xml);
+    let mut out = Vec::new();
+    for part in xml.split("<disk").skip(1) {
+        let attrs = part.split("/>").next().ok_or_else(bad)?;
+        let get = |k: &str| -> Option<String> {
+            let i = attrs.find(&format!("{k}=\""))? + k.len() + 2;
+            let rest = &attrs[i..];
+            Some(rest[..rest.find('"')?].to_owned())
+        };
+        out.push(ProvisionDisk {
+            device: get("device").ok_or_else(bad)?,
+            size: get("size").and_then(|v| v.parse().ok()).ok_or_else(bad)?,
+            sr: get("sr").unwrap_or_default(),
+            bootable: get("bootable").as_deref() == Some("true"),
+            ty: get("type").unwrap_or_else(|| "system".into()),
+        });
+    }
+    Ok(out)
+}
+
+async fn vm_assert_operation_valid(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
+    let mut it = p.into_iter();
+    let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
+    let op = it.next().map(|v| v.db_string()).unwrap_or_default();
+    check_op(&s.db.read(), &vm, &op, false)?;
+    void()
+}
+
+async fn vm_assert_can_boot_here(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
+    let mut it = p.into_iter();
+    let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
+    let host = it.next().map(|v| v.db_string()).unwrap_or_default();
+    if !s.db.read().exists(class::VM, &vm) {
+        return Err(ApiError::handle_invalid("VM", &vm));
+    }
+    check_host(&s, &host)?;
+    let cfg = build_config(&s, &vm)?;
+    check_memory(&s, &cfg)?;
+    void()
+}
+
+/// Sets any of the four memory fields after checking XAPI's ordering
+/// constraint; static limits only while Halted.
+fn set_memory(
+    s: &Server,
+    vm: &str,
+    smin: Option<i64>,
+    smax: Option<i64>,
+    dmin: Option<i64>,
+    dmax: Option<i64>,
+) -> ApiResult {
+    db(s.db.write(|t| {
+        let st = t.state();
+        if !st.exists(class::VM, vm) {
+            return Err(ApiError::handle_invalid("VM", vm));
+        }
+        let p = power(st, vm);
+        if (smin.is_some() || smax.is_some()) && p != "Halted" {
+            return Err(ApiError::new("VM_BAD_POWER_STATE", [vm.to_owned(), "halted".into(), p.to_lowercase()]));
+        }
+        let cur = |f| int(st, f, vm);
+        let (a, b, c, d) = (
+            smin.unwrap_or_else(|| cur(field::vm::MEMORY_STATIC_MIN)),
+            dmin.unwrap_or_else(|| cur(field::vm::MEMORY_DYNAMIC_MIN)),
+            dmax.unwrap_or_else(|| cur(field::vm::MEMORY_DYNAMIC_MAX)),
+            smax.unwrap_or_else(|| cur(field::vm::MEMORY_STATIC_MAX)),
+        );
+        if !(a <= b && b <= c && c <= d) {
+            return Err(ApiError::new(
+                "MEMORY_CONSTRAINT_VIOLATION",
+                ["Memory limits must satisfy: static_min <= dynamic_min <= dynamic_max <= static_max"],
+            ));
+        }
+        t.set(field::vm::MEMORY_STATIC_MIN, vm, Value::Int(a))?;
+        t.set(field::vm::MEMORY_DYNAMIC_MIN, vm, Value::Int(b))?;
+        t.set(field::vm::MEMORY_DYNAMIC_MAX, vm, Value::Int(c))?;
+        t.set(field::vm::MEMORY_STATIC_MAX, vm, Value::Int(d))
+    }))?;
+    void()
+}
+
+fn ints(p: &[Value]) -> Vec<i64> {
+    p.iter()
+        .map(|v| {
+            v.as_int()
+                .unwrap_or_else(|| v.db_string().parse().unwrap_or(0))
+        })
+        .collect()
+}
+
+pub fn register(t: &mut HashMap<String, Handler>) {
+    let mut a = |n: &str, f: fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut| {
+        t.insert(n.to_owned(), Handler::Async(f));
+    };
+    a("VM.start", |s, c, p| Box::pin(vm_start(s, c, p, false)));
+    a("VM.start_on", |s, c, p| Box::pin(vm_start(s, c, p, true)));
+    a("VM.clean_shutdown", |s, c, p| {
+        Box::pin(vm_clean_shutdown(s, c, p))
+    });
+    a("VM.shutdown", |s, c, p| Box::pin(vm_shutdown(s, c, p)));
+    a("VM.hard_shutdown", |s, c, p| {
+        Box::pin(vm_hard_shutdown(s, c, p))
+    });
+    a("VM.clean_reboot", |s, c, p| {
+        Box::pin(vm_clean_reboot(s, c, p))
+    });
+    a("VM.hard_reboot", |s, c, p| {
+        Box::pin(vm_hard_reboot(s, c, p))
+    });
+    a("VM.pause", |s, c, p| Box::pin(vm_pause(s, c, p, true)));
+    a("VM.unpause", |s, c, p| Box::pin(vm_pause(s, c, p, false)));
+    a("VM.suspend", |s, c, p| Box::pin(vm_suspend(s, c, p)));
+    a("VM.resume", |s, c, p| Box::pin(vm_resume(s, c, p, false)));
+    a("VM.resume_on", |s, c, p| Box::pin(vm_resume(s, c, p, true)));
+    a("VM.power_state_reset", |s, c, p| {
+        Box::pin(vm_power_state_reset(s, c, p))
+    });
+    a("VM.destroy", |s, c, p| Box::pin(vm_destroy(s, c, p)));
+    a("VM.clone", |s, c, p| {
+        Box::pin(vm_clone_or_copy(s, c, p, false))
+    });
+    a("VM.copy", |s, c, p| {
+        Box::pin(vm_clone_or_copy(s, c, p, true))
+    });
+    a("VM.provision", |s, c, p| Box::pin(vm_provision(s, c, p)));
+    a("VM.assert_operation_valid", |s, _, p| {
+        Box::pin(vm_assert_operation_valid(s, p))
+    });
+    a("VM.assert_can_boot_here", |s, _, p| {
+        Box::pin(vm_assert_can_boot_here(s, p))
+    });
+    a("VM.update_allowed_operations", |s, _, p| {
+        Box::pin(async move {
+            let (vm, _) = params(p);
+            db(s.db.write(|t| refresh_allowed(t, &vm)))?;
+            void()
+        })
+    });
+    a("VM.compute_memory_overhead", |s, _, p| {
+        Box::pin(async move {
+            let (vm, _) = params(p);
+            let m = int(&s.db.read(), field::vm::MEMORY_STATIC_MAX, &vm);
+            Ok(Value::Int(s.agent.memory_overhead(m)))
+        })
+    });
+    a("host.compute_free_memory", |s, _, _| {
+        Box::pin(async move { Ok(Value::Int(host_free_memory(&s, &s.db.read()).1)) })
+    });
+    a("VM.set_memory_limits", |s, _, p| {
+        Box::pin(async move {
+            let (vm, rest) = params(p);
+            let v = ints(&rest);
+            set_memory(
+                &s,
+                &vm,
+                v.first().copied(),
+                v.get(1).copied(),
+                v.get(2).copied(),
+                v.get(3).copied(),
+            )
+        })
+    });
+    a("VM.set_memory_static_range", |s, _, p| {
+        Box::pin(async move {
+            let (vm, rest) = params(p);
+            let v = ints(&rest);
+            set_memory(&s, &vm, v.first().copied(), v.get(1).copied(), None, None)
+        })
+    });
+    a("VM.set_memory_dynamic_range", |s, _, p| {
+        Box::pin(async move {
+            let (vm, rest) = params(p);
+            let v = ints(&rest);
+            set_memory(&s, &vm, None, None, v.first().copied(), v.get(1).copied())
+        })
+    });
+    a("VM.set_memory", |s, _, p| {
+        Box::pin(async move {
+            let (vm, rest) = params(p);
+            let v = ints(&rest).first().copied();
+            set_memory(&s, &vm, None, v, v, v)
+        })
+    });
+    a("VBD.plug", |s, c, p| Box::pin(vbd_plug(s, c, p)));
+    a("VBD.unplug", |s, c, p| Box::pin(vbd_unplug(s, c, p)));
+    a("VBD.unplug_force", |s, c, p| Box::pin(vbd_unplug(s, c, p)));
+    a("VBD.insert", |s, c, p| Box::pin(vbd_media(s, c, p, true)));
+    a("VBD.eject", |s, c, p| Box::pin(vbd_media(s, c, p, false)));
+    let _ = pstr;
+}

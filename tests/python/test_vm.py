@@ -1,0 +1,373 @@
+"""VMs on real QEMU (TCG) with the test guest from scripts/build-test-guest.sh."""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+import XenAPI
+
+from conftest import ROOT_PASSWORD
+
+HERE = os.path.dirname(__file__)
+GUEST_DIR = os.environ.get("CORRAL_GUEST_DIR", os.path.expanduser("~/.cache/corral/guest"))
+
+if not shutil.which("qemu-system-x86_64"):
+    if os.environ.get("CORRAL_REQUIRE_QEMU") == "1":
+        raise RuntimeError("qemu-system-x86_64 is required (CORRAL_REQUIRE_QEMU=1)")
+    pytest.skip("qemu-system-x86_64 not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def guest():
+    subprocess.run([os.path.join(HERE, "..", "..", "scripts", "build-test-guest.sh"), GUEST_DIR], check=True)
+    return os.path.join(GUEST_DIR, "vmlinuz"), os.path.join(GUEST_DIR, "initrd.img")
+
+
+def login(daemon):
+    s = XenAPI.Session(daemon.http)
+    s.login_with_password("root", ROOT_PASSWORD, "1.0", "pytest")
+    return s
+
+
+def failure(fn, *args):
+    try:
+        fn(*args)
+    except XenAPI.Failure as e:
+        return e.details
+    raise AssertionError("expected a XenAPI failure")
+
+
+class Console:
+    """A vt100 console opened with HTTP CONNECT on its location."""
+
+    def __init__(self, daemon, x, session_ref, vm):
+        [con] = [c for c in x.VM.get_consoles(vm) if x.console.get_protocol(c) == "vt100"]
+        loc = x.console.get_location(con)
+        path = loc[loc.index("/console"):]
+        self.sock = socket.create_connection(("127.0.0.1", daemon.http_port), timeout=60)
+        self.sock.sendall(f"CONNECT {path}&session_id={session_ref} HTTP/1.0\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        self.buf = b""
+
+    def expect(self, pattern, timeout=60):
+        rx = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = rx.search(self.buf)
+            if m:
+                self.buf = self.buf[m.end():]
+                return m
+            self.sock.settimeout(max(0.1, deadline - time.time()))
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                break
+            if not data:
+                break
+            self.buf += data
+        raise AssertionError(f"console never showed {pattern!r}; tail: {self.buf[-500:]!r}")
+
+    def drain(self):
+        """Drops everything received so far (e.g. the replay)."""
+        self.sock.settimeout(0.3)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except socket.timeout:
+            pass
+        self.buf = b""
+
+    def send(self, line):
+        self.sock.sendall(line.encode() + b"\n")
+
+    def close(self):
+        self.sock.close()
+
+
+def last_tick(con, timeout=30):
+    m = None
+    deadline = time.time() + timeout
+    while m is None or time.time() < deadline:
+        m = con.expect(r"corral-tick ([0-9.]+)", timeout=timeout)
+        if not re.search(rb"corral-tick", con.buf):
+            break
+    return float(m.group(1))
+
+
+def make_vm(x, guest, name, args="console=ttyS0 quiet", disk_sr=None, cd=True):
+    kernel, initrd = guest
+    tpl = x.VM.get_by_name_label("Linux direct kernel boot")[0]
+    vm = x.VM.clone(tpl, name)
+    x.VM.set_is_a_template(vm, False)
+    x.VM.set_PV_kernel(vm, kernel)
+    x.VM.set_PV_ramdisk(vm, initrd)
+    x.VM.set_PV_args(vm, args)
+    mib = 256 * 1024 * 1024
+    x.VM.set_memory_limits(vm, mib, mib, mib, mib)
+    if disk_sr:
+        vdi = x.VDI.create({"name_label": name + " disk", "SR": disk_sr, "virtual_size": str(64 << 20),
+                            "type": "user", "sharable": False, "read_only": False, "other_config": {}})
+        x.VBD.create({"VM": vm, "VDI": vdi, "userdevice": "0", "bootable": True, "mode": "RW", "type": "Disk",
+                      "empty": False, "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {}})
+    if cd:
+        x.VBD.create({"VM": vm, "VDI": "OpaqueRef:NULL", "userdevice": "3", "bootable": False, "mode": "RO",
+                      "type": "CD", "empty": True, "other_config": {}, "qos_algorithm_type": "",
+                      "qos_algorithm_params": {}})
+    return vm
+
+
+def iso_sr(x, tmp_path):
+    lib = tmp_path / "isos"
+    lib.mkdir()
+    src = tmp_path / "cdcontent"
+    src.mkdir()
+    (src / "hello.txt").write_text("hello from the CD\n" * 1000)
+    subprocess.run(["genisoimage", "-quiet", "-o", str(lib / "tools.iso"), "-V", "TOOLS", str(src)], check=True)
+    host = x.host.get_all()[0]
+    sr = x.SR.create(host, {"location": str(lib)}, "0", "ISO library", "", "iso", "iso", True, {})
+    [iso] = x.SR.get_VDIs(sr)
+    return iso
+
+
+def wait_power(x, vm, state, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if x.VM.get_power_state(vm) == state:
+            return time.time()
+        time.sleep(0.05)
+    raise AssertionError(f"{vm} never became {state} (is {x.VM.get_power_state(vm)})")
+
+
+def guest_shell(con, cmd, marker, timeout=30):
+    con.send(f"{cmd}; echo {marker}-$?")
+    return con.expect(marker + r"-(\d+)", timeout=timeout)
+
+
+def test_vm_lifecycle_on_qemu(daemon, guest, tmp_path):
+    s = login(daemon)
+    x = s.xenapi
+    pool = x.pool.get_all()[0]
+    local = x.pool.get_default_SR(pool)
+    iso = iso_sr(x, tmp_path)
+    vm = make_vm(x, guest, "life", disk_sr=local)
+    assert x.VM.get_power_state(vm) == "Halted"
+    assert "start" in x.VM.get_allowed_operations(vm)
+    [cd] = [v for v in x.VM.get_VBDs(vm) if x.VBD.get_type(v) == "CD"]
+
+    # Refusals, each with XAPI's exact error.
+    tpl = x.VM.get_by_name_label("Linux direct kernel boot")[0]
+    assert failure(x.VM.start, tpl, False, False) == ["VM_IS_TEMPLATE", tpl, "start"]
+    assert failure(x.VM.clean_shutdown, vm) == ["VM_BAD_POWER_STATE", vm, "running", "halted"]
+    x.VM.add_to_blocked_operations(vm, "start", "maintenance")
+    assert failure(x.VM.start, vm, False, False) == ["OPERATION_BLOCKED", vm, "maintenance"]
+    x.VM.remove_from_blocked_operations(vm, "start")
+    big = make_vm(x, guest, "too-big", cd=False)
+    tib = str(1 << 40)
+    x.VM.set_memory_limits(big, tib, tib, tib, tib)
+    err = failure(x.VM.start, big, False, False)
+    assert err[0] == "HOST_NOT_ENOUGH_FREE_MEMORY" and int(err[1]) > 1 << 40 and int(err[2]) < 1 << 40, err
+
+    x.VM.start(vm, False, False)
+    assert x.VM.get_power_state(vm) == "Running"
+    assert x.VM.get_resident_on(vm) == x.host.get_all()[0]
+    assert set(x.VM.get_allowed_operations(vm)) >= {"clean_shutdown", "hard_shutdown", "suspend", "pause",
+                                                    "clean_reboot"}
+    assert "start" not in x.VM.get_allowed_operations(vm)
+    assert all(x.VBD.get_currently_attached(v) for v in x.VM.get_VBDs(vm))
+    assert {x.console.get_protocol(c) for c in x.VM.get_consoles(vm)} == {"vt100", "rfb"}
+    assert failure(x.VM.start, vm, False, False) == ["VM_BAD_POWER_STATE", vm, "halted", "running"]
+    assert failure(x.VM.unpause, vm) == ["VM_BAD_POWER_STATE", vm, "paused", "running"]
+    assert failure(x.VM.destroy, vm) == ["VM_BAD_POWER_STATE", vm, "halted, suspended", "running"]
+    assert failure(x.VM.resume, vm, False, False) == ["VM_BAD_POWER_STATE", vm, "suspended", "running"]
+    con = Console(daemon, x, s._session, vm)
+    con.expect("corral-guest: ready")
+    guest_shell(con, "ls /dev/vda", "disk")
+
+    # The disk is in use read-write: another VM cannot have it.
+    [disk_vbd] = [v for v in x.VM.get_VBDs(vm) if x.VBD.get_type(v) == "Disk"]
+    other = make_vm(x, guest, "other", cd=False)
+    x.VBD.create({"VM": other, "VDI": x.VBD.get_VDI(disk_vbd), "userdevice": "0", "bootable": True, "mode": "RW",
+                  "type": "Disk", "empty": False, "other_config": {}, "qos_algorithm_type": "",
+                  "qos_algorithm_params": {}})
+    assert failure(x.VM.start, other, False, False) == ["VDI_IN_USE", x.VBD.get_VDI(disk_vbd), "start"]
+
+    # CD insert and eject while running; the guest sees the medium come and go.
+    x.VBD.insert(cd, iso)
+    assert not x.VBD.get_empty(cd) and x.VBD.get_VDI(cd) == iso
+    # The guest reads the medium's first sector, then cannot once ejected.
+    read_cmd = "head -c 2048 /dev/sr0 >/dev/null 2>&1; echo read=$(head -c 2048 /dev/sr0 2>/dev/null | wc -c)"
+    con.send(read_cmd)
+    assert int(con.expect(r"read=(\d+)").group(1)) == 2048
+    x.VBD.eject(cd)
+    assert x.VBD.get_empty(cd)
+    con.send(read_cmd)
+    assert int(con.expect(r"read=(\d+)").group(1)) == 0
+    assert failure(x.VBD.eject, cd) == ["VBD_IS_EMPTY", cd]
+
+    # Suspend and resume: the guest's uptime continues.
+    before = last_tick(con)
+    x.VM.suspend(vm)
+    assert x.VM.get_power_state(vm) == "Suspended"
+    suspend_vdi = x.VM.get_suspend_VDI(vm)
+    assert x.VDI.get_type(suspend_vdi) == "suspend"
+    assert x.VM.get_consoles(vm) == []
+    assert failure(x.VM.start, vm, False, False) == ["VM_BAD_POWER_STATE", vm, "halted", "suspended"]
+    con.close()
+    time.sleep(2)
+    x.VM.resume(vm, False, False)
+    assert x.VM.get_power_state(vm) == "Running"
+    assert x.VM.get_suspend_VDI(vm) == "OpaqueRef:NULL"
+    con = Console(daemon, x, s._session, vm)
+    con.expect(r"corral-tick")
+    con.drain()  # the replayed output
+    ticks = []
+    deadline = time.time() + 10
+    while time.time() < deadline and len(ticks) < 3:
+        ticks.append(float(con.expect(r"corral-tick ([0-9.]+)").group(1)))
+    after = ticks[-1]
+    # Uptime continued from where it was (no reboot, no jump of the wall time).
+    assert before < after < before + 30, (before, ticks)
+
+    # Pause and unpause.
+    x.VM.pause(vm)
+    assert x.VM.get_power_state(vm) == "Paused"
+    assert failure(x.VM.pause, vm) == ["VM_BAD_POWER_STATE", vm, "running", "paused"]
+    x.VM.unpause(vm)
+    assert x.VM.get_power_state(vm) == "Running"
+
+    # Guest metrics from the guest agent and the balloon.
+    deadline = time.time() + 40
+    gm = "OpaqueRef:NULL"
+    while time.time() < deadline:
+        gm = x.VM.get_guest_metrics(vm)
+        if gm != "OpaqueRef:NULL" and x.VM_guest_metrics.get_os_version(gm).get("name"):
+            break
+        time.sleep(1)
+    assert x.VM_guest_metrics.get_os_version(gm)["name"] == "Corral test guest (Debian kernel, busybox)"
+    assert x.VM_guest_metrics.get_PV_drivers_detected(gm)
+    metrics = x.VM.get_metrics(vm)
+    assert int(x.VM_metrics.get_VCPUs_number(metrics)) == 1
+    assert int(x.VM_metrics.get_memory_actual(metrics)) > 0
+
+    # Clean reboot: the guest boots again.
+    x.VM.clean_reboot(vm)
+    assert x.VM.get_power_state(vm) == "Running"
+    con.expect("corral-guest: ready", timeout=60)
+    con.close()
+
+    # Clean shutdown, start again, hard shutdown.
+    x.VM.clean_shutdown(vm)
+    assert x.VM.get_power_state(vm) == "Halted"
+    assert x.VM.get_resident_on(vm) == "OpaqueRef:NULL"
+    assert not any(x.VBD.get_currently_attached(v) for v in x.VM.get_VBDs(vm))
+    x.VM.start(vm, True, False)
+    assert x.VM.get_power_state(vm) == "Paused"
+    x.VM.unpause(vm)
+    x.VM.hard_reboot(vm)
+    assert x.VM.get_power_state(vm) == "Running"
+    x.VM.hard_shutdown(vm)
+    assert x.VM.get_power_state(vm) == "Halted"
+    assert not os.path.exists(os.path.join(daemon.state_dir, "vms", x.VM.get_uuid(vm)))
+    # Destroy removes the VM and its VBDs, not its disks.
+    vdi = x.VBD.get_VDI(disk_vbd)
+    x.VM.destroy(vm)
+    assert vdi in x.VDI.get_all()
+    assert disk_vbd not in x.VBD.get_all()
+
+
+def running_qemus(daemon):
+    out = subprocess.run(["pgrep", "-f", daemon.vm_dir + "/"], capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def test_kill9_corrald_leaves_vms_running(daemon, guest):
+    s = login(daemon)
+    x = s.xenapi
+    vms = [make_vm(x, guest, f"keep{i}", cd=False) for i in range(2)]
+    for vm in vms:
+        x.VM.start(vm, False, False)
+    before = {}
+    for vm in vms:
+        con = Console(daemon, x, s._session, vm)
+        con.expect("corral-guest: ready")
+        before[vm] = (float(con.expect(r"corral-tick ([0-9.]+)").group(1)), time.time())
+        con.close()
+    pids = running_qemus(daemon)
+    assert len(pids) == 2
+    daemon.kill9()
+    time.sleep(4)
+    assert running_qemus(daemon) == pids
+    daemon.start()
+    s = login(daemon)
+    x = s.xenapi
+    for vm in vms:
+        assert x.VM.get_power_state(vm) == "Running"
+    for vm in vms:
+        con = Console(daemon, x, s._session, vm)
+        con.expect(r"corral-tick")
+        con.drain()  # the replayed output
+        # A fresh line: the guest's uptime advanced with the wall clock, so
+        # it never paused while corrald was gone.
+        tick, now = float(con.expect(r"corral-tick ([0-9.]+)").group(1)), time.time()
+        t0, w0 = before[vm]
+        assert abs((tick - t0) - (now - w0)) < 2.5, (tick - t0, now - w0)
+        con.close()
+    x.VM.pause(vms[0])
+    x.VM.unpause(vms[0])
+    for vm in vms:
+        x.VM.hard_shutdown(vm)
+    assert running_qemus(daemon) == set()
+
+
+def test_guest_poweroff_and_dead_qemu_are_noticed(daemon, guest):
+    s = login(daemon)
+    x = s.xenapi
+    vm = make_vm(x, guest, "notice", cd=False)
+    x.VM.start(vm, False, False)
+    con = Console(daemon, x, s._session, vm)
+    con.expect("corral-guest: ready")
+    time.sleep(1)
+    con.send("poweroff")
+    con.expect("Power down|reboot: Power", timeout=30)
+    t0 = time.time()
+    wait_power(x, vm, "Halted", 10)
+    assert time.time() - t0 < 2
+    x.VM.start(vm, False, False)
+    Console(daemon, x, s._session, vm).expect("corral-tick")
+    [pid] = running_qemus(daemon)
+    t0 = time.time()
+    os.kill(int(pid), 9)
+    wait_power(x, vm, "Halted", 10)
+    assert time.time() - t0 < 2
+    uuid = x.VM.get_uuid(vm)
+    msgs = [m for m in x.message.get_all_records().values() if m["obj_uuid"] == uuid and m["name"] == "VM_CRASHED"]
+    assert msgs and "unexpectedly" in msgs[-1]["body"]
+    assert x.VM.get_allowed_operations(vm).count("start") == 1
+
+
+def test_clean_shutdown_timeout_and_other_operation(daemon, guest):
+    s = login(daemon)
+    x = s.xenapi
+    vm = make_vm(x, guest, "stubborn", args="console=ttyS0 quiet corral.noacpi", cd=False)
+    x.VM.add_to_other_config(vm, "clean_shutdown_timeout", "4")
+    x.VM.start(vm, False, False)
+    Console(daemon, x, s._session, vm).expect("corral-guest: ready")
+    task = x.Async.VM.clean_shutdown(vm)
+    time.sleep(0.5)
+    assert failure(x.VM.pause, vm) == ["OTHER_OPERATION_IN_PROGRESS", "VM", vm, "clean_shutdown", task]
+    assert x.VM.get_allowed_operations(vm) == []
+    deadline = time.time() + 20
+    while x.task.get_status(task) == "pending" and time.time() < deadline:
+        time.sleep(0.2)
+    assert x.task.get_status(task) == "failure"
+    assert x.task.get_error_info(task) == ["VM_SHUTDOWN_TIMEOUT", vm, "4"]
+    assert x.VM.get_power_state(vm) == "Running"
+    # shutdown = clean with a forced fallback.
+    x.VM.shutdown(vm)
+    assert x.VM.get_power_state(vm) == "Halted"
