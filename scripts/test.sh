@@ -20,5 +20,7 @@ fi
 # Xen Orchestra's connector, pinned by tests/node/package-lock.json.
 (cd tests/node && npm ci --silent --no-audit --no-fund)
 export CORRAL_REQUIRE_NODE=1
+# The tiny Debian-kernel + busybox guest the VM tests boot (cached).
+./scripts/build-test-guest.sh
 cd tests/python
 "$venv/bin/python" -m pytest -q

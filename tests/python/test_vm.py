@@ -371,3 +371,64 @@ def test_clean_shutdown_timeout_and_other_operation(daemon, guest):
     # shutdown = clean with a forced fallback.
     x.VM.shutdown(vm)
     assert x.VM.get_power_state(vm) == "Halted"
+
+
+def test_host_shutdown_policy_order_and_timeout(daemon, guest):
+    s = login(daemon)
+    x = s.xenapi
+    host = x.host.get_all()[0]
+    first = make_vm(x, guest, "first", cd=False)     # order 1: stopped last
+    second = make_vm(x, guest, "second", args="console=ttyS0 quiet corral.noacpi", cd=False)  # ignores ACPI
+    third = make_vm(x, guest, "third", cd=False)     # order 3: stopped first
+    for vm, order in ((first, 1), (second, 2), (third, 3)):
+        x.VM.set_order(vm, str(order))
+        x.VM.start(vm, False, False)
+    for vm in (first, second, third):
+        Console(daemon, x, s._session, vm).expect("corral-guest: ready")
+    x.host.add_to_other_config(host, "vm-shutdown-policy", "shutdown")
+    x.host.add_to_other_config(host, "vm-shutdown-timeout", "5")
+    t0 = time.time()
+    r = daemon.xe("host-shutdown-vms")
+    assert r.returncode == 0, r.stderr
+    assert time.time() - t0 < 5 + 30
+    for vm in (first, second, third):
+        assert x.VM.get_power_state(vm) == "Halted"
+    uuids = {x.VM.get_uuid(v): v for v in (first, second, third)}
+    msgs = sorted((m["timestamp"].value if hasattr(m["timestamp"], "value") else str(m["timestamp"]), m)
+                  for m in x.message.get_all_records().values()
+                  if m["name"] == "VM_SHUTDOWN" and m["obj_uuid"] in uuids)
+    order = [uuids[m["obj_uuid"]] for _, m in msgs]
+    assert order == [third, second, first], order
+    bodies = {uuids[m["obj_uuid"]]: m["body"] for _, m in msgs}
+    assert "cleanly" in bodies[third] and "cleanly" in bodies[first]
+    assert "Forced off" in bodies[second]
+    # refuse: with a VM running, the host shutdown step fails.
+    x.host.remove_from_other_config(host, "vm-shutdown-policy")
+    x.host.add_to_other_config(host, "vm-shutdown-policy", "refuse")
+    x.VM.start(first, False, False)
+    assert failure(x.host.shutdown_vms, host)[0] == "OPERATION_NOT_ALLOWED"
+    assert x.VM.get_power_state(first) == "Running"
+    x.VM.hard_shutdown(first)
+
+
+def test_xe_vm_commands(daemon, guest, tmp_path):
+    s = login(daemon)
+    x = s.xenapi
+    iso_sr(x, tmp_path)
+    vm = make_vm(x, guest, "xe-vm")
+    daemon.xe("vm-start", "vm=xe-vm", check=0)
+    assert x.VM.get_power_state(vm) == "Running"
+    daemon.xe("vm-cd-insert", "vm=xe-vm", "cd-name=tools.iso", check=0)
+    listing = daemon.xe("vbd-list", "type=CD", "empty=false", check=0).stdout
+    assert x.VM.get_uuid(vm) in daemon.xe("vbd-list", "type=CD", "empty=false", "params=vm-uuid", check=0).stdout
+    assert "uuid" in listing
+    assert "tools.iso" in daemon.xe("vm-cd-list", "vm=xe-vm", check=0).stdout
+    daemon.xe("vm-cd-eject", "vm=xe-vm", check=0)
+    assert daemon.xe("vbd-list", "type=CD", "empty=false", "--minimal", check=0).stdout.strip() == ""
+    r = daemon.xe("vm-start", "vm=xe-vm")
+    assert r.returncode != 0, r.stdout
+    daemon.xe("vm-suspend", "vm=xe-vm", check=0)
+    assert x.VM.get_power_state(vm) == "Suspended"
+    daemon.xe("vm-resume", "vm=xe-vm", check=0)
+    daemon.xe("vm-shutdown", "vm=xe-vm", "force=true", check=0)
+    assert x.VM.get_power_state(vm) == "Halted"

@@ -44,6 +44,57 @@ const fn cmd(
 
 pub const COMMANDS: &[CommandSpec] = &[
     cmd(
+        "host-shutdown-vms",
+        "",
+        "",
+        "Apply this host's VM shutdown policy (other-config:vm-shutdown-policy, vm-shutdown-timeout) before the host goes down (Corral extension; run by corral-host-shutdown.service).",
+    ),
+    cmd(
+        "vm-start",
+        "",
+        "vm, uuid, paused, force, on",
+        "Start a VM (on= a host).",
+    ),
+    cmd(
+        "vm-shutdown",
+        "",
+        "vm, uuid, force",
+        "Shut a VM down cleanly, or at once with force=true.",
+    ),
+    cmd(
+        "vm-reboot",
+        "",
+        "vm, uuid, force",
+        "Reboot a VM cleanly, or reset it with force=true.",
+    ),
+    cmd(
+        "vm-suspend",
+        "",
+        "vm, uuid",
+        "Suspend a VM to its suspend SR.",
+    ),
+    cmd(
+        "vm-resume",
+        "",
+        "vm, uuid, paused, force, on",
+        "Resume a suspended VM.",
+    ),
+    cmd("vm-pause", "", "vm, uuid", "Pause a running VM."),
+    cmd("vm-unpause", "", "vm, uuid", "Unpause a paused VM."),
+    cmd(
+        "vm-cd-insert",
+        "cd-name",
+        "vm, uuid",
+        "Insert an ISO (by VDI name-label) into the VM's empty CD drive.",
+    ),
+    cmd("vm-cd-eject", "", "vm, uuid", "Eject the VM's CD."),
+    cmd(
+        "vm-cd-list",
+        "",
+        "vm, uuid",
+        "List the VM's CD drives and their media.",
+    ),
+    cmd(
         "vdi-import",
         "uuid, filename",
         "format",

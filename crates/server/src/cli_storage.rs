@@ -347,7 +347,7 @@ impl CliCtx {
                     session: self.session.clone(),
                 });
             }
-            other => return text(format!("Unknown command: {other}")),
+            other => return self.vm_command(other, cmd, out).await,
         }
         Ok(())
     }

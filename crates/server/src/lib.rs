@@ -3,6 +3,7 @@
 pub mod api;
 pub mod cli;
 pub mod cli_storage;
+pub mod cli_vm;
 pub mod console;
 pub mod daemon;
 pub mod events;

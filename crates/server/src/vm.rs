@@ -1333,6 +1333,8 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
         }
     });
     let srv = Arc::clone(s);
+    tokio::spawn(async move { boot_policy(&srv).await });
+    let srv = Arc::clone(s);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -1854,6 +1856,132 @@ fn ints(p: &[Value]) -> Vec<i64> {
         .collect()
 }
 
+/// The host's VM shutdown policy (Corral extension, seed 002's
+/// libvirt-guests made first-class), from `host.other_config`:
+/// `vm-shutdown-policy` = `shutdown` (default: clean shutdown in reverse
+/// `order`, each given `vm-shutdown-timeout` seconds, default 300, then
+/// forced off) | `suspend` | `refuse` (fail while VMs run).
+async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
+    let (host, _) = params(p);
+    if host != s.host_ref {
+        return Err(ApiError::new("HOST_OFFLINE", [host.as_str()]));
+    }
+    let oc = strmap(s.db.read().get(field::host::OTHER_CONFIG, &host));
+    let policy = oc
+        .get("vm-shutdown-policy")
+        .cloned()
+        .unwrap_or_else(|| "shutdown".into());
+    let timeout = Duration::from_secs(
+        oc.get("vm-shutdown-timeout")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(300),
+    );
+    let mut vms: Vec<(i64, String)> = {
+        let st = s.db.read();
+        st.refs(class::VM)
+            .filter(|vm| {
+                let p = power(&st, vm);
+                (p == "Running" || p == "Paused")
+                    && st.get_str(field::vm::RESIDENT_ON, vm).as_deref() == Some(host.as_str())
+            })
+            .map(|vm| (int(&st, field::vm::ORDER, vm), vm.clone()))
+            .collect()
+    };
+    // Reverse start order: the highest `order` goes first.
+    vms.sort_by(|a, b| b.0.cmp(&a.0));
+    match policy.as_str() {
+        "refuse" if !vms.is_empty() => {
+            return Err(ApiError::operation_not_allowed(format!(
+                "{} VMs are running and vm-shutdown-policy is refuse",
+                vms.len()
+            )));
+        }
+        "suspend" => {
+            for (_, vm) in &vms {
+                if power(&s.db.read(), vm) == "Running" {
+                    vm_suspend(Arc::clone(&s), c.clone(), vec![Value::str(vm)]).await?;
+                }
+            }
+        }
+        _ => {
+            for (_, vm) in &vms {
+                let _op = VmOp::begin(&s, &c, vm, "shutdown")?;
+                let clean = power(&s.db.read(), vm) == "Running"
+                    && clean_stop(&s, vm, timeout).await.unwrap_or(false);
+                halt(&s, vm).await?;
+                alert(
+                    &s,
+                    vm,
+                    "VM_SHUTDOWN",
+                    5,
+                    if clean {
+                        "Shut down cleanly for host shutdown"
+                    } else {
+                        "Forced off for host shutdown (timeout)"
+                    },
+                );
+            }
+        }
+    }
+    void()
+}
+
+/// At the first corrald start after a host boot, `vm-boot-policy=start`
+/// starts the VMs with `other_config:auto_poweron=true` in `order`, waiting
+/// `start_delay` after each; the default `ignore` resumes nothing.
+pub async fn boot_policy(s: &Arc<Server>) {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let marker = s.state_dir.join("last-boot-id");
+    let first_start = std::fs::read_to_string(&marker)
+        .map(|b| b != boot_id)
+        .unwrap_or(true);
+    let _ = std::fs::write(&marker, &boot_id);
+    let oc = strmap(s.db.read().get(field::host::OTHER_CONFIG, &s.host_ref));
+    if !first_start || oc.get("vm-boot-policy").map(String::as_str) != Some("start") {
+        return;
+    }
+    let mut vms: Vec<(i64, i64, String)> = {
+        let st = s.db.read();
+        st.refs(class::VM)
+            .filter(|vm| {
+                power(&st, vm) == "Halted"
+                    && !flag(&st, field::vm::IS_A_TEMPLATE, vm)
+                    && strmap(st.get(field::vm::OTHER_CONFIG, vm))
+                        .get("auto_poweron")
+                        .map(String::as_str)
+                        == Some("true")
+            })
+            .map(|vm| {
+                (
+                    int(&st, field::vm::ORDER, vm),
+                    int(&st, field::vm::START_DELAY, vm),
+                    vm.clone(),
+                )
+            })
+            .collect()
+    };
+    vms.sort();
+    let ctx = Ctx {
+        session: String::new(),
+        role: corral_model::schema::Role::PoolAdmin,
+        user: "root".into(),
+        task: None,
+    };
+    for (_, delay, vm) in vms {
+        if let Err(e) = vm_start(
+            Arc::clone(s),
+            ctx.clone(),
+            vec![Value::str(&vm), Value::Bool(false), Value::Bool(false)],
+            false,
+        )
+        .await
+        {
+            tracing::warn!(vm = %vm, error = %e, "auto power-on failed");
+        }
+        tokio::time::sleep(Duration::from_secs(delay.max(0) as u64)).await;
+    }
+}
+
 pub fn register(t: &mut HashMap<String, Handler>) {
     let mut a = |n: &str, f: fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut| {
         t.insert(n.to_owned(), Handler::Async(f));
@@ -1946,6 +2074,9 @@ pub fn register(t: &mut HashMap<String, Handler>) {
             let v = ints(&rest).first().copied();
             set_memory(&s, &vm, None, v, v, v)
         })
+    });
+    a("host.shutdown_vms", |s, c, p| {
+        Box::pin(host_shutdown_vms(s, c, p))
     });
     a("VBD.plug", |s, c, p| Box::pin(vbd_plug(s, c, p)));
     a("VBD.unplug", |s, c, p| Box::pin(vbd_unplug(s, c, p)));
