@@ -23,7 +23,9 @@ cd "$OUT/debs"
 fetch() { # download a package unless a .deb of it is already here
     ls "$1"_*.deb >/dev/null 2>&1 || apt-get download "$1" >/dev/null 2>&1 || return 1
 }
-KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+kpkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'; }
+KPKG=$(kpkg)
+[ -n "$KPKG" ] || { apt-get update -qq >/dev/null 2>&1; KPKG=$(kpkg); }
 [ -n "$KPKG" ] || { echo "cannot resolve linux-image-amd64 (apt-get update?)" >&2; exit 1; }
 fetch "$KPKG" || { apt-get update -qq && fetch "$KPKG"; } || { echo "cannot download $KPKG" >&2; exit 1; }
 fetch busybox-static || { echo "cannot download busybox-static" >&2; exit 1; }
