@@ -101,23 +101,7 @@ impl Qmp {
                 let Some(id) = msg.get("id").and_then(Value::as_u64) else {
                     continue;
                 };
-                let reply = if let Some(r) = msg.get("return") {
-                    Ok(r.clone())
-                } else {
-                    let e = msg.get("error").cloned().unwrap_or(Value::Null);
-                    Err(QmpError::Command {
-                        class: e
-                            .get("class")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_owned(),
-                        desc: e
-                            .get("desc")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_owned(),
-                    })
-                };
+                let reply = reply_of(&msg);
                 let tx = pending.lock().ok().and_then(|mut p| p.remove(&id));
                 if let Some(tx) = tx {
                     let _ = tx.send(reply);
@@ -226,20 +210,18 @@ async fn ga_call_inner(path: &Path, cmd: &str, args: Value) -> Result<Value, Qmp
         return Err(QmpError::Closed);
     }
     let v: Value = serde_json::from_str(&line).map_err(|e| QmpError::Protocol(e.to_string()))?;
-    if let Some(r) = v.get("return") {
+    reply_of(&v)
+}
+
+/// A command's reply: its `return` value, or its `error` object as an error.
+fn reply_of(msg: &Value) -> Result<Value, QmpError> {
+    if let Some(r) = msg.get("return") {
         return Ok(r.clone());
     }
-    let e = v.get("error").cloned().unwrap_or(Value::Null);
+    let e = msg.get("error").cloned().unwrap_or(Value::Null);
+    let text = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     Err(QmpError::Command {
-        class: e
-            .get("class")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
-        desc: e
-            .get("desc")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        class: text("class"),
+        desc: text("desc"),
     })
 }

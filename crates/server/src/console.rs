@@ -6,16 +6,10 @@
 
 use crate::api::Server;
 use crate::http::{Request, write_simple};
+use crate::transfer::query_param;
 use corral_model::schema::{Role, class, field};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-fn query_param(query: &str, key: &str) -> Option<String> {
-    query.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == key).then(|| v.replace("%3A", ":").replace("%3a", ":"))
-    })
-}
 
 pub async fn connect<S>(server: Arc<Server>, stream: &mut S, req: &Request, pending: Vec<u8>)
 where

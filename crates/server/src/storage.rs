@@ -90,7 +90,7 @@ fn first(p: Vec<Value>) -> String {
     pstr(&mut p.into_iter())
 }
 
-fn strmap(v: &Value) -> BTreeMap<String, String> {
+pub(crate) fn strmap(v: &Value) -> BTreeMap<String, String> {
     v.as_struct()
         .unwrap_or_default()
         .iter()
@@ -98,11 +98,11 @@ fn strmap(v: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn to_value(m: &BTreeMap<String, String>) -> Value {
+pub(crate) fn to_value(m: &BTreeMap<String, String>) -> Value {
     Value::Struct(m.iter().map(|(k, v)| (k.clone(), Value::str(v))).collect())
 }
 
-fn db<T>(r: Result<T, corral_db::DbError>) -> Result<T, ApiError> {
+pub(crate) fn db<T>(r: Result<T, corral_db::DbError>) -> Result<T, ApiError> {
     r.map_err(ApiError::from)
 }
 

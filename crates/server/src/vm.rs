@@ -5,11 +5,13 @@
 //! copy and provision with their disks, and the host's VM shutdown/boot
 //! policy.
 
-use crate::api::{ApiResult, BoxFut, Ctx, Handler, Server, pstr, void};
+use crate::api::{ApiResult, BoxFut, Ctx, Handler, Server, void};
+use crate::storage::{db, to_value};
 use corral_agent::{Boot, Drive, RunState, VmConfig, VmEvent};
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,20 +58,13 @@ const NOT_FOR_TEMPLATES: &[&str] = &[
     "resume_on",
 ];
 
-fn db<T>(r: Result<T, corral_db::DbError>) -> Result<T, ApiError> {
-    r.map_err(ApiError::from)
-}
-
 fn power(st: &corral_db::State, vm: &str) -> String {
     st.get_str(field::vm::POWER_STATE, vm).unwrap_or_default()
 }
 
+/// A map field as read from the database (absent: empty).
 fn strmap(v: Option<Value>) -> BTreeMap<String, String> {
-    v.and_then(|v| {
-        v.as_struct()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.db_string())).collect())
-    })
-    .unwrap_or_default()
+    v.map(|v| crate::storage::strmap(&v)).unwrap_or_default()
 }
 
 fn int(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> i64 {
@@ -640,8 +635,15 @@ fn params(p: Vec<Value>) -> (String, Vec<Value>) {
     (vm, it.collect())
 }
 
-fn boolp(p: &[Value], i: usize) -> bool {
-    p.get(i).and_then(Value::as_bool).unwrap_or(false)
+/// `(vm, [host,] start_paused, force)` of start/start_on/resume/resume_on.
+fn start_params(p: Vec<Value>, with_host: bool) -> (String, Option<String>, bool) {
+    let (vm, rest) = params(p);
+    let host = with_host.then(|| rest.first().map(|v| v.db_string()).unwrap_or_default());
+    let paused = rest
+        .get(usize::from(with_host))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    (vm, host, paused)
 }
 
 /// Builds the configuration, checks memory and launches.
@@ -672,18 +674,13 @@ async fn launch(
 }
 
 async fn vm_start(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> ApiResult {
-    let (vm, rest) = params(p);
-    let (host, flags) = if with_host {
-        (rest.first().map(|v| v.db_string()), &rest[1..])
-    } else {
-        (None, &rest[..])
-    };
+    let (vm, host, paused) = start_params(p, with_host);
     let op = if with_host { "start_on" } else { "start" };
     let _op = VmOp::begin(&s, &c, &vm, op)?;
     if let Some(h) = host {
         check_host(&s, &h)?;
     }
-    launch(&s, &vm, boolp(flags, 0), None).await?;
+    launch(&s, &vm, paused, None).await?;
     alert(&s, &vm, "VM_STARTED", 5, "VM started");
     void()
 }
@@ -948,11 +945,7 @@ async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
         db(s.db.write(|t| {
             let mut oc = strmap(t.state().get(field::vdi::OTHER_CONFIG, &vdi));
             oc.insert("corral-suspend-length".into(), len.to_string());
-            t.set(
-                field::vdi::OTHER_CONFIG,
-                &vdi,
-                Value::Struct(oc.into_iter().map(|(k, v)| (k, Value::String(v))).collect()),
-            )
+            t.set(field::vdi::OTHER_CONFIG, &vdi, to_value(&oc))
         }))?;
         Ok::<(), ApiError>(())
     }
@@ -1046,17 +1039,11 @@ fn stream_from_vdi(
 }
 
 async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> ApiResult {
-    let (vm, rest) = params(p);
-    let (host, flags) = if with_host {
-        (rest.first().map(|v| v.db_string()), &rest[1..])
-    } else {
-        (None, &rest[..])
-    };
+    let (vm, host, paused) = start_params(p, with_host);
     let _op = VmOp::begin(&s, &c, &vm, if with_host { "resume_on" } else { "resume" })?;
     if let Some(h) = host {
         check_host(&s, &h)?;
     }
-    let paused = boolp(flags, 0);
     let (vdi, uuid) = {
         let st = s.db.read();
         (
@@ -1089,7 +1076,7 @@ async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> Ap
         // Unblock the writer: nobody will read the FIFO.
         let _ = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags_nonblock()
+            .custom_flags(libc::O_NONBLOCK)
             .open(&pipe);
     }
     let fed = writer
@@ -1122,16 +1109,6 @@ async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> Ap
     let _ = crate::storage::vdi_destroy(Arc::clone(&s), vec![Value::str(&vdi)]).await;
     alert(&s, &vm, "VM_RESUMED", 5, "VM resumed");
     void()
-}
-
-trait NonBlock {
-    fn custom_flags_nonblock(&mut self) -> &mut Self;
-}
-impl NonBlock for std::fs::OpenOptions {
-    fn custom_flags_nonblock(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NONBLOCK)
-    }
 }
 
 async fn drop_suspend_image(s: &Arc<Server>, vm: &str) {
@@ -1521,7 +1498,7 @@ async fn vbd_unplug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
 
 /// VBD.insert / VBD.eject: the record first (it validates), then the
 /// running VM's drive; a failed media change puts the record back.
-async fn vbd_media(s: Arc<Server>, c: Ctx, p: Vec<Value>, insert: bool) -> ApiResult {
+async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> ApiResult {
     let vbd = p.first().map(|v| v.db_string()).unwrap_or_default();
     let before = s.db.read().get_str(field::vbd::VDI, &vbd);
     if insert {
@@ -1529,7 +1506,6 @@ async fn vbd_media(s: Arc<Server>, c: Ctx, p: Vec<Value>, insert: bool) -> ApiRe
     } else {
         crate::storage::vbd_eject(&s, p)?;
     }
-    let _ = c;
     if let Some((_, vm_uuid)) = running_uuid(&s, &vbd) {
         let (id, path) = {
             let st = s.db.read();
@@ -1748,11 +1724,7 @@ async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     db(s.db.write(|t| {
         let mut oc = strmap(t.state().get(field::vm::OTHER_CONFIG, &vm));
         oc.remove("disks");
-        t.set(
-            field::vm::OTHER_CONFIG,
-            &vm,
-            Value::Struct(oc.into_iter().map(|(k, v)| (k, Value::String(v))).collect()),
-        )
+        t.set(field::vm::OTHER_CONFIG, &vm, to_value(&oc))
     }))?;
     void()
 }
@@ -2081,7 +2053,6 @@ pub fn register(t: &mut HashMap<String, Handler>) {
     a("VBD.plug", |s, c, p| Box::pin(vbd_plug(s, c, p)));
     a("VBD.unplug", |s, c, p| Box::pin(vbd_unplug(s, c, p)));
     a("VBD.unplug_force", |s, c, p| Box::pin(vbd_unplug(s, c, p)));
-    a("VBD.insert", |s, c, p| Box::pin(vbd_media(s, c, p, true)));
-    a("VBD.eject", |s, c, p| Box::pin(vbd_media(s, c, p, false)));
-    let _ = pstr;
+    a("VBD.insert", |s, _, p| Box::pin(vbd_media(s, p, true)));
+    a("VBD.eject", |s, _, p| Box::pin(vbd_media(s, p, false)));
 }
