@@ -84,7 +84,8 @@ class Daemon:
     def vm_dir(self):
         return os.path.realpath(os.path.join(self.state_dir, "vms"))
 
-    def xe(self, *args, server=None, check=None):
+    def xe_command(self, server=None):
+        """xe's argv prefix and environment: local socket, or http/https."""
         env = dict(os.environ, CORRAL_XAPI_SOCKET=self.socket)
         env.pop("XE_EXTRA_ARGS", None)
         cmd = [XE]
@@ -92,6 +93,10 @@ class Daemon:
             cmd += ["-s", "127.0.0.1", "-p", str(self.https_port), "-u", "root", "-pw", ROOT_PASSWORD]
         elif server == "http":
             cmd += ["-s", "127.0.0.1", "-p", str(self.http_port), "--nossl", "-u", "root", "-pw", ROOT_PASSWORD]
+        return cmd, env
+
+    def xe(self, *args, server=None, check=None):
+        cmd, env = self.xe_command(server)
         r = subprocess.run(cmd + list(args), env=env, capture_output=True, text=True, timeout=30)
         if check is not None:
             assert r.returncode == check, (r.returncode, r.stdout, r.stderr)

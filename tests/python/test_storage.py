@@ -569,6 +569,19 @@ def test_import_export_round_trips(daemon, tmp_path):
         assert status == 200, body
         _, _, back = http_transfer(daemon, "GET", f"/export_raw_vdi?session_id={sid}&vdi={w}&format=raw")
         assert hashlib.sha256(back).hexdigest() == want
+    # A snapshot chain: the VDI's data now comes from two files (changed
+    # ranges on top, the rest from the snapshot's base), with zeroed ranges.
+    snap = x.VDI.snapshot(v, {})
+    src2 = bytearray(src.read_bytes())
+    src2[MiB:2 * MiB] = os.urandom(MiB)
+    src2[2 * MiB:3 * MiB] = bytes(MiB)
+    status, _, body = http_transfer(daemon, "PUT", f"/import_raw_vdi?session_id={sid}&vdi={v}&format=raw",
+                                    bytes(src2), len(src2))
+    assert status == 200, body
+    _, _, data = http_transfer(daemon, "GET", f"/export_raw_vdi?session_id={sid}&vdi={v}&format=raw")
+    assert hashlib.sha256(data).hexdigest() == hashlib.sha256(src2).hexdigest()
+    _, _, data = http_transfer(daemon, "GET", f"/export_raw_vdi?session_id={sid}&vdi={snap}&format=raw")
+    assert hashlib.sha256(data).hexdigest() == want
     # Refusals: a bad session, an unknown format, data larger than the VDI (with its task failed).
     assert http_transfer(daemon, "GET", f"/export_raw_vdi?session_id=OpaqueRef:bad&vdi={v}")[0] == 401
     assert http_transfer(daemon, "GET", f"/export_raw_vdi?session_id={sid}&vdi={v}&format=vmdk")[0] == 400

@@ -2,6 +2,7 @@
 import os
 import re
 import shutil
+import select
 import socket
 import subprocess
 import time
@@ -181,6 +182,21 @@ def test_vm_lifecycle_on_qemu(daemon, guest, tmp_path):
     assert "start" not in x.VM.get_allowed_operations(vm)
     assert all(x.VBD.get_currently_attached(v) for v in x.VM.get_VBDs(vm))
     assert {x.console.get_protocol(c) for c in x.VM.get_consoles(vm)} == {"vt100", "rfb"}
+    # The graphical console is QEMU's VNC server: an RFB handshake through CONNECT.
+    [rfb] = [c for c in x.VM.get_consoles(vm) if x.console.get_protocol(c) == "rfb"]
+    loc = x.console.get_location(rfb)
+    with socket.create_connection(("127.0.0.1", daemon.http_port), timeout=30) as v:
+        v.sendall(f"CONNECT {loc[loc.index('/console'):]}&session_id={s._session} HTTP/1.0\r\n\r\n".encode())
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += v.recv(1)
+        assert got.startswith(b"HTTP/1.1 200"), got
+        got = b""
+        while len(got) < 12:
+            got += v.recv(12 - len(got))
+        assert got.startswith(b"RFB 003."), got
+        v.sendall(got)  # the client's version: the server answers with security types
+        assert len(v.recv(64)) >= 2
     assert failure(x.VM.start, vm, False, False) == ["VM_BAD_POWER_STATE", vm, "halted", "running"]
     assert failure(x.VM.unpause, vm) == ["VM_BAD_POWER_STATE", vm, "paused", "running"]
     assert failure(x.VM.destroy, vm) == ["VM_BAD_POWER_STATE", vm, "halted, suspended", "running"]
@@ -412,6 +428,52 @@ def test_host_shutdown_policy_order_and_timeout(daemon, guest):
     x.VM.hard_shutdown(first)
 
 
+def cgroup2_root():
+    """Where the unified cgroup hierarchy is mounted, if anywhere."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            if post.split()[0] == "cgroup2":
+                return pre.split()[4]
+    return None
+
+
+def read_until(fd, pattern, timeout=60):
+    seen = b""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            seen += chunk
+            if pattern in seen:
+                return seen
+    raise AssertionError(f"never saw {pattern!r}; tail: {seen[-500:]!r}")
+
+
+def xe_console(daemon, server):
+    """xe console: replayed output, a command typed into the guest's shell and
+    its answer, then Ctrl-] to leave with exit code 0."""
+    cmd, env = daemon.xe_command(server)
+    p = subprocess.Popen(cmd + ["console", "vm=xe-vm"], env=env, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        read_until(p.stdout.fileno(), b"corral-guest: ready")
+        p.stdin.write(b"echo con$((6*7))sole\n")
+        p.stdin.flush()
+        # Only the guest's shell turns the expression into 42.
+        read_until(p.stdout.fileno(), b"con42sole")
+        p.stdin.write(b"\x1d")
+        p.stdin.flush()
+        assert p.wait(timeout=10) == 0
+        assert b"Connecting to console on VM xe-vm" in p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_xe_vm_commands(daemon, guest, tmp_path):
     s = login(daemon)
     x = s.xenapi
@@ -419,17 +481,37 @@ def test_xe_vm_commands(daemon, guest, tmp_path):
     vm = make_vm(x, guest, "xe-vm")
     daemon.xe("vm-start", "vm=xe-vm", check=0)
     assert x.VM.get_power_state(vm) == "Running"
+    uuid = x.VM.get_uuid(vm)
+    scope = cgroup2_root() and os.path.join(cgroup2_root(), "corral.slice", f"vm-{uuid}.scope")
+    if scope:
+        # The VM's QEMU runs in its own cgroup, removed when the VM stops.
+        with open(os.path.join(daemon.vm_dir, uuid, "qemu.pid")) as f:
+            pid = f.read().strip()
+        with open(f"/proc/{pid}/cgroup") as f:
+            unified = [line.strip() for line in f if line.startswith("0::")]
+        assert unified == [f"0::/corral.slice/vm-{uuid}.scope"], unified
     daemon.xe("vm-cd-insert", "vm=xe-vm", "cd-name=tools.iso", check=0)
     listing = daemon.xe("vbd-list", "type=CD", "empty=false", check=0).stdout
     assert x.VM.get_uuid(vm) in daemon.xe("vbd-list", "type=CD", "empty=false", "params=vm-uuid", check=0).stdout
     assert "uuid" in listing
     assert "tools.iso" in daemon.xe("vm-cd-list", "vm=xe-vm", check=0).stdout
+    # Seed 001's upgrade preparation: eject every CD in use with vbd-eject.
+    for cd in daemon.xe("vbd-list", "type=CD", "empty=false", "--minimal", check=0).stdout.strip().split(","):
+        daemon.xe("vbd-eject", f"uuid={cd}", check=0)
+    assert daemon.xe("vbd-list", "type=CD", "empty=false", "--minimal", check=0).stdout.strip() == ""
+    daemon.xe("vm-cd-insert", "vm=xe-vm", "cd-name=tools.iso", check=0)
     daemon.xe("vm-cd-eject", "vm=xe-vm", check=0)
     assert daemon.xe("vbd-list", "type=CD", "empty=false", "--minimal", check=0).stdout.strip() == ""
     r = daemon.xe("vm-start", "vm=xe-vm")
     assert r.returncode != 0, r.stdout
+    for server in (None, "https"):
+        xe_console(daemon, server)
     daemon.xe("vm-suspend", "vm=xe-vm", check=0)
     assert x.VM.get_power_state(vm) == "Suspended"
     daemon.xe("vm-resume", "vm=xe-vm", check=0)
     daemon.xe("vm-shutdown", "vm=xe-vm", "force=true", check=0)
     assert x.VM.get_power_state(vm) == "Halted"
+    r = daemon.xe("console", "vm=xe-vm")
+    assert r.returncode == 1 and "No text console available" in r.stderr, (r.stdout, r.stderr)
+    if scope:
+        assert not os.path.exists(scope)

@@ -285,6 +285,7 @@ impl QemuAgent {
             m.remove(vm);
         }
         let _ = std::fs::remove_dir_all(self.dir(vm));
+        leave_cgroup(vm);
     }
 
     async fn kill_and_forget(&self, vm: &str, pid: Option<i32>) {
@@ -355,11 +356,36 @@ fn is_qemu_of(pid: i32, uuid: &str) -> bool {
     !cmd.is_empty() && cmd.split(|b| *b == 0).any(|arg| arg == uuid.as_bytes())
 }
 
+/// Waits (up to `limit`) for this VM's QEMU to exit. QEMU is not our child,
+/// so a pidfd tells us the moment it exits; polling is the fallback.
 async fn wait_gone(pid: i32, uuid: &str, limit: Duration) {
+    if let Some(fd) = pidfd(pid) {
+        // Checked after opening, so the pidfd is this QEMU's, not a reuse.
+        if !is_qemu_of(pid, uuid) {
+            return;
+        }
+        // SAFETY: an OwnedFd stays open and returns the same descriptor
+        // for as long as the AsyncFd owns it.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        };
+        if let Ok(fd) = registered {
+            let _ = tokio::time::timeout(limit, fd.readable()).await;
+            return;
+        }
+    }
     let t0 = std::time::Instant::now();
     while is_qemu_of(pid, uuid) && t0.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+fn pidfd(pid: i32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a fresh descriptor that nothing else owns.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Turns QMP events into [`VmEvent`]s until the socket closes.
@@ -892,17 +918,43 @@ fn read_persisted(dir: &Path) -> Option<Persisted> {
     serde_json::from_slice(&std::fs::read(dir.join("vm.json")).ok()?).ok()
 }
 
-/// Puts the VM's QEMU in its own cgroup when the unified hierarchy is
-/// writable (pure cgroup v2); otherwise it stays where corrald started it.
+/// The mount point of the cgroup v2 (unified) hierarchy, if there is one:
+/// `/sys/fs/cgroup` on a pure v2 host, `/sys/fs/cgroup/unified` on a hybrid
+/// one (where it has no controllers but still groups and tracks processes).
+fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        // "<id> <parent> <dev> <root> <mount point> <opts> ... - <fstype> ..."
+        let (pre, post) = l.split_once(" - ")?;
+        let mount_point = pre.split_whitespace().nth(4)?;
+        (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+    })
+}
+
+fn cgroup_dir(uuid: &str) -> Option<PathBuf> {
+    Some(
+        cgroup2_root()?
+            .join("corral.slice")
+            .join(format!("vm-{uuid}.scope")),
+    )
+}
+
+/// Puts the VM's QEMU in its own cgroup where a cgroup v2 hierarchy is
+/// mounted and writable; otherwise it stays where corrald started it.
 fn join_cgroup(uuid: &str, pid: i32) {
-    let root = Path::new("/sys/fs/cgroup");
-    if !root.join("cgroup.controllers").exists() {
+    let Some(dir) = cgroup_dir(uuid) else {
         return;
-    }
-    let dir = root.join("corral.slice").join(format!("vm-{uuid}.scope"));
+    };
     if std::fs::create_dir_all(&dir).is_ok() {
         if let Err(e) = std::fs::write(dir.join("cgroup.procs"), pid.to_string()) {
             tracing::debug!(vm = %uuid, error = %e, "cannot move QEMU into its cgroup");
         }
+    }
+}
+
+/// Removes the VM's cgroup once its QEMU is gone (rmdir of an empty group).
+fn leave_cgroup(uuid: &str) {
+    if let Some(dir) = cgroup_dir(uuid) {
+        let _ = std::fs::remove_dir(dir);
     }
 }

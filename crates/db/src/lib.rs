@@ -533,6 +533,21 @@ impl Txn<'_> {
         }
     }
 
+    /// Writes one field only if its value differs; says whether it did.
+    /// For periodic refreshes, which should not commit (or wake event
+    /// clients) when nothing changed.
+    pub fn set_if_changed(
+        &mut self,
+        f: FieldId,
+        reference: &str,
+        value: Value,
+    ) -> Result<bool, ApiError> {
+        if self.state.get(f, reference).as_ref() == Some(&value) {
+            return Ok(false);
+        }
+        self.set(f, reference, value).map(|()| true)
+    }
+
     pub fn delete(&mut self, class: ClassId, reference: &str) -> Result<(), ApiError> {
         match self.state.remove_row(class, reference) {
             Some(row) => {

@@ -50,6 +50,12 @@ pub const COMMANDS: &[CommandSpec] = &[
         "Apply this host's VM shutdown policy (other-config:vm-shutdown-policy, vm-shutdown-timeout) before the host goes down (Corral extension; run by corral-host-shutdown.service).",
     ),
     cmd(
+        "console",
+        "",
+        "vm, uuid",
+        "Attach to the VM's serial console (vt100); Ctrl-] leaves it.",
+    ),
+    cmd(
         "vm-start",
         "",
         "vm, uuid, paused, force, on",
@@ -288,6 +294,12 @@ pub enum Out {
         task: String,
         session: String,
     },
+    /// Ask the client to CONNECT to a console `url` and proxy the user's
+    /// terminal to it (XenServer's HttpConnect); it answers when it is done.
+    Connect {
+        url: String,
+        session: String,
+    },
 }
 
 pub struct Run {
@@ -348,9 +360,73 @@ fn encode_one(o: &Out) -> Vec<u8> {
                 frame_string(&mut body, url);
                 out.extend(command_frame(if *put { 13 } else { 12 }, &body));
             }
+            Out::Connect { url, .. } => {
+                frame_string(&mut body, url);
+                out.extend(command_frame(17, &body));
+            }
         }
     }
     out
+}
+
+/// Reads the client's Response frame ([len][10][5 = OK | 6 = failed | 18 =
+/// wait]), skipping heartbeats; true for OK.
+async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> bool {
+    loop {
+        let mut head = [0u8; 4];
+        if stream.read_exact(&mut head).await.is_err() {
+            return false;
+        }
+        let n = i32::from_le_bytes(head).clamp(0, 64) as usize;
+        let mut body = vec![0u8; n];
+        if stream.read_exact(&mut body).await.is_err() || body.len() < 8 {
+            return false;
+        }
+        match i32::from_le_bytes([body[4], body[5], body[6], body[7]]) {
+            18 => continue,
+            code => return code == 5,
+        }
+    }
+}
+
+/// Ends the session a transfer or console kept open for the client.
+async fn logout(server: &Arc<Server>, session: &str, origin: &Origin) {
+    if session.is_empty() {
+        return;
+    }
+    let caller = Caller {
+        origin: origin.clone(),
+        originator: Some("cli".into()),
+    };
+    let _ = server
+        .call(
+            "session.logout",
+            vec![Value::String(session.to_owned())],
+            &caller,
+        )
+        .await;
+}
+
+/// Runs one `xe console` exchange: the client proxies its terminal to the
+/// console until the user leaves (Ctrl-]) or the console closes.
+async fn console<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    server: &Arc<Server>,
+    stream: &mut S,
+    o: &Out,
+    origin: &Origin,
+) -> Vec<Out> {
+    let Out::Connect { session, .. } = o else {
+        return vec![];
+    };
+    let ok = stream.write_all(&encode_one(o)).await.is_ok()
+        && stream.flush().await.is_ok()
+        && read_response(stream).await;
+    logout(server, session, origin).await;
+    if ok {
+        vec![]
+    } else {
+        vec![Out::Stderr("Failed to connect to the console.\n".into())]
+    }
 }
 
 /// Runs one HttpPut/HttpGet exchange: the client moves the file, answers
@@ -367,16 +443,7 @@ async fn transfer<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if stream.write_all(&encode_one(o)).await.is_err() || stream.flush().await.is_err() {
         return vec![];
     }
-    // The client's Response frame: [len][10][5 = OK | 6 = failed].
-    let mut head = [0u8; 4];
-    let mut client_ok = false;
-    if stream.read_exact(&mut head).await.is_ok() {
-        let n = i32::from_le_bytes(head).clamp(0, 64) as usize;
-        let mut body = vec![0u8; n];
-        if stream.read_exact(&mut body).await.is_ok() && body.len() >= 8 {
-            client_ok = i32::from_le_bytes([body[4], body[5], body[6], body[7]]) == 5;
-        }
-    }
+    let client_ok = read_response(stream).await;
     // Wait for the handler to finish the task; when the client failed (no
     // file, say), the handler may never have started.
     let wait = if client_ok { 3600 } else { 5 };
@@ -405,6 +472,7 @@ async fn transfer<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let _ = server
         .db
         .write(|t| t.delete(corral_model::class::TASK, task));
+    logout(server, session, origin).await;
     let ctx = CliCtx {
         server: Arc::clone(server),
         session: session.clone(),
@@ -413,13 +481,6 @@ async fn transfer<S: AsyncRead + AsyncWrite + Unpin + Send>(
             originator: Some("cli".into()),
         },
     };
-    let _ = server
-        .call(
-            "session.logout",
-            vec![Value::String(session.clone())],
-            &ctx.caller,
-        )
-        .await;
     match (status.as_deref(), client_ok) {
         (Some("success"), true) => vec![],
         (Some("failure"), _) if !error.is_empty() => {
@@ -456,12 +517,15 @@ pub async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut exit = run.exit;
     let mut frames = Vec::new();
     for o in &run.out {
-        if let Out::Transfer { .. } = o {
+        if let Out::Transfer { .. } | Out::Connect { .. } = o {
             if stream.write_all(&frames).await.is_err() {
                 return;
             }
             frames.clear();
-            let errors = transfer(&server, &mut stream, o, &origin).await;
+            let errors = match o {
+                Out::Connect { .. } => console(&server, &mut stream, o, &origin).await,
+                _ => transfer(&server, &mut stream, o, &origin).await,
+            };
             if !errors.is_empty() {
                 exit = 1;
             }
@@ -604,7 +668,9 @@ async fn run(server: &Arc<Server>, args: Vec<String>, origin: Origin) -> Run {
     let mut out = Vec::new();
     let res = ctx.dispatch(&cmd, &mut out).await;
     // A file transfer still needs the session; serve_cli ends it afterwards.
-    let transferring = out.iter().any(|o| matches!(o, Out::Transfer { .. }));
+    let transferring = out
+        .iter()
+        .any(|o| matches!(o, Out::Transfer { .. } | Out::Connect { .. }));
     if cmd.get("session_id").is_none() && !transferring {
         let _ = server
             .call("session.logout", vec![Value::String(session)], &ctx.caller)

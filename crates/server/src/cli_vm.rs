@@ -1,6 +1,7 @@
 //! `xe` VM commands: power operations (vm-start, vm-shutdown [force=true],
 //! vm-reboot, vm-suspend, vm-resume, vm-pause, vm-unpause) and CD drives
-//! (vm-cd-insert, vm-cd-eject, vm-cd-list), as XenServer's xe has them.
+//! (vm-cd-insert, vm-cd-eject, vm-cd-list) and `console`, as XenServer's xe
+//! has them.
 
 use crate::cli::{CliCtx, CliError, Cmd, Out, text};
 use corral_model::Value;
@@ -40,6 +41,40 @@ impl CliCtx {
             .collect()
     }
 
+    /// `xe console`: the client CONNECTs to the VM's vt100 console with this
+    /// command's session and proxies the user's terminal to it.
+    async fn console(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        let vm = self.vm_of(cmd).await?;
+        let (name, location) = {
+            let st = self.server.db.read();
+            let location = st
+                .refs(class::CONSOLE)
+                .filter(|c| st.get_str(field::console::VM, c).as_deref() == Some(vm.as_str()))
+                .find(|c| st.get_str(field::console::PROTOCOL, c).as_deref() == Some("vt100"))
+                .and_then(|c| st.get_str(field::console::LOCATION, c));
+            (
+                st.get_str(field::vm::NAME_LABEL, &vm).unwrap_or_default(),
+                location,
+            )
+        };
+        let Some(location) = location else {
+            return text("No text console available");
+        };
+        out.push(Out::Stderr(format!(
+            "Connecting to console on VM {name}. Press Ctrl + ']' to quit.\n"
+        )));
+        out.push(Out::Connect {
+            url: format!("{location}&session_id={}", self.session),
+            // A session the caller passed in (session_id=) stays theirs.
+            session: if cmd.get("session_id").is_some() {
+                String::new()
+            } else {
+                self.session.clone()
+            },
+        });
+        Ok(())
+    }
+
     pub(crate) async fn vm_command(
         &self,
         name: &str,
@@ -57,6 +92,9 @@ impl CliCtx {
             self.call("host.shutdown_vms", vec![Value::str(&host)])
                 .await?;
             return Ok(());
+        }
+        if name == "console" {
+            return self.console(cmd, out).await;
         }
         let method = match name {
             "vm-start" => "VM.start",

@@ -212,7 +212,7 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 let mut img = NbdImage::open(&path, &image_format, true, &run_dir)?;
                 let mut off = 0u64;
                 for chunk in rx {
-                    img.write_at(off, &chunk)?;
+                    img.write_queued(off, &chunk)?;
                     off += chunk.len() as u64;
                 }
                 img.close()
@@ -326,7 +326,8 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
 }
 
 /// `GET /export_raw_vdi`. `raw_fd` is the plain-HTTP socket, if any: raw
-/// exports then splice from qemu-nbd straight into it.
+/// exports then go into it with sendfile from the image files, or spliced
+/// from qemu-nbd.
 pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
     server: Arc<Server>,
     stream: &mut S,
@@ -346,12 +347,19 @@ pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let (path, image_format, task) = (t.path.clone(), t.image_format.clone(), t.task.clone());
         // The async side does not touch the stream until this returns.
         let r = tokio::task::spawn_blocking(move || -> Result<(), corral_storage::StorageError> {
+            let head = |size: u64| {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\nTask-Id: {task}\r\nConnection: close\r\n\r\n"
+                )
+            };
+            // Local images go straight from their files (sendfile); the
+            // rest through qemu-nbd.
+            if let Ok(Some(map)) = corral_storage::direct::map(&path, &image_format) {
+                corral_storage::nbd::write_all_fd(fd, head(map.size).as_bytes())?;
+                return corral_storage::direct::send_all(&map, fd);
+            }
             let mut img = NbdImage::open(&path, &image_format, false, &run_dir)?;
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nTask-Id: {task}\r\nConnection: close\r\n\r\n",
-                img.size()
-            );
-            corral_storage::nbd::write_all_fd(fd, head.as_bytes())?;
+            corral_storage::nbd::write_all_fd(fd, head(img.size()).as_bytes())?;
             img.splice_all(fd)?;
             img.close()
         })

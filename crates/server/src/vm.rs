@@ -77,12 +77,7 @@ fn flag(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> bool {
 
 /// XAPI's `check_operation_error`, without the other-operation check when
 /// `ignore_current` (used to compute `allowed_operations`).
-fn check_op(
-    st: &corral_db::State,
-    vm: &str,
-    op: &str,
-    ignore_current: bool,
-) -> Result<(), ApiError> {
+fn check_op(st: &corral_db::State, vm: &str, op: &str) -> Result<(), ApiError> {
     if !st.exists(class::VM, vm) {
         return Err(ApiError::handle_invalid("VM", vm));
     }
@@ -103,12 +98,13 @@ fn check_op(
             ));
         }
     }
-    if !ignore_current {
-        let cur = st
-            .get(field::vm::CURRENT_OPERATIONS, vm)
-            .and_then(|v| v.as_struct().map(<[_]>::to_vec))
-            .unwrap_or_default();
-        if let Some((task, other)) = cur.first() {
+    let cur = st
+        .get(field::vm::CURRENT_OPERATIONS, vm)
+        .and_then(|v| v.as_struct().map(<[_]>::to_vec))
+        .unwrap_or_default();
+    let running: Vec<&str> = cur.iter().filter_map(|(_, o)| o.as_str()).collect();
+    if let Some((task, other)) = cur.first() {
+        if !allowed_concurrently(op, &running) {
             return Err(ApiError::new(
                 "OTHER_OPERATION_IN_PROGRESS",
                 ["VM", vm, other.as_str().unwrap_or(""), task.as_str()],
@@ -126,25 +122,29 @@ fn check_op(
     Ok(())
 }
 
-/// Recomputes `allowed_operations`: nothing while an operation runs.
+/// Operations that may run side by side, as in XAPI: copies of one VM
+/// (many clones of a template at once), and snapshots. Anything else waits
+/// for the VM to be idle.
+const CONCURRENT_GROUPS: &[&[&str]] = &[&["clone", "copy", "export"], &["snapshot", "checkpoint"]];
+
+fn allowed_concurrently(op: &str, running: &[&str]) -> bool {
+    CONCURRENT_GROUPS
+        .iter()
+        .any(|g| g.contains(&op) && running.iter().all(|r| g.contains(r)))
+}
+
+/// Recomputes `allowed_operations`: while operations run, only those that
+/// may join them.
 pub fn refresh_allowed(t: &mut corral_db::Txn<'_>, vm: &str) -> Result<(), ApiError> {
     let st = t.state();
     if !st.exists(class::VM, vm) {
         return Ok(());
     }
-    let busy = st
-        .get(field::vm::CURRENT_OPERATIONS, vm)
-        .and_then(|v| v.as_struct().map(|m| !m.is_empty()))
-        .unwrap_or(false);
-    let ops: Vec<&str> = if busy {
-        Vec::new()
-    } else {
-        POWER_OPS
-            .iter()
-            .map(|(o, _)| *o)
-            .filter(|o| check_op(st, vm, o, true).is_ok())
-            .collect()
-    };
+    let ops: Vec<&str> = POWER_OPS
+        .iter()
+        .map(|(o, _)| *o)
+        .filter(|o| check_op(st, vm, o).is_ok())
+        .collect();
     t.set(field::vm::ALLOWED_OPERATIONS, vm, Value::string_set(ops))
 }
 
@@ -159,7 +159,7 @@ impl VmOp {
     fn begin(s: &Arc<Server>, c: &Ctx, vm: &str, op: &str) -> Result<VmOp, ApiError> {
         let key = c.task.clone().unwrap_or_else(new_ref);
         db(s.db.write(|t| {
-            check_op(t.state(), vm, op, false)?;
+            check_op(t.state(), vm, op)?;
             let mut cur = t
                 .state()
                 .get(field::vm::CURRENT_OPERATIONS, vm)
@@ -993,7 +993,7 @@ fn stream_into_vdi(
                 ["suspend image too large for its VDI"],
             ));
         }
-        img.write_at(off, &buf[..n])
+        img.write_queued(off, &buf[..n])
             .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
         off += n as u64;
         if n < buf.len() {
@@ -1324,6 +1324,8 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
 
 /// Reads guest statistics of every running VM into VM_metrics and
 /// VM_guest_metrics. Unknown values stay unknown (absent), never 100 % used.
+/// All VMs go into one transaction that writes only what changed, so an idle
+/// pool commits nothing and wakes no event clients.
 pub async fn refresh_metrics(s: &Arc<Server>) {
     let running: Vec<(String, String)> = {
         let st = s.db.read();
@@ -1332,71 +1334,90 @@ pub async fn refresh_metrics(s: &Arc<Server>) {
             .map(|vm| (vm.clone(), vm_uuid(&st, vm)))
             .collect()
     };
+    let mut stats = Vec::with_capacity(running.len());
     for (vm, uuid) in running {
-        let Ok(g) = s.agent.stats(&uuid).await else {
-            continue;
-        };
-        let _ = db(s.db.write(|t| {
-            let metrics = ensure_metrics(t, &vm)?;
-            if let Some(a) = g.memory_actual {
-                t.set(field::vm_metrics::MEMORY_ACTUAL, &metrics, Value::Int(a))?;
+        if let Ok(g) = s.agent.stats(&uuid).await {
+            stats.push((vm, g));
+        }
+    }
+    let _ = db(s.db.write(|t| {
+        for (vm, g) in &stats {
+            // Stopped or destroyed while we were asking.
+            if !t.state().exists(class::VM, vm) || power(t.state(), vm) != "Running" {
+                continue;
             }
+            write_guest_stats(t, vm, g)?;
+        }
+        Ok(())
+    }));
+}
+
+fn write_guest_stats(
+    t: &mut corral_db::Txn<'_>,
+    vm: &str,
+    g: &corral_agent::GuestStats,
+) -> Result<(), ApiError> {
+    let metrics = ensure_metrics(t, vm)?;
+    if let Some(a) = g.memory_actual {
+        if t.set_if_changed(field::vm_metrics::MEMORY_ACTUAL, &metrics, Value::Int(a))? {
             t.set(
                 field::vm_metrics::LAST_UPDATED,
                 &metrics,
                 Value::DateTime(date::now()),
             )?;
-            let mut memory: Vec<(&str, String)> = Vec::new();
-            if let Some(tot) = g.memory_total {
-                memory.push(("total", (tot / 1024).to_string()));
-            }
-            if let Some(free) = g.memory_free {
-                memory.push(("free", (free / 1024).to_string()));
-            }
-            if memory.is_empty() && !g.agent {
-                return Ok(());
-            }
-            let gm = {
-                let cur = t
-                    .state()
-                    .get_str(field::vm::GUEST_METRICS, &vm)
-                    .unwrap_or_default();
-                if t.state().exists(class::VM_GUEST_METRICS, &cur) {
-                    cur
-                } else {
-                    let r = new_ref();
-                    t.create(class::VM_GUEST_METRICS, &r, vec![])?;
-                    t.set(field::vm::GUEST_METRICS, &vm, Value::str(&r))?;
-                    r
-                }
-            };
-            let map = |v: &[(String, String)]| {
-                Value::Struct(
-                    v.iter()
-                        .map(|(k, x)| (k.clone(), Value::String(x.clone())))
-                        .collect(),
-                )
-            };
-            let mem: Vec<(String, String)> =
-                memory.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-            t.set(field::vm_guest_metrics::MEMORY, &gm, map(&mem))?;
-            if g.agent {
-                t.set(field::vm_guest_metrics::OS_VERSION, &gm, map(&g.os_version))?;
-                t.set(field::vm_guest_metrics::NETWORKS, &gm, map(&g.networks))?;
-            }
-            t.set(
-                field::vm_guest_metrics::PV_DRIVERS_DETECTED,
-                &gm,
-                Value::Bool(g.agent),
-            )?;
-            t.set(field::vm_guest_metrics::LIVE, &gm, Value::Bool(g.agent))?;
-            t.set(
-                field::vm_guest_metrics::LAST_UPDATED,
-                &gm,
-                Value::DateTime(date::now()),
-            )
-        }));
+        }
     }
+    let mut memory: Vec<(String, String)> = Vec::new();
+    if let Some(tot) = g.memory_total {
+        memory.push(("total".into(), (tot / 1024).to_string()));
+    }
+    if let Some(free) = g.memory_free {
+        memory.push(("free".into(), (free / 1024).to_string()));
+    }
+    if memory.is_empty() && !g.agent {
+        return Ok(());
+    }
+    let gm = {
+        let cur = t
+            .state()
+            .get_str(field::vm::GUEST_METRICS, vm)
+            .unwrap_or_default();
+        if t.state().exists(class::VM_GUEST_METRICS, &cur) {
+            cur
+        } else {
+            let r = new_ref();
+            t.create(class::VM_GUEST_METRICS, &r, vec![])?;
+            t.set(field::vm::GUEST_METRICS, vm, Value::str(&r))?;
+            r
+        }
+    };
+    let map = |v: &[(String, String)]| {
+        Value::Struct(
+            v.iter()
+                .map(|(k, x)| (k.clone(), Value::String(x.clone())))
+                .collect(),
+        )
+    };
+    let mut changed = t.set_if_changed(field::vm_guest_metrics::MEMORY, &gm, map(&memory))?;
+    if g.agent {
+        changed |=
+            t.set_if_changed(field::vm_guest_metrics::OS_VERSION, &gm, map(&g.os_version))?;
+        changed |= t.set_if_changed(field::vm_guest_metrics::NETWORKS, &gm, map(&g.networks))?;
+    }
+    changed |= t.set_if_changed(
+        field::vm_guest_metrics::PV_DRIVERS_DETECTED,
+        &gm,
+        Value::Bool(g.agent),
+    )?;
+    changed |= t.set_if_changed(field::vm_guest_metrics::LIVE, &gm, Value::Bool(g.agent))?;
+    if changed {
+        t.set(
+            field::vm_guest_metrics::LAST_UPDATED,
+            &gm,
+            Value::DateTime(date::now()),
+        )?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -1762,7 +1783,7 @@ async fn vm_assert_operation_valid(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let mut it = p.into_iter();
     let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
     let op = it.next().map(|v| v.db_string()).unwrap_or_default();
-    check_op(&s.db.read(), &vm, &op, false)?;
+    check_op(&s.db.read(), &vm, &op)?;
     void()
 }
 
@@ -2055,4 +2076,53 @@ pub fn register(t: &mut HashMap<String, Handler>) {
     a("VBD.unplug_force", |s, c, p| Box::pin(vbd_unplug(s, c, p)));
     a("VBD.insert", |s, _, p| Box::pin(vbd_media(s, p, true)));
     a("VBD.eject", |s, _, p| Box::pin(vbd_media(s, p, false)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// XAPI lets copies of one VM (a template cloned by many clients at
+    /// once) run together, but nothing else joins a running operation.
+    #[test]
+    fn only_copies_and_snapshots_run_side_by_side() {
+        let db = corral_db::Db::in_memory();
+        let vm = "OpaqueRef:vm";
+        db.write(|t| {
+            t.create(class::VM, vm, vec![])?;
+            t.set(field::vm::POWER_STATE, vm, Value::str("Halted"))?;
+            t.set(
+                field::vm::CURRENT_OPERATIONS,
+                vm,
+                Value::Struct(vec![("OpaqueRef:task".into(), Value::str("clone"))]),
+            )?;
+            refresh_allowed(t, vm)
+        })
+        .expect("set up");
+        let st = db.read();
+        assert!(check_op(&st, vm, "clone").is_ok());
+        assert!(check_op(&st, vm, "copy").is_ok());
+        let err = check_op(&st, vm, "start").expect_err("start must wait");
+        assert_eq!(
+            err.description(),
+            [
+                "OTHER_OPERATION_IN_PROGRESS",
+                "VM",
+                vm,
+                "clone",
+                "OpaqueRef:task"
+            ]
+        );
+        assert!(check_op(&st, vm, "destroy").is_err());
+        let allowed: Vec<String> = st
+            .get(field::vm::ALLOWED_OPERATIONS, vm)
+            .and_then(|v| {
+                v.as_array()
+                    .map(|a| a.iter().map(|x| x.db_string()).collect())
+            })
+            .unwrap_or_default();
+        assert_eq!(allowed, ["clone", "copy"]);
+        assert!(!allowed_concurrently("snapshot", &["clone"]));
+        assert!(allowed_concurrently("checkpoint", &["snapshot"]));
+    }
 }

@@ -7,6 +7,7 @@
 //! chains, the SR's format marker) or in the pool database, which the server
 //! reconciles with [`Driver::scan`].
 
+pub mod direct;
 pub mod file;
 pub mod nbd;
 pub mod nfs;

@@ -86,6 +86,36 @@ impl QemuImg {
         })
     }
 
+    /// `qemu-img info --backing-chain` (top image first) and `qemu-img map`
+    /// of `path`, as JSON: where each guest range lives in the chain.
+    pub fn chain_and_map(
+        &self,
+        path: &str,
+        format: &str,
+    ) -> Result<(serde_json::Value, serde_json::Value), StorageError> {
+        let parse = |what: &str, text: String| {
+            serde_json::from_str::<serde_json::Value>(&text)
+                .map_err(|e| StorageError::Tool(format!("qemu-img {what}: {e}")))
+        };
+        let chain = parse(
+            "info",
+            self.run(&[
+                "info",
+                "--backing-chain",
+                "--output=json",
+                "-U",
+                "-f",
+                format,
+                path,
+            ])?,
+        )?;
+        let map = parse(
+            "map",
+            self.run(&["map", "--output=json", "-U", "-f", format, path])?,
+        )?;
+        Ok((chain, map))
+    }
+
     pub fn resize(&self, path: &str, format: &str, size: i64) -> Result<(), StorageError> {
         let size = size.to_string();
         self.run(&["resize", "-q", "-f", format, path, &size])

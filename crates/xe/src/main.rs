@@ -11,6 +11,7 @@ use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Duration;
 
 const GREETING: &[u8] = b"XenSource thin CLI protocol";
 const DEFAULT_SOCKET: &str = "/var/lib/corral/xapi.sock";
@@ -147,8 +148,28 @@ fn parse() -> Opts {
     o
 }
 
-trait Stream: Read + Write {}
-impl<T: Read + Write> Stream for T {}
+trait Stream: Read + Write {
+    /// Bounds blocking reads (the console proxy polls the keyboard between).
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Stream for TcpStream {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        TcpStream::set_read_timeout(self, d)
+    }
+}
+
+impl Stream for UnixStream {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, d)
+    }
+}
+
+impl Stream for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.sock.set_read_timeout(d)
+    }
+}
 
 #[derive(Debug)]
 struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
@@ -339,6 +360,14 @@ fn run(o: &Opts, mut args: Vec<String>) -> ! {
                 end.extend_from_slice(&8i32.to_le_bytes());
                 let _ = s.write_all(&end);
             }
+            17 => {
+                let url = take_str(&payload, &mut pos);
+                let ok = console(o, &url_path(&url));
+                if let Err(e) = &ok {
+                    eprintln!("{e}");
+                }
+                send_response(&mut *s, ok.is_ok());
+            }
             12 | 13 => {
                 let filename = take_str(&payload, &mut pos);
                 let url = take_str(&payload, &mut pos);
@@ -481,4 +510,102 @@ fn http_get(o: &Opts, filename: &str, path: &str) -> Result<(), String> {
     }
     f.sync_all().map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// The terminal in raw mode (no echo, no line editing, Ctrl-C passed to the
+/// guest) while a console is attached; restored on drop.
+struct RawTerminal(Option<String>);
+
+impl RawTerminal {
+    fn enter() -> RawTerminal {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            return RawTerminal(None);
+        }
+        let saved = std::process::Command::new("stty")
+            .arg("-g")
+            .stdin(std::process::Stdio::inherit())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+        if saved.is_some() {
+            let _ = std::process::Command::new("stty")
+                .args(["raw", "-echo"])
+                .status();
+        }
+        RawTerminal(saved)
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = std::process::Command::new("stty").arg(saved).status();
+        }
+    }
+}
+
+/// Ctrl-], which leaves the console (as in XenServer's xe and telnet).
+const ESCAPE: u8 = 0x1d;
+
+/// `xe console`: CONNECT to the console at `path`, then copy the keyboard
+/// to it and it to the screen until Ctrl-] or until the console closes (the
+/// VM stopped). Keyboard end-of-file does not end it, so piped input still
+/// sees the console's answers.
+fn console(o: &Opts, path: &str) -> Result<(), String> {
+    let mut conn = connect(o);
+    let head = format!("CONNECT {path} HTTP/1.0\r\n\r\n");
+    conn.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    conn.flush().map_err(|e| e.to_string())?;
+    let (status, _) = read_head(&mut *conn)?;
+    if status != 200 {
+        return Err(format!(
+            "The server refused the console connection (HTTP {status})"
+        ));
+    }
+    conn.set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(|e| e.to_string())?;
+    let (keys_tx, keys) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        let mut stdin = std::io::stdin().lock();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || keys_tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let _raw = RawTerminal::enter();
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = vec![0u8; 16384];
+    loop {
+        while let Ok(k) = keys.try_recv() {
+            let (send, quit) = match k.iter().position(|b| *b == ESCAPE) {
+                Some(i) => (&k[..i], true),
+                None => (&k[..], false),
+            };
+            conn.write_all(send)
+                .and_then(|_| conn.flush())
+                .map_err(|e| format!("Console connection lost: {e}"))?;
+            if quit {
+                return Ok(());
+            }
+        }
+        match conn.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                stdout.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+                stdout.flush().map_err(|e| e.to_string())?;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(format!("Console connection lost: {e}")),
+        }
+    }
 }
