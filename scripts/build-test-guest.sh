@@ -14,8 +14,11 @@
 #   "corral-tick <uptime-seconds>" per second, and gives a root shell on ttyS0;
 # - powers off on the ACPI power button (busybox acpid), unless the kernel
 #   command line has `corral.noacpi` (a guest that ignores clean shutdown);
-# - runs qemu-ga on the org.qemu.guest_agent.0 port when it is present.
+# - runs qemu-ga on the org.qemu.guest_agent.0 port when it is present;
+# - loads pvpanic, so a kernel panic (echo c > /proc/sysrq-trigger) reaches
+#   QEMU as a guest-panicked event.
 set -eu
+SELF=$(readlink -f "$0")
 OUT=${1:-${CORRAL_GUEST_DIR:-$HOME/.cache/corral/guest}}
 mkdir -p "$OUT/debs"
 cd "$OUT/debs"
@@ -34,7 +37,8 @@ for p in qemu-guest-agent libglib2.0-0 libnuma1 liburing2 libudev1 libpcre2-8-0 
     fetch "$p" || AGENT=0
 done
 
-STAMP=$(ls *.deb | sort | md5sum | cut -c1-32)
+# The stamp covers the packages and this script, so editing the guest rebuilds it.
+STAMP=$( (ls *.deb | sort; cat "$SELF") | md5sum | cut -c1-32)
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$STAMP" ] && [ -f "$OUT/initrd.img" ]; then
     exit 0
 fi
@@ -53,7 +57,8 @@ ln -sf ../bin/busybox "$R/sbin/init"
 
 # Modules in load order (dependencies first).
 MODS="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk
-virtio_console virtio_balloon button evdev scsi_common scsi_mod libata ata_piix cdrom sr_mod isofs"
+virtio_console virtio_balloon button evdev scsi_common scsi_mod libata ata_piix cdrom sr_mod isofs
+pvpanic pvpanic-mmio"
 : > "$R/modules/order"
 for m in $MODS; do
     f=$(find "$WORK/k/lib/modules/$KVER" -name "$m.ko" | head -n1)

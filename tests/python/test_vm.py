@@ -147,7 +147,20 @@ def wait_power(x, vm, state, timeout):
 
 def guest_shell(con, cmd, marker, timeout=30):
     con.send(f"{cmd}; echo {marker}-$?")
-    return con.expect(marker + r"-(\d+)", timeout=timeout)
+    return con.expect(marker + r"-(\d+)\r?\n", timeout=timeout)
+
+
+def assert_memory_sane(x, gm, timeout=30):
+    """VM_guest_metrics.memory (KiB): total and free both present, and free
+    strictly between nothing and everything."""
+    deadline = time.time() + timeout
+    mem = {}
+    while time.time() < deadline:
+        mem = x.VM_guest_metrics.get_memory(gm)
+        if "free" in mem and "total" in mem:
+            break
+        time.sleep(1)
+    assert 0 < int(mem["free"]) < int(mem["total"]) <= 256 * 1024, mem
 
 
 def test_vm_lifecycle_on_qemu(daemon, guest, tmp_path):
@@ -217,13 +230,15 @@ def test_vm_lifecycle_on_qemu(daemon, guest, tmp_path):
     x.VBD.insert(cd, iso)
     assert not x.VBD.get_empty(cd) and x.VBD.get_VDI(cd) == iso
     # The guest reads the medium's first sector, then cannot once ejected.
-    read_cmd = "head -c 2048 /dev/sr0 >/dev/null 2>&1; echo read=$(head -c 2048 /dev/sr0 2>/dev/null | wc -c)"
+    # (The marker is computed by the guest's shell, so the echo of the typed
+    # command can never match it.)
+    read_cmd = "head -c 2048 /dev/sr0 >/dev/null 2>&1; echo rd$((40+2))=$(head -c 2048 /dev/sr0 2>/dev/null | wc -c)"
     con.send(read_cmd)
-    assert int(con.expect(r"read=(\d+)").group(1)) == 2048
+    assert int(con.expect(r"rd42=(\d+)\r?\n").group(1)) == 2048
     x.VBD.eject(cd)
     assert x.VBD.get_empty(cd)
     con.send(read_cmd)
-    assert int(con.expect(r"read=(\d+)").group(1)) == 0
+    assert int(con.expect(r"rd42=(\d+)\r?\n").group(1)) == 0
     assert failure(x.VBD.eject, cd) == ["VBD_IS_EMPTY", cd]
 
     # Suspend and resume: the guest's uptime continues.
@@ -267,6 +282,9 @@ def test_vm_lifecycle_on_qemu(daemon, guest, tmp_path):
         time.sleep(1)
     assert x.VM_guest_metrics.get_os_version(gm)["name"] == "Corral test guest (Debian kernel, busybox)"
     assert x.VM_guest_metrics.get_PV_drivers_detected(gm)
+    # After the resume (a new QEMU) the memory statistics were re-armed: free
+    # memory is real, never the "100 % used" of a stale or missing reading.
+    assert_memory_sane(x, gm)
     metrics = x.VM.get_metrics(vm)
     assert int(x.VM_metrics.get_VCPUs_number(metrics)) == 1
     assert int(x.VM_metrics.get_memory_actual(metrics)) > 0
@@ -335,6 +353,9 @@ def test_kill9_corrald_leaves_vms_running(daemon, guest):
         t0, w0 = before[vm]
         assert abs((tick - t0) - (now - w0)) < 2.5, (tick - t0, now - w0)
         con.close()
+    # Statistics were re-armed by the new corrald: real free memory.
+    for vm in vms:
+        assert_memory_sane(x, x.VM.get_guest_metrics(vm))
     x.VM.pause(vms[0])
     x.VM.unpause(vms[0])
     for vm in vms:
@@ -515,3 +536,218 @@ def test_xe_vm_commands(daemon, guest, tmp_path):
     assert r.returncode == 1 and "No text console available" in r.stderr, (r.stdout, r.stderr)
     if scope:
         assert not os.path.exists(scope)
+
+
+def test_platform_keys_reach_qemu_and_the_guest(daemon, guest):
+    s = login(daemon)
+    x = s.xenapi
+    vm = make_vm(x, guest, "platform", cd=False)
+    x.VM.set_VCPUs_max(vm, "2")
+    x.VM.set_VCPUs_at_startup(vm, "2")
+    x.VM.set_platform(vm, {"cores-per-socket": "3"})
+    err = failure(x.VM.start, vm, False, False)
+    assert err[:2] == ["INVALID_VALUE", "platform:cores-per-socket"], err
+    assert x.VM.get_power_state(vm) == "Halted"
+    x.VM.set_platform(vm, {"cores-per-socket": "2", "timeoffset": "86400", "vga": "cirrus",
+                           "videoram": "16", "hpet": "false"})
+    x.VM.start(vm, False, False)
+    uuid = x.VM.get_uuid(vm)
+    with open(os.path.join(daemon.vm_dir, uuid, "qemu.pid")) as f:
+        pid = f.read().strip()
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")
+    arg = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
+    assert arg("-smp") == "2,maxcpus=2,sockets=1,cores=2,threads=1"
+    assert arg("-vga") == "cirrus" and "cirrus-vga.vgamem_mb=16" in argv
+    assert arg("-machine").endswith(",hpet=off")
+    assert arg("-rtc").startswith("base=")
+    # The guest sees two cores in one socket and a clock a day ahead.
+    con = Console(daemon, x, s._session, vm)
+    con.expect("corral-guest: ready")
+    con.drain()
+    con.send("echo T=$(date +%s) C=$(grep -c ^processor /proc/cpuinfo) K=$(grep -m1 'cpu cores' /proc/cpuinfo)")
+    m = con.expect(r"T=(\d+) C=(\d+) K=cpu cores\s*: (\d+)")
+    assert abs(int(m.group(1)) - time.time() - 86400) < 120, (m.group(1), time.time())
+    assert m.group(2) == b"2" and m.group(3) == b"2"
+    con.close()
+    x.VM.hard_shutdown(vm)
+
+
+def test_uefi_firmware_boots(daemon):
+    """HVM_boot_params:firmware=uefi boots OVMF; with no disk it ends in the UEFI shell."""
+    if not os.path.exists("/usr/share/OVMF/OVMF_CODE.fd"):
+        if os.environ.get("CORRAL_REQUIRE_QEMU"):
+            raise AssertionError("OVMF is missing: apt-get install ovmf")
+        pytest.skip("no OVMF")
+    s = login(daemon)
+    x = s.xenapi
+    tpl = x.VM.get_by_name_label("Other install media")[0]
+    vm = x.VM.clone(tpl, "uefi")
+    x.VM.set_is_a_template(vm, False)
+    mib = str(256 * 1024 * 1024)
+    x.VM.set_memory_limits(vm, mib, mib, mib, mib)
+    x.VM.set_HVM_boot_params(vm, {"order": "dc", "firmware": "uefi"})
+    x.VM.start(vm, False, False)
+    con = Console(daemon, x, s._session, vm)
+    con.expect("UEFI Interactive Shell", timeout=120)
+    con.close()
+    x.VM.hard_shutdown(vm)
+
+
+def messages_for(x, vm, name):
+    uuid = x.VM.get_uuid(vm)
+    return [m for m in x.message.get_all_records().values() if m["obj_uuid"] == uuid and m["name"] == name]
+
+
+def test_disk_hotplug_and_guest_reboot_and_crash(daemon, guest, tmp_path):
+    s = login(daemon)
+    x = s.xenapi
+    local = x.pool.get_default_SR(x.pool.get_all()[0])
+    vm = make_vm(x, guest, "events", disk_sr=local)
+    x.VM.start(vm, False, False)
+    con = Console(daemon, x, s._session, vm)
+    con.expect("corral-guest: ready")
+    assert guest_shell(con, "test -b /dev/vda", "vda").group(1) == b"0"
+
+    # Hot-plug a second disk (VBD.plug), then unplug it with xe.
+    vdi = x.VDI.create({"name_label": "hot", "SR": local, "virtual_size": str(32 << 20), "type": "user",
+                        "sharable": False, "read_only": False, "other_config": {}})
+    vbd = x.VBD.create({"VM": vm, "VDI": vdi, "userdevice": "1", "bootable": False, "mode": "RW", "type": "Disk",
+                        "empty": False, "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {}})
+    assert not x.VBD.get_currently_attached(vbd)
+    assert guest_shell(con, "test -b /dev/vdb", "vdbabsent").group(1) == b"1"
+    x.VBD.plug(vbd)
+    assert x.VBD.get_currently_attached(vbd) and x.VBD.get_device(vbd) == "xvdb"
+    assert failure(x.VBD.plug, vbd) == ["DEVICE_ALREADY_ATTACHED", vbd]
+    deadline = time.time() + 20
+    while guest_shell(con, "test -b /dev/vdb", "vdbplug").group(1) != b"0":
+        assert time.time() < deadline, "the guest never saw the hot-plugged disk"
+        time.sleep(0.5)
+    # The guest writes to it; the data is on the VDI.
+    assert guest_shell(con, "echo hotplugged-data | dd of=/dev/vdb bs=512 count=1 conv=sync 2>/dev/null && sync",
+                       "vdbwrite").group(1) == b"0"
+    daemon.xe("vbd-unplug", f"uuid={x.VBD.get_uuid(vbd)}", check=0)
+    assert not x.VBD.get_currently_attached(vbd)
+    assert failure(x.VBD.unplug, vbd) == ["DEVICE_ALREADY_DETACHED", vbd]
+    deadline = time.time() + 20
+    while guest_shell(con, "test -b /dev/vdb", "vdbunplug").group(1) != b"1":
+        assert time.time() < deadline, "the hot-unplugged disk never left the guest"
+        time.sleep(0.5)
+    [cd] = [v for v in x.VM.get_VBDs(vm) if x.VBD.get_type(v) == "CD"]
+    assert failure(x.VBD.unplug, cd) == ["VBD_NOT_UNPLUGGABLE", cd]
+    # A disk plugged read-write into a running VM is in use: not destroyable.
+    x.VBD.plug(vbd)
+    assert failure(x.VDI.destroy, vdi)[0] == "VDI_IN_USE"
+    x.VBD.unplug(vbd)
+
+    # In-guest reboot with actions_after_reboot=restart: same QEMU, guest
+    # boots again, the VM stays Running.
+    [pid] = running_qemus(daemon)
+    con.drain()
+    con.send("reboot")
+    con.expect("corral-guest: ready", timeout=60)
+    assert x.VM.get_power_state(vm) == "Running"
+    assert running_qemus(daemon) == {pid}
+    deadline = time.time() + 5
+    while not messages_for(x, vm, "VM_REBOOTED") and time.time() < deadline:
+        time.sleep(0.1)
+    assert messages_for(x, vm, "VM_REBOOTED")
+    # actions_after_reboot=destroy: an in-guest reboot halts the VM.
+    x.VM.set_actions_after_reboot(vm, "destroy")
+    con.send("reboot")
+    wait_power(x, vm, "Halted", 30)
+    assert running_qemus(daemon) == set()
+    con.close()
+    # Started that way (QEMU stops on a guest reboot), VM.hard_reboot still
+    # reboots it, and a reboot from inside still halts it.
+    x.VM.start(vm, False, False)
+    con = Console(daemon, x, s._session, vm)
+    con.expect("corral-guest: ready")
+    x.VM.hard_reboot(vm)
+    con.expect("corral-guest: ready", timeout=60)
+    time.sleep(1)
+    assert x.VM.get_power_state(vm) == "Running"
+    con.send("reboot")
+    wait_power(x, vm, "Halted", 30)
+    con.close()
+
+    # Guest crashes (a kernel panic reported by pvpanic).
+    def crash():
+        c = Console(daemon, x, s._session, vm)
+        c.expect("corral-guest: ready")
+        c.send("echo c > /proc/sysrq-trigger")
+        return c
+
+    x.VM.set_actions_after_crash(vm, "preserve")
+    x.VM.start(vm, False, False)
+    c = crash()
+    wait_power(x, vm, "Paused", 30)    # kept for inspection
+    assert messages_for(x, vm, "VM_CRASHED")
+    c.close()
+    x.VM.hard_shutdown(vm)
+    x.VM.set_actions_after_crash(vm, "restart")
+    x.VM.start(vm, False, False)
+    c = crash()
+    c.expect("corral-guest: ready", timeout=60)   # booted again
+    assert x.VM.get_power_state(vm) == "Running"
+    c.close()
+    x.VM.set_actions_after_crash(vm, "destroy")
+    c = crash()
+    wait_power(x, vm, "Halted", 30)
+    c.close()
+    assert running_qemus(daemon) == set()
+    # The hot-plugged disk kept what the guest wrote.
+    out = tmp_path / "first-sector"
+    subprocess.run(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", "bs=512", "count=1",
+                    "if=" + vdi_path(x, vdi), f"of={out}"], capture_output=True, check=True)
+    data = out.read_bytes()
+    assert data.startswith(b"hotplugged-data\n"), data[:32]
+
+
+def vdi_path(x, vdi):
+    sr = x.VDI.get_SR(vdi)
+    [pbd] = x.SR.get_PBDs(sr)
+    loc = x.PBD.get_device_config(pbd).get("location")
+    return os.path.join(loc, x.VDI.get_location(vdi) + ".qcow2")
+
+
+def test_boot_policy_starts_auto_poweron_vms_in_order(daemon, guest):
+    s = login(daemon)
+    x = s.xenapi
+    host = x.host.get_all()[0]
+    late = make_vm(x, guest, "late", cd=False)
+    early = make_vm(x, guest, "early", cd=False)
+    manual = make_vm(x, guest, "manual", cd=False)
+    for vm, order, delay in ((late, 2, 0), (early, 1, 2)):
+        x.VM.add_to_other_config(vm, "auto_poweron", "true")
+        x.VM.set_order(vm, str(order))
+        x.VM.set_start_delay(vm, str(delay))
+    marker = os.path.join(daemon.state_dir, "last-boot-id")
+    assert os.path.exists(marker)
+
+    def restart(host_booted):
+        daemon.stop()
+        if host_booted:
+            os.unlink(marker)   # as after a reboot: the kernel's boot id changed
+        daemon.start()
+        return login(daemon).xenapi
+
+    # Default policy (ignore): a host boot starts nothing.
+    x = restart(True)
+    time.sleep(3)
+    assert [x.VM.get_power_state(v) for v in (late, early, manual)] == ["Halted"] * 3
+    daemon.xe("host-param-set", f"uuid={x.host.get_uuid(host)}", "other-config:vm-boot-policy=start", check=0)
+    # A toolstack restart is not a host boot: still nothing.
+    x = restart(False)
+    time.sleep(3)
+    assert [x.VM.get_power_state(v) for v in (late, early, manual)] == ["Halted"] * 3
+    # A host boot starts the auto_poweron VMs, in order, start_delay apart.
+    x = restart(True)
+    wait_power(x, early, "Running", 30)
+    wait_power(x, late, "Running", 30)
+    t_early = x.VM_metrics.get_start_time(x.VM.get_metrics(early)).value
+    t_late = x.VM_metrics.get_start_time(x.VM.get_metrics(late)).value
+    assert t_early < t_late, (t_early, t_late)
+    assert x.VM.get_power_state(manual) == "Halted"
+    for vm in (early, late):
+        x.VM.hard_shutdown(vm)

@@ -78,6 +78,23 @@ pub struct VmConfig {
     pub reboot_stops: bool,
     /// `platform:acpi` (default on).
     pub acpi: bool,
+    /// `platform:cores-per-socket`; 0 is one core per socket. (These
+    /// platform fields default when reading a vm.json from an older corrald.)
+    #[serde(default)]
+    pub cores_per_socket: i64,
+    /// The guest's clock (RTC) at start, `YYYY-MM-DDTHH:MM:SS` UTC, when
+    /// `platform:timeoffset` puts it off UTC.
+    #[serde(default)]
+    pub rtc_base: Option<String>,
+    /// `platform:vga`: `std` (default) or `cirrus`.
+    #[serde(default)]
+    pub vga: Option<String>,
+    /// `platform:videoram` in MiB (0: QEMU's default).
+    #[serde(default)]
+    pub videoram_mib: i64,
+    /// `platform:hpet` (default on).
+    #[serde(default)]
+    pub hpet: Option<bool>,
 }
 
 /// What the agent finds a VM doing.

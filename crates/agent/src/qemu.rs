@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
 
@@ -66,7 +66,14 @@ struct Attached {
     /// Set before the toolstack stops QEMU on purpose, so the closing QMP
     /// socket is not reported as a death.
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// When the toolstack last reset the VM. SeaBIOS answers a host reset
+    /// with a reset of its own (guest-initiated) a few ms later; that one is
+    /// part of the toolstack's reset, not a guest reboot.
+    host_reset: Arc<Mutex<Option<Instant>>>,
 }
+
+/// How long after a toolstack reset a guest reset counts as the firmware's.
+const FIRMWARE_RESET_WINDOW: Duration = Duration::from_secs(3);
 
 pub struct QemuAgent {
     settings: QemuSettings,
@@ -119,6 +126,17 @@ impl QemuAgent {
         } else {
             self.settings.accel.clone()
         };
+        let vmax = cfg.vcpus_max.max(cfg.vcpus).max(1);
+        let mut smp = format!("{},maxcpus={vmax}", cfg.vcpus.max(1));
+        // The caller checked that cores-per-socket divides VCPUs_max.
+        if cfg.cores_per_socket > 0 && vmax % cfg.cores_per_socket == 0 {
+            let c = cfg.cores_per_socket;
+            smp.push_str(&format!(",sockets={},cores={c},threads=1", vmax / c));
+        }
+        let vga = match cfg.vga.as_deref() {
+            Some("cirrus") => "cirrus",
+            _ => "std",
+        };
         let mut a: Vec<String> = vec![
             "-name".into(),
             format!(
@@ -129,26 +147,26 @@ impl QemuAgent {
             cfg.uuid.clone(),
             "-machine".into(),
             format!(
-                "{},acpi={}",
+                "{},acpi={}{}",
                 self.settings.machine,
-                if cfg.acpi { "on" } else { "off" }
+                if cfg.acpi { "on" } else { "off" },
+                match cfg.hpet {
+                    Some(false) => ",hpet=off",
+                    _ => "",
+                }
             ),
             "-accel".into(),
             accel,
             "-m".into(),
             format!("{mib}M"),
             "-smp".into(),
-            format!(
-                "{},maxcpus={}",
-                cfg.vcpus.max(1),
-                cfg.vcpus_max.max(cfg.vcpus).max(1)
-            ),
+            smp,
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-display".into(),
             "none".into(),
             "-vga".into(),
-            "std".into(),
+            vga.into(),
             "-vnc".into(),
             format!("unix:{}", d("vnc.sock")),
             "-daemonize".into(),
@@ -230,6 +248,16 @@ impl QemuAgent {
                 ]);
             }
         }
+        if cfg.videoram_mib > 0 {
+            let dev = if vga == "cirrus" { "cirrus-vga" } else { "VGA" };
+            a.extend([
+                "-global".into(),
+                format!("{dev}.vgamem_mb={}", cfg.videoram_mib),
+            ]);
+        }
+        if let Some(base) = &cfg.rtc_base {
+            a.extend(["-rtc".into(), format!("base={base}")]);
+        }
         if paused {
             a.push("-S".into());
         }
@@ -248,6 +276,7 @@ impl QemuAgent {
         let (serial_out, _) = broadcast::channel(256);
         let (serial_in, serial_rx) = mpsc::unbounded_channel();
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let host_reset = Arc::new(Mutex::new(None));
         let at = Arc::new(Attached {
             pid,
             dir: dir.clone(),
@@ -255,6 +284,7 @@ impl QemuAgent {
             serial_out: serial_out.clone(),
             serial_in,
             stopping: Arc::clone(&stopping),
+            host_reset: Arc::clone(&host_reset),
         });
         tokio::spawn(serial_pump(dir.clone(), serial_out, serial_rx));
         let status = qmp.execute("query-status", Value::Null).await?;
@@ -275,6 +305,7 @@ impl QemuAgent {
             events,
             self.events.clone(),
             stopping,
+            host_reset,
             dir,
         ));
         Ok((at, state))
@@ -394,6 +425,7 @@ async fn watch(
     mut events: mpsc::UnboundedReceiver<QmpEvent>,
     out: broadcast::Sender<(String, VmEvent)>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    host_reset: Arc<Mutex<Option<Instant>>>,
     dir: PathBuf,
 ) {
     while let Some(ev) = events.recv().await {
@@ -403,6 +435,13 @@ async fn watch(
             .and_then(Value::as_bool)
             .unwrap_or(false);
         let reason = ev.data.get("reason").and_then(Value::as_str).unwrap_or("");
+        if ev.name == "RESET" && guest {
+            let mut h = host_reset.lock().unwrap_or_else(|p| p.into_inner());
+            if h.is_some_and(|t| t.elapsed() < FIRMWARE_RESET_WINDOW) {
+                *h = None;
+                continue;
+            }
+        }
         let e = match ev.name.as_str() {
             "SHUTDOWN" if guest && reason == "guest-reset" => Some(VmEvent::GuestReboot),
             "SHUTDOWN" if guest => Some(VmEvent::GuestShutdown),
@@ -662,8 +701,35 @@ impl HostAgent for QemuAgent {
         let vm = vm.to_owned();
         Box::pin(async move {
             let at = self.attached(&vm)?;
-            at.qmp.execute("system_reset", Value::Null).await?;
-            at.qmp.execute("cont", Value::Null).await?;
+            // Under `-action reboot=shutdown` QEMU turns system_reset into a
+            // shutdown too, so the toolstack's own reset (hard_reboot, restart
+            // after a crash or a guest reboot) lifts that for the one reset.
+            let stops = read_persisted(&at.dir).is_some_and(|p| p.config.reboot_stops);
+            if stops {
+                at.qmp
+                    .execute("set-action", json!({"reboot": "reset"}))
+                    .await?;
+            }
+            let mark = |v| *at.host_reset.lock().unwrap_or_else(|p| p.into_inner()) = v;
+            mark(Some(Instant::now()));
+            let reset = async {
+                at.qmp.execute("system_reset", Value::Null).await?;
+                at.qmp.execute("cont", Value::Null).await
+            }
+            .await;
+            if stops {
+                // Keep reboot=reset until the firmware's own reset is over.
+                let start = Instant::now();
+                while start.elapsed() < FIRMWARE_RESET_WINDOW
+                    && at.host_reset.lock().map(|h| h.is_some()).unwrap_or(false)
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                at.qmp
+                    .execute("set-action", json!({"reboot": "shutdown"}))
+                    .await?;
+            }
+            reset?;
             Ok(())
         })
     }

@@ -101,6 +101,48 @@ pub const COMMANDS: &[CommandSpec] = &[
         "List the VM's CD drives and their media.",
     ),
     cmd(
+        "vm-clone",
+        "new-name-label",
+        "vm, uuid, new-name-description",
+        "Clone a halted VM or template; its disks are cloned (instant). Prints the new uuid.",
+    ),
+    cmd(
+        "vm-copy",
+        "new-name-label",
+        "vm, uuid, new-name-description, sr-uuid",
+        "Copy a halted VM or template with full copies of its disks (onto sr-uuid if given). Prints the new uuid.",
+    ),
+    cmd(
+        "vm-install",
+        "new-name-label",
+        "template, template-uuid, template-name-label, sr-uuid, sr-name-label, copy",
+        "Install a VM from a template: clone it, make the disks its other-config:disks asks for (on sr-uuid, else the pool's default SR). Prints the new uuid.",
+    ),
+    cmd(
+        "vm-uninstall",
+        "",
+        "vm, uuid, force",
+        "Destroy a halted VM and the disks only it uses (force=true: do not ask).",
+    ),
+    cmd(
+        "vm-destroy",
+        "uuid",
+        "",
+        "Destroy a VM record; its disks stay.",
+    ),
+    cmd(
+        "vm-reset-powerstate",
+        "",
+        "vm, uuid, force",
+        "Mark a VM halted whose host is known to be down (force=true required).",
+    ),
+    cmd(
+        "vm-disk-list",
+        "",
+        "vm, uuid",
+        "List the VM's disks (VBDs and their VDIs).",
+    ),
+    cmd(
         "vdi-import",
         "uuid, filename",
         "format",
@@ -217,6 +259,18 @@ pub const COMMANDS: &[CommandSpec] = &[
         "Insert a VDI into an empty CD drive.",
     ),
     cmd("vbd-eject", "uuid", "", "Eject the media from a CD drive."),
+    cmd(
+        "vbd-plug",
+        "uuid",
+        "",
+        "Hot-plug a disk into its running VM.",
+    ),
+    cmd(
+        "vbd-unplug",
+        "uuid",
+        "",
+        "Hot-unplug a disk from its running VM.",
+    ),
     cmd(
         "user-create",
         "user-name, password-new, role",

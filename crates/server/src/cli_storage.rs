@@ -20,6 +20,8 @@ const ON_UUID: &[(&str, ClassId, &str)] = &[
     ("vdi-update", class::VDI, "VDI.update"),
     ("vbd-destroy", class::VBD, "VBD.destroy"),
     ("vbd-eject", class::VBD, "VBD.eject"),
+    ("vbd-plug", class::VBD, "VBD.plug"),
+    ("vbd-unplug", class::VBD, "VBD.unplug"),
 ];
 
 /// `key:sub=value` parameters of one map argument (`device-config:`).

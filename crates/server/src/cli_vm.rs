@@ -1,11 +1,38 @@
 //! `xe` VM commands: power operations (vm-start, vm-shutdown [force=true],
 //! vm-reboot, vm-suspend, vm-resume, vm-pause, vm-unpause) and CD drives
-//! (vm-cd-insert, vm-cd-eject, vm-cd-list) and `console`, as XenServer's xe
-//! has them.
+//! (vm-cd-insert, vm-cd-eject, vm-cd-list), provisioning (vm-clone, vm-copy,
+//! vm-install, vm-uninstall, vm-destroy), vm-disk-list, vm-reset-powerstate
+//! and `console`, as XenServer's xe has them.
 
 use crate::cli::{CliCtx, CliError, Cmd, Out, text};
-use corral_model::Value;
 use corral_model::schema::{class, field};
+use corral_model::{NULL_REF, Value};
+
+/// A template's `<provision>` XML with every disk's `sr` set to `sr_uuid`
+/// (what `vm-install sr-uuid=` does in XenServer).
+fn point_disks_at(xml: &str, sr_uuid: &str) -> String {
+    let mut out = String::with_capacity(xml.len() + 64);
+    for (i, part) in xml.split("<disk").enumerate() {
+        if i == 0 {
+            out.push_str(part);
+            continue;
+        }
+        out.push_str("<disk");
+        let end = part.find("/>").unwrap_or(part.len());
+        let (attrs, rest) = part.split_at(end);
+        let attrs = match attrs.find(" sr=\"") {
+            Some(at) => {
+                let v = at + 5;
+                let close = attrs[v..].find('"').map(|c| v + c).unwrap_or(attrs.len());
+                format!("{}{}{}", &attrs[..v], sr_uuid, &attrs[close..])
+            }
+            None => format!("{attrs} sr=\"{sr_uuid}\""),
+        };
+        out.push_str(&attrs);
+        out.push_str(rest);
+    }
+    out
+}
 
 impl CliCtx {
     /// The VM named by `vm=` (name-label or uuid), `uuid=` or `name-label=`.
@@ -31,14 +58,278 @@ impl CliCtx {
     }
 
     fn cd_vbds(&self, vm: &str) -> Vec<String> {
+        self.vbds_of_type(vm, "CD")
+    }
+
+    fn vbds_of_type(&self, vm: &str, ty: &str) -> Vec<String> {
         let st = self.server.db.read();
-        st.refs(class::VBD)
+        let mut v: Vec<String> = st
+            .refs(class::VBD)
             .filter(|b| {
                 st.get_str(field::vbd::VM, b).as_deref() == Some(vm)
-                    && st.get_str(field::vbd::TYPE_, b).as_deref() == Some("CD")
+                    && st.get_str(field::vbd::TYPE_, b).as_deref() == Some(ty)
             })
             .cloned()
-            .collect()
+            .collect();
+        v.sort_by_key(|b| {
+            st.get_str(field::vbd::USERDEVICE, b)
+                .and_then(|d| d.parse::<u32>().ok())
+                .unwrap_or(u32::MAX)
+        });
+        v
+    }
+
+    /// `vm-cd-list` / `vm-disk-list`: each drive's VBD, then its VDI, in
+    /// xe's layout ("CD 0 VBD:", "Disk 0 VDI:").
+    fn drive_list(&self, vm: &str, ty: &str, out: &mut Vec<Out>) {
+        let label = if ty == "CD" { "CD" } else { "Disk" };
+        let vbds = self.vbds_of_type(vm, ty);
+        let st = self.server.db.read();
+        for (i, vbd) in vbds.iter().enumerate() {
+            let g = |f| st.get(f, vbd).map(|v| v.db_string()).unwrap_or_default();
+            out.push(Out::Print(format!(
+                "{label} {i} VBD:\nuuid ( RO)             : {}\n    vm-name-label ( RO): {}\n       userdevice ( RW): {}\n            empty ( RO): {}\n",
+                g(field::vbd::UUID),
+                st.get_str(field::vm::NAME_LABEL, vm).unwrap_or_default(),
+                g(field::vbd::USERDEVICE),
+                g(field::vbd::EMPTY),
+            )));
+            let vdi = g(field::vbd::VDI);
+            if st.exists(class::VDI, &vdi) {
+                out.push(Out::Print(format!(
+                    "{label} {i} VDI:\nuuid ( RO)             : {}\n       name-label ( RW): {}\n    sr-name-label ( RO): {}\n     virtual-size ( RO): {}\n",
+                    st.get_str(field::vdi::UUID, &vdi).unwrap_or_default(),
+                    st.get_str(field::vdi::NAME_LABEL, &vdi).unwrap_or_default(),
+                    st.get_str(field::vdi::SR, &vdi)
+                        .and_then(|sr| st.get_str(field::sr::NAME_LABEL, &sr))
+                        .unwrap_or_default(),
+                    st.get(field::vdi::VIRTUAL_SIZE, &vdi).map(|v| v.db_string()).unwrap_or_default(),
+                )));
+            }
+        }
+    }
+
+    /// An SR named by `sr-uuid=` or `sr-name-label=`, if either is given.
+    async fn sr_param(&self, cmd: &Cmd) -> Result<Option<String>, CliError> {
+        if let Some(u) = cmd.get("sr-uuid") {
+            let r = self.call("SR.get_by_uuid", vec![Value::str(u)]).await?;
+            return Ok(Some(r.db_string()));
+        }
+        if let Some(n) = cmd.get("sr-name-label") {
+            let r = self
+                .call("SR.get_by_name_label", vec![Value::str(n)])
+                .await?;
+            return match r.as_array() {
+                Some([one]) => Ok(Some(one.db_string())),
+                Some([]) | None => text(format!("No SR found with name-label {n}")),
+                Some(_) => text(format!("Multiple SRs match {n}: use sr-uuid=")),
+            };
+        }
+        Ok(None)
+    }
+
+    /// `vm-clone` / `vm-copy`: prints the new VM's uuid.
+    async fn vm_clone_cmd(
+        &self,
+        copy: bool,
+        cmd: &Cmd,
+        out: &mut Vec<Out>,
+    ) -> Result<(), CliError> {
+        let vm = self.vm_of(cmd).await?;
+        let name = cmd.get("new-name-label").unwrap_or_default();
+        let new = if copy {
+            let sr = self.sr_param(cmd).await?.unwrap_or_else(|| NULL_REF.into());
+            self.call(
+                "VM.copy",
+                vec![Value::str(&vm), Value::str(name), Value::str(&sr)],
+            )
+            .await?
+        } else {
+            self.call("VM.clone", vec![Value::str(&vm), Value::str(name)])
+                .await?
+        };
+        let new = new.db_string();
+        if let Some(d) = cmd.get("new-name-description") {
+            self.call(
+                "VM.set_name_description",
+                vec![Value::str(&new), Value::str(d)],
+            )
+            .await?;
+        }
+        out.push(Out::Print(self.uuid_of(&new)));
+        Ok(())
+    }
+
+    /// `vm-install`: XenServer's recipe. Clone the template (copy it when it
+    /// has disks and an SR is named), point the disks its
+    /// `other_config:disks` asks for at the SR, provision, and make the
+    /// result a VM. A failure uninstalls what was made.
+    async fn vm_install(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        let key = cmd
+            .get("template")
+            .or(cmd.get("template-uuid"))
+            .or(cmd.get("template-name-label"));
+        let Some(key) = key else {
+            return text(
+                "Required parameter not found: template (or template-uuid, template-name-label)",
+            );
+        };
+        let tpl = {
+            let st = self.server.db.read();
+            let is_tpl = |r: &String| {
+                st.get(field::vm::IS_A_TEMPLATE, r)
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false)
+            };
+            let by_uuid = st.by_uuid(class::VM, key).filter(|r| is_tpl(r)).cloned();
+            let by_name: Vec<String> = st
+                .refs(class::VM)
+                .filter(|r| {
+                    is_tpl(r) && st.get_str(field::vm::NAME_LABEL, r).as_deref() == Some(key)
+                })
+                .cloned()
+                .collect();
+            match (by_uuid, by_name.as_slice()) {
+                (Some(r), _) => r,
+                (None, [one]) => one.clone(),
+                (None, []) => return text(format!("Template {key} not found")),
+                (None, _) => {
+                    return text(format!(
+                        "Multiple templates match {key}: use template-uuid="
+                    ));
+                }
+            }
+        };
+        let name = cmd.get("new-name-label").unwrap_or_default();
+        let sr = self.sr_param(cmd).await?;
+        let has_disks = !self.vbds_of_type(&tpl, "Disk").is_empty();
+        let copy = cmd
+            .get("copy")
+            .and_then(crate::cli::parse_bool)
+            .unwrap_or(false)
+            || (has_disks && sr.is_some());
+        let new = if copy {
+            let target = sr.clone().unwrap_or_else(|| NULL_REF.into());
+            self.call(
+                "VM.copy",
+                vec![Value::str(&tpl), Value::str(name), Value::str(&target)],
+            )
+            .await?
+        } else {
+            self.call("VM.clone", vec![Value::str(&tpl), Value::str(name)])
+                .await?
+        }
+        .db_string();
+        let finish = async {
+            if let Some(sr) = &sr {
+                let disks = {
+                    let st = self.server.db.read();
+                    st.get(field::vm::OTHER_CONFIG, &new)
+                        .and_then(|v| v.member("disks").map(|d| d.db_string()))
+                };
+                if let Some(xml) = disks {
+                    let sr_uuid = self.uuid_of(sr);
+                    self.call(
+                        "VM.remove_from_other_config",
+                        vec![Value::str(&new), Value::str("disks")],
+                    )
+                    .await?;
+                    self.call(
+                        "VM.add_to_other_config",
+                        vec![
+                            Value::str(&new),
+                            Value::str("disks"),
+                            Value::String(point_disks_at(&xml, &sr_uuid)),
+                        ],
+                    )
+                    .await?;
+                }
+            }
+            self.call("VM.provision", vec![Value::str(&new)]).await?;
+            self.call(
+                "VM.set_is_a_template",
+                vec![Value::str(&new), Value::Bool(false)],
+            )
+            .await?;
+            if let Some(d) = cmd.get("new-name-description") {
+                self.call(
+                    "VM.set_name_description",
+                    vec![Value::str(&new), Value::str(d)],
+                )
+                .await?;
+            }
+            Ok::<(), CliError>(())
+        }
+        .await;
+        if let Err(e) = finish {
+            let _ = self.uninstall(&new).await;
+            return Err(e);
+        }
+        out.push(Out::Print(self.uuid_of(&new)));
+        Ok(())
+    }
+
+    /// The VDIs that go with a VM when it is uninstalled: those of its disk
+    /// VBDs that no other VM uses (ISOs and shared disks stay).
+    fn own_disks(&self, vm: &str) -> Vec<String> {
+        let st = self.server.db.read();
+        let mut out: Vec<String> = Vec::new();
+        for vbd in self.vbds_of_type(vm, "Disk") {
+            let Some(vdi) = st.get_str(field::vbd::VDI, &vbd) else {
+                continue;
+            };
+            if !st.exists(class::VDI, &vdi) || out.contains(&vdi) {
+                continue;
+            }
+            let shared = st.refs(class::VBD).any(|b| {
+                st.get_str(field::vbd::VDI, b).as_deref() == Some(vdi.as_str())
+                    && st.get_str(field::vbd::VM, b).as_deref() != Some(vm)
+            });
+            if !shared {
+                out.push(vdi);
+            }
+        }
+        out
+    }
+
+    /// Destroys the VM record, then its own disks; returns what went.
+    async fn uninstall(&self, vm: &str) -> Result<Vec<String>, CliError> {
+        let disks = self.own_disks(vm);
+        self.call("VM.destroy", vec![Value::str(vm)]).await?;
+        for vdi in &disks {
+            self.call("VDI.destroy", vec![Value::str(vdi)]).await?;
+        }
+        Ok(disks)
+    }
+
+    async fn vm_uninstall(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        let vm = self.vm_of(cmd).await?;
+        let label = |r: &str, f| self.server.db.read().get_str(f, r).unwrap_or_default();
+        let mut listing = String::from("The following items are about to be destroyed\n");
+        listing += &format!(
+            "VM : {} ({})\n",
+            self.uuid_of(&vm),
+            label(&vm, field::vm::NAME_LABEL)
+        );
+        for vdi in self.own_disks(&vm) {
+            listing += &format!(
+                "VDI: {} ({})\n",
+                self.uuid_of(&vdi),
+                label(&vdi, field::vdi::NAME_LABEL)
+            );
+        }
+        if !cmd
+            .get("force")
+            .and_then(crate::cli::parse_bool)
+            .unwrap_or(false)
+        {
+            // The thin client cannot answer a prompt; xe's own --force path.
+            return text(format!("{listing}Add force=true to destroy them."));
+        }
+        out.push(Out::Print(listing.trim_end().to_owned()));
+        self.uninstall(&vm).await?;
+        out.push(Out::Print("All objects destroyed".into()));
+        Ok(())
     }
 
     /// `xe console`: the client CONNECTs to the VM's vt100 console with this
@@ -93,8 +384,34 @@ impl CliCtx {
                 .await?;
             return Ok(());
         }
-        if name == "console" {
-            return self.console(cmd, out).await;
+        match name {
+            "console" => return self.console(cmd, out).await,
+            "vm-clone" | "vm-copy" => return self.vm_clone_cmd(name == "vm-copy", cmd, out).await,
+            "vm-install" => return self.vm_install(cmd, out).await,
+            "vm-uninstall" => return self.vm_uninstall(cmd, out).await,
+            "vm-destroy" => {
+                let vm = self.vm_of(cmd).await?;
+                self.call("VM.destroy", vec![Value::str(&vm)]).await?;
+                return Ok(());
+            }
+            "vm-reset-powerstate" => {
+                let vm = self.vm_of(cmd).await?;
+                if !force {
+                    return text(
+                        "This operation is dangerous: it marks the VM halted without stopping it. \
+                         Only use it when the VM's host is known to be down, and add force=true.",
+                    );
+                }
+                self.call("VM.power_state_reset", vec![Value::str(&vm)])
+                    .await?;
+                return Ok(());
+            }
+            "vm-disk-list" => {
+                let vm = self.vm_of(cmd).await?;
+                self.drive_list(&vm, "Disk", out);
+                return Ok(());
+            }
+            _ => {}
         }
         let method = match name {
             "vm-start" => "VM.start",
@@ -190,35 +507,25 @@ impl CliCtx {
                     self.call("VBD.eject", vec![Value::str(&vbd)]).await?;
                 }
             }
-            "vm-cd-list" => {
-                let st = self.server.db.read();
-                for (i, vbd) in self.cd_vbds(&vm).iter().enumerate() {
-                    let g = |f| st.get(f, vbd).map(|v| v.db_string()).unwrap_or_default();
-                    out.push(Out::Print(format!(
-                        "CD {i} VBD:\nuuid ( RO)             : {}\n    vm-name-label ( RO): {}\n       userdevice ( RW): {}\n            empty ( RO): {}\n",
-                        g(field::vbd::UUID),
-                        st.get_str(field::vm::NAME_LABEL, &vm).unwrap_or_default(),
-                        g(field::vbd::USERDEVICE),
-                        g(field::vbd::EMPTY),
-                    )));
-                    let vdi = g(field::vbd::VDI);
-                    if st.exists(class::VDI, &vdi) {
-                        out.push(Out::Print(format!(
-                            "CD {i} VDI:\nuuid ( RO)             : {}\n       name-label ( RW): {}\n          sr-name-label ( RO): {}\n     virtual-size ( RO): {}\n",
-                            st.get_str(field::vdi::UUID, &vdi).unwrap_or_default(),
-                            st.get_str(field::vdi::NAME_LABEL, &vdi).unwrap_or_default(),
-                            st.get_str(field::vdi::SR, &vdi)
-                                .and_then(|sr| st.get_str(field::sr::NAME_LABEL, &sr))
-                                .unwrap_or_default(),
-                            st.get(field::vdi::VIRTUAL_SIZE, &vdi).map(|v| v.db_string()).unwrap_or_default(),
-                        )));
-                    }
-                }
-            }
+            "vm-cd-list" => self.drive_list(&vm, "CD", out),
             _ => {
                 self.call(method, vec![Value::str(&vm)]).await?;
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::point_disks_at;
+
+    #[test]
+    fn vm_install_points_every_disk_at_the_sr() {
+        let xml = r#"<provision><disk device="0" size="8589934592" sr="" bootable="true" type="system"/><disk device="1" size="1024" bootable="false" type="user"/></provision>"#;
+        assert_eq!(
+            point_disks_at(xml, "u-1"),
+            r#"<provision><disk device="0" size="8589934592" sr="u-1" bootable="true" type="system"/><disk device="1" size="1024" bootable="false" type="user" sr="u-1"/></provision>"#
+        );
     }
 }

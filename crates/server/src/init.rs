@@ -318,7 +318,16 @@ fn templates() -> Vec<Vec<(usize, Value)>> {
     ));
     other.push((
         f::OTHER_CONFIG.index,
-        Value::string_map([("install-methods", "cdrom"), ("default_template", "true")]),
+        Value::string_map([
+            ("install-methods", "cdrom"),
+            ("default_template", "true"),
+            // What VM.provision (xe vm-install) makes: one 32 GiB boot disk
+            // on the named SR, else the pool's default SR.
+            (
+                "disks",
+                r#"<provision><disk device="0" size="34359738368" sr="" bootable="true" type="system"/></provision>"#,
+            ),
+        ]),
     ));
     let mut linux = base(
         "Linux direct kernel boot",

@@ -75,51 +75,84 @@ fn flag(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> bool {
     st.get(f, r).and_then(|v| v.as_bool()).unwrap_or(false)
 }
 
-/// XAPI's `check_operation_error`, without the other-operation check when
-/// `ignore_current` (used to compute `allowed_operations`).
+/// What the operation checks read about a VM, gathered once per VM (the
+/// start-up refresh checks every operation of every VM).
+struct VmFacts {
+    blocked: BTreeMap<String, String>,
+    power: String,
+    /// (task, operation)
+    current: Vec<(String, String)>,
+    template: bool,
+    control_domain: bool,
+}
+
+impl VmFacts {
+    fn of(st: &corral_db::State, vm: &str) -> Option<VmFacts> {
+        if !st.exists(class::VM, vm) {
+            return None;
+        }
+        let current = st
+            .get(field::vm::CURRENT_OPERATIONS, vm)
+            .and_then(|v| {
+                v.as_struct().map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_owned()))
+                        .collect()
+                })
+            })
+            .unwrap_or_default();
+        Some(VmFacts {
+            blocked: strmap(st.get(field::vm::BLOCKED_OPERATIONS, vm)),
+            power: power(st, vm),
+            current,
+            template: flag(st, field::vm::IS_A_TEMPLATE, vm),
+            control_domain: flag(st, field::vm::IS_CONTROL_DOMAIN, vm),
+        })
+    }
+
+    /// XAPI's `check_operation_error` for `op` on `vm`.
+    fn check(&self, vm: &str, op: &str) -> Result<(), ApiError> {
+        if let Some(reason) = self.blocked.get(op) {
+            return Err(ApiError::new("OPERATION_BLOCKED", [vm, reason.as_str()]));
+        }
+        if let Some((_, states)) = POWER_OPS.iter().find(|(o, _)| *o == op) {
+            if !states.contains(&self.power.as_str()) {
+                let expected = states
+                    .iter()
+                    .map(|s| s.to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(ApiError::new(
+                    "VM_BAD_POWER_STATE",
+                    [vm.to_owned(), expected, self.power.to_lowercase()],
+                ));
+            }
+        }
+        if let Some((task, other)) = self.current.first() {
+            let running: Vec<&str> = self.current.iter().map(|(_, o)| o.as_str()).collect();
+            if !allowed_concurrently(op, &running) {
+                return Err(ApiError::new(
+                    "OTHER_OPERATION_IN_PROGRESS",
+                    ["VM", vm, other.as_str(), task.as_str()],
+                ));
+            }
+        }
+        if self.template && NOT_FOR_TEMPLATES.contains(&op) {
+            return Err(ApiError::new("VM_IS_TEMPLATE", [vm, op]));
+        }
+        if self.control_domain {
+            return Err(ApiError::operation_not_allowed(
+                "This operation is not allowed on the control domain",
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn check_op(st: &corral_db::State, vm: &str, op: &str) -> Result<(), ApiError> {
-    if !st.exists(class::VM, vm) {
-        return Err(ApiError::handle_invalid("VM", vm));
-    }
-    if let Some(reason) = strmap(st.get(field::vm::BLOCKED_OPERATIONS, vm)).get(op) {
-        return Err(ApiError::new("OPERATION_BLOCKED", [vm, reason.as_str()]));
-    }
-    if let Some((_, states)) = POWER_OPS.iter().find(|(o, _)| *o == op) {
-        let actual = power(st, vm);
-        if !states.contains(&actual.as_str()) {
-            let expected = states
-                .iter()
-                .map(|s| s.to_lowercase())
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(ApiError::new(
-                "VM_BAD_POWER_STATE",
-                [vm.to_owned(), expected, actual.to_lowercase()],
-            ));
-        }
-    }
-    let cur = st
-        .get(field::vm::CURRENT_OPERATIONS, vm)
-        .and_then(|v| v.as_struct().map(<[_]>::to_vec))
-        .unwrap_or_default();
-    let running: Vec<&str> = cur.iter().filter_map(|(_, o)| o.as_str()).collect();
-    if let Some((task, other)) = cur.first() {
-        if !allowed_concurrently(op, &running) {
-            return Err(ApiError::new(
-                "OTHER_OPERATION_IN_PROGRESS",
-                ["VM", vm, other.as_str().unwrap_or(""), task.as_str()],
-            ));
-        }
-    }
-    if flag(st, field::vm::IS_A_TEMPLATE, vm) && NOT_FOR_TEMPLATES.contains(&op) {
-        return Err(ApiError::new("VM_IS_TEMPLATE", [vm, op]));
-    }
-    if flag(st, field::vm::IS_CONTROL_DOMAIN, vm) {
-        return Err(ApiError::operation_not_allowed(
-            "This operation is not allowed on the control domain",
-        ));
-    }
-    Ok(())
+    VmFacts::of(st, vm)
+        .ok_or_else(|| ApiError::handle_invalid("VM", vm))?
+        .check(vm, op)
 }
 
 /// Operations that may run side by side, as in XAPI: copies of one VM
@@ -136,16 +169,16 @@ fn allowed_concurrently(op: &str, running: &[&str]) -> bool {
 /// Recomputes `allowed_operations`: while operations run, only those that
 /// may join them.
 pub fn refresh_allowed(t: &mut corral_db::Txn<'_>, vm: &str) -> Result<(), ApiError> {
-    let st = t.state();
-    if !st.exists(class::VM, vm) {
+    let Some(facts) = VmFacts::of(t.state(), vm) else {
         return Ok(());
-    }
+    };
     let ops: Vec<&str> = POWER_OPS
         .iter()
         .map(|(o, _)| *o)
-        .filter(|o| check_op(st, vm, o).is_ok())
+        .filter(|o| facts.check(vm, o).is_ok())
         .collect();
-    t.set(field::vm::ALLOWED_OPERATIONS, vm, Value::string_set(ops))
+    t.set_if_changed(field::vm::ALLOWED_OPERATIONS, vm, Value::string_set(ops))
+        .map(|_| ())
 }
 
 /// Marks an operation in `current_operations` for its lifetime.
@@ -332,6 +365,38 @@ fn build_config(s: &Server, vm: &str) -> Result<VmConfig, ApiError> {
     }
     let platform = strmap(st.get(field::vm::PLATFORM, vm));
     let hvm = strmap(st.get(field::vm::HVM_BOOT_PARAMS, vm));
+    // XAPI's checks: the topology must fit VCPUs_max.
+    let cores_per_socket = match platform.get("cores-per-socket") {
+        None => 0,
+        Some(c) => match c.parse::<i64>() {
+            Ok(n) if n > 0 && vmax % n == 0 => n,
+            Ok(n) if n > 0 => {
+                return Err(ApiError::invalid_value(
+                    "platform:cores-per-socket",
+                    &format!("VCPUs_max ({vmax}) must be a multiple of this field ({n})"),
+                ));
+            }
+            _ => return Err(ApiError::invalid_value("platform:cores-per-socket", c)),
+        },
+    };
+    let rtc_base = match platform.get("timeoffset") {
+        None => None,
+        Some(o) => match o.trim().parse::<i64>() {
+            Ok(0) => None,
+            Ok(secs) => {
+                // YYYYMMDDTHH:MM:SSZ → YYYY-MM-DDTHH:MM:SS
+                let d = date::format(date::now_secs() + secs);
+                Some(format!(
+                    "{}-{}-{}T{}",
+                    &d[0..4],
+                    &d[4..6],
+                    &d[6..8],
+                    &d[9..17]
+                ))
+            }
+            Err(_) => return Err(ApiError::invalid_value("platform:timeoffset", o)),
+        },
+    };
     let kernel = g(field::vm::PV_KERNEL);
     let boot = if !kernel.is_empty() {
         for p in [&kernel, &g(field::vm::PV_RAMDISK)] {
@@ -377,6 +442,14 @@ fn build_config(s: &Server, vm: &str) -> Result<VmConfig, ApiError> {
         drives,
         reboot_stops: g(field::vm::ACTIONS_AFTER_REBOOT) == "destroy",
         acpi: platform.get("acpi").map(String::as_str) != Some("0"),
+        cores_per_socket,
+        rtc_base,
+        vga: platform.get("vga").cloned(),
+        videoram_mib: platform
+            .get("videoram")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        hpet: platform.get("hpet").map(|v| v != "false" && v != "0"),
     })
 }
 
@@ -699,6 +772,11 @@ fn check_host(s: &Server, h: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// How often the power button is pressed again while a clean shutdown
+/// waits: a guest still booting when asked (no ACPI daemon yet) misses the
+/// first press.
+const POWER_BUTTON_REPEAT: Duration = Duration::from_secs(10);
+
 /// Waits for the guest to power itself off after the power button.
 async fn wait_guest_shutdown(
     s: &Arc<Server>,
@@ -707,6 +785,7 @@ async fn wait_guest_shutdown(
     timeout: Duration,
 ) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut next_press = tokio::time::Instant::now() + POWER_BUTTON_REPEAT;
     loop {
         if matches!(
             s.agent.state(uuid).await,
@@ -714,7 +793,11 @@ async fn wait_guest_shutdown(
         ) {
             return true;
         }
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
+        match tokio::time::timeout_at(deadline.min(next_press), rx.recv()).await {
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                let _ = s.agent.powerdown(uuid).await;
+                next_press += POWER_BUTTON_REPEAT;
+            }
             Err(_) => return false,
             Ok(Ok((u, VmEvent::GuestShutdown | VmEvent::Died(_)))) if u == uuid => return true,
             Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return false,
@@ -1172,6 +1255,21 @@ async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
             } else {
                 s.agent.reset(uuid).await.map_err(agent_err)
             }
+        }
+        // QEMU reset the guest itself (the VM started with
+        // actions_after_reboot=restart); if the field was changed to destroy
+        // since, the reboot ends the VM now (not during VM.clean_reboot).
+        VmEvent::GuestRebooted
+            if action(field::vm::ACTIONS_AFTER_REBOOT) == "destroy" && !busy(s, &vm) =>
+        {
+            alert(
+                s,
+                &vm,
+                "VM_SHUTDOWN",
+                5,
+                "The guest rebooted; actions_after_reboot=destroy halted it",
+            );
+            halt(s, &vm).await
         }
         VmEvent::GuestRebooted => {
             alert(s, &vm, "VM_REBOOTED", 5, "The guest rebooted itself");
@@ -1699,48 +1797,73 @@ async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
         s.db.read()
             .get_str(field::pool::DEFAULT_SR, &s.pool_ref)
             .unwrap_or_default();
-    for d in disks {
-        let sr = {
-            let st = s.db.read();
-            let by_uuid = st.by_uuid(class::SR, &d.sr).cloned();
-            by_uuid.unwrap_or_else(|| default_sr.clone())
-        };
-        if !s.db.read().exists(class::SR, &sr) {
-            return Err(ApiError::new("VM_REQUIRES_SR", [vm.as_str(), sr.as_str()]));
+    // Disks made so far, undone if a later one fails.
+    let mut made: Vec<(String, Option<String>)> = Vec::new();
+    let result = async {
+        for d in disks {
+            let sr = {
+                let st = s.db.read();
+                if d.sr.is_empty() {
+                    default_sr.clone()
+                } else {
+                    st.by_uuid(class::SR, &d.sr)
+                        .cloned()
+                        .unwrap_or_else(|| d.sr.clone())
+                }
+            };
+            if !s.db.read().exists(class::SR, &sr) {
+                return Err(ApiError::new("VM_REQUIRES_SR", [vm.as_str(), sr.as_str()]));
+            }
+            let rec = Value::Struct(vec![
+                (
+                    "name_label".into(),
+                    Value::String(format!("{} {}", d.ty, d.device)),
+                ),
+                ("SR".into(), Value::str(&sr)),
+                ("virtual_size".into(), Value::Int(d.size)),
+                ("type".into(), Value::String(d.ty.clone())),
+                ("sharable".into(), Value::Bool(false)),
+                ("read_only".into(), Value::Bool(false)),
+                ("other_config".into(), Value::Struct(vec![])),
+            ]);
+            let vdi = crate::storage::vdi_create(Arc::clone(&s), vec![rec])
+                .await?
+                .db_string();
+            made.push((vdi.clone(), None));
+            let vbd = new_ref();
+            db(s.db.write(|t| {
+                t.create(
+                    class::VBD,
+                    &vbd,
+                    vec![
+                        (field::vbd::VM.index, Value::str(&vm)),
+                        (field::vbd::VDI.index, Value::str(&vdi)),
+                        (
+                            field::vbd::USERDEVICE.index,
+                            Value::String(d.device.clone()),
+                        ),
+                        (field::vbd::BOOTABLE.index, Value::Bool(d.bootable)),
+                        (field::vbd::MODE.index, Value::str("RW")),
+                        (field::vbd::TYPE_.index, Value::str("Disk")),
+                        (field::vbd::EMPTY.index, Value::Bool(false)),
+                    ],
+                )
+            }))?;
+            if let Some(last) = made.last_mut() {
+                last.1 = Some(vbd);
+            }
         }
-        let rec = Value::Struct(vec![
-            (
-                "name_label".into(),
-                Value::String(format!("{} {}", d.ty, d.device)),
-            ),
-            ("SR".into(), Value::str(&sr)),
-            ("virtual_size".into(), Value::Int(d.size)),
-            ("type".into(), Value::String(d.ty.clone())),
-            ("sharable".into(), Value::Bool(false)),
-            ("read_only".into(), Value::Bool(false)),
-            ("other_config".into(), Value::Struct(vec![])),
-        ]);
-        let vdi = crate::storage::vdi_create(Arc::clone(&s), vec![rec])
-            .await?
-            .db_string();
-        db(s.db.write(|t| {
-            t.create(
-                class::VBD,
-                &new_ref(),
-                vec![
-                    (field::vbd::VM.index, Value::str(&vm)),
-                    (field::vbd::VDI.index, Value::str(&vdi)),
-                    (
-                        field::vbd::USERDEVICE.index,
-                        Value::String(d.device.clone()),
-                    ),
-                    (field::vbd::BOOTABLE.index, Value::Bool(d.bootable)),
-                    (field::vbd::MODE.index, Value::str("RW")),
-                    (field::vbd::TYPE_.index, Value::str("Disk")),
-                    (field::vbd::EMPTY.index, Value::Bool(false)),
-                ],
-            )
-        }))?;
+        Ok::<(), ApiError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        for (vdi, vbd) in made.into_iter().rev() {
+            if let Some(vbd) = vbd {
+                let _ = db(s.db.write(|t| t.delete(class::VBD, &vbd)));
+            }
+            let _ = crate::storage::vdi_destroy(Arc::clone(&s), vec![Value::str(&vdi)]).await;
+        }
+        return Err(e);
     }
     db(s.db.write(|t| {
         let mut oc = strmap(t.state().get(field::vm::OTHER_CONFIG, &vm));
