@@ -170,6 +170,8 @@ def test_vm_lifecycle_on_qemu(daemon, guest, tmp_path):
     local = x.pool.get_default_SR(pool)
     iso = iso_sr(x, tmp_path)
     vm = make_vm(x, guest, "life", disk_sr=local)
+    mib = 1 << 20
+    x.VM.set_memory_limits(vm, str(128 * mib), str(256 * mib), str(256 * mib), str(256 * mib))
     assert x.VM.get_power_state(vm) == "Halted"
     assert "start" in x.VM.get_allowed_operations(vm)
     [cd] = [v for v in x.VM.get_VBDs(vm) if x.VBD.get_type(v) == "CD"]
@@ -287,7 +289,16 @@ def test_vm_lifecycle_on_qemu(daemon, guest, tmp_path):
     assert_memory_sane(x, gm)
     metrics = x.VM.get_metrics(vm)
     assert int(x.VM_metrics.get_VCPUs_number(metrics)) == 1
-    assert int(x.VM_metrics.get_memory_actual(metrics)) > 0
+    assert int(x.VM_metrics.get_memory_actual(metrics)) == 256 * mib
+    # Static limits are fixed while it runs; the dynamic range moves the
+    # balloon, and memory_actual follows.
+    assert failure(x.VM.set_memory_static_range, vm, str(128 * mib), str(512 * mib)) == \
+        ["VM_BAD_POWER_STATE", vm, "halted", "running"]
+    x.VM.set_memory_dynamic_range(vm, str(128 * mib), str(192 * mib))
+    deadline = time.time() + 30
+    while int(x.VM_metrics.get_memory_actual(metrics)) != 192 * mib:
+        assert time.time() < deadline, x.VM_metrics.get_memory_actual(metrics)
+        time.sleep(0.5)
 
     # Clean reboot: the guest boots again.
     x.VM.clean_reboot(vm)
@@ -500,7 +511,10 @@ def test_xe_vm_commands(daemon, guest, tmp_path):
     x = s.xenapi
     iso_sr(x, tmp_path)
     vm = make_vm(x, guest, "xe-vm")
-    daemon.xe("vm-start", "vm=xe-vm", check=0)
+    host = x.host.get_all()[0]
+    r = daemon.xe("vm-start", "vm=xe-vm", "on=no-such-host")
+    assert r.returncode == 1 and x.VM.get_power_state(vm) == "Halted", (r.stdout, r.stderr)
+    daemon.xe("vm-start", "vm=xe-vm", f"on={x.host.get_name_label(host)}", check=0)   # VM.start_on
     assert x.VM.get_power_state(vm) == "Running"
     uuid = x.VM.get_uuid(vm)
     scope = cgroup2_root() and os.path.join(cgroup2_root(), "corral.slice", f"vm-{uuid}.scope")
@@ -529,7 +543,8 @@ def test_xe_vm_commands(daemon, guest, tmp_path):
         xe_console(daemon, server)
     daemon.xe("vm-suspend", "vm=xe-vm", check=0)
     assert x.VM.get_power_state(vm) == "Suspended"
-    daemon.xe("vm-resume", "vm=xe-vm", check=0)
+    daemon.xe("vm-resume", "vm=xe-vm", f"on={x.host.get_uuid(host)}", check=0)        # VM.resume_on
+    assert x.VM.get_power_state(vm) == "Running" and x.VM.get_resident_on(vm) == host
     daemon.xe("vm-shutdown", "vm=xe-vm", "force=true", check=0)
     assert x.VM.get_power_state(vm) == "Halted"
     r = daemon.xe("console", "vm=xe-vm")
@@ -626,6 +641,16 @@ def test_disk_hotplug_and_guest_reboot_and_crash(daemon, guest, tmp_path):
     # The guest writes to it; the data is on the VDI.
     assert guest_shell(con, "echo hotplugged-data | dd of=/dev/vdb bs=512 count=1 conv=sync 2>/dev/null && sync",
                        "vdbwrite").group(1) == b"0"
+    # Online resize: QEMU grows the image and the guest sees the new size.
+    x.VDI.resize(vdi, str(48 << 20))
+    assert int(x.VDI.get_virtual_size(vdi)) == 48 << 20
+    deadline = time.time() + 20
+    while True:
+        con.send("echo sz$((1+1))=$(cat /sys/block/vdb/size)")
+        if int(con.expect(r"sz2=(\d+)\r?\n").group(1)) == (48 << 20) // 512:
+            break
+        assert time.time() < deadline, "the guest never saw the new size"
+        time.sleep(0.5)
     daemon.xe("vbd-unplug", f"uuid={x.VBD.get_uuid(vbd)}", check=0)
     assert not x.VBD.get_currently_attached(vbd)
     assert failure(x.VBD.unplug, vbd) == ["DEVICE_ALREADY_DETACHED", vbd]

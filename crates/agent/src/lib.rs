@@ -174,6 +174,10 @@ pub trait HostAgent: Send + Sync {
     fn save(&self, vm: &str, dest: PathBuf) -> AgentFut<'_, ()>;
     fn drive_attach(&self, vm: &str, drive: Drive) -> AgentFut<'_, ()>;
     fn drive_detach(&self, vm: &str, id: &str) -> AgentFut<'_, ()>;
+    /// Sets the balloon target (the guest's memory) of a running VM, bytes.
+    fn set_balloon(&self, vm: &str, bytes: i64) -> AgentFut<'_, ()>;
+    /// Grows a plugged drive's image to `size` bytes while the guest runs.
+    fn drive_resize(&self, vm: &str, id: &str, size: i64) -> AgentFut<'_, ()>;
     /// Inserts (`Some`) or ejects (`None`) a CD's medium.
     fn cd_change(&self, vm: &str, id: &str, path: Option<String>) -> AgentFut<'_, ()>;
     fn stats(&self, vm: &str) -> AgentFut<'_, GuestStats>;

@@ -813,6 +813,31 @@ impl HostAgent for QemuAgent {
         })
     }
 
+    fn set_balloon(&self, vm: &str, bytes: i64) -> AgentFut<'_, ()> {
+        let vm = vm.to_owned();
+        Box::pin(async move {
+            self.attached(&vm)?
+                .qmp
+                .execute("balloon", json!({"value": bytes}))
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn drive_resize(&self, vm: &str, id: &str, size: i64) -> AgentFut<'_, ()> {
+        let (vm, id) = (vm.to_owned(), id.to_owned());
+        Box::pin(async move {
+            self.attached(&vm)?
+                .qmp
+                .execute(
+                    "block_resize",
+                    json!({"device": format!("drive-{id}"), "size": size}),
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
     fn drive_detach(&self, vm: &str, id: &str) -> AgentFut<'_, ()> {
         let (vm, id) = (vm.to_owned(), id.to_owned());
         Box::pin(async move {

@@ -123,6 +123,17 @@ impl HostAgent for SimAgent {
         });
         Box::pin(async move { r })
     }
+    fn set_balloon(&self, vm: &str, bytes: i64) -> AgentFut<'_, ()> {
+        let r = self.load(vm).and_then(|(mut cfg, st)| {
+            cfg.memory_target = bytes;
+            self.store(&cfg, st)
+        });
+        Box::pin(async move { r })
+    }
+    fn drive_resize(&self, vm: &str, _id: &str, _size: i64) -> AgentFut<'_, ()> {
+        let r = self.load(vm).map(|_| ());
+        Box::pin(async move { r })
+    }
     fn drive_detach(&self, vm: &str, id: &str) -> AgentFut<'_, ()> {
         let r = self.load(vm).and_then(|(mut cfg, st)| {
             cfg.drives.retain(|d| d.id != id);

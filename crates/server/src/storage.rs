@@ -1592,9 +1592,21 @@ async fn vdi_resize(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     vdi_busy(&s.db.read(), &vdi, "resize")?;
     let _g = OpGuard::start(&s, &v.on.sr, Some(&vdi), "vdi_resize", "resize")?;
     let (d, ctx, loc) = (v.on.driver, v.on.ctx.clone(), v.location.clone());
-    let info = blocking(move || d.vdi_resize(&ctx, &loc, size))
-        .await?
-        .map_err(|e| storage_error(79, &v.on.sr, e))?;
+    let info = if let Some((vm, drive)) = crate::vm::plugged_drive(&s, &vdi) {
+        // Online: QEMU owns the image while the guest runs, so QEMU grows it
+        // (the guest sees the new size at once).
+        s.agent.drive_resize(&vm, &drive, size).await.map_err(|e| {
+            storage_error(
+                79,
+                &v.on.sr,
+                StorageError::backend(79, "VDI Invalid size", e.to_string()),
+            )
+        })?;
+        blocking(move || d.vdi_info(&ctx, &loc)).await?
+    } else {
+        blocking(move || d.vdi_resize(&ctx, &loc, size)).await?
+    }
+    .map_err(|e| storage_error(79, &v.on.sr, e))?;
     db(s.db.write(|t| write_vdi_sizes(t, &vdi, &info)))?;
     drop(_g);
     refresh_sizes(&s, &v.on).await;

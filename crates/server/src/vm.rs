@@ -1521,6 +1521,28 @@ fn write_guest_stats(
 // ---------------------------------------------------------------------------
 // Disks and CDs of running VMs
 
+/// A VDI plugged into a VM running here: (VM uuid, VBD uuid), the names
+/// its drive has in the agent.
+pub(crate) fn plugged_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
+    let st = s.db.read();
+    st.refs(class::VBD).find_map(|vbd| {
+        if st.get_str(field::vbd::VDI, vbd).as_deref() != Some(vdi)
+            || !flag(&st, field::vbd::CURRENTLY_ATTACHED, vbd)
+        {
+            return None;
+        }
+        let vm = st.get_str(field::vbd::VM, vbd)?;
+        let p = power(&st, &vm);
+        let here = st.get_str(field::vm::RESIDENT_ON, &vm).as_deref() == Some(s.host_ref.as_str());
+        ((p == "Running" || p == "Paused") && here).then(|| {
+            (
+                vm_uuid(&st, &vm),
+                st.get_str(field::vbd::UUID, vbd).unwrap_or_default(),
+            )
+        })
+    })
+}
+
 fn running_uuid(s: &Server, vbd: &str) -> Option<(String, String)> {
     let st = s.db.read();
     let vm = st.get_str(field::vbd::VM, vbd)?;
@@ -1925,7 +1947,7 @@ async fn vm_assert_can_boot_here(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
 
 /// Sets any of the four memory fields after checking XAPI's ordering
 /// constraint; static limits only while Halted.
-fn set_memory(
+async fn set_memory(
     s: &Server,
     vm: &str,
     smin: Option<i64>,
@@ -1960,6 +1982,23 @@ fn set_memory(
         t.set(field::vm::MEMORY_DYNAMIC_MAX, vm, Value::Int(c))?;
         t.set(field::vm::MEMORY_STATIC_MAX, vm, Value::Int(d))
     }))?;
+    // A running VM follows its new dynamic_max through the balloon.
+    let (uuid, target, live) = {
+        let st = s.db.read();
+        let p = power(&st, vm);
+        let here = st.get_str(field::vm::RESIDENT_ON, vm).as_deref() == Some(s.host_ref.as_str());
+        (
+            vm_uuid(&st, vm),
+            int(&st, field::vm::MEMORY_DYNAMIC_MAX, vm),
+            (p == "Running" || p == "Paused") && here,
+        )
+    };
+    if live && dmax.is_some() {
+        s.agent
+            .set_balloon(&uuid, target)
+            .await
+            .map_err(agent_err)?;
+    }
     void()
 }
 
@@ -2168,27 +2207,28 @@ pub fn register(t: &mut HashMap<String, Handler>) {
                 v.get(2).copied(),
                 v.get(3).copied(),
             )
+            .await
         })
     });
     a("VM.set_memory_static_range", |s, _, p| {
         Box::pin(async move {
             let (vm, rest) = params(p);
             let v = ints(&rest);
-            set_memory(&s, &vm, v.first().copied(), v.get(1).copied(), None, None)
+            set_memory(&s, &vm, v.first().copied(), v.get(1).copied(), None, None).await
         })
     });
     a("VM.set_memory_dynamic_range", |s, _, p| {
         Box::pin(async move {
             let (vm, rest) = params(p);
             let v = ints(&rest);
-            set_memory(&s, &vm, None, None, v.first().copied(), v.get(1).copied())
+            set_memory(&s, &vm, None, None, v.first().copied(), v.get(1).copied()).await
         })
     });
     a("VM.set_memory", |s, _, p| {
         Box::pin(async move {
             let (vm, rest) = params(p);
             let v = ints(&rest).first().copied();
-            set_memory(&s, &vm, None, v, v, v)
+            set_memory(&s, &vm, None, v, v, v).await
         })
     });
     a("host.shutdown_vms", |s, c, p| {
