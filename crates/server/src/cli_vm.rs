@@ -128,6 +128,28 @@ impl CliCtx {
         Ok(None)
     }
 
+    /// `VM.clone`, or with `copy` = Some(sr) `VM.copy` onto that SR (None:
+    /// each disk's own SR); the new VM's ref.
+    async fn clone_vm(
+        &self,
+        src: &str,
+        name: &str,
+        copy: Option<Option<String>>,
+    ) -> Result<String, CliError> {
+        let r = match copy {
+            Some(sr) => {
+                let sr = sr.unwrap_or_else(|| NULL_REF.into());
+                let p = vec![Value::str(src), Value::str(name), Value::str(&sr)];
+                self.call("VM.copy", p).await?
+            }
+            None => {
+                self.call("VM.clone", vec![Value::str(src), Value::str(name)])
+                    .await?
+            }
+        };
+        Ok(r.db_string())
+    }
+
     /// `vm-clone` / `vm-copy`: prints the new VM's uuid.
     async fn vm_clone_cmd(
         &self,
@@ -137,18 +159,12 @@ impl CliCtx {
     ) -> Result<(), CliError> {
         let vm = self.vm_of(cmd).await?;
         let name = cmd.get("new-name-label").unwrap_or_default();
-        let new = if copy {
-            let sr = self.sr_param(cmd).await?.unwrap_or_else(|| NULL_REF.into());
-            self.call(
-                "VM.copy",
-                vec![Value::str(&vm), Value::str(name), Value::str(&sr)],
-            )
-            .await?
+        let sr = if copy {
+            self.sr_param(cmd).await?
         } else {
-            self.call("VM.clone", vec![Value::str(&vm), Value::str(name)])
-                .await?
+            None
         };
-        let new = new.db_string();
+        let new = self.clone_vm(&vm, name, copy.then_some(sr)).await?;
         if let Some(d) = cmd.get("new-name-description") {
             self.call(
                 "VM.set_name_description",
@@ -208,18 +224,7 @@ impl CliCtx {
             .and_then(crate::cli::parse_bool)
             .unwrap_or(false)
             || (has_disks && sr.is_some());
-        let new = if copy {
-            let target = sr.clone().unwrap_or_else(|| NULL_REF.into());
-            self.call(
-                "VM.copy",
-                vec![Value::str(&tpl), Value::str(name), Value::str(&target)],
-            )
-            .await?
-        } else {
-            self.call("VM.clone", vec![Value::str(&tpl), Value::str(name)])
-                .await?
-        }
-        .db_string();
+        let new = self.clone_vm(&tpl, name, copy.then(|| sr.clone())).await?;
         let finish = async {
             if let Some(sr) = &sr {
                 let disks = {

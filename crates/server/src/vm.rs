@@ -991,21 +991,14 @@ async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     // Room for RAM and device state; the image is thin, so only what the
     // stream holds is allocated.
     let size = mem + mem / 8 + (64 << 20);
-    let rec = Value::Struct(vec![
-        (
-            "name_label".into(),
-            Value::String(format!("Suspend image for {name}")),
-        ),
-        ("SR".into(), Value::str(&sr)),
-        ("virtual_size".into(), Value::Int(size)),
-        ("type".into(), Value::str("suspend")),
-        ("sharable".into(), Value::Bool(false)),
-        ("read_only".into(), Value::Bool(false)),
-        ("other_config".into(), Value::Struct(vec![])),
-    ]);
-    let vdi = crate::storage::vdi_create(Arc::clone(&s), vec![rec])
-        .await?
-        .db_string();
+    let vdi = new_vdi(
+        &s,
+        &sr,
+        &format!("Suspend image for {name}"),
+        size,
+        "suspend",
+    )
+    .await?;
     let result = async {
         let (path, format) = vdi_image(&s, &s.db.read(), &vdi)?;
         let pipe = fifo(&s.state_dir.join("streams"))?;
@@ -1805,6 +1798,28 @@ fn copy_vbd(s: &Server, vbd: &str, vm: &str, vdi: &str) -> Result<(), ApiError> 
     }))
 }
 
+/// A new empty VDI through `VDI.create` (its checks, journal and undo).
+async fn new_vdi(
+    s: &Arc<Server>,
+    sr: &str,
+    name: &str,
+    size: i64,
+    ty: &str,
+) -> Result<String, ApiError> {
+    let rec = Value::Struct(vec![
+        ("name_label".into(), Value::str(name)),
+        ("SR".into(), Value::str(sr)),
+        ("virtual_size".into(), Value::Int(size)),
+        ("type".into(), Value::str(ty)),
+        ("sharable".into(), Value::Bool(false)),
+        ("read_only".into(), Value::Bool(false)),
+        ("other_config".into(), Value::Struct(vec![])),
+    ]);
+    Ok(crate::storage::vdi_create(Arc::clone(s), vec![rec])
+        .await?
+        .db_string())
+}
+
 /// VM.provision: makes the disks a template's `other_config:disks` asks for
 /// (XenServer's `<provision><disk device= size= sr= bootable= type=/>`).
 async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
@@ -1836,21 +1851,7 @@ async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
             if !s.db.read().exists(class::SR, &sr) {
                 return Err(ApiError::new("VM_REQUIRES_SR", [vm.as_str(), sr.as_str()]));
             }
-            let rec = Value::Struct(vec![
-                (
-                    "name_label".into(),
-                    Value::String(format!("{} {}", d.ty, d.device)),
-                ),
-                ("SR".into(), Value::str(&sr)),
-                ("virtual_size".into(), Value::Int(d.size)),
-                ("type".into(), Value::String(d.ty.clone())),
-                ("sharable".into(), Value::Bool(false)),
-                ("read_only".into(), Value::Bool(false)),
-                ("other_config".into(), Value::Struct(vec![])),
-            ]);
-            let vdi = crate::storage::vdi_create(Arc::clone(&s), vec![rec])
-                .await?
-                .db_string();
+            let vdi = new_vdi(&s, &sr, &format!("{} {}", d.ty, d.device), d.size, &d.ty).await?;
             made.push((vdi.clone(), None));
             let vbd = new_ref();
             db(s.db.write(|t| {
