@@ -27,6 +27,7 @@ class Daemon:
         self.http_port = free_port()
         self.https_port = free_port()
         self.proc = None
+        self.extra_config = ""   # more `key = value` lines for corrald's --config
 
     @property
     def socket(self):
@@ -44,7 +45,7 @@ class Daemon:
         cfg = os.path.join(self.state_dir, "test.conf")
         os.makedirs(self.state_dir, exist_ok=True)
         with open(cfg, "w") as f:
-            f.write("failed-login-delay-ms = 10\nlogin-failures-per-minute = 1000\naccel = tcg\n")
+            f.write("failed-login-delay-ms = 10\nlogin-failures-per-minute = 1000\naccel = tcg\n" + self.extra_config)
         env = dict(os.environ, CORRAL_ROOT_PASSWORD=ROOT_PASSWORD, CORRAL_LOG="warn")
         self.proc = subprocess.Popen(
             [CORRALD, "--state-dir", self.state_dir, "--listen", f"127.0.0.1:{self.http_port}",

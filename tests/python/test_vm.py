@@ -457,6 +457,24 @@ def test_host_shutdown_policy_order_and_timeout(daemon, guest):
     x.VM.start(first, False, False)
     assert failure(x.host.shutdown_vms, host)[0] == "OPERATION_NOT_ALLOWED"
     assert x.VM.get_power_state(first) == "Running"
+    # suspend: the VM is suspended to its SR ...
+    Console(daemon, x, s._session, first).expect("corral-guest: ready")
+    x.host.remove_from_other_config(host, "vm-shutdown-policy")
+    x.host.add_to_other_config(host, "vm-shutdown-policy", "suspend")
+    daemon.xe("host-shutdown-vms", check=0)
+    assert x.VM.get_power_state(first) == "Suspended"
+    # ... and stays suspended when the host comes back, even with
+    # vm-boot-policy=start and auto_poweron: nothing resumes behind the
+    # operator's back.
+    x.host.add_to_other_config(host, "vm-boot-policy", "start")
+    x.VM.add_to_other_config(first, "auto_poweron", "true")
+    daemon.stop()
+    os.unlink(os.path.join(daemon.state_dir, "last-boot-id"))   # a host boot
+    daemon.start()
+    x = login(daemon).xenapi
+    time.sleep(3)
+    assert x.VM.get_power_state(first) == "Suspended"
+    x.VM.resume(first, False, False)
     x.VM.hard_shutdown(first)
 
 
@@ -776,3 +794,73 @@ def test_boot_policy_starts_auto_poweron_vms_in_order(daemon, guest):
     assert x.VM.get_power_state(manual) == "Halted"
     for vm in (early, late):
         x.VM.hard_shutdown(vm)
+
+
+def test_kill9_mid_suspend_and_mid_copy_undoes_them(daemon, guest):
+    """corrald killed in the middle of VM.suspend and of VM.copy: after the
+    restart the suspend is undone (the guest runs on, no image is left) and
+    the half-made copy is gone with its disks; the VM works as before."""
+    s = login(daemon)
+    x = s.xenapi
+    local = x.pool.get_default_SR(x.pool.get_all()[0])
+    vm = make_vm(x, guest, "crashy", cd=False)
+    x.VM.start(vm, False, False)
+    con = Console(daemon, x, s._session, vm)
+    con.expect("corral-guest: ready")
+    # Guest memory full of random data, so the suspend stream takes a while.
+    assert guest_shell(con, "dd if=/dev/urandom of=/tmp/fill bs=1M count=100 2>/dev/null", "fill",
+                       timeout=120).group(1) == b"0"
+    con.close()
+    task = x.Async.VM.suspend(vm)
+    deadline = time.time() + 10
+    while not x.VM.get_current_operations(vm) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert x.task.get_status(task) == "pending"
+    daemon.kill9()
+    daemon.start()
+    x = login(daemon).xenapi
+    assert x.VM.get_power_state(vm) == "Running"
+    assert x.VM.get_current_operations(vm) == {}
+    assert "suspend" in x.VM.get_allowed_operations(vm)
+    assert [v for v in x.VDI.get_all() if x.VDI.get_type(v) == "suspend"] == []
+    con = Console(daemon, x, login(daemon)._session, vm)
+    con.expect(r"corral-tick")
+    con.drain()
+    con.expect(r"corral-tick ([0-9.]+)\r?\n")    # the guest runs on
+    con.close()
+    x.VM.hard_shutdown(vm)
+
+    # A VM with a 512 MiB disk full of data, copied; corrald dies mid-copy.
+    vdi = x.VDI.create({"name_label": "big", "SR": local, "virtual_size": str(512 << 20), "type": "user",
+                        "sharable": False, "read_only": False, "other_config": {}})
+    sid = login(daemon)._session
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", daemon.http_port, timeout=120)
+    c.putrequest("PUT", f"/import_raw_vdi?session_id={sid}&vdi={vdi}&format=raw")
+    c.putheader("Content-Length", str(512 << 20))
+    c.endheaders()
+    chunk = os.urandom(1 << 20)
+    for _ in range(512):
+        c.send(chunk)
+    assert c.getresponse().status == 200
+    x.VBD.create({"VM": vm, "VDI": vdi, "userdevice": "1", "bootable": False, "mode": "RW", "type": "Disk",
+                  "empty": False, "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {}})
+    vdis_before = set(x.VDI.get_all())
+    sr_dir = os.path.join(daemon.state_dir, "local-sr")
+    files_before = sorted(os.listdir(sr_dir))
+    task = x.Async.VM.copy(vm, "half-copy", "OpaqueRef:NULL")
+    deadline = time.time() + 20
+    while not x.VM.get_by_name_label("half-copy") and time.time() < deadline:
+        time.sleep(0.01)
+    assert x.task.get_status(task) == "pending"
+    daemon.kill9()
+    daemon.start()
+    x = login(daemon).xenapi
+    assert x.VM.get_by_name_label("half-copy") == []
+    assert set(x.VDI.get_all()) == vdis_before
+    assert sorted(os.listdir(sr_dir)) == files_before
+    assert x.VM.get_current_operations(vm) == {}
+    # Nothing is stuck: the same copy now completes.
+    new = x.VM.copy(vm, "full-copy", "OpaqueRef:NULL")
+    assert len([b for b in x.VM.get_VBDs(new) if x.VBD.get_type(b) == "Disk"]) == 1

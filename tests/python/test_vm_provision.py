@@ -219,3 +219,39 @@ def test_readme_quick_start_runs(daemon, tmp_path):
     x = login(daemon).xenapi
     [vm] = x.VM.get_by_name_label("demo")
     assert x.VM.get_power_state(vm) == "Halted"
+
+
+def test_sim_host_driver_says_so(tmp_path):
+    """The simulator runs only when asked for (or without QEMU), and the host
+    record and `xe host-list` say so; VM records still follow XAPI."""
+    from conftest import Daemon
+    d = Daemon(tmp_path / "sim")
+    d.extra_config = "host-driver = sim\n"
+    d.start()
+    try:
+        x = login(d).xenapi
+        host = x.host.get_all()[0]
+        assert x.host.get_software_version(host)["host_driver"] == "sim"
+        assert "Simulated host (sim driver)" in d.xe("host-list", check=0).stdout
+        tpl = x.VM.get_by_name_label("Linux direct kernel boot")[0]
+        vm = x.VM.clone(tpl, "simulated")
+        x.VM.set_is_a_template(vm, False)
+        x.VM.start(vm, False, False)
+        assert x.VM.get_power_state(vm) == "Running"
+        assert failure(x.VM.start, vm, False, False) == ["VM_BAD_POWER_STATE", vm, "halted", "running"]
+        x.VM.hard_shutdown(vm)
+        assert x.VM.get_power_state(vm) == "Halted"
+    finally:
+        d.stop()
+    # Started again with QEMU installed and no driver named, it is a real
+    # host once more and says nothing about simulation.
+    if shutil.which("qemu-system-x86_64"):
+        d.extra_config = ""
+        d.start()
+        try:
+            x = login(d).xenapi
+            host = x.host.get_all()[0]
+            assert x.host.get_software_version(host)["host_driver"] == "qemu"
+            assert "Simulated" not in d.xe("host-list", check=0).stdout
+        finally:
+            d.stop()

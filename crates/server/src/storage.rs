@@ -291,6 +291,28 @@ impl Journal {
     }
 }
 
+/// Operations recorded on SRs, VDIs and VBDs belonged to tasks of the old
+/// corrald (tasks are volatile); nothing runs them any more.
+fn forget_dead_operations(s: &Server) -> Result<(), ApiError> {
+    db(s.db.write(|t| {
+        for (c, f) in [
+            (class::SR, field::sr::CURRENT_OPERATIONS),
+            (class::VDI, field::vdi::CURRENT_OPERATIONS),
+            (class::VBD, field::vbd::CURRENT_OPERATIONS),
+        ] {
+            let refs: Vec<String> = t.state().refs(c).cloned().collect();
+            for r in refs {
+                t.set_if_changed(f, &r, Value::Struct(vec![]))?;
+            }
+        }
+        let srs: Vec<String> = t.state().refs(class::SR).cloned().collect();
+        for sr in srs {
+            refresh_allowed(t, &sr)?;
+        }
+        Ok::<(), ApiError>(())
+    }))
+}
+
 /// After a crash: delete journalled images the database never adopted.
 pub fn recover(s: &Server) {
     let Ok(entries) = std::fs::read_dir(journal_dir(s)) else {
@@ -1679,18 +1701,12 @@ async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
         ));
     }
     let _g = OpGuard::start(&s, &dst.sr, None, "vdi_copy", "")?;
-    let journal = Journal::open(&s, &dst.uuid, &[])?;
+    // Journalled before the copy starts: a crash mid-copy leaves a partial
+    // image that start-up deletes rather than adopts.
+    let loc = corral_storage::new_location();
+    let journal = Journal::open(&s, &dst.uuid, &[&loc])?;
     let (d, ctx) = (dst.driver, dst.ctx.clone());
-    let jpath = journal.path.clone();
-    let info = blocking(move || {
-        let r = d.vdi_import_from(&ctx, &src_path, None);
-        if let Ok(i) = &r {
-            let j = Journal { path: jpath };
-            j.add(&i.location);
-        }
-        r
-    })
-    .await?;
+    let info = blocking(move || d.vdi_import_from(&ctx, &loc, &src_path, None)).await?;
     let info = match info {
         Ok(i) => i,
         Err(e) => {
@@ -2301,6 +2317,7 @@ pub fn sync_sm_records(s: &Server) -> Result<(), ApiError> {
 /// storage operations.
 pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
     sync_sm_records(s)?;
+    forget_dead_operations(s)?;
     recover(s);
     let dir = s.state_dir.join("local-sr");
     // The directory exists from the first start on; an SR the admin later

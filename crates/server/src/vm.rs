@@ -15,6 +15,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// `VDI.other_config` key of a suspend image: the uuid of its VM.
+const SUSPEND_OF: &str = "corral-suspend-of";
+/// `VM.other_config` key on a VM that VM.clone/VM.copy is still making
+/// (its disks); start-up removes such VMs.
+const BEING_MADE: &str = "corral-being-made";
+
 /// Host memory kept back from VMs (the host's own needs).
 const HOST_RESERVE: i64 = 512 * 1024 * 1024;
 
@@ -997,6 +1003,7 @@ async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
         &format!("Suspend image for {name}"),
         size,
         "suspend",
+        &[(SUSPEND_OF, &uuid)],
     )
     .await?;
     let result = async {
@@ -1321,6 +1328,63 @@ async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
     }
 }
 
+/// Suspend images made for `vm` that it does not point at (a suspend that
+/// never finished).
+async fn drop_unused_suspend_images(s: &Arc<Server>, vm: &str) {
+    let stale: Vec<String> = {
+        let st = s.db.read();
+        let uuid = vm_uuid(&st, vm);
+        let keep = st.get_str(field::vm::SUSPEND_VDI, vm).unwrap_or_default();
+        st.refs(class::VDI)
+            .filter(|v| **v != keep)
+            .filter(|v| st.get_str(field::vdi::TYPE_, v).as_deref() == Some("suspend"))
+            .filter(|v| strmap(st.get(field::vdi::OTHER_CONFIG, v)).get(SUSPEND_OF) == Some(&uuid))
+            .cloned()
+            .collect()
+    };
+    for v in stale {
+        let _ = crate::storage::vdi_destroy(Arc::clone(s), vec![Value::str(&v)]).await;
+    }
+}
+
+/// VMs that a VM.clone/VM.copy with disks was still making when corrald
+/// died: removed with the disks made for them.
+async fn undo_interrupted_copies(s: &Arc<Server>) {
+    let half: Vec<String> = {
+        let st = s.db.read();
+        st.refs(class::VM)
+            .filter(|vm| strmap(st.get(field::vm::OTHER_CONFIG, vm)).contains_key(BEING_MADE))
+            .cloned()
+            .collect()
+    };
+    for vm in half {
+        tracing::warn!(vm = %vm, "removing a VM whose clone or copy was interrupted");
+        let disks: Vec<String> = {
+            let st = s.db.read();
+            vbds_of(&st, &vm)
+                .iter()
+                .filter(|b| st.get_str(field::vbd::TYPE_, b).as_deref() == Some("Disk"))
+                .filter_map(|b| st.get_str(field::vbd::VDI, b))
+                .filter(|v| {
+                    st.refs(class::VBD).all(|b| {
+                        st.get_str(field::vbd::VDI, b).as_deref() != Some(v.as_str())
+                            || st.get_str(field::vbd::VM, b).as_deref() == Some(vm.as_str())
+                    })
+                })
+                .collect()
+        };
+        let _ = db(s.db.write(|t| {
+            for vbd in vbds_of(t.state(), &vm) {
+                t.delete(class::VBD, &vbd)?;
+            }
+            t.delete(class::VM, &vm)
+        }));
+        for v in disks {
+            let _ = crate::storage::vdi_destroy(Arc::clone(s), vec![Value::str(&v)]).await;
+        }
+    }
+}
+
 /// Re-attaches to the VMs this host runs and reconciles power states, then
 /// follows the agent's events and refreshes metrics.
 pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
@@ -1331,6 +1395,33 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
         .map_err(agent_err)?
         .into_iter()
         .collect();
+    // Operations in flight died with the old corrald (tasks are volatile):
+    // note what each VM was doing, then clear them all.
+    let interrupted: HashMap<String, Vec<String>> = db(s.db.write(|t| {
+        let mut out = HashMap::new();
+        let vms: Vec<String> = t.state().refs(class::VM).cloned().collect();
+        for vm in vms {
+            let ops: Vec<String> = t
+                .state()
+                .get(field::vm::CURRENT_OPERATIONS, &vm)
+                .and_then(|v| {
+                    v.as_struct()
+                        .map(|m| m.iter().map(|(_, o)| o.db_string()).collect())
+                })
+                .unwrap_or_default();
+            if !ops.is_empty() {
+                t.set(field::vm::CURRENT_OPERATIONS, &vm, Value::Struct(vec![]))?;
+                out.insert(vm, ops);
+            }
+        }
+        Ok::<_, ApiError>(out)
+    }))?;
+    let was = |vm: &str, op: &str| {
+        interrupted
+            .get(vm)
+            .is_some_and(|o| o.iter().any(|x| x == op))
+    };
+    undo_interrupted_copies(s).await;
     let mine: Vec<(String, String, String)> = {
         let st = s.db.read();
         st.refs(class::VM)
@@ -1344,11 +1435,16 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
             .collect()
     };
     for (vm, uuid, p) in &mine {
-        let _ = db(s.db.write(|t| {
-            // Operations in flight died with the old corrald.
-            t.set(field::vm::CURRENT_OPERATIONS, vm, Value::Struct(vec![]))?;
-            refresh_allowed(t, vm)
-        }));
+        if was(vm, "suspend") {
+            // An unfinished suspend is undone: the guest runs on (it was
+            // paused for the save) and the half-written image goes.
+            if found.get(uuid) == Some(&RunState::Paused) && p == "Running" {
+                let _ = s.agent.unpause(uuid).await;
+                drop_unused_suspend_images(s, vm).await;
+                continue;
+            }
+            drop_unused_suspend_images(s, vm).await;
+        }
         match found.get(uuid) {
             Some(RunState::Running) if p != "Running" => {
                 let _ = set_paused(s, vm, false);
@@ -1359,6 +1455,15 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
             Some(RunState::Running | RunState::Paused) => {}
             Some(RunState::ShutDown) => on_event(s, uuid, VmEvent::GuestShutdown).await,
             Some(RunState::Crashed) => on_event(s, uuid, VmEvent::GuestCrash).await,
+            Some(RunState::Gone) | None
+                if ["clean_shutdown", "hard_shutdown", "shutdown"]
+                    .iter()
+                    .any(|o| was(vm, o)) =>
+            {
+                // A shutdown that finished while corrald was down.
+                alert(s, vm, "VM_SHUTDOWN", 5, "VM shut down");
+                let _ = record_stopped(s, vm, "Halted", None);
+            }
             Some(RunState::Gone) | None => {
                 alert(
                     s,
@@ -1716,9 +1821,18 @@ async fn vm_clone_or_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>, copy: bool) -> 
     }
     let new_vm = crate::handlers::vm_clone_record(&s, &vm, &name)?;
     let vbds = vbds_of(&s.db.read(), &vm);
+    if !vbds.is_empty() {
+        set_other_config_key(
+            &s,
+            &new_vm,
+            BEING_MADE,
+            Some(if copy { "copy" } else { "clone" }),
+        )?;
+    }
     let mut made_vdis = Vec::new();
     let result = async {
-        for vbd in vbds {
+        for vbd in &vbds {
+            let vbd = vbd.as_str();
             let (vdi, ty, empty) = {
                 let st = s.db.read();
                 (
@@ -1761,7 +1875,26 @@ async fn vm_clone_or_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>, copy: bool) -> 
         }
         return Err(e);
     }
+    if !vbds.is_empty() {
+        set_other_config_key(&s, &new_vm, BEING_MADE, None)?;
+    }
     Ok(Value::String(new_vm))
+}
+
+fn set_other_config_key(
+    s: &Server,
+    vm: &str,
+    key: &str,
+    value: Option<&str>,
+) -> Result<(), ApiError> {
+    db(s.db.write(|t| {
+        let mut oc = strmap(t.state().get(field::vm::OTHER_CONFIG, vm));
+        match value {
+            Some(v) => oc.insert(key.into(), v.into()),
+            None => oc.remove(key),
+        };
+        t.set(field::vm::OTHER_CONFIG, vm, to_value(&oc))
+    }))
 }
 
 fn copy_vbd(s: &Server, vbd: &str, vm: &str, vdi: &str) -> Result<(), ApiError> {
@@ -1805,6 +1938,7 @@ async fn new_vdi(
     name: &str,
     size: i64,
     ty: &str,
+    other_config: &[(&str, &str)],
 ) -> Result<String, ApiError> {
     let rec = Value::Struct(vec![
         ("name_label".into(), Value::str(name)),
@@ -1813,7 +1947,15 @@ async fn new_vdi(
         ("type".into(), Value::str(ty)),
         ("sharable".into(), Value::Bool(false)),
         ("read_only".into(), Value::Bool(false)),
-        ("other_config".into(), Value::Struct(vec![])),
+        (
+            "other_config".into(),
+            Value::Struct(
+                other_config
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), Value::str(*v)))
+                    .collect(),
+            ),
+        ),
     ]);
     Ok(crate::storage::vdi_create(Arc::clone(s), vec![rec])
         .await?
@@ -1851,7 +1993,15 @@ async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
             if !s.db.read().exists(class::SR, &sr) {
                 return Err(ApiError::new("VM_REQUIRES_SR", [vm.as_str(), sr.as_str()]));
             }
-            let vdi = new_vdi(&s, &sr, &format!("{} {}", d.ty, d.device), d.size, &d.ty).await?;
+            let vdi = new_vdi(
+                &s,
+                &sr,
+                &format!("{} {}", d.ty, d.device),
+                d.size,
+                &d.ty,
+                &[],
+            )
+            .await?;
             made.push((vdi.clone(), None));
             let vbd = new_ref();
             db(s.db.write(|t| {

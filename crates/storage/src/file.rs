@@ -224,10 +224,6 @@ impl FileDriver {
         std::fs::rename(&tmp, dir.join(MARKER))?;
         Ok(())
     }
-
-    fn new_location() -> String {
-        uuid::Uuid::new_v4().to_string()
-    }
 }
 
 fn missing_or_io(path: &Path, e: std::io::Error) -> StorageError {
@@ -514,7 +510,7 @@ impl Driver for FileDriver {
             return Err(StorageError::NotSupported);
         }
         let dir = self.dir(sr)?;
-        let loc = Self::new_location();
+        let loc = crate::new_location();
         let path = if format_version >= FORMAT_VERSION {
             let p = dir.join(format!("{loc}.qcow2"));
             QemuImg::default()
@@ -590,7 +586,7 @@ impl Driver for FileDriver {
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_owned();
-        let loc = Self::new_location();
+        let loc = crate::new_location();
         let p = dir.join(format!("{loc}.qcow2"));
         if let Err(e) = QemuImg::default().create_qcow2(
             path_str(&p)?,
@@ -668,12 +664,17 @@ impl Driver for FileDriver {
         Ok(path_str(&self.image_path(&dir, location)?)?.to_owned())
     }
 
-    fn vdi_import_from(&self, sr: &SrCtx, src: &str, src_format: Option<&str>) -> Result<VdiInfo> {
+    fn vdi_import_from(
+        &self,
+        sr: &SrCtx,
+        loc: &str,
+        src: &str,
+        src_format: Option<&str>,
+    ) -> Result<VdiInfo> {
         if self.kind == Kind::Iso {
             return Err(StorageError::NotSupported);
         }
         let dir = self.dir(sr)?;
-        let loc = Self::new_location();
         let p = dir.join(format!("{loc}.qcow2"));
         if let Err(e) = QemuImg::default().convert(src, src_format, path_str(&p)?, "qcow2") {
             let _ = std::fs::remove_file(&p);

@@ -162,13 +162,21 @@ pub trait Driver: Send + Sync {
     fn vdi_set_parent(&self, sr: &SrCtx, location: &str, parent: &str) -> Result<()>;
     /// What QEMU and qemu-img open for this image (a path or an URL).
     fn vdi_path(&self, sr: &SrCtx, location: &str) -> Result<String>;
-    /// A new, standalone image holding a full copy of `src_path`'s chain.
+    /// A new, standalone image at `location` (the caller's choice, so it can
+    /// journal it before the copy starts) holding a full copy of
+    /// `src_path`'s chain.
     fn vdi_import_from(
         &self,
         sr: &SrCtx,
+        location: &str,
         src_path: &str,
         src_format: Option<&str>,
     ) -> Result<VdiInfo>;
+}
+
+/// A fresh image location (the file name without `.qcow2`).
+pub fn new_location() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 /// The drivers this build has, by SR type.

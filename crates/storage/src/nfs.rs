@@ -535,10 +535,6 @@ impl NfsDriver {
             r
         })
     }
-
-    fn new_location() -> String {
-        uuid::Uuid::new_v4().to_string()
-    }
 }
 
 impl Default for NfsDriver {
@@ -703,7 +699,7 @@ impl Driver for NfsDriver {
 
     fn vdi_create(&self, sr: &SrCtx, size: i64, format_version: u32) -> Result<VdiInfo> {
         let w = Self::where_(&sr.device_config, &sr.uuid)?;
-        let loc = Self::new_location();
+        let loc = crate::new_location();
         let q = QemuImg::default();
         let url = if format_version >= FORMAT_VERSION {
             let url = format!("{}{loc}.qcow2", w.base_url);
@@ -749,7 +745,7 @@ impl Driver for NfsDriver {
 
     fn vdi_child(&self, sr: &SrCtx, parent: &str) -> Result<VdiInfo> {
         let (w, pinfo, purl) = self.info_by_location(sr, parent)?;
-        let loc = Self::new_location();
+        let loc = crate::new_location();
         let url = format!("{}{loc}.qcow2", w.base_url);
         QemuImg::default().create_qcow2(&url, pinfo.virtual_size, Some((&purl, &pinfo.format)))?;
         Ok(VdiInfo {
@@ -808,15 +804,20 @@ impl Driver for NfsDriver {
         self.url_of(&w, &entries, location)
     }
 
-    fn vdi_import_from(&self, sr: &SrCtx, src: &str, src_format: Option<&str>) -> Result<VdiInfo> {
+    fn vdi_import_from(
+        &self,
+        sr: &SrCtx,
+        loc: &str,
+        src: &str,
+        src_format: Option<&str>,
+    ) -> Result<VdiInfo> {
         let w = Self::where_(&sr.device_config, &sr.uuid)?;
-        let loc = Self::new_location();
         let url = format!("{}{loc}.qcow2", w.base_url);
         if let Err(e) = QemuImg::default().convert(src, src_format, &url, "qcow2") {
-            let _ = self.vdi_delete(sr, &loc);
+            let _ = self.vdi_delete(sr, loc);
             return Err(e);
         }
-        self.vdi_info(sr, &loc)
+        self.vdi_info(sr, loc)
     }
 }
 
