@@ -46,6 +46,10 @@ def test_xe_install_clone_copy_uninstall(daemon, tmp_path):
     assert int(x.VDI.get_physical_utilisation(vdi)) < 16 * MiB
     [vbd] = [b for b in x.VM.get_VBDs(vm) if x.VBD.get_type(b) == "Disk"]
     assert x.VBD.get_userdevice(vbd) == "0" and x.VBD.get_bootable(vbd)
+    # The README's next step: an empty CD drive for install media.
+    daemon.xe("vbd-create", f"vm-uuid={uuid}", "device=3", "type=CD", "mode=RO", "empty=true", check=0)
+    [cd] = [b for b in x.VM.get_VBDs(vm) if x.VBD.get_type(b) == "CD"]
+    assert x.VBD.get_empty(cd) and x.VBD.get_mode(cd) == "RO" and x.VBD.get_userdevice(cd) == "3"
     listing = xe_out(daemon, "vm-disk-list", f"uuid={uuid}")
     assert "Disk 0 VBD:" in listing and "Disk 0 VDI:" in listing and "second" in listing
     # The template itself is untouched.
