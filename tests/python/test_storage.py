@@ -423,6 +423,37 @@ def loop_device(tmp_path):
     subprocess.run(["losetup", "-d", dev], check=False)
 
 
+def test_local_sr_on_a_configured_device(tmp_path, loop_device):
+    """`local-sr-device` makes the first start's "Local storage" an ext SR
+    on that device, the pool's default; later starts keep it, and do not
+    make it again once the admin forgot it."""
+    d = Daemon(tmp_path / "state")
+    d.extra_config = f"local-sr-device = {loop_device}\n"
+    d.start()
+    try:
+        x = login(d).xenapi
+        [sr] = x.SR.get_by_name_label("Local storage")
+        assert x.SR.get_type(sr) == "ext" and not x.SR.get_shared(sr)
+        assert x.pool.get_default_SR(x.pool.get_all()[0]) == sr
+        [pbd] = x.SR.get_PBDs(sr)
+        assert x.PBD.get_device_config(pbd)["device"] == loop_device and x.PBD.get_currently_attached(pbd)
+        v = make_vdi(x, sr, 8 * MiB)
+        assert os.path.ismount(os.path.join(d.state_dir, "sr-mount", x.SR.get_uuid(sr)))
+        d.stop()
+        d.start()
+        x = login(d).xenapi
+        assert x.SR.get_by_name_label("Local storage") == [sr] and v in x.SR.get_VDIs(sr)
+        x.VDI.destroy(v)
+        x.PBD.unplug(pbd)
+        x.SR.forget(sr)
+        d.stop()
+        d.start()
+        x = login(d).xenapi
+        assert x.SR.get_by_name_label("Local storage") == []
+    finally:
+        d.stop()
+
+
 def test_ext_sr_on_a_loop_device(daemon, loop_device):
     x = login(daemon).xenapi
     host = x.host.get_all()[0]

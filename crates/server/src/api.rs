@@ -101,6 +101,9 @@ pub struct Config {
     pub qemu_binary: String,
     /// How long VM.clean_shutdown waits for the guest.
     pub clean_shutdown_timeout: std::time::Duration,
+    /// A block device for the "Local storage" SR made at first start (an
+    /// `ext` SR); none: a `file` SR under the state directory.
+    pub local_sr_device: Option<String>,
 }
 
 impl Default for Config {
@@ -114,6 +117,7 @@ impl Default for Config {
             accel: "auto".into(),
             qemu_binary: "qemu-system-x86_64".into(),
             clean_shutdown_timeout: std::time::Duration::from_secs(1200),
+            local_sr_device: None,
         }
     }
 }

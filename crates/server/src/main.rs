@@ -17,7 +17,9 @@ const USAGE: &str = "usage: corrald --state-dir DIR [--listen ADDR:PORT] [--tls-
                            session-timeout-secs, max-sessions-per-user,
                            login-failures-per-minute, failed-login-delay-ms,
                            host-driver, accel, qemu-binary,
-                           clean-shutdown-timeout-secs)
+                           clean-shutdown-timeout-secs, local-sr-device:
+                           a block device formatted ext4 for the first
+                           start's 'Local storage' SR)
   --root-password-file F   root's password on first start (or CORRAL_ROOT_PASSWORD)
 The unix socket <state-dir>/xapi.sock is always served; its callers are root.";
 
@@ -114,6 +116,7 @@ fn main() -> anyhow::Result<()> {
             "clean-shutdown-timeout-secs" => {
                 opts.config.clean_shutdown_timeout = std::time::Duration::from_secs(v.parse()?)
             }
+            "local-sr-device" => opts.config.local_sr_device = Some(v),
             other => bail!("unknown setting {other}"),
         }
     }

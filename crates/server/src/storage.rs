@@ -2320,11 +2320,22 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
     forget_dead_operations(s)?;
     recover(s);
     let dir = s.state_dir.join("local-sr");
-    // The directory exists from the first start on; an SR the admin later
-    // forgets or destroys is not brought back behind their back.
-    let has_local = dir.exists();
+    // The directory (or, for an `ext` local SR, the marker) exists from the
+    // first start on; an SR the admin later forgets or destroys is not
+    // brought back behind their back.
+    let marker = s.state_dir.join("local-sr.made");
+    let has_local = dir.exists() || marker.exists();
     if !has_local {
-        let dc = Value::Struct(vec![("location".into(), Value::str(dir.to_string_lossy()))]);
+        let (kind, dc) = match &s.config.local_sr_device {
+            Some(dev) => (
+                "ext",
+                Value::Struct(vec![("device".into(), Value::str(dev))]),
+            ),
+            None => (
+                "file",
+                Value::Struct(vec![("location".into(), Value::str(dir.to_string_lossy()))]),
+            ),
+        };
         let ctx = Ctx {
             session: String::new(),
             role: corral_model::Role::Root,
@@ -2340,7 +2351,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
                 Value::Int(0),
                 Value::str("Local storage"),
                 Value::str(""),
-                Value::str("file"),
+                Value::str(kind),
                 Value::str("user"),
                 Value::Bool(false),
                 Value::Struct(vec![]),
@@ -2359,6 +2370,13 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
             t.set(field::pool::SUSPEND_IMAGE_SR, &pool, Value::str(&sr))?;
             t.set(field::pool::CRASH_DUMP_SR, &pool, Value::str(&sr))
         }))?;
+        if kind != "file" {
+            std::fs::write(
+                &marker,
+                s.config.local_sr_device.as_deref().unwrap_or_default(),
+            )
+            .map_err(|e| ApiError::internal(format!("{}: {e}", marker.display())))?;
+        }
         return Ok(());
     }
     let plugged: Vec<String> = {

@@ -2439,4 +2439,44 @@ mod tests {
         assert!(!allowed_concurrently("snapshot", &["clone"]));
         assert!(allowed_concurrently("checkpoint", &["snapshot"]));
     }
+
+    /// XenServer's `<provision>` XML: every disk with its attributes, the
+    /// defaults for the optional ones, and a clear error for a broken one.
+    #[test]
+    fn provision_xml() {
+        let disks = parse_provision(
+            r#"<provision><disk device="0" size="34359738368" sr="" bootable="true" type="system"/><disk device="1" size="1024" sr="u-1"/></provision>"#,
+        )
+        .expect("parses");
+        assert_eq!(disks.len(), 2);
+        assert_eq!(
+            (
+                disks[0].device.as_str(),
+                disks[0].size,
+                disks[0].sr.as_str(),
+                disks[0].bootable,
+                disks[0].ty.as_str()
+            ),
+            ("0", 34359738368, "", true, "system")
+        );
+        assert_eq!(
+            (
+                disks[1].device.as_str(),
+                disks[1].size,
+                disks[1].sr.as_str(),
+                disks[1].bootable,
+                disks[1].ty.as_str()
+            ),
+            ("1", 1024, "u-1", false, "system")
+        );
+        assert!(
+            parse_provision("<provision></provision>")
+                .expect("empty")
+                .is_empty()
+        );
+        let err = parse_provision(r#"<provision><disk device="0" size="big"/></provision>"#)
+            .err()
+            .expect("a size must be a number");
+        assert_eq!(err.description()[0], "INVALID_VALUE");
+    }
 }
