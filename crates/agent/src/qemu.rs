@@ -710,8 +710,7 @@ impl HostAgent for QemuAgent {
                     .execute("set-action", json!({"reboot": "reset"}))
                     .await?;
             }
-            let mark = |v| *at.host_reset.lock().unwrap_or_else(|p| p.into_inner()) = v;
-            mark(Some(Instant::now()));
+            *at.host_reset.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             let reset = async {
                 at.qmp.execute("system_reset", Value::Null).await?;
                 at.qmp.execute("cont", Value::Null).await

@@ -274,32 +274,9 @@ impl CliCtx {
         Ok(())
     }
 
-    /// The VDIs that go with a VM when it is uninstalled: those of its disk
-    /// VBDs that no other VM uses (ISOs and shared disks stay).
-    fn own_disks(&self, vm: &str) -> Vec<String> {
-        let st = self.server.db.read();
-        let mut out: Vec<String> = Vec::new();
-        for vbd in self.vbds_of_type(vm, "Disk") {
-            let Some(vdi) = st.get_str(field::vbd::VDI, &vbd) else {
-                continue;
-            };
-            if !st.exists(class::VDI, &vdi) || out.contains(&vdi) {
-                continue;
-            }
-            let shared = st.refs(class::VBD).any(|b| {
-                st.get_str(field::vbd::VDI, b).as_deref() == Some(vdi.as_str())
-                    && st.get_str(field::vbd::VM, b).as_deref() != Some(vm)
-            });
-            if !shared {
-                out.push(vdi);
-            }
-        }
-        out
-    }
-
     /// Destroys the VM record, then its own disks; returns what went.
     async fn uninstall(&self, vm: &str) -> Result<Vec<String>, CliError> {
-        let disks = self.own_disks(vm);
+        let disks = crate::vm::own_disks(&self.server.db.read(), vm);
         self.call("VM.destroy", vec![Value::str(vm)]).await?;
         for vdi in &disks {
             self.call("VDI.destroy", vec![Value::str(vdi)]).await?;
@@ -316,7 +293,8 @@ impl CliCtx {
             self.uuid_of(&vm),
             label(&vm, field::vm::NAME_LABEL)
         );
-        for vdi in self.own_disks(&vm) {
+        let disks = crate::vm::own_disks(&self.server.db.read(), &vm);
+        for vdi in disks {
             listing += &format!(
                 "VDI: {} ({})\n",
                 self.uuid_of(&vdi),
@@ -477,9 +455,10 @@ impl CliCtx {
                     return text(format!("CD {cd_name} not found"));
                 };
                 let empty: Vec<String> = {
+                    // (The drives first: one read lock at a time.)
+                    let cds = self.cd_vbds(&vm);
                     let st = self.server.db.read();
-                    self.cd_vbds(&vm)
-                        .into_iter()
+                    cds.into_iter()
                         .filter(|b| {
                             st.get(field::vbd::EMPTY, b)
                                 .and_then(|v| v.as_bool())
@@ -495,9 +474,10 @@ impl CliCtx {
             }
             "vm-cd-eject" => {
                 let full: Vec<String> = {
+                    // (The drives first: one read lock at a time.)
+                    let cds = self.cd_vbds(&vm);
                     let st = self.server.db.read();
-                    self.cd_vbds(&vm)
-                        .into_iter()
+                    cds.into_iter()
                         .filter(|b| {
                             !st.get(field::vbd::EMPTY, b)
                                 .and_then(|v| v.as_bool())

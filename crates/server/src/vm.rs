@@ -1347,6 +1347,31 @@ async fn drop_unused_suspend_images(s: &Arc<Server>, vm: &str) {
     }
 }
 
+/// The VDIs of `vm`'s disk VBDs that no other VM uses: what goes with the
+/// VM when it is uninstalled (ISOs and shared disks stay).
+pub(crate) fn own_disks(st: &corral_db::State, vm: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for vbd in vbds_of(st, vm) {
+        if st.get_str(field::vbd::TYPE_, &vbd).as_deref() != Some("Disk") {
+            continue;
+        }
+        let Some(vdi) = st.get_str(field::vbd::VDI, &vbd) else {
+            continue;
+        };
+        if !st.exists(class::VDI, &vdi) || out.contains(&vdi) {
+            continue;
+        }
+        let shared = st.refs(class::VBD).any(|b| {
+            st.get_str(field::vbd::VDI, b).as_deref() == Some(vdi.as_str())
+                && st.get_str(field::vbd::VM, b).as_deref() != Some(vm)
+        });
+        if !shared {
+            out.push(vdi);
+        }
+    }
+    out
+}
+
 /// VMs that a VM.clone/VM.copy with disks was still making when corrald
 /// died: removed with the disks made for them.
 async fn undo_interrupted_copies(s: &Arc<Server>) {
@@ -1359,20 +1384,7 @@ async fn undo_interrupted_copies(s: &Arc<Server>) {
     };
     for vm in half {
         tracing::warn!(vm = %vm, "removing a VM whose clone or copy was interrupted");
-        let disks: Vec<String> = {
-            let st = s.db.read();
-            vbds_of(&st, &vm)
-                .iter()
-                .filter(|b| st.get_str(field::vbd::TYPE_, b).as_deref() == Some("Disk"))
-                .filter_map(|b| st.get_str(field::vbd::VDI, b))
-                .filter(|v| {
-                    st.refs(class::VBD).all(|b| {
-                        st.get_str(field::vbd::VDI, b).as_deref() != Some(v.as_str())
-                            || st.get_str(field::vbd::VM, b).as_deref() == Some(vm.as_str())
-                    })
-                })
-                .collect()
-        };
+        let disks = own_disks(&s.db.read(), &vm);
         let _ = db(s.db.write(|t| {
             for vbd in vbds_of(t.state(), &vm) {
                 t.delete(class::VBD, &vbd)?;
