@@ -1,6 +1,7 @@
 """Provisioning with xe (vm-install, vm-clone, vm-copy, vm-uninstall,
 vm-disk-list) and BIOS boot from a disk or a CD in HVM_boot_params order."""
 import os
+import re
 import shutil
 import subprocess
 
@@ -123,6 +124,7 @@ def test_provision_failure_undoes_its_disks(daemon):
     # vm-install from that template leaves no VM behind either.
     r = daemon.xe("vm-install", "template=two disks, one on a missing SR", "new-name-label=broken")
     assert r.returncode == 1 and "access to an SR needed by the VM" in r.stderr, (r.stdout, r.stderr)
+    assert "<not in database>" not in r.stderr and re.search(r"vm: [0-9a-f-]{36}\n", r.stderr), r.stderr
     assert x.VM.get_by_name_label("broken") == []
     assert set(x.VDI.get_all()) == vdis_before
 

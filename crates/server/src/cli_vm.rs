@@ -266,7 +266,16 @@ impl CliCtx {
             Ok::<(), CliError>(())
         }
         .await;
-        if let Err(e) = finish {
+        if let Err(mut e) = finish {
+            // Named by uuid now: the objects the error names may go with
+            // the undo.
+            if let CliError::Api(a) = &mut e {
+                for p in a.params.iter_mut() {
+                    if p.starts_with("OpaqueRef:") && p != NULL_REF {
+                        *p = self.uuid_of(p);
+                    }
+                }
+            }
             let _ = self.uninstall(&new).await;
             return Err(e);
         }
