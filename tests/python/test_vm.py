@@ -568,6 +568,10 @@ def test_xe_vm_commands(daemon, guest, tmp_path):
     r = daemon.xe("console", "vm=xe-vm")
     assert r.returncode == 1 and "No text console available" in r.stderr, (r.stdout, r.stderr)
     if scope:
+        # Removed once init has reaped the exited QEMU.
+        deadline = time.time() + 10
+        while os.path.exists(scope) and time.time() < deadline:
+            time.sleep(0.1)
         assert not os.path.exists(scope)
 
 

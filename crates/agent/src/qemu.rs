@@ -1043,8 +1043,24 @@ fn join_cgroup(uuid: &str, pid: i32) {
 }
 
 /// Removes the VM's cgroup once its QEMU is gone (rmdir of an empty group).
+/// An exited QEMU stays in the group until its parent (init, as QEMU
+/// daemonizes) reaps it, so a busy group is retried in the background.
 fn leave_cgroup(uuid: &str) {
-    if let Some(dir) = cgroup_dir(uuid) {
-        let _ = std::fs::remove_dir(dir);
+    let Some(dir) = cgroup_dir(uuid) else {
+        return;
+    };
+    if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+        return;
     }
+    let _ = std::thread::Builder::new()
+        .name("cgroup-rmdir".into())
+        .spawn(move || {
+            for _ in 0..200 {
+                std::thread::sleep(Duration::from_millis(50));
+                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                    return;
+                }
+            }
+            tracing::warn!(cgroup = %dir.display(), "cgroup still busy 10 s after its QEMU exited");
+        });
 }
