@@ -808,18 +808,21 @@ def test_kill9_mid_suspend_and_mid_copy_undoes_them(daemon, guest):
     x = s.xenapi
     local = x.pool.get_default_SR(x.pool.get_all()[0])
     vm = make_vm(x, guest, "crashy", cd=False)
+    big = str(512 << 20)
+    x.VM.set_memory_limits(vm, big, big, big, big)
     x.VM.start(vm, False, False)
     con = Console(daemon, x, s._session, vm)
     con.expect("corral-guest: ready")
-    # Guest memory full of random data, so the suspend stream takes a while.
-    assert guest_shell(con, "dd if=/dev/urandom of=/tmp/fill bs=1M count=100 2>/dev/null", "fill",
+    # Guest memory full of random data, so the suspend stream takes a while
+    # (about a second here).
+    assert guest_shell(con, "dd if=/dev/urandom of=/tmp/fill bs=1M count=220 2>/dev/null", "fill",
                        timeout=120).group(1) == b"0"
     con.close()
     task = x.Async.VM.suspend(vm)
     deadline = time.time() + 10
     while not x.VM.get_current_operations(vm) and time.time() < deadline:
         time.sleep(0.02)
-    time.sleep(0.3)
+    time.sleep(0.1)
     assert x.task.get_status(task) == "pending"
     daemon.kill9()
     daemon.start()
