@@ -353,29 +353,37 @@ def test_full_filesystem_is_a_clean_error(daemon, tmp_path):
 
 def test_kill9_mid_clone_then_scan_is_consistent(tmp_path):
     d = Daemon(tmp_path / "state").start()
-    x = login(d).xenapi
-    sr = local_sr(x)
-    a = make_vdi(x, sr, 64 * MiB)
-    write_pattern(vdi_path(x, a), 0x77)
-    before = digest(vdi_path(x, a))
-    s = login(d)
-    tasks = [s.xenapi.Async.VDI.clone(a, {}) for _ in range(6)]
-    time.sleep(0.05)
-    d.kill9()
-    d.start()
-    x = login(d).xenapi
-    x.SR.scan(sr)
-    recs = x.VDI.get_all_records()
-    locs = {r["location"] for r in recs.values()}
-    files = {f[:-6] if f.endswith(".qcow2") else f for f in os.listdir(tmp_path / "state" / "local-sr")
-             if not f.startswith(".")}
-    assert files == locs, (files, locs)
-    assert digest(vdi_path(x, a)) == before
-    for v, r in recs.items():
-        if r["managed"]:
-            assert digest(vdi_path(x, v)) == before
-    # Tasks are volatile, as in XAPI: gone after the restart.
-    assert not set(tasks) & set(x.task.get_all())
+    try:
+        x = login(d).xenapi
+        sr = local_sr(x)
+        a = make_vdi(x, sr, 64 * MiB)
+        write_pattern(vdi_path(x, a), 0x77)
+        before = digest(vdi_path(x, a))
+        s = login(d)
+        tasks = [s.xenapi.Async.VDI.clone(a, {}) for _ in range(6)]
+        time.sleep(0.05)
+        d.kill9()
+        d.start()
+        x = login(d).xenapi
+        x.SR.scan(sr)
+        recs = x.VDI.get_all_records()
+        locs = {r["location"] for r in recs.values()}
+        files = {f[:-6] if f.endswith(".qcow2") else f for f in os.listdir(tmp_path / "state" / "local-sr")
+                 if not f.startswith(".")}
+        assert files == locs, (files, locs)
+        assert digest(vdi_path(x, a)) == before
+        for v, r in recs.items():
+            if r["managed"]:
+                assert digest(vdi_path(x, v)) == before
+        # Tasks are volatile, as in XAPI: gone after the restart.
+        assert not set(tasks) & set(x.task.get_all())
+        # The clones' operations died with the old process: nothing stays
+        # blocked, and the VDI clones again.
+        assert x.SR.get_current_operations(sr) == {} and x.VDI.get_current_operations(a) == {}
+        assert "clone" in x.VDI.get_allowed_operations(a)
+        x.VDI.clone(a, {})
+    finally:
+        d.stop()
 
 
 @pytest.mark.skipif(not shutil.which("genisoimage") and not shutil.which("xorriso"), reason="genisoimage missing")
