@@ -618,10 +618,7 @@ impl HostAgent for QemuAgent {
                         }
                     }
                     if cfg.memory_target > 0 && cfg.memory_target < cfg.memory {
-                        let _ = at
-                            .qmp
-                            .execute("balloon", json!({"value": cfg.memory_target}))
-                            .await;
+                        let _ = self.set_balloon(&cfg.uuid, cfg.memory_target).await;
                     }
                     Ok(pid as i64)
                 }

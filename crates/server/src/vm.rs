@@ -68,6 +68,13 @@ fn power(st: &corral_db::State, vm: &str) -> String {
     st.get_str(field::vm::POWER_STATE, vm).unwrap_or_default()
 }
 
+/// The VM has a QEMU on this host: Running or Paused, resident here.
+fn live_here(s: &Server, st: &corral_db::State, vm: &str) -> bool {
+    let p = power(st, vm);
+    (p == "Running" || p == "Paused")
+        && st.get_str(field::vm::RESIDENT_ON, vm).as_deref() == Some(s.host_ref.as_str())
+}
+
 /// A map field as read from the database (absent: empty).
 fn strmap(v: Option<Value>) -> BTreeMap<String, String> {
     v.map(|v| crate::storage::strmap(&v)).unwrap_or_default()
@@ -467,10 +474,7 @@ pub fn host_free_memory(s: &Server, st: &corral_db::State) -> (i64, i64) {
     let total = int(st, field::host_metrics::MEMORY_TOTAL, &metrics);
     let mut used = HOST_RESERVE;
     for vm in st.refs(class::VM) {
-        let p = power(st, vm);
-        if (p == "Running" || p == "Paused")
-            && st.get_str(field::vm::RESIDENT_ON, vm).as_deref() == Some(s.host_ref.as_str())
-        {
+        if live_here(s, st, vm) {
             let m = int(st, field::vm::MEMORY_STATIC_MAX, vm);
             used += m + s.agent.memory_overhead(m);
         }
@@ -1437,12 +1441,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
     let mine: Vec<(String, String, String)> = {
         let st = s.db.read();
         st.refs(class::VM)
-            .filter(|vm| {
-                let p = power(&st, vm);
-                (p == "Running" || p == "Paused")
-                    && st.get_str(field::vm::RESIDENT_ON, vm).as_deref()
-                        == Some(s.host_ref.as_str())
-            })
+            .filter(|vm| live_here(s, &st, vm))
             .map(|vm| (vm.clone(), vm_uuid(&st, vm), power(&st, vm)))
             .collect()
     };
@@ -1642,9 +1641,7 @@ pub(crate) fn plugged_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
             return None;
         }
         let vm = st.get_str(field::vbd::VM, vbd)?;
-        let p = power(&st, &vm);
-        let here = st.get_str(field::vm::RESIDENT_ON, &vm).as_deref() == Some(s.host_ref.as_str());
-        ((p == "Running" || p == "Paused") && here).then(|| {
+        live_here(s, &st, &vm).then(|| {
             (
                 vm_uuid(&st, &vm),
                 st.get_str(field::vbd::UUID, vbd).unwrap_or_default(),
@@ -2050,11 +2047,7 @@ async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
         }
         return Err(e);
     }
-    db(s.db.write(|t| {
-        let mut oc = strmap(t.state().get(field::vm::OTHER_CONFIG, &vm));
-        oc.remove("disks");
-        t.set(field::vm::OTHER_CONFIG, &vm, to_value(&oc))
-    }))?;
+    set_other_config_key(&s, &vm, "disks", None)?;
     void()
 }
 
@@ -2148,12 +2141,10 @@ async fn set_memory(
     // A running VM follows its new dynamic_max through the balloon.
     let (uuid, target, live) = {
         let st = s.db.read();
-        let p = power(&st, vm);
-        let here = st.get_str(field::vm::RESIDENT_ON, vm).as_deref() == Some(s.host_ref.as_str());
         (
             vm_uuid(&st, vm),
             int(&st, field::vm::MEMORY_DYNAMIC_MAX, vm),
-            (p == "Running" || p == "Paused") && here,
+            live_here(s, &st, vm),
         )
     };
     if live && dmax.is_some() {
@@ -2197,11 +2188,8 @@ async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let mut vms: Vec<(i64, String)> = {
         let st = s.db.read();
         st.refs(class::VM)
-            .filter(|vm| {
-                let p = power(&st, vm);
-                (p == "Running" || p == "Paused")
-                    && st.get_str(field::vm::RESIDENT_ON, vm).as_deref() == Some(host.as_str())
-            })
+            // `host` is this host (checked above).
+            .filter(|vm| live_here(&s, &st, vm))
             .map(|vm| (int(&st, field::vm::ORDER, vm), vm.clone()))
             .collect()
     };
