@@ -13,6 +13,9 @@ else
   cargo test --workspace
 fi
 
+# The fuzz targets (HTTP heads, XML-RPC, JSON-RPC), a bounded run each.
+./scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
+
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi

@@ -28,6 +28,9 @@ class Daemon:
         self.https_port = free_port()
         self.proc = None
         self.extra_config = ""   # more `key = value` lines for corrald's --config
+        self.log_level = "warn"
+        # The test guest's kernel is booted from where the build script keeps it.
+        self.boot_dirs = os.environ.get("CORRAL_GUEST_DIR", os.path.expanduser("~/.cache/corral/guest"))
 
     @property
     def socket(self):
@@ -41,16 +44,21 @@ class Daemon:
     def https(self):
         return f"https://127.0.0.1:{self.https_port}"
 
-    def start(self):
+    def start(self, umask=None):
         cfg = os.path.join(self.state_dir, "test.conf")
         os.makedirs(self.state_dir, exist_ok=True)
         with open(cfg, "w") as f:
-            f.write("failed-login-delay-ms = 10\nlogin-failures-per-minute = 1000\naccel = tcg\n" + self.extra_config)
-        env = dict(os.environ, CORRAL_ROOT_PASSWORD=ROOT_PASSWORD, CORRAL_LOG="warn")
+            # The first mention of a key wins: the test's own lines come first.
+            f.write(self.extra_config + "failed-login-delay-ms = 10\nlogin-failures-per-minute = 1000\n"
+                    f"accel = tcg\nboot-dirs = {self.boot_dirs}\n")
+        env = dict(os.environ, CORRAL_ROOT_PASSWORD=ROOT_PASSWORD, CORRAL_LOG=self.log_level)
+        old_umask = None if umask is None else os.umask(umask)
         self.proc = subprocess.Popen(
             [CORRALD, "--state-dir", self.state_dir, "--listen", f"127.0.0.1:{self.http_port}",
              "--tls-listen", f"127.0.0.1:{self.https_port}", "--config", cfg],
             env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.state_dir, "stderr"), "a"))
+        if old_umask is not None:
+            os.umask(old_umask)
         deadline = time.time() + 20
         while time.time() < deadline:
             try:

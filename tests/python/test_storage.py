@@ -261,7 +261,9 @@ def test_legacy_sr_upgrade(daemon, tmp_path):
     assert failure(x.VDI.clone, v, {}) == ["SR_REQUIRES_UPGRADE", sr]
     # New disks on a legacy SR are raw, like the old ones.
     n = make_vdi(x, sr, 4 * MiB)
-    assert x.VDI.get_sm_config(n)["image-format"] == "raw"
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", vdi_path(x, n)], check=True,
+                                     capture_output=True).stdout)
+    assert info["format"] == "raw" and "image-format" not in x.VDI.get_sm_config(n)
 
     r = daemon.xe("sr-upgrade", f"uuid={x.SR.get_uuid(sr)}", check=0)
     assert r.stdout.strip() == f"SR {x.SR.get_uuid(sr)} successfully upgraded"

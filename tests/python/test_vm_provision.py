@@ -210,6 +210,7 @@ def test_readme_quick_start_runs(daemon, tmp_path):
     block = readme[start:readme.index("\n\n", start)]
     lines = [ln[4:] for ln in block.split("\n") if not ln.lstrip().startswith("xe console")]
     script = "\n".join(lines).replace("$HOME/.cache/corral/guest", GUEST_DIR)
+    script = script.replace("/var/lib/corral", daemon.state_dir)
     script = script.replace("scripts/build-test-guest.sh", os.path.join(os.path.dirname(__file__), "..", "..",
                                                                          "scripts", "build-test-guest.sh"))
     bindir = tmp_path / "bin"
@@ -242,6 +243,9 @@ def test_sim_host_driver_says_so(tmp_path):
         tpl = x.VM.get_by_name_label("Linux direct kernel boot")[0]
         vm = x.VM.clone(tpl, "simulated")
         x.VM.set_is_a_template(vm, False)
+        kernel = os.path.join(d.state_dir, "boot", "vmlinuz")   # never read by the simulator
+        open(kernel, "wb").close()
+        x.VM.set_PV_kernel(vm, kernel)
         x.VM.start(vm, False, False)
         assert x.VM.get_power_state(vm) == "Running"
         assert failure(x.VM.start, vm, False, False) == ["VM_BAD_POWER_STATE", vm, "halted", "running"]

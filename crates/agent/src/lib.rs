@@ -48,6 +48,13 @@ pub struct Drive {
     pub cdrom: bool,
 }
 
+/// A CD's new medium: the image and the format to open it in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Medium {
+    pub path: String,
+    pub format: String,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub enum Boot {
     /// Direct kernel boot (XenServer's PV_kernel / PV_ramdisk / PV_args).
@@ -179,7 +186,8 @@ pub trait HostAgent: Send + Sync {
     /// Grows a plugged drive's image to `size` bytes while the guest runs.
     fn drive_resize(&self, vm: &str, id: &str, size: i64) -> AgentFut<'_, ()>;
     /// Inserts (`Some`) or ejects (`None`) a CD's medium.
-    fn cd_change(&self, vm: &str, id: &str, path: Option<String>) -> AgentFut<'_, ()>;
+    /// Puts `medium` into (or, with `None`, ejects the medium of) CD drive `id`.
+    fn cd_change(&self, vm: &str, id: &str, medium: Option<Medium>) -> AgentFut<'_, ()>;
     fn stats(&self, vm: &str) -> AgentFut<'_, GuestStats>;
     fn events(&self) -> broadcast::Receiver<(String, VmEvent)>;
     fn serial(&self, vm: &str) -> Result<SerialConsole, AgentError>;

@@ -13,7 +13,7 @@
 
 use crate::qmp::{Qmp, QmpEvent, ga_call};
 use crate::{
-    AgentError, AgentFut, Boot, Drive, GuestStats, HostAgent, RunState, SERIAL_REPLAY,
+    AgentError, AgentFut, Boot, Drive, GuestStats, HostAgent, Medium, RunState, SERIAL_REPLAY,
     SerialConsole, VmConfig, VmEvent,
 };
 use serde::{Deserialize, Serialize};
@@ -860,17 +860,17 @@ impl HostAgent for QemuAgent {
         })
     }
 
-    fn cd_change(&self, vm: &str, id: &str, path: Option<String>) -> AgentFut<'_, ()> {
+    fn cd_change(&self, vm: &str, id: &str, medium: Option<Medium>) -> AgentFut<'_, ()> {
         let (vm, id) = (vm.to_owned(), id.to_owned());
         Box::pin(async move {
             let at = self.attached(&vm)?;
             let qdev = format!("vbd-{id}");
-            match path {
-                Some(p) => {
+            match medium {
+                Some(m) => {
                     at.qmp
                         .execute(
                             "blockdev-change-medium",
-                            json!({"id": qdev, "filename": p, "format": "raw", "read-only-mode": "read-only"}),
+                            json!({"id": qdev, "filename": m.path, "format": m.format, "read-only-mode": "read-only"}),
                         )
                         .await?;
                 }

@@ -4,7 +4,8 @@
 //! when no QEMU is installed.
 
 use crate::{
-    AgentError, AgentFut, Drive, GuestStats, HostAgent, RunState, SerialConsole, VmConfig, VmEvent,
+    AgentError, AgentFut, Drive, GuestStats, HostAgent, Medium, RunState, SerialConsole, VmConfig,
+    VmEvent,
 };
 use std::path::PathBuf;
 use tokio::sync::{broadcast, mpsc};
@@ -141,10 +142,10 @@ impl HostAgent for SimAgent {
         });
         Box::pin(async move { r })
     }
-    fn cd_change(&self, vm: &str, id: &str, path: Option<String>) -> AgentFut<'_, ()> {
+    fn cd_change(&self, vm: &str, id: &str, medium: Option<Medium>) -> AgentFut<'_, ()> {
         let r = self.load(vm).and_then(|(mut cfg, st)| {
             for d in cfg.drives.iter_mut().filter(|d| d.id == id) {
-                d.path = path.clone();
+                d.path = medium.as_ref().map(|m| m.path.clone());
             }
             self.store(&cfg, st)
         });

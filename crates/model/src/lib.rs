@@ -9,6 +9,7 @@
 
 pub mod date;
 pub mod error;
+pub mod http;
 pub mod jsonrpc;
 pub mod reference;
 pub mod schema;

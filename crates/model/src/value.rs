@@ -218,11 +218,14 @@ pub fn coerce(v: Value, ty: &Ty, name: &str) -> Result<Value, ApiError> {
             Some(t) => Ok(Value::DateTime(date::format(t))),
             None => Err(ApiError::new("INVALID_VALUE", [name.to_owned(), s])),
         },
+        // Duplicates go in one pass (a hash of what was seen), so a request
+        // costs time linear in its size.
         (Ty::Set(inner), Value::Array(items)) => {
             let mut out: Vec<Value> = Vec::with_capacity(items.len());
+            let mut seen = std::collections::HashSet::with_capacity(items.len());
             for i in items {
                 let c = coerce(i, inner, name)?;
-                if !out.contains(&c) {
+                if seen.insert(c.db_string()) {
                     out.push(c);
                 }
             }
@@ -230,15 +233,19 @@ pub fn coerce(v: Value, ty: &Ty, name: &str) -> Result<Value, ApiError> {
         }
         (Ty::Map(kt, vt), Value::Struct(items)) => {
             let mut out: Vec<(String, Value)> = Vec::with_capacity(items.len());
+            let mut at = std::collections::HashMap::with_capacity(items.len());
             for (k, v) in items {
                 let k = match coerce(Value::String(k), kt, name)? {
                     Value::String(s) => s,
                     other => other.db_string(),
                 };
                 let v = coerce(v, vt, name)?;
-                match out.iter_mut().find(|(ek, _)| *ek == k) {
-                    Some(slot) => slot.1 = v,
-                    None => out.push((k, v)),
+                match at.get(&k) {
+                    Some(&i) => out[i] = (k, v),
+                    None => {
+                        at.insert(k.clone(), out.len());
+                        out.push((k, v));
+                    }
                 }
             }
             Ok(Value::Struct(out))

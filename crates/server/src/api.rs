@@ -41,6 +41,7 @@ pub struct Ctx {
     pub session: String,
     pub role: Role,
     pub user: String,
+    pub user_ref: String,
     /// The task this call reports to, if any.
     pub task: Option<String>,
 }
@@ -104,6 +105,11 @@ pub struct Config {
     /// A block device for the "Local storage" SR made at first start (an
     /// `ext` SR); none: a `file` SR under the state directory.
     pub local_sr_device: Option<String>,
+    /// Directories `PV-kernel`/`PV-ramdisk` may name files in, besides
+    /// `<state-dir>/boot` and local ISO libraries.
+    pub boot_dirs: Vec<std::path::PathBuf>,
+    /// Connection bounds (see `http.rs`).
+    pub limits: crate::http::Limits,
 }
 
 impl Default for Config {
@@ -118,6 +124,8 @@ impl Default for Config {
             qemu_binary: "qemu-system-x86_64".into(),
             clean_shutdown_timeout: std::time::Duration::from_secs(1200),
             local_sr_device: None,
+            boot_dirs: Vec::new(),
+            limits: Default::default(),
         }
     }
 }
@@ -143,6 +151,14 @@ pub struct Server {
     pub agent: Arc<dyn corral_agent::HostAgent>,
     /// VM uuids whose guest shutdown an operation is waiting for.
     pub(crate) expected_shutdowns: Mutex<std::collections::HashSet<String>>,
+    /// Who made each task (tasks are volatile, like this table).
+    task_owners: Mutex<HashMap<String, TaskOwner>>,
+    /// Open connections, bounded by `config.limits`.
+    pub conns: Arc<crate::http::ConnGate>,
+    /// The certificate the TLS listeners serve (none without TCP listeners).
+    pub tls_cert: std::sync::OnceLock<Arc<crate::tls::HostCert>>,
+    /// `<state-dir>/audit.log`.
+    audit: Option<crate::audit::Audit>,
 }
 
 /// Picks the host agent. The simulator is used only when asked for, or
@@ -211,6 +227,7 @@ impl Server {
         state_dir: std::path::PathBuf,
     ) -> Arc<Server> {
         let events = EventHub::new(db.read().generation());
+        let state_dir_for_audit = state_dir.clone();
         let agent = make_agent(&config, &state_dir);
         let server = Arc::new(Server {
             agent,
@@ -227,6 +244,12 @@ impl Server {
             state_dir,
             record_sizes: CLASSES.iter().map(|_| Default::default()).collect(),
             sr_locks: Mutex::new(HashMap::new()),
+            conns: Default::default(),
+            task_owners: Mutex::new(HashMap::new()),
+            tls_cert: std::sync::OnceLock::new(),
+            audit: crate::audit::Audit::open(&state_dir_for_audit)
+                .inspect_err(|e| tracing::warn!(error = %e, "no audit log"))
+                .ok(),
         });
         let hub = server.events.sender();
         server.db.set_commit_hook(move |g| {
@@ -401,11 +424,16 @@ impl Server {
                     mk(vec![self_param(name)], Role::ReadOnly, false, Kind::Get(f))
                 } else if let Some(f) = field_op("set_").filter(|f| f.def().set_role.is_some()) {
                     let d = f.def();
+                    // A setter with checks of its own (VBD.set_mode).
+                    let kind = match self.handlers.get(&format!("{name}.set_{}", d.name)) {
+                        Some(h) => Kind::Custom(*h),
+                        None => Kind::Set(f),
+                    };
                     mk(
                         vec![self_param(name), ("value", d.ty, None)],
                         d.set_role.unwrap_or(Role::PoolAdmin),
                         false,
-                        Kind::Set(f),
+                        kind,
                     )
                 } else if let Some(f) = field_op("add_to_").filter(|f| f.def().ops_role.is_some()) {
                     let Ty::Map(k, v) = f.def().ty else {
@@ -541,7 +569,112 @@ impl Server {
     }
 
     /// [`Server::call`], leaving large replies for the transport to encode.
+    /// Failed calls are logged and calls that change state are audited.
     pub async fn call_reply(
+        self: &Arc<Self>,
+        method: &str,
+        params: Vec<Value>,
+        caller: &Caller,
+    ) -> Result<Reply, ApiError> {
+        let wire = method.strip_prefix("Async.").unwrap_or(method);
+        let audited = crate::audit::changes_state(wire);
+        let login = matches!(
+            wire,
+            "session.login_with_password" | "session.slave_local_login_with_password"
+        );
+        let first = params.first().and_then(Value::as_str).unwrap_or_default();
+        // Who, for calls after which it cannot be looked up any more.
+        let user_before = if login {
+            Some(first.to_owned())
+        } else if wire == "session.logout" {
+            self.sessions.with(first, |i| i.user_name.clone())
+        } else {
+            None
+        };
+        let session = (!login).then(|| first.to_owned());
+        let objects = if audited {
+            self.describe_objects(&crate::audit::objects_of(params.get(1..).unwrap_or(&[])))
+        } else {
+            Vec::new()
+        };
+        let out = self.dispatch(method, params, caller).await;
+        if out.is_ok() && !audited {
+            return out;
+        }
+        let user = user_before
+            .or_else(|| {
+                session
+                    .as_deref()
+                    .and_then(|s| self.sessions.with(s, |i| i.user_name.clone()))
+            })
+            .unwrap_or_default();
+        let source = if caller.origin.local_root {
+            "unix-socket".to_owned()
+        } else {
+            caller
+                .origin
+                .addr
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        };
+        let outcome = out.as_ref().map(|_| ()).map_err(Clone::clone);
+        if let Err(e) = &outcome {
+            self.log_failed_call(method, &user, &source, e);
+        }
+        if audited {
+            if let Some(a) = &self.audit {
+                a.record(&crate::audit::CallRecord {
+                    method,
+                    user: &user,
+                    source: &source,
+                    objects: &objects,
+                    outcome: &outcome,
+                });
+            }
+        }
+        out
+    }
+
+    /// `class/uuid` for each ref (the ref itself when it names nothing).
+    fn describe_objects(&self, refs: &[String]) -> Vec<String> {
+        if refs.is_empty() {
+            return Vec::new();
+        }
+        let st = self.db.read();
+        refs.iter()
+            .map(|r| {
+                ClassId::all()
+                    .into_iter()
+                    .filter(|c| c.def().in_db && *c != class::SESSION)
+                    .find(|c| st.exists(*c, r))
+                    .map(|c| {
+                        let uuid = st.get_str(uuid_field(c), r).unwrap_or_default();
+                        format!("{}/{uuid}", c.name())
+                    })
+                    .unwrap_or_else(|| r.clone())
+            })
+            .collect()
+    }
+
+    /// A failed call in corrald.log: method, code, user, source (never the
+    /// parameters). Failures anyone can cause without a session are logged
+    /// at most once a second.
+    fn log_failed_call(&self, method: &str, user: &str, source: &str, e: &ApiError) {
+        static UNAUTHENTICATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let anonymous = user.is_empty() || e.code == "SESSION_AUTHENTICATION_FAILED";
+        if anonymous && !crate::logsafe::once_per(&UNAUTHENTICATED, 1) {
+            return;
+        }
+        tracing::info!(
+            call = %crate::logsafe::name(method),
+            code = %e.code,
+            user = %crate::logsafe::name(user),
+            source,
+            "call failed"
+        );
+    }
+
+    async fn dispatch(
         self: &Arc<Self>,
         method: &str,
         params: Vec<Value>,
@@ -602,6 +735,7 @@ impl Server {
                 session: s,
                 role: info.role,
                 user: info.user_name.clone(),
+                user_ref: info.user_ref.clone(),
                 task: None,
             }
         } else {
@@ -609,6 +743,7 @@ impl Server {
                 session: String::new(),
                 role: Role::ReadOnly,
                 user: String::new(),
+                user_ref: String::new(),
                 task: None,
             }
         };
@@ -642,6 +777,16 @@ impl Server {
                 typed.push(Value::String(caller.originator.clone().unwrap_or_default()));
             }
         }
+        // A task is changed, cancelled or destroyed only by its owner (or a
+        // pool-operator and above), whichever message does it.
+        let changes_task = matches!(
+            res.kind,
+            Kind::Set(_) | Kind::MapAdd(_) | Kind::MapRemove(_)
+        ) || matches!(res.wire.as_str(), "task.destroy" | "task.cancel");
+        if res.class == class::TASK && changes_task {
+            let task = typed.first().and_then(Value::as_str).unwrap_or_default();
+            self.check_task_owner(&ctx, task, &res.wire)?;
+        }
         if is_async_call {
             let task = self.task_create(&res.wire, "", &ctx.session, true)?;
             let server = Arc::clone(self);
@@ -666,7 +811,7 @@ impl Server {
             let mut tctx = ctx.clone();
             tctx.task = Some(task.clone());
             let out = self.run(&res, &tctx, typed).await;
-            let _ = self.db.write(|t| t.delete(class::TASK, &task));
+            self.task_destroy(&task);
             return out.map(Reply::Value);
         }
         self.run(&res, &ctx, typed).await.map(Reply::Value)
@@ -893,8 +1038,162 @@ impl Server {
                 )
             })
             .map_err(db_err)?;
-        let _ = session;
+        let user = self
+            .sessions
+            .with(session, |i| i.user_name.clone())
+            .unwrap_or_default();
+        if let Ok(mut o) = self.task_owners.lock() {
+            o.insert(
+                reference.clone(),
+                TaskOwner {
+                    session: session.to_owned(),
+                    user,
+                    client: false,
+                },
+            );
+        }
         Ok(reference)
+    }
+
+    /// `task.create`: a client's own task, at most [`TASKS_PER_SESSION`]
+    /// per session and [`TASKS_PER_USER`] per user alive at once.
+    pub fn client_task_create(&self, ctx: &Ctx, label: &str, description: &str) -> ApiResult {
+        if let Ok(o) = self.task_owners.lock() {
+            let mine = |t: &&TaskOwner| t.client && t.session == ctx.session;
+            let users = |t: &&TaskOwner| t.client && t.user == ctx.user;
+            if o.values().filter(mine).count() >= TASKS_PER_SESSION
+                || o.values().filter(users).count() >= TASKS_PER_USER
+            {
+                return Err(ApiError::code("TOO_MANY_PENDING_TASKS"));
+            }
+        }
+        let t = self.task_create(label, description, &ctx.session, true)?;
+        if let Ok(mut o) = self.task_owners.lock() {
+            if let Some(owner) = o.get_mut(&t) {
+                owner.client = true;
+            }
+        }
+        Ok(Value::String(t))
+    }
+
+    /// Whether `ctx` may change, cancel or destroy `task`: its own (same
+    /// session or same user), or anyone's for a pool-operator and above.
+    pub fn check_task_owner(&self, ctx: &Ctx, task: &str, wire: &str) -> Result<(), ApiError> {
+        if ctx.role.allows(Role::PoolOperator) || ctx.session.is_empty() {
+            return Ok(());
+        }
+        if self.owns_task(&ctx.session, &ctx.user, task)
+            || !self.db.read().exists(class::TASK, task)
+        {
+            return Ok(());
+        }
+        let holders: Vec<&str> = Role::holders(Role::PoolOperator)
+            .iter()
+            .map(|r| r.name())
+            .collect();
+        Err(ApiError::new(
+            "RBAC_PERMISSION_DENIED",
+            [
+                format!("{}/any", wire.to_lowercase()),
+                format!(
+                    "No permission in user session. (Roles with this permission: {})",
+                    holders.join(", ")
+                ),
+            ],
+        ))
+    }
+
+    /// `task` was made by `session` or by user `user`.
+    pub fn owns_task(&self, session: &str, user: &str, task: &str) -> bool {
+        self.task_owners
+            .lock()
+            .ok()
+            .and_then(|o| o.get(task).cloned())
+            .is_some_and(|o| o.session == session || (!o.user.is_empty() && o.user == user))
+    }
+
+    /// Removes a task record and its owner entry.
+    pub fn task_destroy(&self, task: &str) {
+        if let Ok(mut o) = self.task_owners.lock() {
+            o.remove(task);
+        }
+        let _ = self.db.write(|t| {
+            if t.state().exists(class::TASK, task) {
+                t.delete(class::TASK, task)?;
+            }
+            Ok(())
+        });
+    }
+
+    /// A session ended (logout, expiry, revocation): its record goes, and
+    /// so do its tasks, but for those an operation is still working on,
+    /// which go when they finish.
+    pub fn session_ended(&self, session: &str) {
+        let tasks: Vec<String> = self
+            .task_owners
+            .lock()
+            .map(|o| {
+                o.iter()
+                    .filter(|(_, t)| t.session == session)
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let running: Vec<String> = tasks
+            .iter()
+            .filter(|t| self.task_has_worker(t))
+            .cloned()
+            .collect();
+        if let Ok(mut o) = self.task_owners.lock() {
+            for t in &tasks {
+                if !running.contains(t) {
+                    o.remove(t);
+                }
+            }
+        }
+        let _ = self.db.write(|t| {
+            if t.state().exists(class::SESSION, session) {
+                t.delete(class::SESSION, session)?;
+            }
+            for task in tasks.iter().filter(|x| !running.contains(x)) {
+                if t.state().exists(class::TASK, task) {
+                    t.delete(class::TASK, task)?;
+                }
+            }
+            Ok(())
+        });
+    }
+
+    /// XAPI's task garbage collection: finished tasks go an hour after they
+    /// finished (at once when their session is gone), pending ones that no
+    /// operation works on after a day.
+    pub fn gc_tasks(&self) {
+        let now = date::now_secs();
+        let mut dead = Vec::new();
+        {
+            let st = self.db.read();
+            for t in st.refs(class::TASK) {
+                let status = st.get_str(field::task::STATUS, t).unwrap_or_default();
+                let when = |f| st.get_str(f, t).and_then(|d| date::parse(&d)).unwrap_or(0);
+                let session_alive = self
+                    .task_owners
+                    .lock()
+                    .ok()
+                    .and_then(|o| o.get(t).map(|o| o.session.clone()))
+                    .is_some_and(|s| s.is_empty() || self.sessions.exists(&s));
+                let expired = if status == "pending" {
+                    !self.task_has_worker(t) && now - when(field::task::CREATED) > 24 * 3600
+                } else {
+                    !session_alive || now - when(field::task::FINISHED) > 3600
+                };
+                if expired {
+                    dead.push(t.clone());
+                }
+            }
+        }
+        for t in dead {
+            self.task_destroy(&t);
+        }
     }
 
     pub fn task_progress(&self, task: &str, progress: f64) {
@@ -959,6 +1258,19 @@ impl Server {
             }
         });
     }
+}
+
+/// Client-made tasks (`task.create`) alive at once, per session and per user.
+pub const TASKS_PER_SESSION: usize = 100;
+pub const TASKS_PER_USER: usize = 1000;
+
+#[derive(Clone, Debug)]
+struct TaskOwner {
+    /// The session that made it ("" for corrald's own).
+    session: String,
+    user: String,
+    /// Made by `task.create`.
+    client: bool,
 }
 
 /// Derived fields that a generic setter's change affects (a VM's

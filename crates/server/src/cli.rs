@@ -44,6 +44,12 @@ const fn cmd(
 
 pub const COMMANDS: &[CommandSpec] = &[
     cmd(
+        "host-refresh-server-certificate",
+        "",
+        "host",
+        "Replace the host's self-signed TLS certificate with a new one (valid ten years); new connections see it at once.",
+    ),
+    cmd(
         "host-shutdown-vms",
         "",
         "",
@@ -523,9 +529,7 @@ async fn transfer<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 .map(|a| a.iter().map(|x| x.db_string()).collect::<Vec<_>>())
         })
         .unwrap_or_default();
-    let _ = server
-        .db
-        .write(|t| t.delete(corral_model::class::TASK, task));
+    server.task_destroy(task);
     logout(server, session, origin).await;
     let ctx = CliCtx {
         server: Arc::clone(server),
@@ -1124,6 +1128,14 @@ impl CliCtx {
                     vec![Value::String(arg("old")), Value::String(arg("new"))],
                 )
                 .await?;
+            }
+            "host-refresh-server-certificate" => {
+                let host = match cmd.get("host") {
+                    Some(_) => self.ref_of(class::HOST, cmd, "host").await?,
+                    None => self.server.host_ref.clone(),
+                };
+                self.call("host.refresh_server_certificate", vec![Value::str(&host)])
+                    .await?;
             }
             "user-create" => {
                 let r = self

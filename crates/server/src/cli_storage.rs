@@ -68,7 +68,12 @@ fn boolean(cmd: &Cmd, k: &str, default: bool) -> Result<bool, CliError> {
 
 impl CliCtx {
     /// The ref of the object of `class` with the uuid in parameter `param`.
-    async fn ref_of(&self, c: ClassId, cmd: &Cmd, param: &str) -> Result<String, CliError> {
+    pub(crate) async fn ref_of(
+        &self,
+        c: ClassId,
+        cmd: &Cmd,
+        param: &str,
+    ) -> Result<String, CliError> {
         let Some(uuid) = cmd.get(param) else {
             return text(format!("Required parameter not found: {param}"));
         };

@@ -254,6 +254,11 @@ pub fn register(server: &Server, ctx: &Ctx, classes: Vec<String>, add: bool) -> 
         let (mut subs, cursor) = info.registered.take().unwrap_or((vec![], g));
         for c in classes {
             let c = c.to_lowercase();
+            // Only what can match is kept: "*" and class names, so a
+            // session's list stays bounded by the datamodel.
+            if add && c != "*" && ClassId::by_lower_name(&c).is_none() {
+                continue;
+            }
             if add {
                 if !subs.contains(&c) {
                     subs.push(c);

@@ -24,19 +24,26 @@ pub fn table() -> HashMap<String, Handler> {
         s.sessions.logout(s, &c.session);
         void()
     });
-    sync("session.change_password", change_password);
+    sync("user.destroy", user_destroy);
+    sync("host.refresh_server_certificate", |s, _, _| {
+        refresh_certificate(s)
+    });
+    sync("host.emergency_reset_server_certificate", |s, _, _| {
+        refresh_certificate(s)
+    });
+    sync("user.create", user_create);
     sync("task.destroy", |s, _, p| {
         let r = pstr(&mut p.into_iter());
-        s.db.write(|t| t.delete(class::TASK, &r))
-            .map_err(ApiError::from)?;
+        if !s.db.read().exists(class::TASK, &r) {
+            return Err(ApiError::handle_invalid("task", &r));
+        }
+        s.task_destroy(&r);
         void()
     });
     sync("task.create", |s, c, p| {
         let mut p = p.into_iter();
         let (label, descr) = (pstr(&mut p), pstr(&mut p));
-        Ok(Value::String(
-            s.task_create(&label, &descr, &c.session, true)?,
-        ))
+        s.client_task_create(c, &label, &descr)
     });
     sync("task.cancel", |s, _, p| {
         let r = pstr(&mut p.into_iter());
@@ -104,12 +111,23 @@ pub fn table() -> HashMap<String, Handler> {
         messages_since(s, Some((&cls, &obj)), &since)
     });
     sync("user.create_local", create_local_user);
-    sync("user.set_password", |s, _, p| {
+    sync("user.set_password", |s, c, p| {
         let mut p = p.into_iter();
         let (r, pwd) = (pstr(&mut p), pstr(&mut p));
+        if !s.db.read().exists(class::USER, &r) {
+            return Err(ApiError::handle_invalid("user", &r));
+        }
+        if is_root_user(s, &r) && c.role != Role::Root {
+            return Err(ApiError::new(
+                "USER_IS_NOT_LOCAL_SUPERUSER",
+                ["only root changes root's password (session.change_password)"],
+            ));
+        }
         let h = hash_password(&pwd)?;
         s.db.write(|t| t.set(field::user::PASSWORD_HASH, &r, Value::String(h.clone())))
             .map_err(ApiError::from)?;
+        // The old password's sessions end with it (the caller's own stays).
+        s.sessions.revoke_user(s, &r, Some(&c.session));
         void()
     });
     crate::storage::register(&mut t);
@@ -133,6 +151,9 @@ pub fn table() -> HashMap<String, Handler> {
         })
     });
     asyn("event.next", |s, c, _| Box::pin(crate::events::next(s, c)));
+    asyn("session.change_password", |s, c, p| {
+        Box::pin(change_password(s, c, p))
+    });
     t
 }
 
@@ -178,25 +199,103 @@ async fn login(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
         .map(Value::String)
 }
 
-fn change_password(s: &Arc<Server>, c: &Ctx, p: Vec<Value>) -> ApiResult {
+/// A new self-signed certificate for this host, served from now on.
+fn refresh_certificate(s: &Arc<Server>) -> ApiResult {
+    let cert = s
+        .tls_cert
+        .get()
+        .ok_or_else(|| ApiError::internal("this host serves no TLS"))?;
+    cert.refresh()
+        .map_err(|e| ApiError::internal(format!("certificate refresh failed: {e}")))?;
+    void()
+}
+
+/// The user record named "root" (the local superuser).
+fn is_root_user(s: &Server, user: &str) -> bool {
+    s.db.read()
+        .get_str(field::user::SHORT_NAME, user)
+        .as_deref()
+        == Some("root")
+}
+
+/// `user.destroy`: never root; the user's sessions end with it.
+fn user_destroy(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
+    let r = pstr(&mut p.into_iter());
+    if !s.db.read().exists(class::USER, &r) {
+        return Err(ApiError::handle_invalid("user", &r));
+    }
+    if is_root_user(s, &r) {
+        return Err(ApiError::new(
+            "USER_IS_NOT_LOCAL_SUPERUSER",
+            ["the local superuser cannot be destroyed"],
+        ));
+    }
+    s.db.write(|t| t.delete(class::USER, &r))
+        .map_err(ApiError::from)?;
+    s.sessions.revoke_user(s, &r, None);
+    void()
+}
+
+/// Generic `user.create` with `user.create_local`'s checks: a non-empty
+/// short name, unique, never a second "root".
+fn user_create(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
+    let args = p.into_iter().next().unwrap_or(Value::Nil);
+    let given = crate::api::create_fields(class::USER, &args)?;
+    let name = given
+        .iter()
+        .find(|(i, _)| *i == field::user::SHORT_NAME.index)
+        .map(|(_, v)| v.db_string())
+        .unwrap_or_default();
+    if name.is_empty() || name == "root" {
+        return Err(ApiError::invalid_value("short_name", &name));
+    }
+    let r = new_ref();
+    s.db.write(|t| {
+        assert_unique_user(t.state(), &name)?;
+        t.create(class::USER, &r, given)
+    })
+    .map_err(ApiError::from)?;
+    Ok(Value::String(r))
+}
+
+fn assert_unique_user(st: &corral_db::State, name: &str) -> Result<(), ApiError> {
+    if st
+        .refs(class::USER)
+        .any(|u| st.get_str(field::user::SHORT_NAME, u).as_deref() == Some(name))
+    {
+        return Err(ApiError::new(
+            "DB_UNIQUENESS_CONSTRAINT_VIOLATION",
+            ["user", "short_name", name],
+        ));
+    }
+    Ok(())
+}
+
+/// `session.change_password`: the old password is checked under the same
+/// throttle as logins (keyed on the caller's user name), and the user's
+/// other sessions end.
+async fn change_password(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let mut p = p.into_iter();
     let (old, new) = (pstr(&mut p), pstr(&mut p));
-    let st = s.db.read();
-    let user = st
-        .refs(class::USER)
-        .find(|r| st.get_str(field::user::SHORT_NAME, r).as_deref() == Some(c.user.as_str()))
-        .cloned();
-    let hash = user
-        .as_ref()
-        .and_then(|u| st.get_str(field::user::PASSWORD_HASH, u));
-    drop(st);
+    let (user, hash) = {
+        let st = s.db.read();
+        let user = st
+            .refs(class::USER)
+            .find(|r| st.get_str(field::user::SHORT_NAME, r).as_deref() == Some(c.user.as_str()))
+            .cloned();
+        let hash = user
+            .as_ref()
+            .and_then(|u| st.get_str(field::user::PASSWORD_HASH, u));
+        (user, hash)
+    };
     let (Some(user), Some(hash)) = (user, hash) else {
         return Err(ApiError::new(
             "USER_IS_NOT_LOCAL_SUPERUSER",
             [c.user.as_str()],
         ));
     };
-    if !crate::sessions::verify_password(&old, &hash) {
+    let key = (None, c.user.clone());
+    if !s.sessions.verify_throttled(&s, key, Some(hash), &old).await {
         return Err(ApiError::new(
             "SESSION_AUTHENTICATION_FAILED",
             [c.user.as_str(), "Old password does not match"],
@@ -205,6 +304,7 @@ fn change_password(s: &Arc<Server>, c: &Ctx, p: Vec<Value>) -> ApiResult {
     let h = hash_password(&new)?;
     s.db.write(|t| t.set(field::user::PASSWORD_HASH, &user, Value::String(h.clone())))
         .map_err(ApiError::from)?;
+    s.sessions.revoke_user(&s, &user, Some(&c.session));
     void()
 }
 
@@ -219,15 +319,7 @@ fn create_local_user(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
     let r = new_ref();
     s.db.write(|t| {
         let st = t.state();
-        if st
-            .refs(class::USER)
-            .any(|u| st.get_str(field::user::SHORT_NAME, u).as_deref() == Some(name.as_str()))
-        {
-            return Err(ApiError::new(
-                "DB_UNIQUENESS_CONSTRAINT_VIOLATION",
-                ["user", "short_name", name.as_str()],
-            ));
-        }
+        assert_unique_user(st, &name)?;
         let role_ref = st
             .refs(class::ROLE)
             .find(|x| {

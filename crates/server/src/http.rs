@@ -5,39 +5,98 @@
 
 use crate::api::{Caller, Reply, Server};
 use corral_model::{ApiError, jsonrpc, xmlrpc};
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, timeout_at};
 
 /// XAPI's `http_limit_max_rpc_size`.
 pub const MAX_RPC_BODY: usize = 300 * 1024;
 /// XAPI's limit for CLI bodies.
 pub const MAX_CLI_BODY: usize = 200 * 1024;
-const MAX_HEAD: usize = 16 * 1024;
 
-pub struct Request {
-    pub method: String,
-    pub path: String,
-    pub query: String,
-    pub headers: Vec<(String, String)>,
-    pub http10: bool,
+/// How long a peer may hold a connection without doing its part, and how
+/// many connections there may be. Nobody, authenticated or not, holds a
+/// socket (or an fd) for longer than these allow.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// A kept-alive connection with no request started.
+    pub idle: Duration,
+    /// From a request's first byte to the end of its RPC body; for streamed
+    /// bodies (disk uploads), the longest pause between two reads.
+    pub request: Duration,
+    pub tls_handshake: Duration,
+    pub max_connections: usize,
+    pub max_per_source: usize,
 }
 
-impl Request {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    fn keep_alive(&self) -> bool {
-        match self.header("connection") {
-            Some(v) if v.eq_ignore_ascii_case("close") => false,
-            Some(v) if v.eq_ignore_ascii_case("keep-alive") => true,
-            _ => !self.http10,
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            idle: Duration::from_secs(120),
+            request: Duration::from_secs(30),
+            tls_handshake: Duration::from_secs(10),
+            max_connections: 2048,
+            max_per_source: 256,
         }
     }
 }
+
+/// Counts open connections, in total and per source address.
+#[derive(Default)]
+pub struct ConnGate {
+    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One admitted connection; dropping it frees its place.
+pub struct ConnPermit {
+    gate: Arc<ConnGate>,
+    addr: Option<IpAddr>,
+}
+
+impl ConnGate {
+    /// A place for a new connection from `addr` (`None`: the unix socket,
+    /// counted only in the total), or `None` when over a limit.
+    pub fn admit(self: &Arc<Self>, addr: Option<IpAddr>, limits: &Limits) -> Option<ConnPermit> {
+        let mut c = self.counts.lock().ok()?;
+        if c.0 >= limits.max_connections {
+            return None;
+        }
+        if let Some(a) = addr {
+            let n = c.1.entry(a).or_insert(0);
+            if *n >= limits.max_per_source {
+                return None;
+            }
+            *n += 1;
+        }
+        c.0 += 1;
+        Some(ConnPermit {
+            gate: Arc::clone(self),
+            addr,
+        })
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.gate.counts.lock() {
+            c.0 = c.0.saturating_sub(1);
+            if let Some(a) = self.addr {
+                if let Some(n) = c.1.get_mut(&a) {
+                    *n -= 1;
+                    if *n == 0 {
+                        c.1.remove(&a);
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub use corral_model::http::Request;
+use corral_model::http::{MAX_HEAD, find_head_end, parse_head};
 
 /// Where a connection came from.
 #[derive(Clone, Copy, Debug)]
@@ -85,30 +144,42 @@ pub async fn serve<S>(server: Arc<Server>, mut stream: S, origin: Origin)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let limits = server.config.limits.clone();
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     loop {
-        // Read the head.
+        // Read the head: the first byte within the idle time, the rest (and
+        // any RPC body) within the request time.
+        let mut deadline = Instant::now() + limits.idle;
         let head_len = loop {
             if let Some(n) = find_head_end(&buf) {
-                break n;
+                break Some(n).filter(|n| *n <= MAX_HEAD);
             }
             if buf.len() > MAX_HEAD {
-                let _ = write_simple(
-                    &mut stream,
-                    "431 Request Header Fields Too Large",
-                    "text/html",
-                    &error_page("431"),
-                    false,
-                    "",
-                )
-                .await;
-                return;
+                break None;
             }
             let mut chunk = [0u8; 8192];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            let want = (MAX_HEAD + 4 - buf.len()).min(chunk.len());
+            match timeout_at(deadline, stream.read(&mut chunk[..want])).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                Ok(Ok(n)) => {
+                    if buf.is_empty() {
+                        deadline = Instant::now() + limits.request;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
             }
+        };
+        let Some(head_len) = head_len else {
+            let _ = write_simple(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/html",
+                &error_page("431"),
+                false,
+                "",
+            )
+            .await;
+            return;
         };
         let req = match parse_head(&buf[..head_len]) {
             Some(r) => r,
@@ -131,9 +202,24 @@ where
         } else {
             MAX_RPC_BODY
         };
-        let content_length = req
-            .header("content-length")
-            .and_then(|v| v.trim().parse::<usize>().ok());
+        // One unambiguous framing or none: a second Content-Length, a sign,
+        // or Transfer-Encoding beside Content-Length could make a proxy in
+        // front of us see other requests than we do.
+        let content_length = match req.content_length() {
+            Ok(l) => l,
+            Err(()) => {
+                let _ = write_simple(
+                    &mut stream,
+                    "400 Bad Request",
+                    "text/html",
+                    &error_page("400"),
+                    false,
+                    "",
+                )
+                .await;
+                return;
+            }
+        };
         let keep_alive = req.keep_alive();
 
         if req.method == "OPTIONS" {
@@ -207,9 +293,9 @@ where
         }
         while buf.len() < len {
             let mut chunk = vec![0u8; (len - buf.len()).min(65536)];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            match timeout_at(deadline, stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
             }
         }
         let body: Vec<u8> = buf.drain(..len).collect();
@@ -297,38 +383,4 @@ where
             return;
         }
     }
-}
-
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
-}
-
-fn parse_head(head: &[u8]) -> Option<Request> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut r = httparse::Request::new(&mut headers);
-    match r.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        _ => return None,
-    }
-    let target = r.path?;
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p.to_owned(), q.to_owned()),
-        None => (target.to_owned(), String::new()),
-    };
-    Some(Request {
-        method: r.method?.to_owned(),
-        path,
-        query,
-        headers: r
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_owned(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect(),
-        http10: r.version == Some(0),
-    })
 }

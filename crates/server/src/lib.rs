@@ -1,6 +1,7 @@
 //! corrald: the Corral host daemon. See docs/architecture.md.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod cli_storage;
 pub mod cli_vm;
@@ -11,6 +12,8 @@ pub mod filter;
 pub mod handlers;
 pub mod http;
 pub mod init;
+pub mod logfile;
+pub mod logsafe;
 pub mod sessions;
 pub mod storage;
 pub mod tls;

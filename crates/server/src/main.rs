@@ -19,9 +19,19 @@ const USAGE: &str = "usage: corrald --state-dir DIR [--listen ADDR:PORT] [--tls-
                            host-driver, accel, qemu-binary,
                            clean-shutdown-timeout-secs, local-sr-device:
                            a block device formatted ext4 for the first
-                           start's 'Local storage' SR)
+                           start's 'Local storage' SR, boot-dirs: the
+                           directories PV-kernel/PV-ramdisk may name files
+                           in besides <state-dir>/boot, ':'-separated,
+                           http-idle-timeout-secs (120), http-request-timeout-secs
+                           (30), tls-handshake-timeout-secs (10),
+                           max-connections (2048), max-connections-per-source
+                           (256))
   --root-password-file F   root's password on first start (or CORRAL_ROOT_PASSWORD)
 The unix socket <state-dir>/xapi.sock is always served; its callers are root.";
+
+fn secs(v: &str) -> anyhow::Result<std::time::Duration> {
+    Ok(std::time::Duration::from_secs_f64(v.parse()?))
+}
 
 fn main() -> anyhow::Result<()> {
     let mut opts = Options {
@@ -117,11 +127,22 @@ fn main() -> anyhow::Result<()> {
                 opts.config.clean_shutdown_timeout = std::time::Duration::from_secs(v.parse()?)
             }
             "local-sr-device" => opts.config.local_sr_device = Some(v),
+            "http-idle-timeout-secs" => opts.config.limits.idle = secs(&v)?,
+            "http-request-timeout-secs" => opts.config.limits.request = secs(&v)?,
+            "tls-handshake-timeout-secs" => opts.config.limits.tls_handshake = secs(&v)?,
+            "max-connections" => opts.config.limits.max_connections = v.parse()?,
+            "max-connections-per-source" => opts.config.limits.max_per_source = v.parse()?,
+            "boot-dirs" => {
+                opts.config.boot_dirs = v
+                    .split(':')
+                    .filter(|d| !d.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            }
             other => bail!("unknown setting {other}"),
         }
     }
-    std::fs::create_dir_all(&opts.state_dir)
-        .with_context(|| format!("creating {}", opts.state_dir.display()))?;
+    make_private(&opts.state_dir)?;
     init_logging(&opts.state_dir)?;
     limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -139,21 +160,54 @@ fn limit_malloc_arenas() {
     // SAFETY: mallopt only changes allocator tuning; called before threads start.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        // A fixed threshold: big blocks (argon2's 19 MiB per login, large
+        // replies) are mapped and unmapped, never left in an arena, where
+        // glibc's sliding threshold would keep one per arena and thread.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
     }
 }
 
+/// Everything corrald (and the tools it runs) writes is its own: files
+/// 0600 and directories 0700 whatever the caller's umask, and the state
+/// directory and the files an older corrald left there made so too. The
+/// database holds password hashes and SR secrets; images hold guests' data.
+fn make_private(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: umask(2) only sets this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", state_dir.display()))?;
+    for f in [
+        "pool.db",
+        "pool.db-wal",
+        "pool.db-shm",
+        "corrald.log",
+        "audit.log",
+    ] {
+        let p = state_dir.join(f);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 fn init_logging(dir: &std::path::Path) -> anyhow::Result<()> {
+    use corral_server::logfile::{KEEP, MAX_BYTES, RotatingFile};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("corrald.log"))?;
+    let file = RotatingFile::open(&dir.join("corrald.log"), MAX_BYTES, KEEP)?;
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
+        )
         .with(
             tracing_subscriber::fmt::layer()
                 .with_ansi(false)

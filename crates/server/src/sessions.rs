@@ -23,8 +23,141 @@ pub struct SessionInfo {
 
 pub struct Sessions {
     map: Mutex<HashMap<String, SessionInfo>>,
-    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    throttle: Mutex<Throttle>,
+    /// argon2 runs at once (each takes 19 MiB and a core for ~30 ms).
+    hashing: tokio::sync::Semaphore,
     config: Config,
+}
+
+/// How long a window of failed attempts lasts.
+const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Failures per source address in a window, over all user names.
+const FAILURES_PER_SOURCE_FACTOR: u32 = 10;
+/// Windows kept at most; the oldest go first when more are needed.
+const MAX_WINDOWS: usize = 10_000;
+
+/// Whose attempts are counted together: a source address (`None`: the
+/// session itself, for `session.change_password`) and a user name.
+type Key = (Option<IpAddr>, String);
+
+#[derive(Clone, Copy)]
+struct Window {
+    start: Instant,
+    failed: u32,
+    /// Attempts being verified now: they count against the limit before
+    /// their outcome is known, so concurrent guesses cannot slip past it.
+    in_flight: u32,
+    logged: bool,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            start: Instant::now(),
+            failed: 0,
+            in_flight: 0,
+            logged: false,
+        }
+    }
+    fn current(&mut self) -> &mut Window {
+        if self.start.elapsed() >= WINDOW && self.in_flight == 0 {
+            *self = Window::new();
+        }
+        self
+    }
+}
+
+/// Failed-login accounting per (source, user) and per source. A window
+/// refuses further attempts for its key until it ends, so a guesser behind
+/// an address locks out only the name it guesses, for at most a minute,
+/// while other users behind the same address (a NAT) log in as usual.
+#[derive(Default)]
+struct Throttle {
+    by_user: HashMap<Key, Window>,
+    by_source: HashMap<Option<IpAddr>, Window>,
+}
+
+/// What the throttle decided about one attempt.
+enum Admission {
+    Go,
+    Refused { first: bool },
+}
+
+impl Throttle {
+    fn prune(&mut self) {
+        if self.by_user.len() + self.by_source.len() < MAX_WINDOWS {
+            return;
+        }
+        let live = |w: &Window| w.start.elapsed() < WINDOW || w.in_flight > 0;
+        self.by_user.retain(|_, w| live(w));
+        self.by_source.retain(|_, w| live(w));
+        // Still full (a flood of fresh windows): drop the oldest half.
+        if self.by_user.len() >= MAX_WINDOWS / 2 {
+            let mut starts: Vec<Instant> = self.by_user.values().map(|w| w.start).collect();
+            starts.sort();
+            let cut = starts[starts.len() / 2];
+            self.by_user.retain(|_, w| w.start > cut || w.in_flight > 0);
+        }
+    }
+
+    fn admit(&mut self, key: &Key, limit: u32) -> Admission {
+        self.prune();
+        let per_source = limit.saturating_mul(FAILURES_PER_SOURCE_FACTOR);
+        let src = self
+            .by_source
+            .entry(key.0)
+            .or_insert_with(Window::new)
+            .current();
+        let src_full = src.failed + src.in_flight >= per_source;
+        let src_snapshot = *src;
+        let user = self
+            .by_user
+            .entry(key.clone())
+            .or_insert_with(Window::new)
+            .current();
+        if src_full || user.failed + user.in_flight >= limit {
+            let first = !user.logged || (src_full && !src_snapshot.logged);
+            user.logged = true;
+            if src_full {
+                if let Some(s) = self.by_source.get_mut(&key.0) {
+                    s.logged = true;
+                }
+            }
+            return Admission::Refused { first };
+        }
+        user.in_flight += 1;
+        if let Some(s) = self.by_source.get_mut(&key.0) {
+            s.in_flight += 1;
+        }
+        Admission::Go
+    }
+
+    /// The outcome of an admitted attempt; true when this failure used up
+    /// the key's allowance (time for one alert).
+    fn done(&mut self, key: &Key, ok: bool, limit: u32) -> bool {
+        if let Some(s) = self.by_source.get_mut(&key.0) {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            s.failed += u32::from(!ok);
+        }
+        match self.by_user.get_mut(key) {
+            Some(w) => {
+                w.in_flight = w.in_flight.saturating_sub(1);
+                if ok {
+                    return false;
+                }
+                w.failed += 1;
+                w.failed == limit
+            }
+            None => false,
+        }
+    }
+}
+
+/// A hash to verify unknown users' passwords against, so that a name that
+/// does not exist costs as much time as one that does.
+fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| hash_password(&uuid::Uuid::new_v4().to_string()).unwrap_or_default())
 }
 
 /// Hashes a password with argon2id and a random salt (PHC string).
@@ -58,8 +191,86 @@ impl Sessions {
     pub fn new(config: Config) -> Sessions {
         Sessions {
             map: Mutex::new(HashMap::new()),
-            failures: Mutex::new(HashMap::new()),
+            throttle: Mutex::new(Throttle::default()),
+            hashing: tokio::sync::Semaphore::new(2),
             config,
+        }
+    }
+
+    /// Checks `pwd` for user `uname` (`hash`: the user's, `None` for an
+    /// unknown user), throttled by `key`: at most the configured failures
+    /// per window, counted before verification, with argon2 bounded in
+    /// flight. Failures are logged once per window and delayed.
+    pub async fn verify_throttled(
+        &self,
+        server: &Server,
+        key: Key,
+        hash: Option<String>,
+        pwd: &str,
+    ) -> bool {
+        let limit = self.config.login_failures_per_minute;
+        let admitted = match self.throttle.lock() {
+            Ok(mut t) => t.admit(&key, limit),
+            Err(_) => Admission::Refused { first: false },
+        };
+        if let Admission::Refused { first } = admitted {
+            if first {
+                tracing::warn!(
+                    user = %crate::logsafe::name(&key.1),
+                    source = ?key.0,
+                    "login refused: too many failed attempts (further refusals in this minute are not logged)"
+                );
+            }
+            tokio::time::sleep(self.config.failed_login_delay).await;
+            return false;
+        }
+        let ok = match self.hashing.acquire().await {
+            Ok(_permit) => {
+                let known = hash.is_some();
+                let h = hash.unwrap_or_else(|| decoy_hash().to_owned());
+                let p = pwd.to_owned();
+                let matched = tokio::task::spawn_blocking(move || verify_password(&p, &h))
+                    .await
+                    .unwrap_or(false);
+                matched && known
+            }
+            Err(_) => false,
+        };
+        let tripped = self
+            .throttle
+            .lock()
+            .map(|mut t| t.done(&key, ok, limit))
+            .unwrap_or(false);
+        if !ok {
+            self.record_failure(server, &key, tripped);
+            tokio::time::sleep(self.config.failed_login_delay).await;
+        }
+        ok
+    }
+
+    /// Ends every session of `user_ref` but `keep` (its password changed,
+    /// or it is gone): a session never outlives the credentials it was
+    /// opened with.
+    pub fn revoke_user(&self, server: &Server, user_ref: &str, keep: Option<&str>) {
+        let gone: Vec<String> = match self.map.lock() {
+            Ok(mut m) => {
+                let gone: Vec<String> = m
+                    .iter()
+                    .filter(|(k, i)| i.user_ref == user_ref && Some(k.as_str()) != keep)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in &gone {
+                    m.remove(k);
+                }
+                gone
+            }
+            Err(_) => return,
+        };
+        for k in &gone {
+            server.session_ended(k);
+        }
+        if !gone.is_empty() {
+            server.events.wake();
         }
     }
 
@@ -77,7 +288,7 @@ impl Sessions {
             Some(_) => {
                 map.remove(s);
                 drop(map);
-                let _ = server.db.write(|t| t.delete(class::SESSION, s));
+                server.session_ended(s);
                 Err(ApiError::session_invalid(s))
             }
             None => Err(ApiError::session_invalid(s)),
@@ -144,33 +355,10 @@ impl Sessions {
                 },
             )
         } else {
-            if let Some(a) = addr {
-                let throttled = self
-                    .failures
-                    .lock()
-                    .ok()
-                    .and_then(|f| f.get(&a).copied())
-                    .is_some_and(|(since, n)| {
-                        since.elapsed().as_secs() < 60 && n >= self.config.login_failures_per_minute
-                    });
-                if throttled {
-                    tracing::warn!(source = %a, user = %uname, "login refused: too many failed attempts");
-                    return Err(auth_failed(uname));
-                }
-            }
             let found = Self::user(server, uname);
-            let ok = match &found {
-                Some((_, hash, _)) => {
-                    let (p, h) = (pwd.to_owned(), hash.clone());
-                    tokio::task::spawn_blocking(move || verify_password(&p, &h))
-                        .await
-                        .unwrap_or(false)
-                }
-                None => false,
-            };
-            if !ok {
-                self.record_failure(server, uname, addr);
-                tokio::time::sleep(self.config.failed_login_delay).await;
+            let hash = found.as_ref().map(|(_, h, _)| h.clone());
+            let key = (addr, uname.to_owned());
+            if !self.verify_throttled(server, key, hash, pwd).await {
                 return Err(auth_failed(uname));
             }
             let (r, _, role) = found.ok_or_else(|| auth_failed(uname))?;
@@ -235,34 +423,38 @@ impl Sessions {
             }
             reaped
         };
-        if !reaped.is_empty() {
-            let _ = server.db.write(|t| {
-                for k in &reaped {
-                    let _ = t.delete(class::SESSION, k);
-                }
-                Ok(())
-            });
+        for k in &reaped {
+            server.session_ended(k);
         }
-        tracing::info!(user = %name, "session created");
+        tracing::info!(user = %crate::logsafe::name(&name), "session created");
         Ok(reference)
     }
 
-    fn record_failure(&self, server: &Server, uname: &str, addr: Option<IpAddr>) {
-        tracing::warn!(user = %uname, source = ?addr, "failed login");
-        let Some(a) = addr else { return };
-        let tripped = if let Ok(mut f) = self.failures.lock() {
-            let e = f.entry(a).or_insert((Instant::now(), 0));
-            if e.0.elapsed().as_secs() >= 60 {
-                *e = (Instant::now(), 0);
-            }
-            e.1 += 1;
-            e.1 == self.config.login_failures_per_minute
-        } else {
-            false
-        };
+    /// Logs a failed attempt (the first of its window, and the one that
+    /// uses up the allowance) and raises the alert when the limit trips.
+    fn record_failure(&self, server: &Server, key: &Key, tripped: bool) {
+        let first = self
+            .throttle
+            .lock()
+            .ok()
+            .and_then(|t| t.by_user.get(key).map(|w| w.failed == 1))
+            .unwrap_or(false);
+        if first || tripped {
+            tracing::warn!(
+                user = %crate::logsafe::name(&key.1),
+                source = ?key.0,
+                "failed login{}",
+                if tripped { "; limit reached, further attempts are refused for a minute" } else { "" }
+            );
+        }
         if tripped {
+            let from = key
+                .0
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "a session".into());
             let body = format!(
-                "Too many failed login attempts from {a}; further attempts are refused for a minute."
+                "Too many failed login attempts for user {} from {from}; further attempts are refused for a minute.",
+                crate::logsafe::name(&key.1)
             );
             let _ = crate::handlers::create_message(
                 server,
@@ -279,12 +471,7 @@ impl Sessions {
         if let Ok(mut m) = self.map.lock() {
             m.remove(s);
         }
-        let _ = server.db.write(|t| {
-            if t.state().exists(class::SESSION, s) {
-                t.delete(class::SESSION, s)?;
-            }
-            Ok(())
-        });
+        server.session_ended(s);
         server.events.wake();
     }
 }

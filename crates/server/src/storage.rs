@@ -11,7 +11,7 @@ use crate::api::{ApiResult, BoxFut, Ctx, Handler, Server, check_refs, create_fie
 use corral_db::Txn;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
-use corral_storage::{Driver, FORMAT_VERSION, SrCtx, StorageError, VdiInfo};
+use corral_storage::{Driver, FORMAT_VERSION, Image, SrCtx, StorageError, VdiInfo};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -84,6 +84,46 @@ pub fn register(t: &mut HashMap<String, Handler>) {
     a("VBD.destroy", |s, _, p| {
         Box::pin(async move { vbd_destroy(&s, p) })
     });
+    a("VBD.set_mode", |s, _, p| {
+        Box::pin(async move { vbd_set_mode(&s, p) })
+    });
+}
+
+/// VBD.set_mode: as XAPI, only while the VM is halted, and never RW onto a
+/// VDI no guest may write (the drive builder enforces that too).
+fn vbd_set_mode(s: &Server, p: Vec<Value>) -> ApiResult {
+    let mut p = p.into_iter();
+    let vbd = pstr(&mut p);
+    let mode = pstr(&mut p);
+    db(s.db.write(|t| {
+        let st = t.state();
+        if !st.exists(class::VBD, &vbd) {
+            return Err(ApiError::handle_invalid("VBD", &vbd));
+        }
+        let vm = st.get_str(field::vbd::VM, &vbd).unwrap_or_default();
+        let power = st.get_str(field::vm::POWER_STATE, &vm).unwrap_or_default();
+        if power != "Halted" {
+            return Err(ApiError::new(
+                "VM_BAD_POWER_STATE",
+                [vm.as_str(), "halted", &power.to_ascii_lowercase()],
+            ));
+        }
+        let vdi = st.get_str(field::vbd::VDI, &vbd).unwrap_or_default();
+        let empty = st
+            .get(field::vbd::EMPTY, &vbd)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        if mode == "RW"
+            && !empty
+            && st.exists(class::VDI, &vdi)
+            && crate::vm::vdi_read_only(st, &vdi)
+        {
+            return Err(ApiError::new("VDI_READONLY", [vdi.as_str()]));
+        }
+        let v = corral_db::check_field(field::vbd::MODE, Value::String(mode.clone()))?;
+        t.set(field::vbd::MODE, &vbd, v)
+    }))?;
+    void()
 }
 
 fn first(p: Vec<Value>) -> String {
@@ -128,6 +168,10 @@ pub fn storage_error(code: u32, sr: &str, e: StorageError) -> ApiError {
         StorageError::Missing(loc) => ApiError::new("VDI_MISSING", [sr.to_owned(), loc]),
         StorageError::NotSupported => ApiError::new("SR_OPERATION_NOT_SUPPORTED", [sr]),
         StorageError::RequiresUpgrade => ApiError::new("SR_REQUIRES_UPGRADE", [sr]),
+        StorageError::Untrusted(why) => backend(code, "The image cannot be used", why),
+        StorageError::BadConfig { key, why } => {
+            ApiError::invalid_value(&format!("device-config:{key}"), &why)
+        }
         StorageError::TooNew { found, supported } => backend(
             47,
             "The SR is not available",
@@ -178,7 +222,11 @@ fn resolve_secrets(st: &corral_db::State, dc: &mut BTreeMap<String, String>) {
 }
 
 fn sr_on(s: &Server, sr: &str) -> Result<SrOn, ApiError> {
-    let st = s.db.read();
+    sr_on_in(s, &s.db.read(), sr)
+}
+
+/// [`sr_on`] under the caller's read lock.
+fn sr_on_in(s: &Server, st: &corral_db::State, sr: &str) -> Result<SrOn, ApiError> {
     if !st.exists(class::SR, sr) {
         return Err(ApiError::handle_invalid("SR", sr));
     }
@@ -225,7 +273,11 @@ fn sr_on(s: &Server, sr: &str) -> Result<SrOn, ApiError> {
 
 /// The SR must be plugged on this host for anything that reads its storage.
 fn attached(s: &Server, sr: &str) -> Result<SrOn, ApiError> {
-    let on = sr_on(s, sr)?;
+    attached_on(sr_on(s, sr)?)
+}
+
+fn attached_on(on: SrOn) -> Result<SrOn, ApiError> {
+    let sr = on.sr.as_str();
     match &on.pbd {
         None => Err(ApiError::new("SR_NO_PBDS", [sr])),
         Some(_) if !on.attached => Err(ApiError::new("SR_NOT_ATTACHED", [sr])),
@@ -571,12 +623,12 @@ fn vdi_fields(sr: &str, info: &VdiInfo, name: &str, descr: &str, ty: &str) -> Ve
         (field::vdi::MANAGED.index, Value::Bool(true)),
         (field::vdi::MISSING.index, Value::Bool(false)),
         (field::vdi::PARENT.index, Value::str(NULL_REF)),
-        (field::vdi::SM_CONFIG.index, sm_config_for(info, None)),
+        (field::vdi::SM_CONFIG.index, sm_config_for(None)),
     ]
 }
 
-fn sm_config_for(info: &VdiInfo, parent_uuid: Option<&str>) -> Value {
-    let mut m = vec![("image-format".to_owned(), Value::str(&info.format))];
+fn sm_config_for(parent_uuid: Option<&str>) -> Value {
+    let mut m = vec![];
     if let Some(p) = parent_uuid {
         // XenCenter draws snapshot trees from this key.
         m.push(("vhd-parent".to_owned(), Value::str(p)));
@@ -1070,7 +1122,9 @@ fn reconcile(t: &mut Txn<'_>, sr: &str, images: &[VdiInfo], iso: bool) -> Result
                     .get(field::vdi::SM_CONFIG, v)
                     .unwrap_or(Value::Nil),
             );
-            sm.insert("image-format".into(), img.format.clone());
+            // Formats are the storage layer's alone (older Corrals kept
+            // one here, where users could change it).
+            sm.remove("image-format");
             match img.parent.as_ref().and_then(|p| uuid_of_loc.get(p)) {
                 Some(pu) => sm.insert("vhd-parent".into(), pu.clone()),
                 None => sm.remove("vhd-parent"),
@@ -1291,9 +1345,10 @@ pub(crate) async fn vdi_create(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
                 fields.push((*i, val.clone()));
             }
         }
-        // The record's sm_config keeps what the caller gave plus the format.
+        // The record's sm_config keeps what the caller gave; the image's
+        // format is the storage layer's and is not recorded here.
         let mut sm = strmap(&get(field::vdi::SM_CONFIG).unwrap_or(Value::Nil));
-        sm.insert("image-format".into(), info.format.clone());
+        sm.remove("image-format");
         fields.push((field::vdi::SM_CONFIG.index, to_value(&sm)));
         check_refs(t, class::VDI, &fields)?;
         t.create(class::VDI, &r, fields)?;
@@ -1506,7 +1561,7 @@ async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) -> ApiResul
         bf.push((field::vdi::UUID.index, Value::str(&base_uuid)));
         bf.push((field::vdi::MANAGED.index, Value::Bool(false)));
         bf.push((field::vdi::READ_ONLY.index, Value::Bool(true)));
-        let mut bsm = strmap(&sm_config_for(&base, None));
+        let mut bsm = strmap(&sm_config_for(None));
         if let Some(pp) = old_sm.get("vhd-parent") {
             bsm.insert("vhd-parent".into(), pp.clone());
         }
@@ -1519,11 +1574,7 @@ async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) -> ApiResul
             vdi,
             Value::Int(leaf.physical_utilisation),
         )?;
-        t.set(
-            field::vdi::SM_CONFIG,
-            vdi,
-            sm_config_for(&leaf, Some(&base_uuid)),
-        )?;
+        t.set(field::vdi::SM_CONFIG, vdi, sm_config_for(Some(&base_uuid)))?;
         // The snapshot or clone: same metadata, its own image.
         let mut nf: Vec<(usize, Value)> = orig.iter().cloned().enumerate().collect();
         let set = |nf: &mut Vec<(usize, Value)>, f: corral_model::FieldId, val: Value| {
@@ -1539,7 +1590,7 @@ async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) -> ApiResul
         set(
             &mut nf,
             field::vdi::SM_CONFIG,
-            sm_config_for(&copy, Some(&base_uuid)),
+            sm_config_for(Some(&base_uuid)),
         );
         set(
             &mut nf,
@@ -1654,9 +1705,9 @@ async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     // Held for the whole copy: garbage collection must not move the source's
     // image while qemu-img reads it.
     let (_src_lock, src) = vdi_locked(&s, &vdi).await?;
-    let src_path = {
+    let src_image = {
         let (d, ctx, loc) = (src.on.driver, src.on.ctx.clone(), src.location.clone());
-        d.vdi_path(&ctx, &loc)
+        d.vdi_image(&ctx, &loc)
             .map_err(|e| storage_error(1, &src.on.sr, e))?
     };
     if let Some(task) = &c.task {
@@ -1681,15 +1732,17 @@ async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
                 [into.clone(), src_size.to_string()],
             ));
         }
-        let dst_path = dst
+        let dst_image = dst
             .on
             .driver
-            .vdi_path(&dst.on.ctx, &dst.location)
+            .vdi_image(&dst.on.ctx, &dst.location)
             .map_err(|e| storage_error(1, &dst.on.sr, e))?;
         let _g = OpGuard::start(&s, &dst.on.sr, Some(&into), "vdi_copy", "copy")?;
-        blocking(move || copy_into(&src_path, &dst_path))
-            .await?
-            .map_err(|e| storage_error(1, &dst.on.sr, e))?;
+        blocking(move || {
+            corral_storage::qemu_img::QemuImg::default().convert_into(&src_image, &dst_image)
+        })
+        .await?
+        .map_err(|e| storage_error(1, &dst.on.sr, e))?;
         return Ok(Value::String(into));
     }
     let dest_sr = dest_sr.unwrap_or_else(|| src.on.sr.clone());
@@ -1706,7 +1759,7 @@ async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let loc = corral_storage::new_location();
     let journal = Journal::open(&s, &dst.uuid, &[&loc])?;
     let (d, ctx) = (dst.driver, dst.ctx.clone());
-    let info = blocking(move || d.vdi_import_from(&ctx, &loc, &src_path, None)).await?;
+    let info = blocking(move || d.vdi_import_from(&ctx, &loc, &src_image)).await?;
     let info = match info {
         Ok(i) => i,
         Err(e) => {
@@ -1772,12 +1825,6 @@ pub(crate) async fn vdi_copy_to(
     )
     .await?
     .db_string())
-}
-
-fn copy_into(src: &str, dst: &str) -> Result<(), StorageError> {
-    let q = corral_storage::qemu_img::QemuImg::default();
-    let format = q.info(dst)?.format;
-    q.convert_into(src, None, dst, &format)
 }
 
 async fn vdi_introduce(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
@@ -1882,11 +1929,17 @@ async fn vdi_update(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     void()
 }
 
-/// The path (or URL) of a VDI's image, for the transfer handlers.
-pub fn vdi_path(s: &Server, sr: &str, location: &str) -> Result<String, ApiError> {
-    let on = attached(s, sr)?;
+/// A VDI's image with its pinned format, for the transfer handlers and QEMU;
+/// `st` is the caller's read lock.
+pub fn vdi_image(
+    s: &Server,
+    st: &corral_db::State,
+    sr: &str,
+    location: &str,
+) -> Result<Image, ApiError> {
+    let on = attached_on(sr_on_in(s, st, sr)?)?;
     on.driver
-        .vdi_path(&on.ctx, location)
+        .vdi_image(&on.ctx, location)
         .map_err(|e| storage_error(1, sr, e))
 }
 
@@ -2043,8 +2096,7 @@ pub async fn gc(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
                         .await?
                         .map_err(|e| storage_error(1, sr, e))?;
                     db(s.db.write(|t| {
-                        let mut csm = sm_config_after_merge(t.state(), &base, &child_ref);
-                        csm.insert("image-format".into(), merged.format.clone());
+                        let csm = sm_config_after_merge(t.state(), &base, &child_ref);
                         t.set(field::vdi::LOCATION, &child_ref, Value::str(&base_loc))?;
                         t.set(field::vdi::SM_CONFIG, &child_ref, to_value(&csm))?;
                         t.set(
@@ -2112,10 +2164,7 @@ fn vbd_create(s: &Server, p: Vec<Value>) -> ApiResult {
             return Err(ApiError::new("VBD_NOT_REMOVABLE_MEDIA", [r.as_str()]));
         }
         if !empty {
-            let ro = st
-                .get(field::vdi::READ_ONLY, &vdi)
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false);
+            let ro = crate::vm::vdi_read_only(st, &vdi);
             if ro && mode == "RW" && ty == "Disk" {
                 return Err(ApiError::new("VDI_READONLY", [vdi.as_str()]));
             }
@@ -2340,6 +2389,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
             session: String::new(),
             role: corral_model::Role::Root,
             user: "root".into(),
+            user_ref: String::new(),
             task: None,
         };
         let sr = sr_create(

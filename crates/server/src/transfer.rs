@@ -9,6 +9,7 @@ use crate::http::{Request, write_simple};
 use corral_model::schema::{Role, class, field};
 use corral_model::{ApiError, Value};
 use corral_storage::nbd::{CHUNK, NbdImage};
+use corral_storage::{Image, ImageFormat};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -56,21 +57,30 @@ fn percent_decode(s: &str) -> String {
 /// What a transfer needs, checked before any data moves.
 struct Transfer {
     vdi: String,
-    path: String,
-    image_format: String,
+    /// The VDI's image, in the format the storage layer pins for it.
+    image: Image,
     virtual_size: i64,
-    format: String,
+    /// The format on the wire.
+    format: ImageFormat,
     task: String,
     own_task: bool,
 }
 
-fn qemu_format(wire: &str) -> Option<&'static str> {
+fn wire_format(wire: &str) -> Option<ImageFormat> {
     match wire {
-        "raw" => Some("raw"),
-        "vhd" => Some("vpc"),
-        "qcow2" => Some("qcow2"),
+        "raw" => Some(ImageFormat::Raw),
+        "vhd" => Some(ImageFormat::Vpc),
+        "qcow2" => Some(ImageFormat::Qcow2),
         _ => None,
     }
+}
+
+/// The most a vhd or qcow2 upload of a `virtual_size`-byte disk may take:
+/// all of its data plus generous room for metadata (qcow2 with 512-byte
+/// clusters needs about 1/50 of the size).
+fn upload_limit(virtual_size: i64) -> u64 {
+    let v = virtual_size.max(0) as u64;
+    v.saturating_add(v / 16).saturating_add(16 << 20)
 }
 
 fn prepare(
@@ -87,10 +97,10 @@ fn prepare(
     if !info.role.allows(Role::VmAdmin) {
         return Err(("403 Forbidden", "RBAC_PERMISSION_DENIED".into()));
     }
-    let format = query_param(q, "format").unwrap_or_else(|| "raw".into());
-    if qemu_format(&format).is_none() {
-        return Err(("400 Bad Request", format!("unknown format {format}")));
-    }
+    let wire = query_param(q, "format").unwrap_or_else(|| "raw".into());
+    let Some(format) = wire_format(&wire) else {
+        return Err(("400 Bad Request", "unknown format".to_owned()));
+    };
     let vdi_param = query_param(q, "vdi").unwrap_or_default();
     let vdi = {
         let st = server.db.read();
@@ -112,14 +122,17 @@ fn prepare(
                 .unwrap_or(0),
         )
     };
-    let path = crate::storage::vdi_path(server, &sr, &location)
-        .map_err(|e| ("500 Internal Server Error", e.to_string()))?;
-    let image_format = corral_storage::qemu_img::QemuImg::default()
-        .info(&path)
-        .map(|i| i.format)
+    let image = crate::storage::vdi_image(server, &server.db.read(), &sr, &location)
         .map_err(|e| ("500 Internal Server Error", e.to_string()))?;
     let (task, own_task) =
         match query_param(q, "task_id").filter(|t| server.db.read().exists(class::TASK, t)) {
+            // Only the caller's own task reports this transfer.
+            Some(t)
+                if !info.role.allows(Role::PoolOperator)
+                    && !server.owns_task(&session, &info.user_name, &t) =>
+            {
+                return Err(("403 Forbidden", "RBAC_PERMISSION_DENIED".into()));
+            }
             Some(t) => (t, false),
             None => (
                 server
@@ -130,8 +143,7 @@ fn prepare(
         };
     Ok(Transfer {
         vdi,
-        path,
-        image_format,
+        image,
         virtual_size,
         format,
         task,
@@ -150,13 +162,19 @@ fn finish(server: &Server, t: &Transfer, result: Result<(), ApiError>) {
             .as_deref()
             == Some("success");
         if ok {
-            let _ = server.db.write(|tx| tx.delete(class::TASK, &t.task));
+            server.task_destroy(&t.task);
         }
     }
 }
 
 fn storage_err(vdi: &str, e: corral_storage::StorageError) -> ApiError {
-    crate::storage::storage_error(1, vdi, e)
+    match e {
+        corral_storage::StorageError::Untrusted(why) => ApiError::new(
+            "IMPORT_ERROR",
+            [format!("the image cannot be imported: {why}")],
+        ),
+        e => crate::storage::storage_error(1, vdi, e),
+    }
 }
 
 /// `PUT /import_raw_vdi`. `pending` holds body bytes already read.
@@ -173,10 +191,7 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return;
         }
     };
-    let Some(len) = req
-        .header("content-length")
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    else {
+    let Some(len) = req.content_length().ok().flatten().map(|l| l as u64) else {
         finish(
             &server,
             &t,
@@ -188,12 +203,30 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // Data flows socket → bounded channel → blocking writer.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
     let run_dir = server.state_dir.join("run");
-    let (path, image_format, fmt, vsize) = (
-        t.path.clone(),
-        t.image_format.clone(),
-        t.format.clone(),
-        t.virtual_size,
-    );
+    if t.format != ImageFormat::Raw && len > upload_limit(t.virtual_size) {
+        finish(
+            &server,
+            &t,
+            Err(ApiError::new(
+                "IMPORT_ERROR",
+                [format!(
+                    "{len} bytes are more than an image of a {}-byte VDI can hold",
+                    t.virtual_size
+                )],
+            )),
+        );
+        let _ = write_simple(
+            stream,
+            "413 Payload Too Large",
+            "text/plain",
+            b"",
+            false,
+            "",
+        )
+        .await;
+        return;
+    }
+    let (image, fmt, vsize) = (t.image.clone(), t.format, t.virtual_size);
     let tmp = server
         .state_dir
         .join("transfer")
@@ -201,7 +234,7 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let tmp2 = tmp.clone();
     let writer =
         tokio::task::spawn_blocking(move || -> Result<(), corral_storage::StorageError> {
-            if fmt == "raw" {
+            if fmt == ImageFormat::Raw {
                 if len > vsize as u64 {
                     return Err(corral_storage::StorageError::backend(
                         79,
@@ -209,7 +242,7 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         format!("{len} bytes do not fit in a {vsize}-byte VDI"),
                     ));
                 }
-                let mut img = NbdImage::open(&path, &image_format, true, &run_dir)?;
+                let mut img = NbdImage::open(&image, true, &run_dir)?;
                 let mut off = 0u64;
                 for chunk in rx {
                     img.write_queued(off, &chunk)?;
@@ -227,9 +260,10 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 }
                 f.flush()?;
                 drop(f);
-                let qfmt = qemu_format(&fmt).unwrap_or("raw");
-                let tmp_s = tmp2.to_string_lossy().into_owned();
-                let info = corral_storage::qemu_img::QemuImg::default().info(&tmp_s)?;
+                let q = corral_storage::qemu_img::QemuImg::default();
+                // The upload is the client's: a backing file or data file
+                // named in it would have root read or write that path.
+                let info = q.inspect_upload(&tmp2, fmt)?;
                 if info.virtual_size > vsize {
                     return Err(corral_storage::StorageError::backend(
                         79,
@@ -237,12 +271,11 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         format!("the image is {} bytes; the VDI {vsize}", info.virtual_size),
                     ));
                 }
-                corral_storage::qemu_img::QemuImg::default().convert_into(
-                    &tmp_s,
-                    Some(qfmt),
-                    &path,
-                    &image_format,
-                )
+                let upload = Image {
+                    path: tmp2.to_string_lossy().into_owned(),
+                    format: fmt,
+                };
+                q.convert_into(&upload, &image)
             }
         });
     let mut received = 0u64;
@@ -255,7 +288,12 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
     while received < len {
         while fill < CHUNK && received + (fill as u64) < len {
             let want = (CHUNK - fill).min((len - received) as usize - fill);
-            match stream.read(&mut buf[fill..fill + want]).await {
+            // A client that stops sending is dropped, not waited for.
+            let pause = server.config.limits.request;
+            match tokio::time::timeout(pause, stream.read(&mut buf[fill..fill + want]))
+                .await
+                .unwrap_or(Ok(0))
+            {
                 Ok(0) | Err(_) => {
                     ok = false;
                     break;
@@ -273,7 +311,11 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let mut left = len - received;
             while left > 0 {
                 let want = (left as usize).min(CHUNK);
-                match stream.read(&mut buf[..want]).await {
+                let pause = server.config.limits.request;
+                match tokio::time::timeout(pause, stream.read(&mut buf[..want]))
+                    .await
+                    .unwrap_or(Ok(0))
+                {
                     Ok(0) | Err(_) => break,
                     Ok(n) => left -= n as u64,
                 }
@@ -341,10 +383,10 @@ pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return;
         }
     };
-    if let (Some(fd), "raw") = (raw_fd, t.format.as_str()) {
+    if let (Some(fd), ImageFormat::Raw) = (raw_fd, t.format) {
         let _ = stream.flush().await;
         let run_dir = server.state_dir.join("run");
-        let (path, image_format, task) = (t.path.clone(), t.image_format.clone(), t.task.clone());
+        let (image, task) = (t.image.clone(), t.task.clone());
         // The async side does not touch the stream until this returns.
         let r = tokio::task::spawn_blocking(move || -> Result<(), corral_storage::StorageError> {
             let head = |size: u64| {
@@ -354,11 +396,11 @@ pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
             };
             // Local images go straight from their files (sendfile); the
             // rest through qemu-nbd.
-            if let Ok(Some(map)) = corral_storage::direct::map(&path, &image_format) {
+            if let Ok(Some(map)) = corral_storage::direct::map(&image) {
                 corral_storage::nbd::write_all_fd(fd, head(map.size).as_bytes())?;
                 return corral_storage::direct::send_all(&map, fd);
             }
-            let mut img = NbdImage::open(&path, &image_format, false, &run_dir)?;
+            let mut img = NbdImage::open(&image, false, &run_dir)?;
             corral_storage::nbd::write_all_fd(fd, head(img.size()).as_bytes())?;
             img.splice_all(fd)?;
             img.close()
@@ -376,7 +418,7 @@ pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let (size_tx, size_rx) =
         tokio::sync::oneshot::channel::<Result<u64, corral_storage::StorageError>>();
     let run_dir = server.state_dir.join("run");
-    let (path, image_format, fmt) = (t.path.clone(), t.image_format.clone(), t.format.clone());
+    let (image, fmt) = (t.image.clone(), t.format);
     let tmp = server
         .state_dir
         .join("transfer")
@@ -384,8 +426,8 @@ pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let tmp2 = tmp.clone();
     let reader = tokio::task::spawn_blocking(move || {
         let send = |r: Result<Vec<u8>, String>| tx.blocking_send(r).is_ok();
-        if fmt == "raw" {
-            let mut img = match NbdImage::open(&path, &image_format, false, &run_dir) {
+        if fmt == ImageFormat::Raw {
+            let mut img = match NbdImage::open(&image, false, &run_dir) {
                 Ok(i) => i,
                 Err(e) => {
                     let _ = size_tx.send(Err(e));
@@ -401,15 +443,13 @@ pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let _ = img.close();
         } else {
             use std::io::Read;
-            let qfmt = qemu_format(&fmt).unwrap_or("raw");
             if let Some(d) = tmp2.parent() {
                 let _ = std::fs::create_dir_all(d);
             }
             let made = corral_storage::qemu_img::QemuImg::default().convert(
-                &path,
-                Some(&image_format),
+                &image,
                 &tmp2.to_string_lossy(),
-                qfmt,
+                fmt,
             );
             let mut f = match made.and_then(|_| Ok(std::fs::File::open(&tmp2)?)) {
                 Ok(f) => f,
@@ -465,10 +505,10 @@ pub async fn export<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return;
         }
     };
-    let ctype = match t.format.as_str() {
-        "vhd" => "application/vhd",
-        "qcow2" => "application/x-qemu-disk",
-        _ => "application/octet-stream",
+    let ctype = match t.format {
+        ImageFormat::Vpc => "application/vhd",
+        ImageFormat::Qcow2 => "application/x-qemu-disk",
+        ImageFormat::Raw => "application/octet-stream",
     };
     let head = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {size}\r\nTask-Id: {}\r\nConnection: close\r\n\r\n",

@@ -299,27 +299,34 @@ fn drive_of(s: &Server, st: &corral_db::State, vbd: &str) -> Result<Option<Drive
         }
         return Err(ApiError::new("VM_REQUIRES_VDI", [vbd, vdi.as_str()]));
     }
-    let (path, format) = vdi_image(s, st, &vdi)?;
+    let image = vdi_image(s, st, &vdi)?;
     Ok(Some(Drive {
         id,
-        path: Some(path),
-        format,
-        read_only,
+        path: Some(image.path),
+        format: image.format.qemu_name().to_owned(),
+        // Decided here, where the drive is built, whatever path led to it
+        // (VBD.create, VBD.set_mode, a CD insert).
+        read_only: read_only || cdrom || vdi_read_only(st, &vdi),
         cdrom,
     }))
 }
 
-/// Path and QEMU format of a VDI's image.
-fn vdi_image(s: &Server, st: &corral_db::State, vdi: &str) -> Result<(String, String), ApiError> {
+/// A VDI no guest may write: marked read-only, or on an ISO library.
+pub(crate) fn vdi_read_only(st: &corral_db::State, vdi: &str) -> bool {
+    let sr = st.get_str(field::vdi::SR, vdi).unwrap_or_default();
+    flag(st, field::vdi::READ_ONLY, vdi)
+        || st.get_str(field::sr::CONTENT_TYPE, &sr).as_deref() == Some("iso")
+}
+
+/// A VDI's image and the format the storage layer pins for it.
+fn vdi_image(
+    s: &Server,
+    st: &corral_db::State,
+    vdi: &str,
+) -> Result<corral_storage::Image, ApiError> {
     let sr = st.get_str(field::vdi::SR, vdi).unwrap_or_default();
     let loc = st.get_str(field::vdi::LOCATION, vdi).unwrap_or_default();
-    let path = crate::storage::vdi_path(s, &sr, &loc)?;
-    let fmt = strmap(st.get(field::vdi::SM_CONFIG, vdi))
-        .get("image-format")
-        .cloned()
-        .unwrap_or_else(|| "qcow2".into());
-    let format = if fmt == "qcow2" { "qcow2" } else { "raw" };
-    Ok((path, format.into()))
+    crate::storage::vdi_image(s, st, &sr, &loc)
 }
 
 /// A VDI attached read-write by a running VM cannot be used by another.
@@ -412,20 +419,28 @@ fn build_config(s: &Server, vm: &str) -> Result<VmConfig, ApiError> {
     };
     let kernel = g(field::vm::PV_KERNEL);
     let boot = if !kernel.is_empty() {
-        for p in [&kernel, &g(field::vm::PV_RAMDISK)] {
-            if !p.is_empty() && !std::path::Path::new(p).is_file() {
-                return Err(ApiError::new(
-                    "BOOTLOADER_FAILED",
-                    [vm.to_owned(), format!("{p}: no such file on the host")],
-                ));
-            }
-        }
+        let kernel = boot_file(s, &st, vm, "PV-kernel", &kernel)?;
         let rd = g(field::vm::PV_RAMDISK);
+        let initrd = if rd.is_empty() {
+            None
+        } else {
+            Some(boot_file(s, &st, vm, "PV-ramdisk", &rd)?)
+        };
         Boot::Kernel {
             kernel,
-            initrd: (!rd.is_empty()).then_some(rd),
+            initrd,
             args: g(field::vm::PV_ARGS),
         }
+    } else if g(field::vm::HVM_BOOT_POLICY).is_empty() {
+        // A PV-style (direct kernel) VM with no kernel has nothing to boot.
+        return Err(ApiError::new(
+            "BOOTLOADER_FAILED",
+            [
+                vm.to_owned(),
+                "the VM boots a kernel directly (HVM-boot-policy is empty) but PV-kernel is not set"
+                    .to_owned(),
+            ],
+        ));
     } else {
         Boot::Firmware {
             order: hvm.get("order").cloned().unwrap_or_else(|| "cd".into()),
@@ -1011,12 +1026,12 @@ async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     )
     .await?;
     let result = async {
-        let (path, format) = vdi_image(&s, &s.db.read(), &vdi)?;
+        let image = vdi_image(&s, &s.db.read(), &vdi)?;
         let pipe = fifo(&s.state_dir.join("streams"))?;
         let run_dir = s.state_dir.clone();
         let reader = {
             let pipe = pipe.clone();
-            tokio::task::spawn_blocking(move || stream_into_vdi(&pipe, &path, &format, &run_dir))
+            tokio::task::spawn_blocking(move || stream_into_vdi(&pipe, &image, &run_dir))
         };
         let saved = s.agent.save(&uuid, pipe.clone()).await.map_err(agent_err);
         if saved.is_err() {
@@ -1052,13 +1067,12 @@ async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
 /// Copies the save stream from the FIFO into the VDI; returns its length.
 fn stream_into_vdi(
     pipe: &std::path::Path,
-    path: &str,
-    format: &str,
+    image: &corral_storage::Image,
     run_dir: &std::path::Path,
 ) -> Result<u64, ApiError> {
     use std::io::Read;
     let mut src = std::fs::File::open(pipe).map_err(|e| ApiError::internal(e.to_string()))?;
-    let mut img = corral_storage::nbd::NbdImage::open(path, format, true, run_dir)
+    let mut img = corral_storage::nbd::NbdImage::open(image, true, run_dir)
         .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
     let mut buf = vec![0u8; corral_storage::nbd::CHUNK];
     let mut off = 0u64;
@@ -1095,17 +1109,18 @@ fn stream_into_vdi(
 /// Feeds `len` bytes of the VDI into the FIFO QEMU restores from.
 fn stream_from_vdi(
     pipe: &std::path::Path,
-    path: &str,
-    format: &str,
+    image: &corral_storage::Image,
     len: u64,
     run_dir: &std::path::Path,
 ) -> Result<(), ApiError> {
-    let mut img = corral_storage::nbd::NbdImage::open(path, format, false, run_dir)
-        .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
+    // The FIFO first: if the image cannot be read, closing it ends QEMU's
+    // incoming stream instead of leaving it waiting for a writer.
     let out = std::fs::OpenOptions::new()
         .write(true)
         .open(pipe)
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut img = corral_storage::nbd::NbdImage::open(image, false, run_dir)
+        .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&out);
     let mut left = len;
     let mut failed = None;
@@ -1138,7 +1153,7 @@ async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> Ap
             vm_uuid(&st, &vm),
         )
     };
-    let (path, format, len) = {
+    let (image, len) = {
         let st = s.db.read();
         if !st.exists(class::VDI, &vdi) {
             return Err(ApiError::new(
@@ -1146,17 +1161,17 @@ async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> Ap
                 [vm.as_str(), vdi.as_str()],
             ));
         }
-        let (p, f) = vdi_image(&s, &st, &vdi)?;
+        let image = vdi_image(&s, &st, &vdi)?;
         let len = strmap(st.get(field::vdi::OTHER_CONFIG, &vdi))
             .get("corral-suspend-length")
             .and_then(|l| l.parse::<u64>().ok())
             .unwrap_or(0);
-        (p, f, len)
+        (image, len)
     };
     let pipe = fifo(&s.state_dir.join("streams"))?;
     let writer = {
         let (pipe, run_dir) = (pipe.clone(), s.state_dir.clone());
-        tokio::task::spawn_blocking(move || stream_from_vdi(&pipe, &path, &format, len, &run_dir))
+        tokio::task::spawn_blocking(move || stream_from_vdi(&pipe, &image, len, &run_dir))
     };
     let launched = launch(&s, &vm, true, Some(pipe.clone())).await;
     if launched.is_err() {
@@ -1755,18 +1770,22 @@ async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> ApiResult {
         crate::storage::vbd_eject(&s, p)?;
     }
     if let Some((_, vm_uuid)) = running_uuid(&s, &vbd) {
-        let (id, path) = {
+        let (id, medium) = {
             let st = s.db.read();
             let id = st.get_str(field::vbd::UUID, &vbd).unwrap_or_default();
-            let path = if insert {
+            let medium = if insert {
                 let vdi = st.get_str(field::vbd::VDI, &vbd).unwrap_or_default();
-                Some(vdi_image(&s, &st, &vdi)?.0)
+                let image = vdi_image(&s, &st, &vdi)?;
+                Some(corral_agent::Medium {
+                    path: image.path,
+                    format: image.format.qemu_name().to_owned(),
+                })
             } else {
                 None
             };
-            (id, path)
+            (id, medium)
         };
-        if let Err(e) = s.agent.cd_change(&vm_uuid, &id, path).await {
+        if let Err(e) = s.agent.cd_change(&vm_uuid, &id, medium).await {
             let _ = db(s.db.write(|t| {
                 let old = before.clone().unwrap_or_else(|| NULL_REF.into());
                 t.set(field::vbd::EMPTY, &vbd, Value::Bool(old == NULL_REF))?;
@@ -2271,6 +2290,7 @@ pub async fn boot_policy(s: &Arc<Server>) {
         session: String::new(),
         role: corral_model::schema::Role::PoolAdmin,
         user: "root".into(),
+        user_ref: String::new(),
         task: None,
     };
     for (_, delay, vm) in vms {
@@ -2479,4 +2499,57 @@ mod tests {
             .expect("a size must be a number");
         assert_eq!(err.description()[0], "INVALID_VALUE");
     }
+}
+
+/// A `PV-kernel`/`PV-ramdisk` path as QEMU gets it: resolved (links
+/// followed) to a regular file inside one of the boot directories
+/// (`<state-dir>/boot`, those of the `boot-dirs` setting, and local ISO
+/// libraries). Anything else gets one answer, whether or not the path
+/// exists, so the check reveals nothing about the rest of the host.
+fn boot_file(
+    s: &Server,
+    st: &corral_db::State,
+    vm: &str,
+    what: &str,
+    path: &str,
+) -> Result<String, ApiError> {
+    let refused = || {
+        ApiError::new(
+            "BOOTLOADER_FAILED",
+            [
+                vm.to_owned(),
+                format!("{what} must be a file in a boot directory of this host"),
+            ],
+        )
+    };
+    let real = std::fs::canonicalize(path).map_err(|_| refused())?;
+    let inside = boot_dirs(s, st)
+        .iter()
+        .filter_map(|d| std::fs::canonicalize(d).ok())
+        .any(|d| real.starts_with(&d));
+    if !inside || !std::fs::metadata(&real).is_ok_and(|m| m.is_file()) {
+        return Err(refused());
+    }
+    real.to_str().map(str::to_owned).ok_or_else(refused)
+}
+
+/// Where boot files may come from: the configured directories and the
+/// directories of plugged local ISO libraries. `st` is the caller's read
+/// lock (a second one could deadlock behind a waiting writer).
+fn boot_dirs(s: &Server, st: &corral_db::State) -> Vec<std::path::PathBuf> {
+    let mut dirs = s.config.boot_dirs.clone();
+    dirs.push(s.state_dir.join("boot"));
+    for pbd in st.refs(class::PBD) {
+        let sr = st.get_str(field::pbd::SR, pbd).unwrap_or_default();
+        let iso = st.get_str(field::sr::TYPE_, &sr).as_deref() == Some("iso");
+        if !iso || !flag(st, field::pbd::CURRENTLY_ATTACHED, pbd) {
+            continue;
+        }
+        if let Some(l) = strmap(st.get(field::pbd::DEVICE_CONFIG, pbd)).get("location") {
+            if l.starts_with('/') {
+                dirs.push(l.into());
+            }
+        }
+    }
+    dirs
 }

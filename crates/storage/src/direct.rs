@@ -5,9 +5,9 @@
 //! whose data sits at plain file offsets; anything else (NFS, compressed
 //! or encrypted clusters, external data files) is left to qemu-nbd.
 
-use crate::StorageError;
 use crate::nbd::{wait_writable, write_all_fd};
 use crate::qemu_img::QemuImg;
+use crate::{Image, ImageFormat, StorageError};
 use serde_json::Value;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -40,12 +40,12 @@ pub struct ImageMap {
 
 /// Maps `path` for direct streaming, or `None` when it must go through
 /// qemu-nbd.
-pub fn map(path: &str, format: &str) -> Result<Option<ImageMap>, StorageError> {
-    if path.contains("://") || !matches!(format, "qcow2" | "raw") {
+pub fn map(image: &Image) -> Result<Option<ImageMap>, StorageError> {
+    if image.path.contains("://") || image.format == ImageFormat::Vpc {
         return Ok(None);
     }
-    let (chain, map) = QemuImg::default().chain_and_map(path, format)?;
-    Ok(from_json(path, &chain, &map))
+    let (chain, map) = QemuImg::default().chain_and_map(image)?;
+    Ok(from_json(&image.path, &chain, &map))
 }
 
 /// Interprets `qemu-img info --backing-chain` and `qemu-img map` output.

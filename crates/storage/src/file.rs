@@ -9,10 +9,10 @@
 //! the directory. A legacy (format 1) SR holds raw images under any name. The
 //! directory's `.corral-sr` file records the SR uuid and format version.
 
-use crate::qemu_img::{ImageInfo, QemuImg, path_str};
+use crate::qemu_img::{ImageInfo, QemuImg, path_str, plain_file_name};
 use crate::{
-    Driver, FILE_CAPS, FORMAT_VERSION, LEGACY_FORMAT_VERSION, Result, SmInfo, SrCtx, SrStat,
-    StorageError, VdiInfo,
+    Driver, FILE_CAPS, FORMAT_VERSION, Image, ImageFormat, LEGACY_FORMAT_VERSION, Result, SmInfo,
+    SrCtx, SrStat, StorageError, VdiInfo,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -108,24 +108,37 @@ impl FileDriver {
     /// The directory holding the SR's images on this host.
     pub fn dir(&self, sr: &SrCtx) -> Result<PathBuf> {
         match self.kind {
-            Kind::File | Kind::Iso => sr
-                .device_config
-                .get("location")
-                .filter(|l| !l.is_empty())
-                .map(PathBuf::from)
-                .ok_or_else(|| config_missing("location")),
+            Kind::File | Kind::Iso => location_dir(&sr.device_config),
             Kind::Ext => Ok(mount_point(&sr.state_dir, &sr.uuid)),
         }
     }
 
+    /// `device-config:device`: an absolute path (checked to be a block
+    /// device where the device is used).
     fn device<'a>(&self, dc: &'a BTreeMap<String, String>) -> Result<&'a str> {
-        dc.get("device")
+        let d = dc
+            .get("device")
             .map(String::as_str)
             .filter(|d| !d.is_empty())
-            .ok_or_else(|| config_missing("device"))
+            .ok_or_else(|| config_missing("device"))?;
+        check_absolute("device", d)?;
+        Ok(d)
     }
 
-    fn info_cached(&self, path: &Path) -> Result<ImageInfo> {
+    /// [`FileDriver::device`], which must be a block device now.
+    fn block_device<'a>(&self, dc: &'a BTreeMap<String, String>) -> Result<&'a str> {
+        use std::os::unix::fs::FileTypeExt;
+        let d = self.device(dc)?;
+        match std::fs::metadata(d) {
+            Ok(m) if m.file_type().is_block_device() => Ok(d),
+            _ => Err(StorageError::BadConfig {
+                key: "device".into(),
+                why: format!("{d} is not a block device"),
+            }),
+        }
+    }
+
+    fn info_cached(&self, path: &Path, format: ImageFormat) -> Result<ImageInfo> {
         let meta = std::fs::metadata(path).map_err(|e| missing_or_io(path, e))?;
         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         if let Ok(c) = self.cache.lock() {
@@ -135,7 +148,7 @@ impl FileDriver {
                 }
             }
         }
-        let info = QemuImg::default().info(path_str(path)?)?;
+        let info = QemuImg::default().info(path_str(path)?, format)?;
         if let Ok(mut c) = self.cache.lock() {
             c.get_or_insert_with(HashMap::new)
                 .insert(path.to_owned(), (mtime, meta.len(), info.clone()));
@@ -159,6 +172,25 @@ impl FileDriver {
         Err(StorageError::Missing(location.to_owned()))
     }
 
+    /// An ISO library's file `name`: a `*.iso` regular file inside the
+    /// directory, reached through no link that leaves it. The canonical path
+    /// is what gets opened.
+    fn iso_file(&self, dir: &Path, name: &str) -> Result<PathBuf> {
+        let missing = || StorageError::Missing(name.to_owned());
+        if !plain_file_name(name) || !name.to_ascii_lowercase().ends_with(".iso") {
+            return Err(missing());
+        }
+        let root = dir.canonicalize().map_err(|e| missing_or_io(dir, e))?;
+        let real = root.join(name).canonicalize().map_err(|_| missing())?;
+        if real.parent() != Some(root.as_path()) {
+            return Err(missing());
+        }
+        match std::fs::symlink_metadata(&real) {
+            Ok(m) if m.file_type().is_file() => Ok(real),
+            _ => Err(missing()),
+        }
+    }
+
     fn describe(&self, dir: &Path, path: &Path) -> Result<VdiInfo> {
         let name = path
             .file_name()
@@ -176,11 +208,13 @@ impl FileDriver {
                 virtual_size: meta.len() as i64,
                 physical_utilisation: allocated,
                 parent: None,
-                format: "iso".into(),
+                format: ImageFormat::Raw,
                 read_only: true,
             });
         }
-        let info = self.info_cached(path)?;
+        let format = ImageFormat::of_file_name(&name);
+        let info = self.info_cached(path, format)?;
+        info.check_sr_references(|b| plain_file_name(b).then(|| ImageFormat::of_file_name(b)))?;
         let location = name.strip_suffix(".qcow2").unwrap_or(&name).to_owned();
         let parent = info.backing.as_deref().map(|b| {
             let b = Path::new(b)
@@ -195,7 +229,7 @@ impl FileDriver {
             virtual_size: info.virtual_size,
             physical_utilisation: allocated,
             parent,
-            format: info.format,
+            format,
             read_only: false,
         })
     }
@@ -238,6 +272,38 @@ pub fn mount_point(state_dir: &Path, sr_uuid: &str) -> PathBuf {
     state_dir.join("sr-mount").join(sr_uuid)
 }
 
+/// `device-config:location` as a directory: absolute, and nothing a tool
+/// could read as an option.
+fn location_dir(dc: &BTreeMap<String, String>) -> Result<PathBuf> {
+    let l = dc
+        .get("location")
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| config_missing("location"))?;
+    check_absolute("location", l)?;
+    Ok(PathBuf::from(l))
+}
+
+/// A device-config path: absolute, normalised (no `.` or `..`), printable.
+pub fn check_absolute(key: &str, value: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(StorageError::BadConfig {
+            key: key.into(),
+            why: why.into(),
+        })
+    };
+    if !value.starts_with('/') {
+        return bad("must be an absolute path");
+    }
+    if value.chars().any(char::is_control) {
+        return bad("must not contain control characters");
+    }
+    if value.split('/').any(|c| c == "." || c == "..") {
+        return bad("must not contain . or .. components");
+    }
+    Ok(())
+}
+
+/// Runs a system tool; callers put `--` before their operands.
 fn run(cmd: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(cmd)
         .args(args)
@@ -282,11 +348,8 @@ impl Driver for FileDriver {
         }
         let found = match self.kind {
             Kind::File | Kind::Iso => {
-                let dir = dc
-                    .get("location")
-                    .filter(|l| !l.is_empty())
-                    .ok_or_else(|| config_missing("location"))?;
-                let dir = Path::new(dir);
+                let dir = location_dir(dc)?;
+                let dir = dir.as_path();
                 if !dir.is_dir() {
                     return Err(StorageError::backend(
                         113,
@@ -297,15 +360,15 @@ impl Driver for FileDriver {
                 Self::read_marker(dir)?
             }
             Kind::Ext => {
-                let dev = self.device(dc)?;
+                let dev = self.block_device(dc)?;
                 let probe_dir = state_dir
                     .join("sr-mount")
                     .join(format!("probe-{}", uuid::Uuid::new_v4()));
                 std::fs::create_dir_all(&probe_dir)?;
-                let found = match run("mount", &["-o", "ro", dev, path_str(&probe_dir)?]) {
+                let found = match run("mount", &["-o", "ro", "--", dev, path_str(&probe_dir)?]) {
                     Ok(_) => {
                         let m = Self::read_marker(&probe_dir);
-                        let _ = run("umount", &[path_str(&probe_dir)?]);
+                        let _ = run("umount", &["--", path_str(&probe_dir)?]);
                         m.ok().flatten()
                     }
                     // Not a filesystem (yet): nothing to reattach.
@@ -328,21 +391,32 @@ impl Driver for FileDriver {
     fn create(&self, sr: &SrCtx, _physical_size: i64) -> Result<()> {
         match self.kind {
             Kind::Ext => {
-                let dev = self.device(&sr.device_config)?.to_owned();
+                let dev = self.block_device(&sr.device_config)?.to_owned();
                 let label = format!("corral-{}", &sr.uuid[..8.min(sr.uuid.len())]);
-                run("mkfs.ext4", &["-F", "-q", "-L", &label, &dev]).map_err(|e| {
+                run("mkfs.ext4", &["-F", "-q", "-L", &label, "--", &dev]).map_err(|e| {
                     StorageError::backend(78, "Failed to format the device", e.to_string())
                 })?;
                 let dir = self.dir(sr)?;
                 std::fs::create_dir_all(&dir)?;
-                run("mount", &[&dev, path_str(&dir)?])?;
+                run("mount", &["--", &dev, path_str(&dir)?])?;
                 let r = Self::write_marker(&dir, &sr.uuid, FORMAT_VERSION);
-                let _ = run("umount", &[path_str(&dir)?]);
+                let _ = run("umount", &["--", path_str(&dir)?]);
                 r
             }
             Kind::File => {
+                // As XAPI's file SR: only the last component is made.
                 let dir = self.dir(sr)?;
-                std::fs::create_dir_all(&dir)?;
+                match std::fs::create_dir(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+                    Err(e) => {
+                        return Err(StorageError::backend(
+                            116,
+                            "Failed to create the SR directory",
+                            format!("{}: {e}", dir.display()),
+                        ));
+                    }
+                }
                 if let Some((uuid, _)) = Self::read_marker(&dir)? {
                     if uuid != sr.uuid {
                         return Err(StorageError::backend(
@@ -381,7 +455,7 @@ impl Driver for FileDriver {
                 self.detach(sr)?;
                 // Wipe the filesystem signature so the device reads as free.
                 let dev = self.device(&sr.device_config)?;
-                let _ = run("wipefs", &["-a", "-q", dev]);
+                let _ = run("wipefs", &["-a", "-q", "--", dev]);
                 Ok(())
             }
         }
@@ -394,9 +468,9 @@ impl Driver for FileDriver {
         }
         let dir = self.dir(sr)?;
         if self.kind == Kind::Ext && !is_mounted(&dir) {
-            let dev = self.device(&sr.device_config)?;
+            let dev = self.block_device(&sr.device_config)?;
             std::fs::create_dir_all(&dir)?;
-            run("mount", &[dev, path_str(&dir)?])
+            run("mount", &["--", dev, path_str(&dir)?])
                 .map_err(|e| StorageError::backend(47, "The SR is not available", e.to_string()))?;
         }
         if !dir.is_dir() {
@@ -428,7 +502,7 @@ impl Driver for FileDriver {
         if self.kind == Kind::Ext {
             let dir = self.dir(sr)?;
             if is_mounted(&dir) {
-                run("umount", &[path_str(&dir)?])?;
+                run("umount", &["--", path_str(&dir)?])?;
             }
             let _ = std::fs::remove_dir(&dir);
         }
@@ -468,7 +542,7 @@ impl Driver for FileDriver {
                     virtual_size: size as i64,
                     physical_utilisation: used as i64,
                     parent: None,
-                    format: "iso".into(),
+                    format: ImageFormat::Raw,
                     read_only: true,
                 })
                 .collect();
@@ -483,16 +557,31 @@ impl Driver for FileDriver {
             let e = e?;
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.starts_with('.') || !e.file_type()?.is_file() {
+            let path = if self.kind == Kind::Iso {
+                match self.iso_file(&dir, name) {
+                    Ok(p) => p,
+                    Err(_) => continue,
+                }
+            } else if name.starts_with('.') || !e.file_type()?.is_file() {
                 continue;
-            }
-            if self.kind == Kind::Iso && !name.to_ascii_lowercase().ends_with(".iso") {
-                continue;
-            }
-            match self.describe(&dir, &e.path()) {
+            } else {
+                e.path()
+            };
+            match self.describe(&dir, &path) {
+                // An ISO reached through a link keeps the name it is listed by.
+                Ok(v) if self.kind == Kind::Iso => out.push(VdiInfo {
+                    location: name.to_owned(),
+                    ..v
+                }),
                 Ok(v) => out.push(v),
                 // Vanished between listing and inspection.
                 Err(StorageError::Missing(_)) => continue,
+                // Not adopted: a file Corral did not make that would have
+                // root open other files.
+                Err(StorageError::Untrusted(why)) => {
+                    tracing::warn!(sr = %sr.uuid, file = %name.escape_default(), %why, "image not adopted");
+                    continue;
+                }
                 Err(err) => return Err(err),
             }
         }
@@ -564,11 +653,11 @@ impl Driver for FileDriver {
         }
         let dir = self.dir(sr)?;
         if self.kind == Kind::Iso {
-            let p = dir.join(location);
-            if location.contains('/') || !p.is_file() {
-                return Err(StorageError::Missing(location.to_owned()));
-            }
-            return self.describe(&dir, &p);
+            let p = self.iso_file(&dir, location)?;
+            return Ok(VdiInfo {
+                location: location.to_owned(),
+                ..self.describe(&dir, &p)?
+            });
         }
         let p = self.image_path(&dir, location)?;
         self.describe(&dir, &p)
@@ -580,7 +669,7 @@ impl Driver for FileDriver {
         }
         let dir = self.dir(sr)?;
         let parent_path = self.image_path(&dir, parent)?;
-        let pinfo = self.info_cached(&parent_path)?;
+        let pinfo = self.describe(&dir, &parent_path)?;
         let backing = parent_path
             .file_name()
             .and_then(|n| n.to_str())
@@ -591,7 +680,7 @@ impl Driver for FileDriver {
         if let Err(e) = QemuImg::default().create_qcow2(
             path_str(&p)?,
             pinfo.virtual_size,
-            Some((&backing, &pinfo.format)),
+            Some((&backing, pinfo.format)),
         ) {
             let _ = std::fs::remove_file(&p);
             return Err(e);
@@ -607,8 +696,11 @@ impl Driver for FileDriver {
         }
         let dir = self.dir(sr)?;
         let p = self.image_path(&dir, location)?;
-        let info = self.info_cached(&p)?;
-        QemuImg::default().resize(path_str(&p)?, &info.format, size)?;
+        let image = Image {
+            path: path_str(&p)?.to_owned(),
+            format: self.describe(&dir, &p)?.format,
+        };
+        QemuImg::default().resize(&image, size)?;
         self.describe(&dir, &p)
     }
 
@@ -624,7 +716,7 @@ impl Driver for FileDriver {
         let backing = match new_parent {
             Some(np) => {
                 let pp = self.image_path(&dir, np)?;
-                let fmt = self.info_cached(&pp)?.format;
+                let fmt = self.describe(&dir, &pp)?.format;
                 Some((
                     pp.file_name()
                         .and_then(|n| n.to_str())
@@ -637,7 +729,7 @@ impl Driver for FileDriver {
         };
         QemuImg::default().rebase_safe(
             path_str(&p)?,
-            backing.as_ref().map(|(b, f)| (b.as_str(), f.as_str())),
+            backing.as_ref().map(|(b, f)| (b.as_str(), *f)),
         )
     }
 
@@ -650,33 +742,41 @@ impl Driver for FileDriver {
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_owned();
-        QemuImg::default().rebase_unsafe(path_str(&p)?, &name)
+        QemuImg::default().rebase_unsafe(path_str(&p)?, &name, ImageFormat::of_file_name(&name))
     }
 
-    fn vdi_path(&self, sr: &SrCtx, location: &str) -> Result<String> {
+    fn vdi_image(&self, sr: &SrCtx, location: &str) -> Result<Image> {
         if let Some(url) = self.nfs_url(sr) {
-            return Ok(format!("{}/{location}", url.trim_end_matches('/')));
+            if !plain_file_name(location) || !location.to_ascii_lowercase().ends_with(".iso") {
+                return Err(StorageError::Missing(location.to_owned()));
+            }
+            return Ok(Image {
+                path: format!("{}/{location}", url.trim_end_matches('/')),
+                format: ImageFormat::Raw,
+            });
         }
         let dir = self.dir(sr)?;
         if self.kind == Kind::Iso {
-            return Ok(path_str(&dir.join(location))?.to_owned());
+            return Ok(Image {
+                path: path_str(&self.iso_file(&dir, location)?)?.to_owned(),
+                format: ImageFormat::Raw,
+            });
         }
-        Ok(path_str(&self.image_path(&dir, location)?)?.to_owned())
+        let p = self.image_path(&dir, location)?;
+        let format = self.describe(&dir, &p)?.format;
+        Ok(Image {
+            path: path_str(&p)?.to_owned(),
+            format,
+        })
     }
 
-    fn vdi_import_from(
-        &self,
-        sr: &SrCtx,
-        loc: &str,
-        src: &str,
-        src_format: Option<&str>,
-    ) -> Result<VdiInfo> {
+    fn vdi_import_from(&self, sr: &SrCtx, loc: &str, src: &Image) -> Result<VdiInfo> {
         if self.kind == Kind::Iso {
             return Err(StorageError::NotSupported);
         }
         let dir = self.dir(sr)?;
         let p = dir.join(format!("{loc}.qcow2"));
-        if let Err(e) = QemuImg::default().convert(src, src_format, path_str(&p)?, "qcow2") {
+        if let Err(e) = QemuImg::default().convert(src, path_str(&p)?, ImageFormat::Qcow2) {
             let _ = std::fs::remove_file(&p);
             return Err(e);
         }

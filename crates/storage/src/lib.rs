@@ -52,6 +52,14 @@ pub enum StorageError {
     /// The SR was written by a newer Corral.
     #[error("SR format version {found} is newer than this Corral supports ({supported})")]
     TooNew { found: u32, supported: u32 },
+    /// An image (an upload, or a file found on an SR) that Corral will not
+    /// open: it names a backing file or an external data file, or is not
+    /// the format it claims.
+    #[error("image refused: {0}")]
+    Untrusted(String),
+    /// A device-config value that is not what the driver takes.
+    #[error("invalid device-config {key}: {why}")]
+    BadConfig { key: String, why: String },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -68,6 +76,51 @@ impl StorageError {
 
 pub type Result<T> = std::result::Result<T, StorageError>;
 
+/// The format an image is opened in. It is never probed from the image's
+/// own bytes and never taken from anything a user can set: for images on an
+/// SR the driver derives it from how the storage layer named the file
+/// (`<location>.qcow2` is qcow2, anything else raw, ISOs raw), and for an
+/// upload it is the format the client declared, checked by
+/// [`qemu_img::QemuImg::inspect_upload`]. Every `qemu-img`, `qemu-nbd` and
+/// QEMU open passes it explicitly (`-f` / `format=`), so a guest that writes
+/// a qcow2 header into a raw disk cannot make root open host files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    Qcow2,
+    Raw,
+    /// VHD, as qemu-img calls it; only ever an upload or download format.
+    Vpc,
+}
+
+impl ImageFormat {
+    /// The name QEMU's block layer gives the format.
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+            ImageFormat::Vpc => "vpc",
+        }
+    }
+
+    /// The format of an SR's image file, from the name the storage layer
+    /// gave it.
+    pub fn of_file_name(name: &str) -> ImageFormat {
+        if name.ends_with(".qcow2") {
+            ImageFormat::Qcow2
+        } else {
+            ImageFormat::Raw
+        }
+    }
+}
+
+/// An image to open: where it is and the format it must be opened in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// A local path or an `nfs://` URL.
+    pub path: String,
+    pub format: ImageFormat,
+}
+
 /// One image on an SR, as the storage describes it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VdiInfo {
@@ -78,8 +131,8 @@ pub struct VdiInfo {
     pub physical_utilisation: i64,
     /// The location of the image this one is backed by.
     pub parent: Option<String>,
-    /// `qcow2`, `raw` or `iso`.
-    pub format: String,
+    /// What the image is opened as (ISOs: raw).
+    pub format: ImageFormat,
     pub read_only: bool,
 }
 
@@ -160,18 +213,13 @@ pub trait Driver: Send + Sync {
     /// Points `location` at another backing image holding the same data
     /// (after a commit); rewrites only the image header.
     fn vdi_set_parent(&self, sr: &SrCtx, location: &str, parent: &str) -> Result<()>;
-    /// What QEMU and qemu-img open for this image (a path or an URL).
-    fn vdi_path(&self, sr: &SrCtx, location: &str) -> Result<String>;
+    /// What QEMU and qemu-img open for this image (a path or an URL) and
+    /// the format to open it in.
+    fn vdi_image(&self, sr: &SrCtx, location: &str) -> Result<Image>;
     /// A new, standalone image at `location` (the caller's choice, so it can
-    /// journal it before the copy starts) holding a full copy of
-    /// `src_path`'s chain.
-    fn vdi_import_from(
-        &self,
-        sr: &SrCtx,
-        location: &str,
-        src_path: &str,
-        src_format: Option<&str>,
-    ) -> Result<VdiInfo>;
+    /// journal it before the copy starts) holding a full copy of `src`'s
+    /// chain.
+    fn vdi_import_from(&self, sr: &SrCtx, location: &str, src: &Image) -> Result<VdiInfo>;
 }
 
 /// A fresh image location (the file name without `.qcow2`).

@@ -4,7 +4,7 @@
 //! whatever the disk size, and all-zero chunks are sent as WRITE_ZEROES so
 //! imported disks stay sparse.
 
-use crate::StorageError;
+use crate::{Image, StorageError};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -62,14 +62,9 @@ fn io(e: std::io::Error) -> StorageError {
 }
 
 impl NbdImage {
-    /// Serves `path` (a file or an `nfs://` URL) in `format`; `writable`
+    /// Serves `image` (a file or an `nfs://` URL) in its format; `writable`
     /// opens it for writing. `run_dir` holds the socket.
-    pub fn open(
-        path: &str,
-        format: &str,
-        writable: bool,
-        run_dir: &Path,
-    ) -> Result<NbdImage, StorageError> {
+    pub fn open(image: &Image, writable: bool, run_dir: &Path) -> Result<NbdImage, StorageError> {
         // unix socket paths are limited to 108 bytes; state dirs can be deep.
         let short = format!(
             "nbd-{}.sock",
@@ -90,7 +85,7 @@ impl NbdImage {
         // kernel allow (~1.3× the streaming rate of buffered reads here),
         // falling back to Linux AIO, then to buffered I/O. Writes and NFS
         // (libnfs) stay buffered.
-        let caches: &[&[&str]] = if writable || path.starts_with("nfs://") {
+        let caches: &[&[&str]] = if writable || image.path.starts_with("nfs://") {
             &[&["--cache=writeback"]]
         } else {
             &[
@@ -102,7 +97,7 @@ impl NbdImage {
         let mut last_err = None;
         let mut served = None;
         for cache in caches {
-            match serve(path, format, writable, &socket, cache) {
+            match serve(image, writable, &socket, cache) {
                 Ok(s) => {
                     served = Some(s);
                     break;
@@ -343,8 +338,7 @@ impl NbdImage {
 /// Starts qemu-nbd on `socket` with the given cache options and connects
 /// to it; fails (with qemu-nbd's message) if it exits first.
 fn serve(
-    path: &str,
-    format: &str,
+    image: &Image,
     writable: bool,
     socket: &Path,
     cache: &[&str],
@@ -354,7 +348,7 @@ fn serve(
     cmd.arg("--socket")
         .arg(socket)
         .arg("--format")
-        .arg(format)
+        .arg(image.format.qemu_name())
         .args(cache);
     if writable {
         cmd.arg("--discard=unmap").arg("--detect-zeroes=unmap");
@@ -362,7 +356,8 @@ fn serve(
         cmd.arg("--read-only")
             .arg(format!("--shared={READ_CONNECTIONS}"));
     }
-    cmd.arg(path)
+    cmd.arg("--")
+        .arg(&image.path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -10,10 +10,10 @@
 //! has `no_root_squash`, no Kerberos/CHAP; NFSv3 (Debian's libnfs 4.0, which
 //! QEMU links, has no NFSv4).
 
-use crate::qemu_img::{ImageInfo, QemuImg};
+use crate::qemu_img::{ImageInfo, QemuImg, plain_file_name};
 use crate::{
-    Driver, FILE_CAPS, FORMAT_VERSION, LEGACY_FORMAT_VERSION, Result, SmInfo, SrCtx, SrStat,
-    StorageError, VdiInfo,
+    Driver, FILE_CAPS, FORMAT_VERSION, Image, ImageFormat, LEGACY_FORMAT_VERSION, Result, SmInfo,
+    SrCtx, SrStat, StorageError, VdiInfo,
 };
 use nfs3_client::nfs3_types::nfs3::{
     self, CREATE3args, FSSTAT3args, LOOKUP3args, MKDIR3args, Nfs3Option, Nfs3Result, READ3args,
@@ -403,6 +403,25 @@ impl NfsDriver {
             .ok_or_else(|| {
                 StorageError::backend(101, "The request is missing the serverpath parameter", "")
             })?;
+        // Both end up in libnfs URLs: no options (`?uid=0`), fragments or
+        // other servers can be smuggled in.
+        let host_ok = server
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c))
+            && !server.starts_with('-');
+        if !host_ok {
+            return Err(StorageError::BadConfig {
+                key: "server".into(),
+                why: "must be a host name or an IP address".into(),
+            });
+        }
+        crate::file::check_absolute("serverpath", export)?;
+        if export.contains(['?', '#', '%']) {
+            return Err(StorageError::BadConfig {
+                key: "serverpath".into(),
+                why: "must not contain ?, # or %".into(),
+            });
+        }
         match dc.get("nfsversion").map(String::as_str) {
             None | Some("") | Some("3") => {}
             Some(v) => {
@@ -465,6 +484,7 @@ impl NfsDriver {
 
     fn describe(&self, w: &Where, e: &Entry) -> Result<VdiInfo> {
         let url = format!("{}{}", w.base_url, e.name);
+        let format = ImageFormat::of_file_name(&e.name);
         let cached = self
             .cache
             .lock()
@@ -475,7 +495,7 @@ impl NfsDriver {
         let info = match cached {
             Some(i) => i,
             None => {
-                let i = QemuImg::default().info(&url)?;
+                let i = QemuImg::default().info(&url, format)?;
                 if let Ok(mut c) = self.cache.lock() {
                     c.get_or_insert_with(HashMap::new)
                         .insert(url, (e.mtime, e.size, i.clone()));
@@ -483,6 +503,11 @@ impl NfsDriver {
                 i
             }
         };
+        // Backing files are absolute URLs into this SR's own directory.
+        info.check_sr_references(|b| {
+            let name = b.strip_prefix(w.base_url.as_str())?;
+            plain_file_name(name).then(|| ImageFormat::of_file_name(name))
+        })?;
         let location = e.name.strip_suffix(".qcow2").unwrap_or(&e.name).to_owned();
         let parent = info.backing.as_deref().map(|b| {
             let name = b.rsplit('/').next().unwrap_or(b);
@@ -493,7 +518,7 @@ impl NfsDriver {
             virtual_size: info.virtual_size,
             physical_utilisation: e.used as i64,
             parent,
-            format: info.format,
+            format,
             read_only: false,
         })
     }
@@ -710,7 +735,7 @@ impl Driver for NfsDriver {
             q.create_raw(&url, size)?;
             url
         };
-        let info = q.info(&url)?;
+        let info = q.info(&url, ImageFormat::of_file_name(&url))?;
         Ok(VdiInfo {
             location: loc,
             virtual_size: info.virtual_size,
@@ -747,20 +772,26 @@ impl Driver for NfsDriver {
         let (w, pinfo, purl) = self.info_by_location(sr, parent)?;
         let loc = crate::new_location();
         let url = format!("{}{loc}.qcow2", w.base_url);
-        QemuImg::default().create_qcow2(&url, pinfo.virtual_size, Some((&purl, &pinfo.format)))?;
+        QemuImg::default().create_qcow2(&url, pinfo.virtual_size, Some((&purl, pinfo.format)))?;
         Ok(VdiInfo {
             location: loc,
             virtual_size: pinfo.virtual_size,
             physical_utilisation: 0,
             parent: Some(parent.to_owned()),
-            format: "qcow2".into(),
+            format: ImageFormat::Qcow2,
             read_only: false,
         })
     }
 
     fn vdi_resize(&self, sr: &SrCtx, location: &str, size: i64) -> Result<VdiInfo> {
         let (_, info, url) = self.info_by_location(sr, location)?;
-        QemuImg::default().resize(&url, &info.format, size)?;
+        QemuImg::default().resize(
+            &Image {
+                path: url,
+                format: info.format,
+            },
+            size,
+        )?;
         self.vdi_info(sr, location)
     }
 
@@ -781,39 +812,39 @@ impl Driver for NfsDriver {
         let backing = match new_parent {
             Some(np) => {
                 let purl = self.url_of(&w, &entries, np)?;
-                let fmt = QemuImg::default().info(&purl)?.format;
+                let fmt = ImageFormat::of_file_name(&purl);
                 Some((purl, fmt))
             }
             None => None,
         };
-        QemuImg::default().rebase_safe(
-            &url,
-            backing.as_ref().map(|(b, f)| (b.as_str(), f.as_str())),
-        )
+        QemuImg::default().rebase_safe(&url, backing.as_ref().map(|(b, f)| (b.as_str(), *f)))
     }
 
     fn vdi_set_parent(&self, sr: &SrCtx, location: &str, parent: &str) -> Result<()> {
         let (w, entries) = self.entries(sr)?;
         let url = self.url_of(&w, &entries, location)?;
         let purl = self.url_of(&w, &entries, parent)?;
-        QemuImg::default().rebase_unsafe(&url, &purl)
+        let pfmt = ImageFormat::of_file_name(&purl);
+        QemuImg::default().rebase_unsafe(&url, &purl, pfmt)
     }
 
-    fn vdi_path(&self, sr: &SrCtx, location: &str) -> Result<String> {
+    fn vdi_image(&self, sr: &SrCtx, location: &str) -> Result<Image> {
         let (w, entries) = self.entries(sr)?;
-        self.url_of(&w, &entries, location)
+        let url = self.url_of(&w, &entries, location)?;
+        let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+        let e = entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| StorageError::Missing(location.to_owned()))?;
+        // Checked as the scan checks it: only chains Corral made are opened.
+        let format = self.describe(&w, e)?.format;
+        Ok(Image { path: url, format })
     }
 
-    fn vdi_import_from(
-        &self,
-        sr: &SrCtx,
-        loc: &str,
-        src: &str,
-        src_format: Option<&str>,
-    ) -> Result<VdiInfo> {
+    fn vdi_import_from(&self, sr: &SrCtx, loc: &str, src: &Image) -> Result<VdiInfo> {
         let w = Self::where_(&sr.device_config, &sr.uuid)?;
         let url = format!("{}{loc}.qcow2", w.base_url);
-        if let Err(e) = QemuImg::default().convert(src, src_format, &url, "qcow2") {
+        if let Err(e) = QemuImg::default().convert(src, &url, ImageFormat::Qcow2) {
             let _ = self.vdi_delete(sr, loc);
             return Err(e);
         }

@@ -15,6 +15,19 @@ use std::time::Duration;
 
 const GREETING: &[u8] = b"XenSource thin CLI protocol";
 const DEFAULT_SOCKET: &str = "/var/lib/corral/xapi.sock";
+/// How long xe waits for a TCP connection, and for the server's greeting.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// [`GREETING_TIMEOUT`], or `$CORRAL_XE_TIMEOUT` seconds.
+fn greeting_timeout() -> std::time::Duration {
+    std::env::var("CORRAL_XE_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .map(std::time::Duration::from_secs_f64)
+        .unwrap_or(GREETING_TIMEOUT)
+}
 
 struct Opts {
     server: Option<String>,
@@ -207,11 +220,9 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 }
 
 fn connect(o: &Opts) -> Box<dyn Stream> {
-    let Some(server) = o
-        .server
-        .as_deref()
-        .filter(|s| *s != "127.0.0.1" || std::env::var_os("CORRAL_XAPI_SOCKET").is_none())
-    else {
+    // A named server is always contacted, with the credentials given;
+    // the local socket is only for commands that name none.
+    let Some(server) = o.server.as_deref() else {
         let path = std::env::var("CORRAL_XAPI_SOCKET").unwrap_or_else(|_| DEFAULT_SOCKET.into());
         let s = UnixStream::connect(&path).unwrap_or_else(|e| {
             die(&format!(
@@ -222,8 +233,13 @@ fn connect(o: &Opts) -> Box<dyn Stream> {
     };
     let port = o.port.unwrap_or(if o.nossl { 80 } else { 443 });
     let host = server.trim_start_matches('[').trim_end_matches(']');
-    let tcp = TcpStream::connect((host, port))
-        .unwrap_or_else(|e| die(&format!("Unable to contact server {server}:{port}: {e}")));
+    let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .unwrap_or_else(|e| die(&format!("Unable to contact server {server}:{port}: {e}")))
+        .collect();
+    let tcp = addrs
+        .iter()
+        .find_map(|a| TcpStream::connect_timeout(a, CONNECT_TIMEOUT).ok())
+        .unwrap_or_else(|| die(&format!("Unable to contact server {server}:{port}")));
     if o.nossl {
         return Box::new(tcp);
     }
@@ -239,6 +255,26 @@ fn connect(o: &Opts) -> Box<dyn Stream> {
     let conn = rustls::ClientConnection::new(Arc::new(cfg), name)
         .unwrap_or_else(|e| die(&format!("TLS setup failed: {e}")));
     Box::new(rustls::StreamOwned::new(conn, tcp))
+}
+
+/// Stops with a message naming the port when `e` is the greeting timeout.
+fn no_answer(o: &Opts, e: &std::io::Error) {
+    if matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ) {
+        let server = o.server.as_deref().unwrap_or("the local toolstack");
+        let port = o.port.unwrap_or(if o.nossl { 80 } else { 443 });
+        die(&format!(
+            "No answer from {server} port {port} within {} s: {}",
+            greeting_timeout().as_secs_f64(),
+            if o.nossl {
+                "is it an HTTPS port? (drop --nossl)"
+            } else {
+                "is it a plain HTTP port? (use --nossl)"
+            }
+        ));
+    }
 }
 
 fn read_i32(s: &mut dyn Stream) -> std::io::Result<i32> {
@@ -286,21 +322,27 @@ fn run(o: &Opts, mut args: Vec<String>) -> ! {
     args.push(format!("password={}", o.password));
     let body = args.join("\n");
     let mut s = connect(o);
+    let _ = s.set_read_timeout(Some(greeting_timeout()));
     let head = format!(
         "POST /cli HTTP/1.0\r\nUser-agent: xe-cli/Unix/0.2\r\noriginator: cli\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
-    if s.write_all(head.as_bytes())
+    if let Err(e) = s
+        .write_all(head.as_bytes())
         .and_then(|_| s.write_all(body.as_bytes()))
         .and_then(|_| s.flush())
-        .is_err()
     {
+        // A TLS handshake reads, so a silent server times out here too.
+        no_answer(o, &e);
         die("Failed to send the command to the server");
     }
     let mut hello = [0u8; 35];
-    if s.read_exact(&mut hello).is_err() {
+    if let Err(e) = s.read_exact(&mut hello) {
+        no_answer(o, &e);
         die("Failed to contact the management agent");
     }
+    // Commands may run for long (a clean shutdown waits for the guest).
+    let _ = s.set_read_timeout(None);
     if hello.starts_with(b"HTTP") {
         die("Server internal error");
     }
