@@ -183,6 +183,13 @@ pub trait HostAgent: Send + Sync {
     fn drive_detach(&self, vm: &str, id: &str) -> AgentFut<'_, ()>;
     /// Sets the balloon target (the guest's memory) of a running VM, bytes.
     fn set_balloon(&self, vm: &str, bytes: i64) -> AgentFut<'_, ()>;
+    /// Switches a plugged disk's active image to `overlay`, an existing qcow2
+    /// image backed by the current one, in one step: everything the guest
+    /// wrote before is in the old image, everything after in the overlay
+    /// (a point-in-time snapshot of a running disk).
+    fn drive_switch_to_overlay(&self, vm: &str, id: &str, overlay: &str) -> AgentFut<'_, ()>;
+    /// The image a plugged drive reads and writes now (its active layer).
+    fn drive_image(&self, vm: &str, id: &str) -> AgentFut<'_, Option<String>>;
     /// Grows a plugged drive's image to `size` bytes while the guest runs.
     fn drive_resize(&self, vm: &str, id: &str, size: i64) -> AgentFut<'_, ()>;
     /// Inserts (`Some`) or ejects (`None`) a CD's medium.

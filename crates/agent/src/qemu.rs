@@ -820,6 +820,44 @@ impl HostAgent for QemuAgent {
         })
     }
 
+    fn drive_switch_to_overlay(&self, vm: &str, id: &str, overlay: &str) -> AgentFut<'_, ()> {
+        let (vm, id, overlay) = (vm.to_owned(), id.to_owned(), overlay.to_owned());
+        Box::pin(async move {
+            // mode=existing: QEMU opens the overlay Corral made and puts the
+            // current image under it, atomically for the guest.
+            self.attached(&vm)?
+                .qmp
+                .execute(
+                    "blockdev-snapshot-sync",
+                    json!({
+                        "device": format!("drive-{id}"),
+                        "snapshot-file": overlay,
+                        "format": "qcow2",
+                        "mode": "existing",
+                    }),
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn drive_image(&self, vm: &str, id: &str) -> AgentFut<'_, Option<String>> {
+        let (vm, id) = (vm.to_owned(), id.to_owned());
+        Box::pin(async move {
+            let blocks = self
+                .attached(&vm)?
+                .qmp
+                .execute("query-block", Value::Null)
+                .await?;
+            let device = format!("drive-{id}");
+            Ok(blocks.as_array().and_then(|a| {
+                a.iter()
+                    .find(|b| b.get("device").and_then(Value::as_str) == Some(device.as_str()))
+                    .and_then(|b| b.get("inserted")?.get("file")?.as_str().map(str::to_owned))
+            }))
+        })
+    }
+
     fn drive_resize(&self, vm: &str, id: &str, size: i64) -> AgentFut<'_, ()> {
         let (vm, id) = (vm.to_owned(), id.to_owned());
         Box::pin(async move {

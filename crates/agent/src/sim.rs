@@ -131,6 +131,24 @@ impl HostAgent for SimAgent {
         });
         Box::pin(async move { r })
     }
+    fn drive_switch_to_overlay(&self, vm: &str, id: &str, overlay: &str) -> AgentFut<'_, ()> {
+        let r = self.load(vm).and_then(|(mut cfg, st)| {
+            for d in cfg.drives.iter_mut().filter(|d| d.id == id) {
+                d.path = Some(overlay.to_owned());
+            }
+            self.store(&cfg, st)
+        });
+        Box::pin(async move { r })
+    }
+    fn drive_image(&self, vm: &str, id: &str) -> AgentFut<'_, Option<String>> {
+        let r = self.load(vm).map(|(cfg, _)| {
+            cfg.drives
+                .iter()
+                .find(|d| d.id == id)
+                .and_then(|d| d.path.clone())
+        });
+        Box::pin(async move { r })
+    }
     fn drive_resize(&self, vm: &str, _id: &str, _size: i64) -> AgentFut<'_, ()> {
         let r = self.load(vm).map(|_| ());
         Box::pin(async move { r })

@@ -807,7 +807,11 @@ impl Server {
         }
         if res.is_async && res.session {
             // A transient task, visible while the call runs.
-            let task = self.task_create(&res.wire, "", &ctx.session, false)?;
+            // Cancellable like an Async one: the operation sees the request.
+            let task = self.task_create(&res.wire, "", &ctx.session, true)?;
+            if let Ok(mut w) = self.workers.lock() {
+                w.insert(task.clone());
+            }
             let mut tctx = ctx.clone();
             tctx.task = Some(task.clone());
             let out = self.run(&res, &tctx, typed).await;
@@ -1117,12 +1121,72 @@ impl Server {
         if let Ok(mut o) = self.task_owners.lock() {
             o.remove(task);
         }
+        if let Ok(mut w) = self.workers.lock() {
+            w.remove(task);
+        }
+        if let Ok(mut c) = self.cancelled.lock() {
+            c.remove(task);
+        }
         let _ = self.db.write(|t| {
             if t.state().exists(class::TASK, task) {
                 t.delete(class::TASK, task)?;
             }
             Ok(())
         });
+    }
+
+    /// `task.cancel`: allowed while `cancel` is in the task's
+    /// `allowed_operations`; the operation working on it sees the request
+    /// and ends with `TASK_CANCELLED`, a task nobody works on ends at once.
+    pub fn cancel_task(&self, task: &str) -> Result<(), ApiError> {
+        let allowed = self
+            .db
+            .read()
+            .get(field::task::ALLOWED_OPERATIONS, task)
+            .ok_or_else(|| ApiError::handle_invalid("task", task))?;
+        if !allowed
+            .as_array()
+            .unwrap_or_default()
+            .iter()
+            .any(|v| v.as_str() == Some("cancel"))
+        {
+            return Err(ApiError::operation_not_allowed("task is not cancellable"));
+        }
+        self.db
+            .write(|t| {
+                t.set(
+                    field::task::CURRENT_OPERATIONS,
+                    task,
+                    Value::Struct(vec![(task.to_owned(), Value::str("cancel"))]),
+                )
+            })
+            .map_err(db_err)?;
+        self.request_cancel(task);
+        if !self.task_has_worker(task) {
+            self.task_complete(task, Err(ApiError::new("TASK_CANCELLED", [task])));
+        }
+        Ok(())
+    }
+
+    /// Cancels every pending task of `session` (its client went away).
+    pub fn cancel_session_tasks(&self, session: &str) {
+        let tasks: Vec<String> = self
+            .task_owners
+            .lock()
+            .map(|o| {
+                o.iter()
+                    .filter(|(_, t)| t.session == session)
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for t in tasks {
+            let pending =
+                self.db.read().get_str(field::task::STATUS, &t).as_deref() == Some("pending");
+            if pending {
+                let _ = self.cancel_task(&t);
+            }
+        }
     }
 
     /// A session ended (logout, expiry, revocation): its record goes, and

@@ -571,7 +571,36 @@ pub async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if stream.read_exact(&mut reply).await.is_err() || !reply.starts_with(GREETING) {
         return;
     }
-    let run = run(&server, args, origin.clone()).await;
+    // The command runs on its own; if the client goes away meanwhile (xe
+    // sends nothing while a command runs, so any read here is its end:
+    // Ctrl-C), the tasks the command started are cancelled, and the
+    // command still finishes cleanly.
+    let session_slot: SessionSlot = Default::default();
+    let mut job = {
+        let (server, origin, slot) = (
+            Arc::clone(&server),
+            origin.clone(),
+            Arc::clone(&session_slot),
+        );
+        tokio::spawn(async move { run(&server, args, origin, slot).await })
+    };
+    let mut probe = [0u8; 1];
+    let finished = tokio::select! {
+        r = &mut job => r,
+        _ = stream.read(&mut probe) => {
+            let session = session_slot.lock().ok().and_then(|s| s.clone());
+            if let Some(session) = session {
+                tracing::info!("xe client left during its command: cancelling its tasks");
+                server.cancel_session_tasks(&session);
+                let _ = job.await;
+                server.sessions.logout(&server, &session);
+            } else {
+                let _ = job.await;
+            }
+            return;
+        }
+    };
+    let Ok(run) = finished else { return };
     let mut exit = run.exit;
     let mut frames = Vec::new();
     for o in &run.out {
@@ -680,7 +709,10 @@ pub fn parse_args(args: &[String]) -> Result<Cmd, String> {
     })
 }
 
-async fn run(server: &Arc<Server>, args: Vec<String>, origin: Origin) -> Run {
+/// Where a running command publishes the session it works under.
+type SessionSlot = Arc<std::sync::Mutex<Option<String>>>;
+
+async fn run(server: &Arc<Server>, args: Vec<String>, origin: Origin, slot: SessionSlot) -> Run {
     let cmd = match parse_args(&args) {
         Ok(c) => c,
         Err(e) => return fail_text(format!("Syntax error: {e}\nFor usage run: 'xe help'")),
@@ -718,6 +750,9 @@ async fn run(server: &Arc<Server>, args: Vec<String>, origin: Origin) -> Run {
             }
         }
     };
+    if let Ok(mut s) = slot.lock() {
+        *s = Some(session.clone());
+    }
     let ctx = CliCtx {
         server: Arc::clone(server),
         session: session.clone(),

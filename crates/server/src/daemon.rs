@@ -124,6 +124,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     crate::vm::startup(&server)
         .await
         .map_err(|e| anyhow::anyhow!("VM start-up: {e}"))?;
+    crate::storage::finish_interrupted_switches(&server).await;
     let sock_path = opts.state_dir.join("xapi.sock");
     let unix = bind_private_socket(&sock_path)?;
     {

@@ -46,32 +46,7 @@ pub fn table() -> HashMap<String, Handler> {
         s.client_task_create(c, &label, &descr)
     });
     sync("task.cancel", |s, _, p| {
-        let r = pstr(&mut p.into_iter());
-        let allowed =
-            s.db.read()
-                .get(field::task::ALLOWED_OPERATIONS, &r)
-                .ok_or_else(|| ApiError::handle_invalid("task", &r))?;
-        if !allowed
-            .as_array()
-            .unwrap_or_default()
-            .iter()
-            .any(|v| v.as_str() == Some("cancel"))
-        {
-            return Err(ApiError::operation_not_allowed("task is not cancellable"));
-        }
-        s.db.write(|t| {
-            t.set(
-                field::task::CURRENT_OPERATIONS,
-                &r,
-                Value::Struct(vec![(r.clone(), Value::str("cancel"))]),
-            )
-        })
-        .map_err(ApiError::from)?;
-        s.request_cancel(&r);
-        // A client-created task has no worker to notice: cancel it here.
-        if !s.task_has_worker(&r) {
-            s.task_complete(&r, Err(ApiError::new("TASK_CANCELLED", [r.as_str()])));
-        }
+        s.cancel_task(&pstr(&mut p.into_iter()))?;
         void()
     });
     sync("event.register", |s, c, p| {

@@ -1541,6 +1541,10 @@ async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) -> ApiResul
     };
     let base_ref = new_ref();
     let new_ref_ = new_ref();
+    let old_sm_config =
+        s.db.read()
+            .get(field::vdi::SM_CONFIG, vdi)
+            .unwrap_or(Value::Struct(vec![]));
     let committed = s.db.write(|t| {
         let st = t.state();
         let row = st
@@ -1617,15 +1621,57 @@ async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) -> ApiResul
         Ok(())
     });
     journal.close();
-    if let Err(e) = committed {
+    let undo_images = |s: &Arc<Server>| {
         let (d, ctx) = (v.on.driver, v.on.ctx.clone());
         let (a, b) = (leaf.location.clone(), copy.location.clone());
-        let _ = blocking(move || {
+        let _ = s;
+        blocking(move || {
             let _ = d.vdi_delete(&ctx, &a);
             let _ = d.vdi_delete(&ctx, &b);
         })
-        .await;
+    };
+    if let Err(e) = committed {
+        let _ = undo_images(s).await;
         return Err(e.into());
+    }
+    // A disk a running guest writes: QEMU moves to the new leaf in one
+    // step, so the base (now the snapshot's) holds exactly what was
+    // written before. The records went first: a crash before the switch
+    // leaves QEMU on the base, which start-up finds and switches (no
+    // write is lost either way).
+    if let Some((vm, drive)) = crate::vm::plugged_rw_drive(s, vdi) {
+        let switched = async {
+            let (d, ctx, l) = (v.on.driver, v.on.ctx.clone(), leaf.location.clone());
+            let overlay = blocking(move || d.vdi_image(&ctx, &l))
+                .await?
+                .map_err(|e| storage_error(code, &v.on.sr, e))?;
+            s.agent
+                .drive_switch_to_overlay(&vm, &drive, &overlay.path)
+                .await
+                .map_err(|e| {
+                    storage_error(
+                        code,
+                        &v.on.sr,
+                        StorageError::Tool(format!("QEMU did not switch to the new image: {e}")),
+                    )
+                })
+        }
+        .await;
+        if let Err(e) = switched {
+            // Back to the records before the snapshot, then the images go.
+            let _ = s.db.write(|t| {
+                t.set(field::vdi::LOCATION, vdi, Value::str(&v.location))?;
+                t.set(field::vdi::SM_CONFIG, vdi, old_sm_config.clone())?;
+                for r in [&base_ref, &new_ref_] {
+                    if t.state().exists(class::VDI, r) {
+                        t.delete(class::VDI, r)?;
+                    }
+                }
+                Ok(())
+            });
+            let _ = undo_images(s).await;
+            return Err(e);
+        }
     }
     drop(_g);
     refresh_sizes(s, &v.on).await;
@@ -1705,6 +1751,9 @@ async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     // Held for the whole copy: garbage collection must not move the source's
     // image while qemu-img reads it.
     let (_src_lock, src) = vdi_locked(&s, &vdi).await?;
+    if crate::vm::plugged_rw_drive(&s, &vdi).is_some() {
+        return Err(ApiError::new("VDI_IN_USE", [vdi.as_str(), "copy"]));
+    }
     let src_image = {
         let (d, ctx, loc) = (src.on.driver, src.on.ctx.clone(), src.location.clone());
         d.vdi_image(&ctx, &loc)
@@ -2205,14 +2254,9 @@ fn vbd_create(s: &Server, p: Vec<Value>) -> ApiResult {
             given.retain(|(i, _)| *i != field::vbd::VDI.index);
             given.push((field::vbd::VDI.index, Value::str(NULL_REF)));
         }
-        let allowed: &[&str] = if ty == "CD" {
-            &["attach", "eject", "insert"]
-        } else {
-            &["attach"]
-        };
         given.push((
             field::vbd::ALLOWED_OPERATIONS.index,
-            Value::string_set(allowed.iter().copied()),
+            vbd_allowed(&ty, empty),
         ));
         t.create(class::VBD, &r, given.clone())
     }))?;
@@ -2250,6 +2294,11 @@ pub(crate) fn vbd_insert(s: &Server, p: Vec<Value>) -> ApiResult {
             return Err(ApiError::new("VBD_NOT_EMPTY", [vbd.as_str()]));
         }
         t.set(field::vbd::VDI, &vbd, Value::str(&vdi))?;
+        t.set(
+            field::vbd::ALLOWED_OPERATIONS,
+            &vbd,
+            vbd_allowed("CD", false),
+        )?;
         t.set(field::vbd::EMPTY, &vbd, Value::Bool(false))
     }))?;
     void()
@@ -2273,9 +2322,25 @@ pub(crate) fn vbd_eject(s: &Server, p: Vec<Value>) -> ApiResult {
             return Err(ApiError::new("VBD_IS_EMPTY", [vbd.as_str()]));
         }
         t.set(field::vbd::VDI, &vbd, Value::str(NULL_REF))?;
+        t.set(
+            field::vbd::ALLOWED_OPERATIONS,
+            &vbd,
+            vbd_allowed("CD", true),
+        )?;
         t.set(field::vbd::EMPTY, &vbd, Value::Bool(true))
     }))?;
     void()
+}
+
+/// A VBD's `allowed_operations`: only what can run (a CD takes a medium
+/// when empty, gives it up when not).
+pub(crate) fn vbd_allowed(ty: &str, empty: bool) -> Value {
+    let ops: &[&str] = match (ty, empty) {
+        ("CD", true) => &["attach", "insert"],
+        ("CD", false) => &["attach", "eject"],
+        _ => &["attach"],
+    };
+    Value::string_set(ops.iter().copied())
 }
 
 // ---------------------------------------------------------------------------
@@ -2449,4 +2514,49 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// Start-up: a snapshot of a running disk whose records committed but
+/// whose QEMU switch did not happen (corrald died in between) leaves the
+/// guest writing the image that is now the snapshot's base. Each running
+/// disk is checked against its record, and such a switch is finished.
+pub async fn finish_interrupted_switches(s: &Arc<Server>) {
+    let vdis: Vec<String> = s.db.read().refs(class::VDI).cloned().collect();
+    for vdi in vdis {
+        let Some((vm, drive)) = crate::vm::plugged_rw_drive(s, &vdi) else {
+            continue;
+        };
+        let Ok(v) = vdi_on(s, &vdi) else { continue };
+        let Ok(Some(active)) = s.agent.drive_image(&vm, &drive).await else {
+            continue;
+        };
+        let (d, ctx, loc) = (v.on.driver, v.on.ctx.clone(), v.location.clone());
+        let Ok(Ok((image, info))) = blocking(move || {
+            let image = d.vdi_image(&ctx, &loc)?;
+            let info = d.vdi_info(&ctx, &loc)?;
+            let parent = match info.parent {
+                Some(p) => Some(d.vdi_image(&ctx, &p)?.path),
+                None => None,
+            };
+            Ok::<_, StorageError>((image, parent))
+        })
+        .await
+        else {
+            continue;
+        };
+        if image.path != active && info.as_deref() == Some(active.as_str()) {
+            match s
+                .agent
+                .drive_switch_to_overlay(&vm, &drive, &image.path)
+                .await
+            {
+                Ok(()) => {
+                    tracing::warn!(%vdi, "finished a snapshot interrupted before QEMU switched")
+                }
+                Err(e) => {
+                    tracing::error!(%vdi, error = %e, "could not finish an interrupted snapshot")
+                }
+            }
+        }
+    }
 }

@@ -122,6 +122,11 @@ fn prepare(
                 .unwrap_or(0),
         )
     };
+    // A running guest writes it: only QEMU may read or write it now
+    // (snapshot it and export the snapshot instead).
+    if crate::vm::plugged_rw_drive(server, &vdi).is_some() {
+        return Err(("409 Conflict", format!("VDI_IN_USE {vdi} {op}")));
+    }
     let image = crate::storage::vdi_image(server, &server.db.read(), &sr, &location)
         .map_err(|e| ("500 Internal Server Error", e.to_string()))?;
     let (task, own_task) =

@@ -173,7 +173,14 @@ fn check_op(st: &corral_db::State, vm: &str, op: &str) -> Result<(), ApiError> {
 /// for the VM to be idle.
 const CONCURRENT_GROUPS: &[&[&str]] = &[&["clone", "copy", "export"], &["snapshot", "checkpoint"]];
 
+/// XAPI's rule for forcing a VM off: it may run beside any operation (a
+/// clean shutdown the guest ignores, say) but another forced one.
+const FORCED: &[&str] = &["hard_shutdown", "hard_reboot", "power_state_reset"];
+
 fn allowed_concurrently(op: &str, running: &[&str]) -> bool {
+    if FORCED.contains(&op) {
+        return !running.iter().any(|r| FORCED.contains(r));
+    }
     CONCURRENT_GROUPS
         .iter()
         .any(|g| g.contains(&op) && running.iter().all(|r| g.contains(r)))
@@ -802,13 +809,19 @@ fn check_host(s: &Server, h: &str) -> Result<(), ApiError> {
 /// first press.
 const POWER_BUTTON_REPEAT: Duration = Duration::from_secs(10);
 
-/// Waits for the guest to power itself off after the power button.
+/// How often a waiting operation looks for a cancel request (and for a
+/// QEMU that a concurrent hard shutdown stopped).
+const CANCEL_POLL: Duration = Duration::from_secs(1);
+
+/// Waits for the guest to power itself off after the power button; fails
+/// with `TASK_CANCELLED` when `task` is cancelled meanwhile.
 async fn wait_guest_shutdown(
     s: &Arc<Server>,
     uuid: &str,
     mut rx: tokio::sync::broadcast::Receiver<(String, VmEvent)>,
     timeout: Duration,
-) -> bool {
+    task: Option<&str>,
+) -> Result<bool, ApiError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut next_press = tokio::time::Instant::now() + POWER_BUTTON_REPEAT;
     loop {
@@ -816,29 +829,41 @@ async fn wait_guest_shutdown(
             s.agent.state(uuid).await,
             Ok(RunState::ShutDown | RunState::Gone)
         ) {
-            return true;
+            return Ok(true);
         }
-        match tokio::time::timeout_at(deadline.min(next_press), rx.recv()).await {
-            Err(_) if tokio::time::Instant::now() < deadline => {
+        if let Some(t) = task.filter(|t| s.task_cancel_requested(t)) {
+            return Err(ApiError::new("TASK_CANCELLED", [t]));
+        }
+        let now = tokio::time::Instant::now();
+        match tokio::time::timeout_at(deadline.min(next_press).min(now + CANCEL_POLL), rx.recv())
+            .await
+        {
+            Err(_) if tokio::time::Instant::now() >= deadline => return Ok(false),
+            Err(_) if tokio::time::Instant::now() >= next_press => {
                 let _ = s.agent.powerdown(uuid).await;
                 next_press += POWER_BUTTON_REPEAT;
             }
-            Err(_) => return false,
-            Ok(Ok((u, VmEvent::GuestShutdown | VmEvent::Died(_)))) if u == uuid => return true,
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return false,
+            Err(_) => {}
+            Ok(Ok((u, VmEvent::GuestShutdown | VmEvent::Died(_)))) if u == uuid => return Ok(true),
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return Ok(false),
             Ok(_) => {}
         }
     }
 }
 
 /// Power button, wait up to `timeout`; true when the guest went down.
-async fn clean_stop(s: &Arc<Server>, vm: &str, timeout: Duration) -> Result<bool, ApiError> {
+async fn clean_stop(
+    s: &Arc<Server>,
+    vm: &str,
+    timeout: Duration,
+    task: Option<&str>,
+) -> Result<bool, ApiError> {
     let uuid = vm_uuid(&s.db.read(), vm);
     s.expect_shutdown(&uuid, true);
     let rx = s.agent.events();
     let r = async {
         s.agent.powerdown(&uuid).await.map_err(agent_err)?;
-        Ok(wait_guest_shutdown(s, &uuid, rx, timeout).await)
+        wait_guest_shutdown(s, &uuid, rx, timeout, task).await
     }
     .await;
     if !matches!(r, Ok(true)) {
@@ -867,11 +892,15 @@ async fn vm_clean_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
     let _op = VmOp::begin(&s, &c, &vm, "clean_shutdown")?;
     let t = clean_timeout(&s, &vm);
-    if !clean_stop(&s, &vm, t).await? {
+    if !clean_stop(&s, &vm, t, c.task.as_deref()).await? {
         return Err(ApiError::new(
             "VM_SHUTDOWN_TIMEOUT",
             [vm.clone(), t.as_secs().to_string()],
         ));
+    }
+    if power(&s.db.read(), &vm) == "Halted" {
+        // A hard shutdown ran meanwhile and did the rest.
+        return void();
     }
     halt(&s, &vm).await?;
     alert(&s, &vm, "VM_SHUTDOWN", 5, "VM shut down");
@@ -889,8 +918,10 @@ async fn vm_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     }
     if state == "Running" {
         let t = clean_timeout(&s, &vm);
-        if !clean_stop(&s, &vm, t).await.unwrap_or(false) {
-            tracing::info!(vm = %vm, "clean shutdown timed out; forcing off");
+        match clean_stop(&s, &vm, t, c.task.as_deref()).await {
+            Ok(true) => {}
+            Err(e) if e.code == "TASK_CANCELLED" => return Err(e),
+            _ => tracing::info!(vm = %vm, "clean shutdown timed out; forcing off"),
         }
     }
     halt(&s, &vm).await?;
@@ -913,10 +944,18 @@ async fn vm_clean_reboot(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
     let _op = VmOp::begin(&s, &c, &vm, "clean_reboot")?;
     let t = clean_timeout(&s, &vm);
-    if !clean_stop(&s, &vm, t).await? {
+    if !clean_stop(&s, &vm, t, c.task.as_deref()).await? {
         return Err(ApiError::new(
             "VM_SHUTDOWN_TIMEOUT",
             [vm.clone(), t.as_secs().to_string()],
+        ));
+    }
+    let now = power(&s.db.read(), &vm);
+    if now == "Halted" {
+        // Forced off meanwhile (a concurrent hard shutdown): no reboot.
+        return Err(ApiError::new(
+            "VM_BAD_POWER_STATE",
+            [vm.as_str(), "running", "halted"],
         ));
     }
     let uuid = vm_uuid(&s.db.read(), &vm);
@@ -1665,6 +1704,30 @@ pub(crate) fn plugged_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
     })
 }
 
+/// [`plugged_drive`] when the guest can write it: QEMU holds the image
+/// read-write (so only QEMU may read it consistently or move it).
+pub(crate) fn plugged_rw_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
+    let st = s.db.read();
+    if vdi_read_only(&st, vdi) {
+        return None;
+    }
+    st.refs(class::VBD).find_map(|vbd| {
+        if st.get_str(field::vbd::VDI, vbd).as_deref() != Some(vdi)
+            || !flag(&st, field::vbd::CURRENTLY_ATTACHED, vbd)
+            || st.get_str(field::vbd::MODE, vbd).as_deref() != Some("RW")
+        {
+            return None;
+        }
+        let vm = st.get_str(field::vbd::VM, vbd)?;
+        live_here(s, &st, &vm).then(|| {
+            (
+                vm_uuid(&st, &vm),
+                st.get_str(field::vbd::UUID, vbd).unwrap_or_default(),
+            )
+        })
+    })
+}
+
 fn running_uuid(s: &Server, vbd: &str) -> Option<(String, String)> {
     let st = s.db.read();
     let vm = st.get_str(field::vbd::VM, vbd)?;
@@ -1706,7 +1769,10 @@ async fn vbd_plug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
         ));
     };
     if drive.cdrom {
-        return Err(ApiError::new("VBD_NOT_UNPLUGGABLE", [vbd.as_str()]));
+        // QEMU's emulated CD drives (IDE) cannot be hot-plugged.
+        return Err(ApiError::operation_not_allowed(
+            "CD drives cannot be plugged into a running VM; the VM gets this drive when it next starts",
+        ));
     }
     s.agent
         .drive_attach(&uuid, drive)
@@ -1769,7 +1835,10 @@ async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> ApiResult {
     } else {
         crate::storage::vbd_eject(&s, p)?;
     }
-    if let Some((_, vm_uuid)) = running_uuid(&s, &vbd) {
+    // A drive added while the VM ran is not in QEMU yet: its medium is
+    // recorded for the next start.
+    let plugged = flag(&s.db.read(), field::vbd::CURRENTLY_ATTACHED, &vbd);
+    if let Some((_, vm_uuid)) = running_uuid(&s, &vbd).filter(|_| plugged) {
         let (id, medium) = {
             let st = s.db.read();
             let id = st.get_str(field::vbd::UUID, &vbd).unwrap_or_default();
@@ -1789,6 +1858,11 @@ async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> ApiResult {
             let _ = db(s.db.write(|t| {
                 let old = before.clone().unwrap_or_else(|| NULL_REF.into());
                 t.set(field::vbd::EMPTY, &vbd, Value::Bool(old == NULL_REF))?;
+                t.set(
+                    field::vbd::ALLOWED_OPERATIONS,
+                    &vbd,
+                    crate::storage::vbd_allowed("CD", old == NULL_REF),
+                )?;
                 t.set(field::vbd::VDI, &vbd, Value::String(old))
             }));
             return Err(agent_err(e));
@@ -2232,7 +2306,7 @@ async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
             for (_, vm) in &vms {
                 let _op = VmOp::begin(&s, &c, vm, "shutdown")?;
                 let clean = power(&s.db.read(), vm) == "Running"
-                    && clean_stop(&s, vm, timeout).await.unwrap_or(false);
+                    && clean_stop(&s, vm, timeout, None).await.unwrap_or(false);
                 halt(&s, vm).await?;
                 alert(
                     &s,
