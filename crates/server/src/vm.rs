@@ -2529,8 +2529,14 @@ mod tests {
                     .map(|a| a.iter().map(|x| x.db_string()).collect())
             })
             .unwrap_or_default();
-        assert_eq!(allowed, ["clone", "copy"]);
+        // Forcing a VM's state may join anything (XAPI's rule).
+        assert_eq!(allowed, ["power_state_reset", "clone", "copy"]);
         assert!(!allowed_concurrently("snapshot", &["clone"]));
+        assert!(allowed_concurrently("hard_shutdown", &["clean_shutdown"]));
+        assert!(allowed_concurrently("hard_reboot", &["suspend", "snapshot"]));
+        assert!(!allowed_concurrently("hard_shutdown", &["hard_reboot"]));
+        assert!(!allowed_concurrently("power_state_reset", &["hard_shutdown"]));
+        assert!(!allowed_concurrently("clean_shutdown", &["clean_reboot"]));
         assert!(allowed_concurrently("checkpoint", &["snapshot"]));
     }
 
