@@ -293,3 +293,19 @@ def test_file_sr_create_makes_only_the_last_component(daemon, tmp_path):
     assert not (tmp_path / "missing").exists()
     sr = x.SR.create(host, {"location": str(tmp_path / "sr")}, "0", "f", "", "file", "user", False, {})
     assert (tmp_path / "sr" / ".corral-sr").exists() and x.SR.get_type(sr) == "file"
+
+
+def test_import_upload_size_bounded(daemon):
+    """L6: a vhd/qcow2 upload larger than the VDI could need is refused
+    before anything is spooled."""
+    import socket
+    s = as_role(daemon, "vm-admin")
+    v = make_vdi(s.xenapi, local_sr(s.xenapi), MiB, "small")
+    c = socket.create_connection(("127.0.0.1", daemon.http_port), timeout=10)
+    c.sendall(f"PUT /import_raw_vdi?session_id={s._session}&vdi={v}&format=vhd HTTP/1.1\r\nHost: x\r\n"
+              f"Content-Length: {1 << 40}\r\n\r\n".encode() + b"\0" * 65536)
+    head = c.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413"), head[:80]
+    c.close()
+    spool = os.path.join(daemon.state_dir, "transfer")
+    assert not os.path.isdir(spool) or not os.listdir(spool)

@@ -4,7 +4,7 @@ use super::*;
 
 /// Runs `clients` threads, each making calls built by `make` on its own
 /// keep-alive connection for `seconds`; returns calls per second.
-fn throughput(
+pub(crate) fn throughput(
     port: u16,
     clients: usize,
     seconds: f64,

@@ -11,6 +11,7 @@
 mod api;
 mod storage;
 mod vm;
+mod security;
 
 use corral_model::Value;
 use corral_model::xmlrpc::{self, Response};
@@ -32,9 +33,12 @@ fn main() {
         Some("api") => Options::parse(&args[1..], 10_000).and_then(|o| api::api_bench(&o)),
         Some("storage") => Options::parse(&args[1..], 0).and_then(|o| storage::storage_bench(&o)),
         Some("vm") => Options::parse(&args[1..], 20).and_then(|o| vm::vm_bench(&o)),
+        Some("security") => {
+            Options::parse(&args[1..], 1000).and_then(|o| security::security_bench(&o))
+        }
         _ => Err(
-            "usage: corral-bench api|storage|vm [--vms N] [--clients N] [--seconds S] \
-             [--rounds N] [--corrald PATH]"
+            "usage: corral-bench api|storage|vm|security [--vms N] [--clients N] [--seconds S] \
+             [--rounds N] [--corrald PATH] [--baseline-corrald PATH]"
                 .into(),
         ),
     };
@@ -50,6 +54,8 @@ struct Options {
     seconds: f64,
     rounds: usize,
     corrald: PathBuf,
+    /// `security`: the corrald to compare with.
+    baseline: Option<PathBuf>,
 }
 
 impl Options {
@@ -62,6 +68,7 @@ impl Options {
             corrald: std::env::current_exe()
                 .map_err(|e| e.to_string())?
                 .with_file_name("corrald"),
+            baseline: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -72,6 +79,7 @@ impl Options {
                 "--seconds" => o.seconds = val()?.parse().map_err(|e| format!("--seconds: {e}"))?,
                 "--rounds" => o.rounds = val()?.parse().map_err(|e| format!("--rounds: {e}"))?,
                 "--corrald" => o.corrald = PathBuf::from(val()?),
+                "--baseline-corrald" => o.baseline = Some(PathBuf::from(val()?)),
                 other => return Err(format!("unknown option {other}")),
             }
         }
