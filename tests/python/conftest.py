@@ -21,6 +21,22 @@ def free_port():
     return p
 
 
+def login(daemon, user="root", pw=ROOT_PASSWORD):
+    """A real SDK session on the daemon's HTTP port."""
+    import XenAPI
+    s = XenAPI.Session(daemon.http)
+    s.login_with_password(user, pw, "1.0", "pytest")
+    return s
+
+
+def failure(fn, *args):
+    """The error description of a call that must fail."""
+    import XenAPI
+    with pytest.raises(XenAPI.Failure) as e:
+        fn(*args)
+    return e.value.details
+
+
 class Daemon:
     def __init__(self, state_dir):
         self.state_dir = str(state_dir)

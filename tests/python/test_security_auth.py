@@ -11,21 +11,8 @@ import threading
 import time
 
 import pytest
-import XenAPI
 
-from conftest import Daemon, ROOT_PASSWORD
-
-
-def login(daemon, user="root", pw=ROOT_PASSWORD):
-    s = XenAPI.Session(daemon.http)
-    s.login_with_password(user, pw, "1.0", "pytest")
-    return s
-
-
-def failure(fn, *args):
-    with pytest.raises(XenAPI.Failure) as e:
-        fn(*args)
-    return e.value.details
+from conftest import Daemon, ROOT_PASSWORD, failure, login
 
 
 def raw_login(daemon, user, pw):

@@ -9,23 +9,11 @@ import time
 import pytest
 import XenAPI
 
-from conftest import ROOT_PASSWORD
+from conftest import failure, login
 from test_storage import http_transfer, local_sr, make_vdi
 
 MiB = 1 << 20
 SECRET = b"HOST-SECRET-0123456789\n"
-
-
-def login(daemon, user="root", pw=ROOT_PASSWORD):
-    s = XenAPI.Session(daemon.http)
-    s.login_with_password(user, pw, "1.0", "pytest")
-    return s
-
-
-def failure(fn, *args):
-    with pytest.raises(XenAPI.Failure) as e:
-        fn(*args)
-    return e.value.details
 
 
 def as_role(daemon, role):

@@ -2,16 +2,12 @@
 on real QEMU: point-in-time snapshots of running disks, forcing off a VM
 whose guest ignores ACPI, cancelling VM operations (task.cancel, Ctrl-C in
 xe), and CD drives added to a running VM."""
-import os
 import signal
 import subprocess
 import time
 
-import pytest
-import XenAPI
-
 from test_storage import http_transfer, local_sr, make_vdi
-from test_vm import Console, failure, guest, guest_shell, login, make_vm, wait_power  # noqa: F401
+from test_vm import Console, failure, guest, guest_shell, login, make_vm  # noqa: F401 (guest: a fixture)
 
 MiB = 1 << 20
 

@@ -1168,10 +1168,8 @@ impl Server {
         Ok(())
     }
 
-    /// Cancels every pending task of `session` (its client went away).
-    pub fn cancel_session_tasks(&self, session: &str) {
-        let tasks: Vec<String> = self
-            .task_owners
+    fn tasks_of_session(&self, session: &str) -> Vec<String> {
+        self.task_owners
             .lock()
             .map(|o| {
                 o.iter()
@@ -1179,8 +1177,12 @@ impl Server {
                     .map(|(k, _)| k.clone())
                     .collect()
             })
-            .unwrap_or_default();
-        for t in tasks {
+            .unwrap_or_default()
+    }
+
+    /// Cancels every pending task of `session` (its client went away).
+    pub fn cancel_session_tasks(&self, session: &str) {
+        for t in self.tasks_of_session(session) {
             let pending =
                 self.db.read().get_str(field::task::STATUS, &t).as_deref() == Some("pending");
             if pending {
@@ -1193,16 +1195,7 @@ impl Server {
     /// so do its tasks, but for those an operation is still working on,
     /// which go when they finish.
     pub fn session_ended(&self, session: &str) {
-        let tasks: Vec<String> = self
-            .task_owners
-            .lock()
-            .map(|o| {
-                o.iter()
-                    .filter(|(_, t)| t.session == session)
-                    .map(|(k, _)| k.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let tasks = self.tasks_of_session(session);
         let running: Vec<String> = tasks
             .iter()
             .filter(|t| self.task_has_worker(t))

@@ -181,44 +181,28 @@ where
             .await;
             return;
         };
-        let req = match parse_head(&buf[..head_len]) {
-            Some(r) => r,
-            None => {
-                let _ = write_simple(
-                    &mut stream,
-                    "400 Bad Request",
-                    "text/html",
-                    &error_page("400"),
-                    false,
-                    "",
-                )
-                .await;
-                return;
-            }
+        // One unambiguous framing or none: a second Content-Length, a sign,
+        // or Transfer-Encoding beside Content-Length could make a proxy in
+        // front of us see other requests than we do.
+        let Some((req, content_length)) =
+            parse_head(&buf[..head_len]).and_then(|r| r.content_length().ok().map(|l| (r, l)))
+        else {
+            let _ = write_simple(
+                &mut stream,
+                "400 Bad Request",
+                "text/html",
+                &error_page("400"),
+                false,
+                "",
+            )
+            .await;
+            return;
         };
         buf.drain(..head_len);
         let limit = if req.path == "/cli" {
             MAX_CLI_BODY
         } else {
             MAX_RPC_BODY
-        };
-        // One unambiguous framing or none: a second Content-Length, a sign,
-        // or Transfer-Encoding beside Content-Length could make a proxy in
-        // front of us see other requests than we do.
-        let content_length = match req.content_length() {
-            Ok(l) => l,
-            Err(()) => {
-                let _ = write_simple(
-                    &mut stream,
-                    "400 Bad Request",
-                    "text/html",
-                    &error_page("400"),
-                    false,
-                    "",
-                )
-                .await;
-                return;
-            }
         };
         let keep_alive = req.keep_alive();
 

@@ -2533,9 +2533,15 @@ mod tests {
         assert_eq!(allowed, ["power_state_reset", "clone", "copy"]);
         assert!(!allowed_concurrently("snapshot", &["clone"]));
         assert!(allowed_concurrently("hard_shutdown", &["clean_shutdown"]));
-        assert!(allowed_concurrently("hard_reboot", &["suspend", "snapshot"]));
+        assert!(allowed_concurrently(
+            "hard_reboot",
+            &["suspend", "snapshot"]
+        ));
         assert!(!allowed_concurrently("hard_shutdown", &["hard_reboot"]));
-        assert!(!allowed_concurrently("power_state_reset", &["hard_shutdown"]));
+        assert!(!allowed_concurrently(
+            "power_state_reset",
+            &["hard_shutdown"]
+        ));
         assert!(!allowed_concurrently("clean_shutdown", &["clean_reboot"]));
         assert!(allowed_concurrently("checkpoint", &["snapshot"]));
     }

@@ -5,13 +5,13 @@
 //! docs/benchmarks.md. Every number comes with a baseline measured in the same
 //! run, because the build machines are noisy.
 //!
-//! Usage: corral-bench api|storage|vm [--vms N] [--clients N] [--seconds S]
-//! [--rounds N] [--corrald PATH]
+//! Usage: corral-bench api|storage|vm|security [--vms N] [--clients N] [--seconds S]
+//! [--rounds N] [--corrald PATH] [--baseline-corrald PATH]
 
 mod api;
+mod security;
 mod storage;
 mod vm;
-mod security;
 
 use corral_model::Value;
 use corral_model::xmlrpc::{self, Response};

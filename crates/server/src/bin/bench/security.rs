@@ -30,7 +30,11 @@ fn measure(binary: &Path, o: &Options, tag: &str) -> BenchResult<Rates> {
     for i in 0..o.vms {
         let r = c.call(
             "VM.clone",
-            &[s.clone(), Value::String(template.clone()), Value::String(format!("b-{i}"))],
+            &[
+                s.clone(),
+                Value::String(template.clone()),
+                Value::String(format!("b-{i}")),
+            ],
         )?;
         vms.push(as_str(&r)?);
     }
@@ -97,9 +101,14 @@ pub(crate) fn security_bench(o: &Options) -> BenchResult<()> {
     println!("| measurement | before | after | after / before |");
     println!("|---|---|---|---|");
     for (name, f) in [
-        ("VM.get_record, calls/s", (|r: &Rates| r.get_record) as fn(&Rates) -> f64),
+        (
+            "VM.get_record, calls/s",
+            (|r: &Rates| r.get_record) as fn(&Rates) -> f64,
+        ),
         ("baseline: pool.get_all, calls/s", |r: &Rates| r.trivial),
-        ("get_record / pool.get_all", |r: &Rates| r.get_record / r.trivial),
+        ("get_record / pool.get_all", |r: &Rates| {
+            r.get_record / r.trivial
+        }),
         ("session.login_with_password, logins/s", |r: &Rates| r.login),
     ] {
         let (b, a) = (median(&before, f), median(&after, f));
