@@ -16,6 +16,7 @@ pub mod logfile;
 pub mod logsafe;
 pub mod sessions;
 pub mod storage;
+pub mod tasks;
 pub mod tls;
 pub mod transfer;
 pub mod vm;
