@@ -117,6 +117,8 @@ fn bind_private_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let server = build(&opts)?;
+    // Made now, so the first unknown user name costs no more than later ones.
+    tokio::task::spawn_blocking(|| crate::sessions::decoy_hash());
     crate::storage::startup(&server)
         .await
         .map_err(|e| anyhow::anyhow!("storage start-up: {e}"))?;

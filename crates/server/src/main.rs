@@ -164,6 +164,10 @@ fn limit_malloc_arenas() {
         // replies) are mapped and unmapped, never left in an arena, where
         // glibc's sliding threshold would keep one per arena and thread.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        // Fixing the mmap threshold also fixes the trim threshold at its
+        // 128 KiB default, which would shrink and regrow the heap on every
+        // request; the periodic malloc_trim below returns free memory.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
     }
 }
 

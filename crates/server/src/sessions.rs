@@ -2,7 +2,7 @@
 
 use crate::api::{Config, Server};
 use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use corral_model::schema::{Role, class, field};
 use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
 use std::collections::HashMap;
@@ -24,10 +24,15 @@ pub struct SessionInfo {
 pub struct Sessions {
     map: Mutex<HashMap<String, SessionInfo>>,
     throttle: Mutex<Throttle>,
-    /// argon2 runs at once (each takes 19 MiB and a core for ~30 ms).
+    /// argon2 runs at once (each takes 19 MiB and a core for ~30 ms): one
+    /// working buffer per run, kept between logins.
     hashing: tokio::sync::Semaphore,
+    buffers: std::sync::Arc<Mutex<Vec<Vec<argon2::Block>>>>,
     config: Config,
 }
+
+/// argon2 verifications at once.
+const HASHING_AT_ONCE: usize = 2;
 
 /// How long a window of failed attempts lasts.
 const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
@@ -155,7 +160,7 @@ impl Throttle {
 
 /// A hash to verify unknown users' passwords against, so that a name that
 /// does not exist costs as much time as one that does.
-fn decoy_hash() -> &'static str {
+pub fn decoy_hash() -> &'static str {
     static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     DECOY.get_or_init(|| hash_password(&uuid::Uuid::new_v4().to_string()).unwrap_or_default())
 }
@@ -172,12 +177,30 @@ pub fn hash_password(pwd: &str) -> Result<String, ApiError> {
 }
 
 pub fn verify_password(pwd: &str, phc: &str) -> bool {
-    match PasswordHash::new(phc) {
-        Ok(h) => Argon2::default()
-            .verify_password(pwd.as_bytes(), &h)
-            .is_ok(),
-        Err(_) => false,
-    }
+    verify_in(pwd, phc, &mut Vec::new())
+}
+
+/// [`verify_password`] with argon2's working memory (19 MiB with the
+/// default parameters) supplied by the caller, so that logins reuse a few
+/// buffers instead of mapping fresh memory each time.
+fn verify_in(pwd: &str, phc: &str, memory: &mut Vec<argon2::Block>) -> bool {
+    let mut check = || -> Option<bool> {
+        let h = PasswordHash::new(phc).ok()?;
+        let params = argon2::Params::try_from(&h).ok()?;
+        let algorithm = argon2::Algorithm::try_from(h.algorithm).ok()?;
+        let version = argon2::Version::try_from(h.version.unwrap_or(0x13)).ok()?;
+        let expected = h.hash?;
+        let mut salt = [0u8; 64];
+        let salt = h.salt?.decode_b64(&mut salt).ok()?;
+        let mut out = vec![0u8; expected.len()];
+        memory.resize(params.block_count(), argon2::Block::default());
+        Argon2::new(algorithm, version, params)
+            .hash_password_into_with_memory(pwd.as_bytes(), salt, &mut out, &mut memory[..])
+            .ok()?;
+        // Output's comparison takes constant time.
+        Some(argon2::password_hash::Output::new(&out).ok()? == expected)
+    };
+    check().unwrap_or(false)
 }
 
 fn auth_failed(uname: &str) -> ApiError {
@@ -192,7 +215,8 @@ impl Sessions {
         Sessions {
             map: Mutex::new(HashMap::new()),
             throttle: Mutex::new(Throttle::default()),
-            hashing: tokio::sync::Semaphore::new(2),
+            hashing: tokio::sync::Semaphore::new(HASHING_AT_ONCE),
+            buffers: Default::default(),
             config,
         }
     }
@@ -229,9 +253,17 @@ impl Sessions {
                 let known = hash.is_some();
                 let h = hash.unwrap_or_else(|| decoy_hash().to_owned());
                 let p = pwd.to_owned();
-                let matched = tokio::task::spawn_blocking(move || verify_password(&p, &h))
-                    .await
-                    .unwrap_or(false);
+                let buffers = std::sync::Arc::clone(&self.buffers);
+                let matched = tokio::task::spawn_blocking(move || {
+                    let mut mem = buffers.lock().ok().and_then(|mut b| b.pop()).unwrap_or_default();
+                    let ok = verify_in(&p, &h, &mut mem);
+                    if let Ok(mut b) = buffers.lock() {
+                        b.push(mem);
+                    }
+                    ok
+                })
+                .await
+                .unwrap_or(false);
                 matched && known
             }
             Err(_) => false,
@@ -473,5 +505,26 @@ impl Sessions {
         }
         server.session_ended(s);
         server.events.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use argon2::password_hash::PasswordVerifier;
+
+    #[test]
+    fn pooled_verification_agrees_with_the_reference() {
+        let phc = hash_password("right horse").expect("hashes");
+        let reference = |p: &str| {
+            Argon2::default()
+                .verify_password(p.as_bytes(), &PasswordHash::new(&phc).expect("parses"))
+                .is_ok()
+        };
+        let mut mem = Vec::new();
+        for p in ["right horse", "wrong horse", "", "right horse "] {
+            assert_eq!(verify_in(p, &phc, &mut mem), reference(p), "{p:?}");
+        }
+        assert!(!verify_in("x", "not a hash", &mut mem));
     }
 }

@@ -1763,6 +1763,9 @@ async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
         s.task_progress(task, 0.0);
     }
     if let Some(into) = into {
+        if crate::vm::plugged_rw_drive(&s, &into).is_some() {
+            return Err(ApiError::new("VDI_IN_USE", [into.as_str(), "copy"]));
+        }
         let dst = vdi_on(&s, &into)?;
         let (src_size, dst_size) = {
             let st = s.db.read();

@@ -94,10 +94,11 @@ pub(crate) fn security_bench(o: &Options) -> BenchResult<()> {
         x.sort_by(f64::total_cmp);
         x[x.len() / 2]
     };
-    report_header(&format!(
-        "Hardening benchmark ({} VMs, {} clients, {} s per phase, median of {} interleaved rounds)",
+    println!(
+        "### Hardening benchmark ({} VMs, {} clients, {} s per phase, median of {} interleaved rounds)\n",
         o.vms, o.clients, o.seconds, o.rounds
-    ));
+    );
+    println!("Machine: {}; date: {}\n", machine(), date_utc());
     println!("| measurement | before | after | after / before |");
     println!("|---|---|---|---|");
     for (name, f) in [
