@@ -143,6 +143,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     make_private(&opts.state_dir)?;
+    // Absolute from here on: SR locations under it must be (device-config
+    // paths are checked to be absolute).
+    opts.state_dir = std::fs::canonicalize(&opts.state_dir)
+        .with_context(|| format!("resolving {}", opts.state_dir.display()))?;
     init_logging(&opts.state_dir)?;
     limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
