@@ -45,6 +45,7 @@ class Daemon:
         self.proc = None
         self.extra_config = ""   # more `key = value` lines for corrald's --config
         self.log_level = "warn"
+        self.nofile = None   # an RLIMIT_NOFILE for corrald
         # The test guest's kernel is booted from where the build script keeps it.
         self.boot_dirs = os.environ.get("CORRAL_GUEST_DIR", os.path.expanduser("~/.cache/corral/guest"))
 
@@ -72,7 +73,8 @@ class Daemon:
         self.proc = subprocess.Popen(
             [CORRALD, "--state-dir", self.state_dir, "--listen", f"127.0.0.1:{self.http_port}",
              "--tls-listen", f"127.0.0.1:{self.https_port}", "--config", cfg],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.state_dir, "stderr"), "a"))
+            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.state_dir, "stderr"), "a"),
+            preexec_fn=None if self.nofile is None else self._limit_fds)
         if old_umask is not None:
             os.umask(old_umask)
         deadline = time.time() + 20
@@ -87,6 +89,10 @@ class Daemon:
                 raise RuntimeError("corrald exited: " + open(os.path.join(self.state_dir, "stderr")).read())
             time.sleep(0.05)
         raise RuntimeError("corrald did not start")
+
+    def _limit_fds(self):
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def kill9(self):
         self.proc.send_signal(signal.SIGKILL)
@@ -134,6 +140,22 @@ def daemon(tmp_path):
     yield d
     d.stop()
     d.kill_vms()
+
+
+@pytest.fixture
+def make_daemon(tmp_path):
+    """Starts corralds with their own settings; all are stopped afterwards."""
+    made = []
+
+    def make(extra_config="", log_level="warn", umask=None, nofile=None):
+        d = Daemon(tmp_path / f"state{len(made)}")
+        d.extra_config, d.log_level, d.nofile = extra_config, log_level, nofile
+        made.append(d)
+        return d.start(umask=umask)
+
+    yield make
+    for d in made:
+        d.stop()
 
 
 @pytest.fixture

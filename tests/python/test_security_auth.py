@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import Daemon, ROOT_PASSWORD, failure, login
+from conftest import ROOT_PASSWORD, failure, login
 
 
 def raw_login(daemon, user, pw):
@@ -28,12 +28,8 @@ def add_user(daemon, name, role, pw=None):
 
 
 @pytest.fixture
-def throttled(tmp_path):
-    d = Daemon(tmp_path / "state")
-    d.extra_config = "login-failures-per-minute = 10\nfailed-login-delay-ms = 200\n"
-    d.start()
-    yield d
-    d.stop()
+def throttled(make_daemon):
+    return make_daemon("login-failures-per-minute = 10\nfailed-login-delay-ms = 200\n")
 
 
 def vm_hwm_mib(pid):
@@ -208,43 +204,35 @@ def mode(p):
     return stat.S_IMODE(os.stat(p).st_mode)
 
 
-def test_state_files_not_world_readable(tmp_path):
+def test_state_files_not_world_readable(make_daemon, tmp_path):
     """M4: state dir 0700, database, log and images 0600, whatever the umask."""
-    d = Daemon(tmp_path / "state")
-    d.start(umask=0)
-    try:
-        x = login(d).xenapi
-        host = x.host.get_all()[0]
-        x.SR.create(host, {"location": str(tmp_path / "sr"), "password": "TopSecretPw-42"}, "0", "s", "", "file",
-                    "user", False, {})
-        from test_storage import local_sr, make_vdi, vdi_path
-        v = make_vdi(x, local_sr(x), 1 << 20, "d")
-        assert mode(d.state_dir) == 0o700
-        for f in ("pool.db", "corrald.log", "audit.log"):
-            assert mode(os.path.join(d.state_dir, f)) & 0o077 == 0, f
-        assert mode(vdi_path(x, v)) & 0o077 == 0
-        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "cat",
-                            os.path.join(d.state_dir, "pool.db")], capture_output=True)
-        assert r.returncode != 0 and b"TopSecretPw" not in r.stdout
-    finally:
-        d.stop()
+    d = make_daemon(umask=0)
+    x = login(d).xenapi
+    host = x.host.get_all()[0]
+    x.SR.create(host, {"location": str(tmp_path / "sr"), "password": "TopSecretPw-42"}, "0", "s", "", "file",
+                "user", False, {})
+    from test_storage import local_sr, make_vdi, vdi_path
+    v = make_vdi(x, local_sr(x), 1 << 20, "d")
+    assert mode(d.state_dir) == 0o700
+    for f in ("pool.db", "corrald.log", "audit.log"):
+        assert mode(os.path.join(d.state_dir, f)) & 0o077 == 0, f
+    assert mode(vdi_path(x, v)) & 0o077 == 0
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "cat",
+                        os.path.join(d.state_dir, "pool.db")], capture_output=True)
+    assert r.returncode != 0 and b"TopSecretPw" not in r.stdout
 
 
-def test_unix_socket_private_regardless_of_umask(tmp_path):
+def test_unix_socket_private_regardless_of_umask(make_daemon):
     """M5: the root socket is 0600 even when corrald starts under umask 000."""
-    d = Daemon(tmp_path / "state")
-    d.start(umask=0)
-    try:
-        assert mode(d.socket) == 0o600
-        probe = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1]); print('open')\n"
-                 "except PermissionError: print('denied')\n")
-        # The state dir is 0700 as well; open it up to test the socket's own mode.
-        os.chmod(d.state_dir, 0o755)
-        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c",
-                            probe, d.socket], capture_output=True, text=True)
-        assert r.stdout.strip() == "denied", (r.stdout, r.stderr)
-    finally:
-        d.stop()
+    d = make_daemon(umask=0)
+    assert mode(d.socket) == 0o600
+    probe = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1]); print('open')\n"
+             "except PermissionError: print('denied')\n")
+    # The state dir is 0700 as well; open it up to test the socket's own mode.
+    os.chmod(d.state_dir, 0o755)
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c",
+                        probe, d.socket], capture_output=True, text=True)
+    assert r.stdout.strip() == "denied", (r.stdout, r.stderr)
 
 
 def server_cert(port):
@@ -298,12 +286,8 @@ def test_set_parameters_coerced_in_linear_time(daemon):
 
 
 @pytest.fixture
-def info_daemon(tmp_path):
-    d = Daemon(tmp_path / "state")
-    d.log_level = "info"
-    d.start()
-    yield d
-    d.stop()
+def info_daemon(make_daemon):
+    return make_daemon(log_level="info")
 
 
 def test_audit_trail_and_failed_calls_logged(info_daemon, tmp_path):

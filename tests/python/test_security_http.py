@@ -2,7 +2,6 @@
 limit and TLS on the plain port): no peer holds a socket or a core without
 doing its part, and framing is never ambiguous."""
 import os
-import resource
 import socket
 import ssl
 import subprocess
@@ -11,7 +10,7 @@ import time
 import pytest
 import XenAPI
 
-from conftest import Daemon, ROOT_PASSWORD
+from conftest import ROOT_PASSWORD
 
 CALL = (b"<?xml version='1.0'?><methodCall><methodName>session.login_with_password</methodName><params>"
         b"<param><value><string>root</string></value></param><param><value><string>" + ROOT_PASSWORD.encode() +
@@ -51,12 +50,8 @@ def read_all(sock, timeout=5):
 
 
 @pytest.fixture
-def short_timeouts(tmp_path):
-    d = Daemon(tmp_path / "state")
-    d.extra_config = "http-idle-timeout-secs = 1\nhttp-request-timeout-secs = 1\ntls-handshake-timeout-secs = 1\n"
-    d.start()
-    yield d
-    d.stop()
+def short_timeouts(make_daemon):
+    return make_daemon("http-idle-timeout-secs = 1\nhttp-request-timeout-secs = 1\ntls-handshake-timeout-secs = 1\n")
 
 
 def test_idle_connections_time_out(short_timeouts):
@@ -79,56 +74,36 @@ def test_idle_connections_time_out(short_timeouts):
     assert s.xenapi.pool.get_all()  # its own connection was re-made after the idle close
 
 
-def test_accept_loop_backs_off_when_out_of_fds(tmp_path):
-    d = Daemon(tmp_path / "state")
-    d.extra_config = "max-connections = 10000\nmax-connections-per-source = 10000\n"
-    real_popen = subprocess.Popen
+def test_accept_loop_backs_off_when_out_of_fds(make_daemon):
+    d = make_daemon("max-connections = 10000\nmax-connections-per-source = 10000\n", nofile=128)
+    held = [socket.create_connection(("127.0.0.1", d.http_port)) for _ in range(140)]
+    time.sleep(0.5)
 
-    def limited(*a, **kw):
-        kw["preexec_fn"] = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-        return real_popen(*a, **kw)
+    def cpu():
+        f = open(f"/proc/{d.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
-    subprocess.Popen = limited
-    try:
-        d.start()
-    finally:
-        subprocess.Popen = real_popen
-    try:
-        held = [socket.create_connection(("127.0.0.1", d.http_port)) for _ in range(140)]
-        time.sleep(0.5)
-
-        def cpu():
-            f = open(f"/proc/{d.proc.pid}/stat").read().rsplit(")", 1)[1].split()
-            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-        before = cpu()
-        time.sleep(2)
-        used = cpu() - before
-        assert used < 0.5, f"corrald used {used:.2f} s of CPU in 2 s while out of fds"
-        for c in held:
-            c.close()
-        time.sleep(0.3)
-        s = XenAPI.Session(d.http)
-        s.login_with_password("root", ROOT_PASSWORD)
-    finally:
-        d.stop()
+    before = cpu()
+    time.sleep(2)
+    used = cpu() - before
+    assert used < 0.5, f"corrald used {used:.2f} s of CPU in 2 s while out of fds"
+    for c in held:
+        c.close()
+    time.sleep(0.3)
+    s = XenAPI.Session(d.http)
+    s.login_with_password("root", ROOT_PASSWORD)
 
 
-def test_connections_capped_per_source(tmp_path):
-    d = Daemon(tmp_path / "state")
-    d.extra_config = "max-connections-per-source = 5\n"
-    d.start()
-    try:
-        held = [socket.create_connection(("127.0.0.1", d.http_port)) for _ in range(5)]
-        extra = socket.create_connection(("127.0.0.1", d.http_port))
-        assert closed_within(extra, 5)
-        for c in held:
-            c.close()
-        time.sleep(0.2)
-        s = XenAPI.Session(d.http)
-        s.login_with_password("root", ROOT_PASSWORD)
-    finally:
-        d.stop()
+def test_connections_capped_per_source(make_daemon):
+    d = make_daemon("max-connections-per-source = 5\n")
+    held = [socket.create_connection(("127.0.0.1", d.http_port)) for _ in range(5)]
+    extra = socket.create_connection(("127.0.0.1", d.http_port))
+    assert closed_within(extra, 5)
+    for c in held:
+        c.close()
+    time.sleep(0.2)
+    s = XenAPI.Session(d.http)
+    s.login_with_password("root", ROOT_PASSWORD)
 
 
 def responses(raw):

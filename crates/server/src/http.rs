@@ -135,6 +135,12 @@ pub async fn write_simple<S: AsyncWrite + Unpin>(
     s.flush().await
 }
 
+/// Answers with an error page and closes (the caller returns).
+async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, status: &str) {
+    let code = status.split(' ').next().unwrap_or(status);
+    let _ = write_simple(s, status, "text/html", &error_page(code), false, "").await;
+}
+
 fn error_page(code: &str) -> Vec<u8> {
     format!("<html><body><h1>HTTP {code}</h1></body></html>").into_bytes()
 }
@@ -170,15 +176,7 @@ where
             }
         };
         let Some(head_len) = head_len else {
-            let _ = write_simple(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/html",
-                &error_page("431"),
-                false,
-                "",
-            )
-            .await;
+            refuse(&mut stream, "431 Request Header Fields Too Large").await;
             return;
         };
         // One unambiguous framing or none: a second Content-Length, a sign,
@@ -187,15 +185,7 @@ where
         let Some((req, content_length)) =
             parse_head(&buf[..head_len]).and_then(|r| r.content_length().ok().map(|l| (r, l)))
         else {
-            let _ = write_simple(
-                &mut stream,
-                "400 Bad Request",
-                "text/html",
-                &error_page("400"),
-                false,
-                "",
-            )
-            .await;
+            refuse(&mut stream, "400 Bad Request").await;
             return;
         };
         buf.drain(..head_len);
@@ -240,39 +230,15 @@ where
             return;
         }
         if req.method != "POST" {
-            let _ = write_simple(
-                &mut stream,
-                "403 Forbidden",
-                "text/html",
-                &error_page("403"),
-                false,
-                "",
-            )
-            .await;
+            refuse(&mut stream, "403 Forbidden").await;
             return;
         }
         let Some(len) = content_length else {
-            let _ = write_simple(
-                &mut stream,
-                "411 Length Required",
-                "text/html",
-                &error_page("411"),
-                false,
-                "",
-            )
-            .await;
+            refuse(&mut stream, "411 Length Required").await;
             return;
         };
         if len > limit {
-            let _ = write_simple(
-                &mut stream,
-                "413 Payload Too Large",
-                "text/html",
-                &error_page("413"),
-                false,
-                "",
-            )
-            .await;
+            refuse(&mut stream, "413 Payload Too Large").await;
             return;
         }
         while buf.len() < len {

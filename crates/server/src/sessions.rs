@@ -255,7 +255,11 @@ impl Sessions {
                 let p = pwd.to_owned();
                 let buffers = std::sync::Arc::clone(&self.buffers);
                 let matched = tokio::task::spawn_blocking(move || {
-                    let mut mem = buffers.lock().ok().and_then(|mut b| b.pop()).unwrap_or_default();
+                    let mut mem = buffers
+                        .lock()
+                        .ok()
+                        .and_then(|mut b| b.pop())
+                        .unwrap_or_default();
                     let ok = verify_in(&p, &h, &mut mem);
                     if let Ok(mut b) = buffers.lock() {
                         b.push(mem);

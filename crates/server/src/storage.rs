@@ -1621,17 +1621,16 @@ async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) -> ApiResul
         Ok(())
     });
     journal.close();
-    let undo_images = |s: &Arc<Server>| {
+    let undo_images = || {
         let (d, ctx) = (v.on.driver, v.on.ctx.clone());
         let (a, b) = (leaf.location.clone(), copy.location.clone());
-        let _ = s;
         blocking(move || {
             let _ = d.vdi_delete(&ctx, &a);
             let _ = d.vdi_delete(&ctx, &b);
         })
     };
     if let Err(e) = committed {
-        let _ = undo_images(s).await;
+        let _ = undo_images().await;
         return Err(e.into());
     }
     // A disk a running guest writes: QEMU moves to the new leaf in one
@@ -1669,7 +1668,7 @@ async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) -> ApiResul
                 }
                 Ok(())
             });
-            let _ = undo_images(s).await;
+            let _ = undo_images().await;
             return Err(e);
         }
     }

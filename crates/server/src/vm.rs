@@ -1687,34 +1687,26 @@ fn write_guest_stats(
 /// A VDI plugged into a VM running here: (VM uuid, VBD uuid), the names
 /// its drive has in the agent.
 pub(crate) fn plugged_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
-    let st = s.db.read();
-    st.refs(class::VBD).find_map(|vbd| {
-        if st.get_str(field::vbd::VDI, vbd).as_deref() != Some(vdi)
-            || !flag(&st, field::vbd::CURRENTLY_ATTACHED, vbd)
-        {
-            return None;
-        }
-        let vm = st.get_str(field::vbd::VM, vbd)?;
-        live_here(s, &st, &vm).then(|| {
-            (
-                vm_uuid(&st, &vm),
-                st.get_str(field::vbd::UUID, vbd).unwrap_or_default(),
-            )
-        })
-    })
+    find_plugged(s, vdi, false)
 }
 
 /// [`plugged_drive`] when the guest can write it: QEMU holds the image
 /// read-write (so only QEMU may read it consistently or move it).
 pub(crate) fn plugged_rw_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
+    find_plugged(s, vdi, true)
+}
+
+/// (VM uuid, VBD uuid) of a running VM here with `vdi` plugged (and, with
+/// `writable`, writable by its guest).
+fn find_plugged(s: &Server, vdi: &str, writable: bool) -> Option<(String, String)> {
     let st = s.db.read();
-    if vdi_read_only(&st, vdi) {
+    if writable && vdi_read_only(&st, vdi) {
         return None;
     }
     st.refs(class::VBD).find_map(|vbd| {
         if st.get_str(field::vbd::VDI, vbd).as_deref() != Some(vdi)
             || !flag(&st, field::vbd::CURRENTLY_ATTACHED, vbd)
-            || st.get_str(field::vbd::MODE, vbd).as_deref() != Some("RW")
+            || (writable && st.get_str(field::vbd::MODE, vbd).as_deref() != Some("RW"))
         {
             return None;
         }

@@ -9,7 +9,7 @@
 //! the directory. A legacy (format 1) SR holds raw images under any name. The
 //! directory's `.corral-sr` file records the SR uuid and format version.
 
-use crate::qemu_img::{ImageInfo, QemuImg, path_str, plain_file_name};
+use crate::qemu_img::{ImageInfo, QemuImg, iso_file_name, path_str, plain_file_name};
 use crate::{
     Driver, FILE_CAPS, FORMAT_VERSION, Image, ImageFormat, LEGACY_FORMAT_VERSION, Result, SmInfo,
     SrCtx, SrStat, StorageError, VdiInfo,
@@ -177,7 +177,7 @@ impl FileDriver {
     /// is what gets opened.
     fn iso_file(&self, dir: &Path, name: &str) -> Result<PathBuf> {
         let missing = || StorageError::Missing(name.to_owned());
-        if !plain_file_name(name) || !name.to_ascii_lowercase().ends_with(".iso") {
+        if !iso_file_name(name) {
             return Err(missing());
         }
         let root = dir.canonicalize().map_err(|e| missing_or_io(dir, e))?;
@@ -536,7 +536,7 @@ impl Driver for FileDriver {
         if let Some(url) = self.nfs_url(sr) {
             let mut out: Vec<VdiInfo> = crate::nfs::list_files(&url)?
                 .into_iter()
-                .filter(|(n, _, _)| n.to_ascii_lowercase().ends_with(".iso") && !n.starts_with('.'))
+                .filter(|(n, _, _)| iso_file_name(n))
                 .map(|(name, size, used)| VdiInfo {
                     location: name,
                     virtual_size: size as i64,
@@ -747,7 +747,7 @@ impl Driver for FileDriver {
 
     fn vdi_image(&self, sr: &SrCtx, location: &str) -> Result<Image> {
         if let Some(url) = self.nfs_url(sr) {
-            if !plain_file_name(location) || !location.to_ascii_lowercase().ends_with(".iso") {
+            if !iso_file_name(location) {
                 return Err(StorageError::Missing(location.to_owned()));
             }
             return Ok(Image {

@@ -829,16 +829,13 @@ impl Driver for NfsDriver {
     }
 
     fn vdi_image(&self, sr: &SrCtx, location: &str) -> Result<Image> {
-        let (w, entries) = self.entries(sr)?;
-        let url = self.url_of(&w, &entries, location)?;
-        let name = url.rsplit('/').next().unwrap_or_default().to_owned();
-        let e = entries
-            .iter()
-            .find(|e| e.name == name)
-            .ok_or_else(|| StorageError::Missing(location.to_owned()))?;
-        // Checked as the scan checks it: only chains Corral made are opened.
-        let format = self.describe(&w, e)?.format;
-        Ok(Image { path: url, format })
+        // Described (so checked) as the scan does: only chains Corral made
+        // are opened.
+        let (_, info, url) = self.info_by_location(sr, location)?;
+        Ok(Image {
+            path: url,
+            format: info.format,
+        })
     }
 
     fn vdi_import_from(&self, sr: &SrCtx, loc: &str, src: &Image) -> Result<VdiInfo> {

@@ -71,6 +71,11 @@ pub fn plain_file_name(name: &str) -> bool {
         && !name.contains(['/', ':', '\\', '\0', '\n'])
 }
 
+/// A file an ISO library lists: a plain name ending in `.iso`.
+pub fn iso_file_name(name: &str) -> bool {
+    plain_file_name(name) && name.to_ascii_lowercase().ends_with(".iso")
+}
+
 /// Checks a qcow2 header's own bytes before any tool opens the file: an
 /// upload must not name a backing file or an external data file (either
 /// would make root open a path of the uploader's choosing).

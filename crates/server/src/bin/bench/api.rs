@@ -56,13 +56,7 @@ pub(crate) fn api_bench(o: &Options) -> BenchResult<()> {
     // Load: clone the BIOS template o.vms times from `clients` connections.
     let mut c = Client::connect(port)?;
     let s = c.login()?;
-    let template = match c.call(
-        "VM.get_by_name_label",
-        &[s.clone(), Value::String("Other install media".into())],
-    )? {
-        Value::Array(v) if !v.is_empty() => as_str(&v[0])?,
-        other => return Err(format!("template not found: {other:?}")),
-    };
+    let template = bios_template(&mut c, &s)?;
     let t0 = Instant::now();
     let per = o.vms.div_ceil(o.clients);
     let mut handles = Vec::new();

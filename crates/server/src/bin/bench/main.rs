@@ -262,6 +262,17 @@ impl Client {
     }
 }
 
+/// The "Other install media" template, which the load phases clone.
+fn bios_template(c: &mut Client, session: &Value) -> BenchResult<String> {
+    match c.call(
+        "VM.get_by_name_label",
+        &[session.clone(), Value::String("Other install media".into())],
+    )? {
+        Value::Array(v) if !v.is_empty() => as_str(&v[0]),
+        other => Err(format!("template not found: {other:?}")),
+    }
+}
+
 fn as_str(v: &Value) -> BenchResult<String> {
     match v {
         Value::String(s) => Ok(s.clone()),

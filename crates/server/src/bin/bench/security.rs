@@ -19,13 +19,7 @@ fn measure(binary: &Path, o: &Options, tag: &str) -> BenchResult<Rates> {
     let port = d.port;
     let mut c = Client::connect(port)?;
     let s = c.login()?;
-    let template = match c.call(
-        "VM.get_by_name_label",
-        &[s.clone(), Value::String("Other install media".into())],
-    )? {
-        Value::Array(v) if !v.is_empty() => as_str(&v[0])?,
-        other => return Err(format!("template not found: {other:?}")),
-    };
+    let template = bios_template(&mut c, &s)?;
     let mut vms = Vec::with_capacity(o.vms);
     for i in 0..o.vms {
         let r = c.call(
