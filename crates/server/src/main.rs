@@ -203,7 +203,7 @@ fn make_private(state_dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn init_logging(dir: &std::path::Path) -> anyhow::Result<()> {
-    use corral_server::logfile::{KEEP, MAX_BYTES, RotatingFile};
+    use corral_server::core::logfile::{KEEP, MAX_BYTES, RotatingFile};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let file = RotatingFile::open(&dir.join("corrald.log"), MAX_BYTES, KEEP)?;

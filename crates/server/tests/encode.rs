@@ -2,7 +2,7 @@
 //! the bytes must equal the generic encoding of the same records.
 
 use corral_model::{ClassId, Value, class, field, jsonrpc, xmlrpc};
-use corral_server::api::Config;
+use corral_server::core::config::Config;
 use corral_server::daemon::{Options, build};
 
 #[test]

@@ -1,0 +1,4 @@
+//! Sessions and passwords.
+
+pub mod passwords;
+pub mod sessions;

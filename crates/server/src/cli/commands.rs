@@ -1,0 +1,398 @@
+//! The command table: names, parameters, help, and where each runs.
+
+use crate::cli::args::{Cmd, STD_PARAMS};
+use crate::cli::context::CliCtx;
+use crate::cli::context::{CliError, text};
+use crate::cli::generic::{GENERIC_COMMANDS, generic_command};
+use crate::cli::protocol::{Out, Run, fail_text};
+use crate::cli::records::cli_classes;
+use corral_model::Value;
+use corral_model::schema::class;
+
+/// The per-class generic commands: suffix, required params, optional
+/// params, description. `-list` comes last so that `vm-param-list` is not
+/// taken for a `-list` of the class `vm-param`.
+/// A hand-written command, for dispatch and `xe help`.
+pub struct CommandSpec {
+    pub name: &'static str,
+    /// Required parameters, comma-separated as `xe help` prints them.
+    pub reqd: &'static str,
+    pub optional: &'static str,
+    pub description: &'static str,
+}
+
+pub(crate) const fn cmd(
+    name: &'static str,
+    reqd: &'static str,
+    optional: &'static str,
+    description: &'static str,
+) -> CommandSpec {
+    CommandSpec {
+        name,
+        reqd,
+        optional,
+        description,
+    }
+}
+
+pub const COMMANDS: &[CommandSpec] = &[
+    cmd(
+        "host-refresh-server-certificate",
+        "",
+        "host",
+        "Replace the host's self-signed TLS certificate with a new one (valid ten years); new connections see it at once.",
+    ),
+    cmd(
+        "host-shutdown-vms",
+        "",
+        "",
+        "Apply this host's VM shutdown policy (other-config:vm-shutdown-policy, vm-shutdown-timeout) before the host goes down (Corral extension; run by corral-host-shutdown.service).",
+    ),
+    cmd(
+        "console",
+        "",
+        "vm, uuid",
+        "Attach to the VM's serial console (vt100); Ctrl-] leaves it.",
+    ),
+    cmd(
+        "vm-start",
+        "",
+        "vm, uuid, paused, force, on",
+        "Start a VM (on= a host).",
+    ),
+    cmd(
+        "vm-shutdown",
+        "",
+        "vm, uuid, force",
+        "Shut a VM down cleanly, or at once with force=true.",
+    ),
+    cmd(
+        "vm-reboot",
+        "",
+        "vm, uuid, force",
+        "Reboot a VM cleanly, or reset it with force=true.",
+    ),
+    cmd(
+        "vm-suspend",
+        "",
+        "vm, uuid",
+        "Suspend a VM to its suspend SR.",
+    ),
+    cmd(
+        "vm-resume",
+        "",
+        "vm, uuid, paused, force, on",
+        "Resume a suspended VM.",
+    ),
+    cmd("vm-pause", "", "vm, uuid", "Pause a running VM."),
+    cmd("vm-unpause", "", "vm, uuid", "Unpause a paused VM."),
+    cmd(
+        "vm-cd-insert",
+        "cd-name",
+        "vm, uuid",
+        "Insert an ISO (by VDI name-label) into the VM's empty CD drive.",
+    ),
+    cmd("vm-cd-eject", "", "vm, uuid", "Eject the VM's CD."),
+    cmd(
+        "vm-cd-list",
+        "",
+        "vm, uuid",
+        "List the VM's CD drives and their media.",
+    ),
+    cmd(
+        "vm-clone",
+        "new-name-label",
+        "vm, uuid, new-name-description",
+        "Clone a halted VM or template; its disks are cloned (instant). Prints the new uuid.",
+    ),
+    cmd(
+        "vm-copy",
+        "new-name-label",
+        "vm, uuid, new-name-description, sr-uuid",
+        "Copy a halted VM or template with full copies of its disks (onto sr-uuid if given). Prints the new uuid.",
+    ),
+    cmd(
+        "vm-install",
+        "new-name-label",
+        "template, template-uuid, template-name-label, sr-uuid, sr-name-label, copy",
+        "Install a VM from a template: clone it, make the disks its other-config:disks asks for (on sr-uuid, else the pool's default SR). Prints the new uuid.",
+    ),
+    cmd(
+        "vm-uninstall",
+        "",
+        "vm, uuid, force",
+        "Destroy a halted VM and the disks only it uses (force=true: do not ask).",
+    ),
+    cmd(
+        "vm-destroy",
+        "uuid",
+        "",
+        "Destroy a VM record; its disks stay.",
+    ),
+    cmd(
+        "vm-reset-powerstate",
+        "",
+        "vm, uuid, force",
+        "Mark a VM halted whose host is known to be down (force=true required).",
+    ),
+    cmd(
+        "vm-disk-list",
+        "",
+        "vm, uuid",
+        "List the VM's disks (VBDs and their VDIs).",
+    ),
+    cmd(
+        "vdi-import",
+        "uuid, filename",
+        "format",
+        "Import a disk image (raw, vhd or qcow2) into a VDI.",
+    ),
+    cmd(
+        "vdi-export",
+        "uuid, filename",
+        "format",
+        "Export a VDI's data as raw, vhd or qcow2.",
+    ),
+    cmd(
+        "sr-create",
+        "name-label, type",
+        "host-uuid, content-type, shared, physical-size, device-config:, sm-config:",
+        "Create an SR, plugging it on its host(s).",
+    ),
+    cmd(
+        "sr-probe",
+        "type",
+        "host-uuid, device-config:, sm-config:",
+        "Probe for SRs with the given device-config; prints what was found.",
+    ),
+    cmd(
+        "sr-introduce",
+        "uuid, name-label, type",
+        "content-type, shared, sm-config:",
+        "Introduce an SR record for existing storage (no PBDs).",
+    ),
+    cmd(
+        "sr-forget",
+        "uuid",
+        "",
+        "Forget an SR (its storage is untouched).",
+    ),
+    cmd("sr-destroy", "uuid", "", "Destroy an SR and its storage."),
+    cmd(
+        "sr-scan",
+        "uuid",
+        "",
+        "Rescan an SR, reconciling the database with its storage.",
+    ),
+    cmd("sr-update", "uuid", "", "Refresh an SR's sizes."),
+    cmd(
+        "sr-repair",
+        "uuid",
+        "",
+        "Create missing PBDs and plug every unplugged one, reporting each host (Corral extension, as XenCenter's Repair).",
+    ),
+    cmd(
+        "sr-upgrade",
+        "uuid",
+        "",
+        "Upgrade a legacy-format SR in place, one way (Corral extension).",
+    ),
+    cmd(
+        "pbd-create",
+        "host-uuid, sr-uuid",
+        "device-config:",
+        "Create a PBD.",
+    ),
+    cmd("pbd-plug", "uuid", "", "Attach the SR on the PBD's host."),
+    cmd(
+        "pbd-unplug",
+        "uuid",
+        "",
+        "Detach the SR from the PBD's host.",
+    ),
+    cmd("pbd-destroy", "uuid", "", "Destroy an unplugged PBD."),
+    cmd(
+        "vdi-create",
+        "sr-uuid, name-label, virtual-size",
+        "type, sharable, read-only, sm-config:, other-config:",
+        "Create a VDI; sizes take KiB, MiB, GiB, TiB suffixes.",
+    ),
+    cmd("vdi-destroy", "uuid", "", "Destroy a VDI and its data."),
+    cmd(
+        "vdi-forget",
+        "uuid",
+        "",
+        "Forget a VDI record (its data stays).",
+    ),
+    cmd(
+        "vdi-clone",
+        "uuid",
+        "new-name-label, new-name-description",
+        "Clone a VDI (instant).",
+    ),
+    cmd("vdi-snapshot", "uuid", "", "Snapshot a VDI (instant)."),
+    cmd("vdi-resize", "uuid, disk-size", "online", "Grow a VDI."),
+    cmd(
+        "vdi-copy",
+        "uuid",
+        "sr-uuid",
+        "Copy a VDI's data into a new VDI.",
+    ),
+    cmd(
+        "vdi-update",
+        "uuid",
+        "",
+        "Refresh a VDI's sizes from its storage.",
+    ),
+    cmd(
+        "vbd-create",
+        "vm-uuid, device",
+        "vdi-uuid, type, mode, bootable, empty, unpluggable",
+        "Create a VBD.",
+    ),
+    cmd("vbd-destroy", "uuid", "", "Destroy a VBD."),
+    cmd(
+        "vbd-insert",
+        "uuid, vdi-uuid",
+        "",
+        "Insert a VDI into an empty CD drive.",
+    ),
+    cmd("vbd-eject", "uuid", "", "Eject the media from a CD drive."),
+    cmd(
+        "vbd-plug",
+        "uuid",
+        "",
+        "Hot-plug a disk into its running VM.",
+    ),
+    cmd(
+        "vbd-unplug",
+        "uuid",
+        "",
+        "Hot-unplug a disk from its running VM.",
+    ),
+    cmd(
+        "user-create",
+        "user-name, password-new, role",
+        "fullname",
+        "Creates a local user with a role (Corral extension).",
+    ),
+    cmd(
+        "user-password-change",
+        "new",
+        "old",
+        "Changes the password of the logged-in user.",
+    ),
+];
+
+impl CliCtx {
+    pub(crate) async fn dispatch(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        if let Some(spec) = COMMANDS.iter().find(|c| c.name == cmd.name) {
+            for k in spec.reqd.split(", ").filter(|k| !k.is_empty()) {
+                if cmd.get(k).is_none() {
+                    return text(format!("Required parameter not found: {k}"));
+                }
+            }
+            return self.special(cmd, out).await;
+        }
+        if let Some((cc, (suffix, ..))) = generic_command(&cmd.name) {
+            return self.generic(&cc, suffix, cmd, out).await;
+        }
+        text(format!(
+            "Unknown command: {}\nFor usage run: 'xe help'",
+            cmd.name
+        ))
+    }
+
+    /// The hand-written commands of [`COMMANDS`]; required params are checked.
+    pub(crate) async fn special(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        let arg = |k: &str| cmd.get(k).unwrap_or("").to_owned();
+        match cmd.name.as_str() {
+            "user-password-change" => {
+                self.call(
+                    "session.change_password",
+                    vec![Value::String(arg("old")), Value::String(arg("new"))],
+                )
+                .await?;
+            }
+            "host-refresh-server-certificate" => {
+                let host = match cmd.get("host") {
+                    Some(_) => self.ref_of(class::HOST, cmd, "host").await?,
+                    None => self.server.host_ref.clone(),
+                };
+                self.call("host.refresh_server_certificate", vec![Value::str(&host)])
+                    .await?;
+            }
+            "user-create" => {
+                let r = self
+                    .call(
+                        "user.create_local",
+                        vec![
+                            Value::String(arg("user-name")),
+                            Value::String(arg("fullname")),
+                            Value::String(arg("password-new")),
+                            Value::String(arg("role")),
+                        ],
+                    )
+                    .await?;
+                out.push(Out::Print(self.uuid_of(r.as_str().unwrap_or_default())));
+            }
+            other => return self.storage_command(other, cmd, out).await,
+        }
+        Ok(())
+    }
+}
+
+/// xe's record table: the first key left-aligned, the others right-aligned,
+/// all padded to 4 + the longest key with its tag.
+pub fn table(cols: &[(String, &str, String)]) -> String {
+    let keys: Vec<String> = cols.iter().map(|(n, t, _)| format!("{n} ({t})")).collect();
+    let w = 4 + keys.iter().map(String::len).max().unwrap_or(0);
+    let mut s = String::new();
+    for (i, (k, (_, _, v))) in keys.iter().zip(cols).enumerate() {
+        if i == 0 {
+            s.push_str(&format!("{k:<w$}: {v}\n"));
+        } else {
+            s.push_str(&format!("{k:>w$}: {v}\n"));
+        }
+    }
+    s
+}
+
+pub(crate) fn help(cmd: &Cmd) -> Run {
+    let classes = cli_classes();
+    let target = cmd
+        .params
+        .iter()
+        .find(|(k, v)| v.is_empty() && !STD_PARAMS.contains(&k.as_str()))
+        .map(|(k, _)| k.clone());
+    let mut out = Vec::new();
+    match target {
+        Some(c) if c != "--all" => {
+            let (reqd, opt, desc) = if let Some((_, (_, reqd, opt, desc))) = generic_command(&c) {
+                (*reqd, *opt, (*desc).to_owned())
+            } else if let Some(spec) = COMMANDS.iter().find(|s| s.name == c) {
+                (spec.reqd, spec.optional, spec.description.to_owned())
+            } else {
+                return fail_text(format!("Unknown command: {c}\nFor usage run: 'xe help'"));
+            };
+            out.push(Out::Print(format!("command name            : {c}\n        reqd params     : {reqd}\n        optional params : {opt}\n\n        description     : {desc}")));
+        }
+        _ => {
+            let mut names: Vec<String> = vec!["help".into()];
+            names.extend(COMMANDS.iter().map(|c| c.name.to_owned()));
+            for c in &classes {
+                for (suffix, ..) in GENERIC_COMMANDS {
+                    names.push(format!("{}{suffix}", c.name));
+                }
+            }
+            names.sort();
+            if cmd.flag("minimal") {
+                // What shell completion reads.
+                out.push(Out::Print(names.join(",")));
+                return Run { out, exit: 0 };
+            }
+            out.push(Out::Print(format!("Usage: xe <command> [-s server] [-pw passwd] [-p port] [-u user] [-pwf password-file]\n  [command specific arguments]\n\nTo get help on a specific command: xe help <command>\n\nCommands:\n{}", names.join(", "))));
+        }
+    }
+    Run { out, exit: 0 }
+}

@@ -1,0 +1,69 @@
+//! A command's context and errors.
+
+use crate::cli::protocol::Out;
+use crate::context::Server;
+use crate::core::call::Caller;
+use corral_model::schema::error_def;
+use corral_model::{ApiError, NULL_REF, Value};
+use std::sync::Arc;
+
+pub(crate) struct CliCtx {
+    pub(crate) server: Arc<Server>,
+    pub(crate) session: String,
+    pub(crate) caller: Caller,
+}
+
+impl CliCtx {
+    pub(crate) async fn call(
+        &self,
+        method: &str,
+        mut params: Vec<Value>,
+    ) -> Result<Value, CliError> {
+        params.insert(0, Value::String(self.session.clone()));
+        Ok(self.server.call(method, params, &self.caller).await?)
+    }
+
+    /// An API error as xe prints it: the datamodel's sentence and one line
+    /// per parameter, or `Error code:` for codes the datamodel does not know.
+    pub(crate) fn api_error(&self, e: &ApiError) -> Vec<Out> {
+        match error_def(&e.code) {
+            Some(def) => {
+                let mut s = format!("{}\n", def.doc);
+                for (i, name) in def.params.iter().enumerate() {
+                    let v = e.params.get(i).map(|p| {
+                        if p.starts_with("OpaqueRef:") && p != NULL_REF {
+                            self.uuid_of(p)
+                        } else {
+                            p.clone()
+                        }
+                    });
+                    s.push_str(&format!(
+                        "{name}: {}\n",
+                        v.unwrap_or_else(|| "<unknown>".into())
+                    ));
+                }
+                for extra in e.params.iter().skip(def.params.len()) {
+                    s.push_str(&format!("<extra>: {extra}\n"));
+                }
+                vec![Out::Stderr(s)]
+            }
+            None => vec![Out::Error(e.code.clone(), e.params.clone())],
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum CliError {
+    Text(String),
+    Api(ApiError),
+}
+
+impl From<ApiError> for CliError {
+    fn from(e: ApiError) -> Self {
+        CliError::Api(e)
+    }
+}
+
+pub(crate) fn text<T>(t: impl Into<String>) -> Result<T, CliError> {
+    Err(CliError::Text(t.into()))
+}

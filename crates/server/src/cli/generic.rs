@@ -1,0 +1,338 @@
+//! <class>-list and <class>-param-* for every class.
+
+use crate::cli::args::{Cmd, STD_PARAMS};
+use crate::cli::commands::table;
+use crate::cli::context::CliCtx;
+use crate::cli::context::{CliError, text};
+use crate::cli::protocol::Out;
+use crate::cli::records::{CliClass, cli_classes};
+use corral_model::Value;
+use corral_model::schema::{Ty, class};
+
+pub(crate) const GENERIC_COMMANDS: &[(&str, &str, &str, &str)] = &[
+    (
+        "-param-list",
+        "uuid",
+        "",
+        "Lists all the parameters of the object",
+    ),
+    (
+        "-param-get",
+        "uuid, param-name",
+        "param-key",
+        "Gets a parameter of the object",
+    ),
+    ("-param-set", "uuid", "", "Sets parameters of the object"),
+    (
+        "-param-add",
+        "uuid, param-name",
+        "param-key",
+        "Adds to a set or map parameter",
+    ),
+    (
+        "-param-remove",
+        "uuid, param-name, param-key",
+        "",
+        "Removes from a set or map parameter",
+    ),
+    ("-param-clear", "uuid, param-name", "", "Clears a parameter"),
+    (
+        "-list",
+        "",
+        "params",
+        "Lists the objects, filtered by field=value",
+    ),
+];
+
+pub(crate) type GenericCommand = (&'static str, &'static str, &'static str, &'static str);
+
+/// Splits `vm-param-get` into the CLI class and the generic command's entry.
+pub(crate) fn generic_command(name: &str) -> Option<(CliClass, &'static GenericCommand)> {
+    GENERIC_COMMANDS.iter().find_map(|entry| {
+        let cname = name.strip_suffix(entry.0)?;
+        cli_classes()
+            .into_iter()
+            .find(|c| c.name == cname)
+            .map(|c| (c, entry))
+    })
+}
+
+impl CliCtx {
+    pub(crate) async fn generic(
+        &self,
+        cc: &CliClass,
+        suffix: &str,
+        cmd: &Cmd,
+        out: &mut Vec<Out>,
+    ) -> Result<(), CliError> {
+        let cname = cc.class.name();
+        match suffix {
+            "-list" => {
+                let params = cmd.get("params");
+                let filters: Vec<(String, String)> = cmd
+                    .params
+                    .iter()
+                    .filter(|(k, _)| {
+                        !STD_PARAMS.contains(&k.as_str())
+                            && k != "params"
+                            && !k.starts_with("database:")
+                    })
+                    .cloned()
+                    .collect();
+                let mut printed = Vec::new();
+                for (_, rec) in self.records(cc).await? {
+                    if !self.matches(cc, &rec, &filters)? {
+                        continue;
+                    }
+                    let cr = self.cli_record(cc, &rec);
+                    let cols: Vec<(String, &str, String)> = match params {
+                        Some("all") => cr,
+                        Some(p) => {
+                            let want: Vec<&str> = p.split(',').map(str::trim).collect();
+                            cr.into_iter()
+                                .filter(|(n, _, _)| want.contains(&n.as_str()))
+                                .collect()
+                        }
+                        None if cc.default_params.is_empty() => cr,
+                        None => {
+                            let mut cols: Vec<(String, &str, String)> = cr
+                                .into_iter()
+                                .filter(|(n, _, _)| cc.default_params.contains(&n.as_str()))
+                                .collect();
+                            // A legacy-format SR says so in sr-list (Corral
+                            // extension; the SR needs `xe sr-upgrade`).
+                            if cc.class == class::SR
+                                && rec
+                                    .member("sm_config")
+                                    .and_then(|m| m.member("requires_upgrade"))
+                                    .and_then(Value::as_str)
+                                    == Some("true")
+                            {
+                                cols.push(("requires-upgrade".into(), " RO", "true".into()));
+                            }
+                            cols
+                        }
+                    };
+                    printed.push(cols);
+                }
+                if cmd.flag("minimal") {
+                    let firsts: Vec<String> = printed
+                        .iter()
+                        .filter_map(|c| {
+                            c.first()
+                                .map(|(_, _, v)| v.replace('\\', "\\\\").replace(',', "\\,"))
+                        })
+                        .collect();
+                    out.push(Out::Print(firsts.join(",")));
+                } else {
+                    for cols in printed {
+                        out.push(Out::Print(format!("{}\n", table(&cols))));
+                    }
+                }
+                Ok(())
+            }
+            "-param-list" => {
+                let (_, rec) = self.by_uuid(cc, cmd).await?;
+                out.push(Out::Print(format!(
+                    "{}\n",
+                    table(&self.cli_record(cc, &rec))
+                )));
+                Ok(())
+            }
+            "-param-get" => {
+                let (_, rec) = self.by_uuid(cc, cmd).await?;
+                let Some(pn) = cmd.get("param-name") else {
+                    return text("Required parameter not found: param-name");
+                };
+                let f = self.field_for(cc, pn)?;
+                let v = rec.member(f.name).cloned().unwrap_or(Value::Nil);
+                match cmd.get("param-key") {
+                    Some(k) => match v.member(k) {
+                        Some(x) => out.push(Out::Print(x.db_string())),
+                        None => return text(format!("Key {k} not found in map")),
+                    },
+                    None => out.push(Out::Print(self.render(f, &v))),
+                }
+                Ok(())
+            }
+            "-param-set" => {
+                let (r, _) = self.by_uuid(cc, cmd).await?;
+                for (k, v) in cmd
+                    .params
+                    .iter()
+                    .filter(|(k, _)| k != "uuid" && !STD_PARAMS.contains(&k.as_str()))
+                {
+                    if let Some((m, key)) = k.split_once(':') {
+                        let f = self.field_for(cc, m)?;
+                        if !matches!(f.ty, Ty::Map(..)) || f.ops_role.is_none() {
+                            return text(format!("Field '{m}' is read-only."));
+                        }
+                        self.call(
+                            &format!("{cname}.remove_from_{}", f.name),
+                            vec![Value::String(r.clone()), Value::str(key)],
+                        )
+                        .await?;
+                        self.call(
+                            &format!("{cname}.add_to_{}", f.name),
+                            vec![Value::String(r.clone()), Value::str(key), Value::str(v)],
+                        )
+                        .await?;
+                        continue;
+                    }
+                    let f = self.field_for(cc, k)?;
+                    if matches!(f.ty, Ty::Set(_)) {
+                        return text("Cannot param-set on set fields");
+                    }
+                    if f.set_role.is_none() || matches!(f.ty, Ty::Map(..)) {
+                        return text(format!("Field '{k}' is read-only."));
+                    }
+                    let val = self.value_of(f, &f.ty, v, k)?;
+                    self.call(
+                        &format!("{cname}.set_{}", f.name),
+                        vec![Value::String(r.clone()), val],
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+            "-param-add" => {
+                let (r, _) = self.by_uuid(cc, cmd).await?;
+                let Some(pn) = cmd.get("param-name") else {
+                    return text("Required parameter not found: param-name");
+                };
+                let f = self.field_for(cc, pn)?;
+                if f.ops_role.is_none() {
+                    return text("Parameter is read-only");
+                }
+                match f.ty {
+                    Ty::Set(inner) => {
+                        let Some(key) = cmd.get("param-key") else {
+                            return text("Required parameter not found: param-key");
+                        };
+                        for item in key.split(',') {
+                            let v = self.value_of(f, inner, item.trim(), pn)?;
+                            self.call(
+                                &format!("{cname}.add_{}", f.name),
+                                vec![Value::String(r.clone()), v],
+                            )
+                            .await?;
+                        }
+                    }
+                    _ => {
+                        for (k, v) in cmd.params.iter().filter(|(k, _)| {
+                            !["uuid", "param-name"].contains(&k.as_str())
+                                && !STD_PARAMS.contains(&k.as_str())
+                        }) {
+                            self.call(
+                                &format!("{cname}.add_to_{}", f.name),
+                                vec![Value::String(r.clone()), Value::str(k), Value::str(v)],
+                            )
+                            .await?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            "-param-remove" => {
+                let (r, rec) = self.by_uuid(cc, cmd).await?;
+                let Some(pn) = cmd.get("param-name") else {
+                    return text("Required parameter not found: param-name");
+                };
+                let Some(key) = cmd.get("param-key") else {
+                    return text("Required parameter not found: param-key");
+                };
+                let f = self.field_for(cc, pn)?;
+                if f.ops_role.is_none() {
+                    return text("Parameter is read-only");
+                }
+                let cur = rec.member(f.name).cloned().unwrap_or(Value::Nil);
+                match f.ty {
+                    Ty::Set(inner) => {
+                        let v = self.value_of(f, inner, key, pn)?;
+                        if !cur.as_array().unwrap_or_default().contains(&v) {
+                            return text(format!("Key {key} is not in the set"));
+                        }
+                        self.call(
+                            &format!("{cname}.remove_{}", f.name),
+                            vec![Value::String(r), v],
+                        )
+                        .await?;
+                    }
+                    _ => {
+                        if cur.member(key).is_none() {
+                            return text(format!("Key {key} is not in map"));
+                        }
+                        self.call(
+                            &format!("{cname}.remove_from_{}", f.name),
+                            vec![Value::String(r), Value::str(key)],
+                        )
+                        .await?;
+                    }
+                }
+                Ok(())
+            }
+            "-param-clear" => {
+                let (r, _) = self.by_uuid(cc, cmd).await?;
+                let Some(pn) = cmd.get("param-name") else {
+                    return text("Required parameter not found: param-name");
+                };
+                let f = self.field_for(cc, pn)?;
+                if f.set_role.is_none() && f.ops_role.is_none() {
+                    return text(format!("Field '{pn}' is read-only."));
+                }
+                let empty = match f.ty {
+                    Ty::Set(_) => Value::Array(vec![]),
+                    Ty::Map(..) => Value::Struct(vec![]),
+                    _ => Value::str(""),
+                };
+                if f.set_role.is_some() {
+                    self.call(
+                        &format!("{cname}.set_{}", f.name),
+                        vec![Value::String(r), empty],
+                    )
+                    .await?;
+                } else if let Ty::Map(..) = f.ty {
+                    let cur = self
+                        .call(
+                            &format!("{cname}.get_{}", f.name),
+                            vec![Value::String(r.clone())],
+                        )
+                        .await?;
+                    for (k, _) in cur.as_struct().map(<[_]>::to_vec).unwrap_or_default() {
+                        self.call(
+                            &format!("{cname}.remove_from_{}", f.name),
+                            vec![Value::String(r.clone()), Value::String(k)],
+                        )
+                        .await?;
+                    }
+                }
+                Ok(())
+            }
+            _ => text(format!("Unknown command: {}", cmd.name)),
+        }
+    }
+
+    pub(crate) async fn by_uuid(
+        &self,
+        cc: &CliClass,
+        cmd: &Cmd,
+    ) -> Result<(String, Value), CliError> {
+        let Some(uuid) = cmd.get("uuid") else {
+            return text("Required parameter not found: uuid");
+        };
+        let r = self
+            .call(
+                &format!("{}.get_by_uuid", cc.class.name()),
+                vec![Value::str(uuid)],
+            )
+            .await?;
+        let r = r.as_str().unwrap_or_default().to_owned();
+        let rec = self
+            .call(
+                &format!("{}.get_record", cc.class.name()),
+                vec![Value::String(r.clone())],
+            )
+            .await?;
+        Ok((r, rec))
+    }
+}

@@ -1,0 +1,11 @@
+//! The server side of xe.
+
+pub mod args;
+pub mod commands;
+pub mod context;
+pub mod generic;
+pub mod protocol;
+pub mod records;
+pub mod serve;
+pub mod storage;
+pub mod vm;

@@ -1,0 +1,280 @@
+//! A POST /cli session.
+
+use crate::cli::args::parse_args;
+use crate::cli::commands::help;
+use crate::cli::context::{CliCtx, CliError};
+use crate::cli::protocol::{
+    GREETING, Out, Run, command_frame, encode_one, fail_text, read_response,
+};
+use crate::context::Server;
+use crate::core::call::{Caller, Origin};
+use corral_model::{ApiError, Value};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Ends the session a transfer or console kept open for the client.
+pub(crate) async fn logout(server: &Arc<Server>, session: &str, origin: &Origin) {
+    if session.is_empty() {
+        return;
+    }
+    let caller = Caller {
+        origin: origin.clone(),
+        originator: Some("cli".into()),
+    };
+    let _ = server
+        .call(
+            "session.logout",
+            vec![Value::String(session.to_owned())],
+            &caller,
+        )
+        .await;
+}
+
+/// Runs one `xe console` exchange: the client proxies its terminal to the
+/// console until the user leaves (Ctrl-]) or the console closes.
+pub(crate) async fn console<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    server: &Arc<Server>,
+    stream: &mut S,
+    o: &Out,
+    origin: &Origin,
+) -> Vec<Out> {
+    let Out::Connect { session, .. } = o else {
+        return vec![];
+    };
+    let ok = stream.write_all(&encode_one(o)).await.is_ok()
+        && stream.flush().await.is_ok()
+        && read_response(stream).await;
+    logout(server, session, origin).await;
+    if ok {
+        vec![]
+    } else {
+        vec![Out::Stderr("Failed to connect to the console.\n".into())]
+    }
+}
+
+/// Runs one HttpPut/HttpGet exchange: the client moves the file, answers
+/// with a Response frame, and the task says how the server side ended.
+pub(crate) async fn transfer<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    server: &Arc<Server>,
+    stream: &mut S,
+    o: &Out,
+    origin: &Origin,
+) -> Vec<Out> {
+    let Out::Transfer { task, session, .. } = o else {
+        return vec![];
+    };
+    if stream.write_all(&encode_one(o)).await.is_err() || stream.flush().await.is_err() {
+        return vec![];
+    }
+    let client_ok = read_response(stream).await;
+    // Wait for the handler to finish the task; when the client failed (no
+    // file, say), the handler may never have started.
+    let wait = if client_ok { 3600 } else { 5 };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let status = loop {
+        let st = server
+            .db
+            .read()
+            .get_str(corral_model::field::task::STATUS, task);
+        match st.as_deref() {
+            Some("pending") if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            other => break other.map(str::to_owned),
+        }
+    };
+    let error = server
+        .db
+        .read()
+        .get(corral_model::field::task::ERROR_INFO, task)
+        .and_then(|v| {
+            v.as_array()
+                .map(|a| a.iter().map(|x| x.db_string()).collect::<Vec<_>>())
+        })
+        .unwrap_or_default();
+    server.task_destroy(task);
+    logout(server, session, origin).await;
+    let ctx = CliCtx {
+        server: Arc::clone(server),
+        session: session.clone(),
+        caller: Caller {
+            origin: origin.clone(),
+            originator: Some("cli".into()),
+        },
+    };
+    match (status.as_deref(), client_ok) {
+        (Some("success"), true) => vec![],
+        (Some("failure"), _) if !error.is_empty() => {
+            ctx.api_error(&ApiError::new(&error[0], error[1..].iter().cloned()))
+        }
+        (_, false) => vec![Out::Stderr("The file transfer failed.\n".into())],
+        _ => vec![Out::Stderr("The transfer did not complete.\n".into())],
+    }
+}
+
+pub async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    server: Arc<Server>,
+    mut stream: S,
+    origin: Origin,
+    body: Vec<u8>,
+) {
+    let text = String::from_utf8_lossy(&body);
+    let args: Vec<String> = text
+        .split('\n')
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut hello = GREETING.to_vec();
+    hello.extend_from_slice(&0i32.to_le_bytes());
+    hello.extend_from_slice(&2i32.to_le_bytes());
+    if stream.write_all(&hello).await.is_err() {
+        return;
+    }
+    let mut reply = vec![0u8; hello.len()];
+    if stream.read_exact(&mut reply).await.is_err() || !reply.starts_with(GREETING) {
+        return;
+    }
+    // The command runs on its own; if the client goes away meanwhile (xe
+    // sends nothing while a command runs, so any read here is its end:
+    // Ctrl-C), the tasks the command started are cancelled, and the
+    // command still finishes cleanly.
+    let session_slot: SessionSlot = Default::default();
+    let mut job = {
+        let (server, origin, slot) = (
+            Arc::clone(&server),
+            origin.clone(),
+            Arc::clone(&session_slot),
+        );
+        tokio::spawn(async move { run(&server, args, origin, slot).await })
+    };
+    let mut probe = [0u8; 1];
+    let finished = tokio::select! {
+        r = &mut job => r,
+        _ = stream.read(&mut probe) => {
+            let session = session_slot.lock().ok().and_then(|s| s.clone());
+            if let Some(session) = session {
+                tracing::info!("xe client left during its command: cancelling its tasks");
+                server.cancel_session_tasks(&session);
+                let _ = job.await;
+                server.sessions.logout(&server, &session);
+            } else {
+                let _ = job.await;
+            }
+            return;
+        }
+    };
+    let Ok(run) = finished else { return };
+    let mut exit = run.exit;
+    let mut frames = Vec::new();
+    for o in &run.out {
+        if let Out::Transfer { .. } | Out::Connect { .. } = o {
+            if stream.write_all(&frames).await.is_err() {
+                return;
+            }
+            frames.clear();
+            let errors = match o {
+                Out::Connect { .. } => console(&server, &mut stream, o, &origin).await,
+                _ => transfer(&server, &mut stream, o, &origin).await,
+            };
+            if !errors.is_empty() {
+                exit = 1;
+            }
+            for e in &errors {
+                frames.extend(encode_one(e));
+            }
+        } else {
+            frames.extend(encode_one(o));
+        }
+    }
+    frames.extend(command_frame(4, &exit.to_le_bytes()));
+    let _ = stream.write_all(&frames).await;
+    let _ = stream.flush().await;
+}
+
+/// Where a running command publishes the session it works under.
+pub(crate) type SessionSlot = Arc<std::sync::Mutex<Option<String>>>;
+
+pub(crate) async fn run(
+    server: &Arc<Server>,
+    args: Vec<String>,
+    origin: Origin,
+    slot: SessionSlot,
+) -> Run {
+    let cmd = match parse_args(&args) {
+        Ok(c) => c,
+        Err(e) => return fail_text(format!("Syntax error: {e}\nFor usage run: 'xe help'")),
+    };
+    if cmd.name.is_empty() || cmd.name == "help" {
+        return help(&cmd);
+    }
+    let caller = Caller {
+        origin,
+        originator: Some("cli".into()),
+    };
+    let session = match cmd.get("session_id") {
+        Some(s) => s.to_owned(),
+        None => {
+            let user = cmd.get("username").unwrap_or("root").to_owned();
+            let pwd = cmd.get("password").unwrap_or("").to_owned();
+            match server
+                .call(
+                    "session.login_with_password",
+                    vec![
+                        Value::String(user.clone()),
+                        Value::String(pwd),
+                        Value::str("1.0"),
+                        Value::str("cli"),
+                    ],
+                    &caller,
+                )
+                .await
+            {
+                Ok(v) => v.as_str().unwrap_or_default().to_owned(),
+                Err(_) if user.is_empty() => {
+                    return fail_text("Username/password must be specified".into());
+                }
+                Err(_) => return fail_text("Authentication failed".into()),
+            }
+        }
+    };
+    if let Ok(mut s) = slot.lock() {
+        *s = Some(session.clone());
+    }
+    let ctx = CliCtx {
+        server: Arc::clone(server),
+        session: session.clone(),
+        caller,
+    };
+    let mut out = Vec::new();
+    let res = ctx.dispatch(&cmd, &mut out).await;
+    // A file transfer still needs the session; serve_cli ends it afterwards.
+    let transferring = out
+        .iter()
+        .any(|o| matches!(o, Out::Transfer { .. } | Out::Connect { .. }));
+    if cmd.get("session_id").is_none() && !transferring {
+        let _ = server
+            .call("session.logout", vec![Value::String(session)], &ctx.caller)
+            .await;
+    }
+    match res {
+        Ok(()) => Run { out, exit: 0 },
+        Err(CliError::Text(t)) => {
+            out.push(Out::Stderr(format!("{t}\n")));
+            Run { out, exit: 1 }
+        }
+        Err(CliError::Api(e)) => {
+            out.extend(ctx.api_error(&e));
+            Run { out, exit: 1 }
+        }
+    }
+}
+
+/// Encodes the frames for a finished command.
+pub fn encode(run: &Run) -> Vec<u8> {
+    let mut out = Vec::new();
+    for o in &run.out {
+        out.extend(encode_one(o));
+    }
+    out.extend(command_frame(4, &run.exit.to_le_bytes()));
+    out
+}

@@ -1,0 +1,179 @@
+//! host.* messages that act on the host itself.
+
+use crate::context::Server;
+use crate::core::call::{ApiResult, Ctx, void};
+use crate::init::s;
+use crate::ops::vm::lifecycle::VmOp;
+use crate::ops::vm::power::{clean_stop, halt, params, vm_start};
+use crate::ops::vm::query::{flag, int, live_here, power, strmap};
+use crate::ops::vm::state::alert;
+use crate::ops::vm::suspend::vm_suspend;
+use corral_model::schema::{class, field};
+use corral_model::{ApiError, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A new self-signed certificate for this host, served from now on.
+pub(crate) fn refresh_certificate(s: &Arc<Server>) -> ApiResult {
+    let cert = s
+        .tls_cert
+        .get()
+        .ok_or_else(|| ApiError::internal("this host serves no TLS"))?;
+    cert.refresh()
+        .map_err(|e| ApiError::internal(format!("certificate refresh failed: {e}")))?;
+    void()
+}
+
+/// The host's VM shutdown policy (Corral extension, seed 002's
+/// libvirt-guests made first-class), from `host.other_config`:
+/// `vm-shutdown-policy` = `shutdown` (default: clean shutdown in reverse
+/// `order`, each given `vm-shutdown-timeout` seconds, default 300, then
+/// forced off) | `suspend` | `refuse` (fail while VMs run).
+pub(crate) async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
+    let (host, _) = params(p);
+    if host != s.host_ref {
+        return Err(ApiError::new("HOST_OFFLINE", [host.as_str()]));
+    }
+    let oc = strmap(s.db.read().get(field::host::OTHER_CONFIG, &host));
+    let policy = oc
+        .get("vm-shutdown-policy")
+        .cloned()
+        .unwrap_or_else(|| "shutdown".into());
+    let timeout = Duration::from_secs(
+        oc.get("vm-shutdown-timeout")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(300),
+    );
+    let mut vms: Vec<(i64, String)> = {
+        let st = s.db.read();
+        st.refs(class::VM)
+            // `host` is this host (checked above).
+            .filter(|vm| live_here(&s, &st, vm))
+            .map(|vm| (int(&st, field::vm::ORDER, vm), vm.clone()))
+            .collect()
+    };
+    // Reverse start order: the highest `order` goes first.
+    vms.sort_by(|a, b| b.0.cmp(&a.0));
+    match policy.as_str() {
+        "refuse" if !vms.is_empty() => {
+            return Err(ApiError::operation_not_allowed(format!(
+                "{} VMs are running and vm-shutdown-policy is refuse",
+                vms.len()
+            )));
+        }
+        "suspend" => {
+            for (_, vm) in &vms {
+                if power(&s.db.read(), vm) == "Running" {
+                    vm_suspend(Arc::clone(&s), c.clone(), vec![Value::str(vm)]).await?;
+                }
+            }
+        }
+        _ => {
+            for (_, vm) in &vms {
+                let _op = VmOp::begin(&s, &c, vm, "shutdown")?;
+                let clean = power(&s.db.read(), vm) == "Running"
+                    && clean_stop(&s, vm, timeout, None).await.unwrap_or(false);
+                halt(&s, vm).await?;
+                alert(
+                    &s,
+                    vm,
+                    "VM_SHUTDOWN",
+                    5,
+                    if clean {
+                        "Shut down cleanly for host shutdown"
+                    } else {
+                        "Forced off for host shutdown (timeout)"
+                    },
+                );
+            }
+        }
+    }
+    void()
+}
+
+/// At the first corrald start after a host boot, `vm-boot-policy=start`
+/// starts the VMs with `other_config:auto_poweron=true` in `order`, waiting
+/// `start_delay` after each; the default `ignore` resumes nothing.
+pub async fn boot_policy(s: &Arc<Server>) {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let marker = s.state_dir.join("last-boot-id");
+    let first_start = std::fs::read_to_string(&marker)
+        .map(|b| b != boot_id)
+        .unwrap_or(true);
+    let _ = std::fs::write(&marker, &boot_id);
+    let oc = strmap(s.db.read().get(field::host::OTHER_CONFIG, &s.host_ref));
+    if !first_start || oc.get("vm-boot-policy").map(String::as_str) != Some("start") {
+        return;
+    }
+    let mut vms: Vec<(i64, i64, String)> = {
+        let st = s.db.read();
+        st.refs(class::VM)
+            .filter(|vm| {
+                power(&st, vm) == "Halted"
+                    && !flag(&st, field::vm::IS_A_TEMPLATE, vm)
+                    && strmap(st.get(field::vm::OTHER_CONFIG, vm))
+                        .get("auto_poweron")
+                        .map(String::as_str)
+                        == Some("true")
+            })
+            .map(|vm| {
+                (
+                    int(&st, field::vm::ORDER, vm),
+                    int(&st, field::vm::START_DELAY, vm),
+                    vm.clone(),
+                )
+            })
+            .collect()
+    };
+    vms.sort();
+    let ctx = Ctx {
+        session: String::new(),
+        role: corral_model::schema::Role::PoolAdmin,
+        user: "root".into(),
+        user_ref: String::new(),
+        task: None,
+    };
+    for (_, delay, vm) in vms {
+        if let Err(e) = vm_start(
+            Arc::clone(s),
+            ctx.clone(),
+            vec![Value::str(&vm), Value::Bool(false), Value::Bool(false)],
+            false,
+        )
+        .await
+        {
+            tracing::warn!(vm = %vm, error = %e, "auto power-on failed");
+        }
+        tokio::time::sleep(Duration::from_secs(delay.max(0) as u64)).await;
+    }
+}
+
+/// Records which host agent runs VMs here: `software_version:host_driver`,
+/// and for the simulator a name_description that `xe host-list` shows.
+pub fn record_host_driver(server: &crate::context::Server) {
+    const SIM_NOTE: &str = "Simulated host (sim driver): VMs do not really run";
+    let kind = server.agent.kind();
+    let host = server.host_ref.clone();
+    let r = server.db.write(|t| {
+        let st = t.state();
+        let mut sv = st
+            .get(field::host::SOFTWARE_VERSION, &host)
+            .and_then(|v| v.as_struct().map(<[_]>::to_vec))
+            .unwrap_or_default();
+        sv.retain(|(k, _)| k != "host_driver");
+        sv.push(("host_driver".into(), s(kind)));
+        let descr = st
+            .get_str(field::host::NAME_DESCRIPTION, &host)
+            .unwrap_or_default();
+        t.set(field::host::SOFTWARE_VERSION, &host, Value::Struct(sv))?;
+        if kind == "sim" && descr.is_empty() {
+            t.set(field::host::NAME_DESCRIPTION, &host, s(SIM_NOTE))?;
+        } else if kind != "sim" && descr == SIM_NOTE {
+            t.set(field::host::NAME_DESCRIPTION, &host, s(""))?;
+        }
+        Ok::<(), ApiError>(())
+    });
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "cannot record the host driver");
+    }
+}

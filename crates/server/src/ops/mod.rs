@@ -1,0 +1,13 @@
+//! Per-class operations.
+
+pub mod event;
+pub mod host;
+pub mod message;
+pub mod pbd;
+pub mod session;
+pub mod sr;
+pub mod storage;
+pub mod user;
+pub mod vbd;
+pub mod vdi;
+pub mod vm;

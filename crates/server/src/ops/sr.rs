@@ -1,0 +1,476 @@
+//! SR.create, introduce, forget, destroy, probe and upgrade; storage at start.
+
+use crate::context::Server;
+use crate::core::call::{ApiResult, Ctx, pstr, void};
+use crate::core::records::{db, first, strmap, to_value};
+use crate::ops::pbd::pbd_plug;
+use crate::ops::storage::backend::{attached, blocking, driver, sr_lock, sr_on, storage_error};
+use crate::ops::storage::journal::journal_dir;
+use crate::ops::storage::records::{
+    delete_secrets, pbds_of, refresh_allowed, store_secrets, sync_sm_records, vdi_attached, vdis_of,
+};
+use corral_db::Txn;
+use corral_model::schema::{class, field};
+use corral_model::{ApiError, NULL_REF, Value, new_ref};
+use corral_storage::{FORMAT_VERSION, SrCtx, StorageError};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Operations recorded on SRs, VDIs and VBDs belonged to tasks of the old
+/// corrald (tasks are volatile); nothing runs them any more.
+pub(crate) fn forget_dead_operations(s: &Server) -> Result<(), ApiError> {
+    db(s.db.write(|t| {
+        for (c, f) in [
+            (class::SR, field::sr::CURRENT_OPERATIONS),
+            (class::VDI, field::vdi::CURRENT_OPERATIONS),
+            (class::VBD, field::vbd::CURRENT_OPERATIONS),
+        ] {
+            let refs: Vec<String> = t.state().refs(c).cloned().collect();
+            for r in refs {
+                t.set_if_changed(f, &r, Value::Struct(vec![]))?;
+            }
+        }
+        let srs: Vec<String> = t.state().refs(class::SR).cloned().collect();
+        for sr in srs {
+            refresh_allowed(t, &sr)?;
+        }
+        Ok::<(), ApiError>(())
+    }))
+}
+
+/// After a crash: delete journalled images the database never adopted.
+pub fn recover(s: &Server) {
+    let Ok(entries) = std::fs::read_dir(journal_dir(s)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let Ok(j) = serde_json::from_str::<serde_json::Value>(&text) else {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        };
+        let sr_uuid = j["sr"].as_str().unwrap_or_default();
+        let sr = s.db.read().by_uuid(class::SR, sr_uuid).cloned();
+        let Some(sr) = sr else {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        };
+        let Ok(on) = sr_on(s, &sr) else { continue };
+        let referenced: HashSet<String> = {
+            let st = s.db.read();
+            st.refs(class::VDI)
+                .filter(|v| st.get_str(field::vdi::SR, v).as_deref() == Some(sr.as_str()))
+                .filter_map(|v| st.get_str(field::vdi::LOCATION, v))
+                .collect()
+        };
+        let _ = on.driver.attach(&on.ctx);
+        let mut done = true;
+        for loc in j["locations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.as_str())
+        {
+            if !referenced.contains(loc) {
+                tracing::info!(
+                    sr = sr_uuid,
+                    location = loc,
+                    "removing image left by an interrupted operation"
+                );
+                if on.driver.vdi_delete(&on.ctx, loc).is_err() {
+                    done = false;
+                }
+            }
+        }
+        if done {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+pub(crate) async fn sr_create(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
+    let mut p = p.into_iter();
+    let host = pstr(&mut p);
+    let dc = strmap(&p.next().unwrap_or(Value::Nil));
+    let physical_size = p.next().and_then(|v| v.as_int()).unwrap_or(0);
+    let (name, descr, kind, content_type) =
+        (pstr(&mut p), pstr(&mut p), pstr(&mut p), pstr(&mut p));
+    let shared = p.next().and_then(|v| v.as_bool()).unwrap_or(false);
+    let sm_config = strmap(&p.next().unwrap_or(Value::Nil));
+    if !s.db.read().exists(class::HOST, &host) {
+        return Err(ApiError::handle_invalid("host", &host));
+    }
+    let d = driver(&kind)?;
+    let content_type = if content_type.is_empty() {
+        d.info().content_type.to_owned()
+    } else {
+        content_type
+    };
+    let sr = new_ref();
+    let uuid = corral_model::new_uuid();
+    let ctx = SrCtx {
+        uuid: uuid.clone(),
+        device_config: dc.clone(),
+        sm_config: sm_config.clone(),
+        state_dir: s.state_dir.clone(),
+    };
+    {
+        let ctx = ctx.clone();
+        blocking(move || d.create(&ctx, physical_size))
+            .await?
+            .map_err(|e| storage_error(78, &sr, e))?;
+    }
+    let hosts: Vec<String> = if shared {
+        s.db.read().refs(class::HOST).cloned().collect()
+    } else {
+        vec![host.clone()]
+    };
+    let mut sm = sm_config.clone();
+    sm.insert("format_version".into(), FORMAT_VERSION.to_string());
+    let created = s.db.write(|t| {
+        t.create(
+            class::SR,
+            &sr,
+            vec![
+                (field::sr::UUID.index, Value::str(&uuid)),
+                (field::sr::NAME_LABEL.index, Value::str(&name)),
+                (field::sr::NAME_DESCRIPTION.index, Value::str(&descr)),
+                (field::sr::TYPE_.index, Value::str(&kind)),
+                (field::sr::CONTENT_TYPE.index, Value::str(&content_type)),
+                (field::sr::SHARED.index, Value::Bool(shared)),
+                (field::sr::PHYSICAL_SIZE.index, Value::Int(physical_size)),
+                (field::sr::SM_CONFIG.index, to_value(&sm)),
+                (field::sr::OTHER_CONFIG.index, Value::Struct(vec![])),
+            ],
+        )?;
+        let mut dc = dc.clone();
+        store_secrets(t, &mut dc)?;
+        for h in &hosts {
+            t.create(
+                class::PBD,
+                &new_ref(),
+                vec![
+                    (field::pbd::HOST.index, Value::str(h)),
+                    (field::pbd::SR.index, Value::str(&sr)),
+                    (field::pbd::DEVICE_CONFIG.index, to_value(&dc)),
+                    (field::pbd::CURRENTLY_ATTACHED.index, Value::Bool(false)),
+                ],
+            )?;
+        }
+        refresh_allowed(t, &sr)
+    });
+    if let Err(e) = created {
+        let _ = blocking(move || d.delete(&ctx)).await;
+        return Err(e.into());
+    }
+    // Plug this host's PBD; on failure the SR is removed again, as XAPI does.
+    let pbd = sr_on(&s, &sr)?.pbd;
+    if let Some(pbd) = pbd {
+        if let Err(e) = pbd_plug(&s, &pbd).await {
+            let _ = blocking(move || d.delete(&ctx)).await;
+            let _ = s.db.write(|t| {
+                for p in t.state().refs(class::PBD).cloned().collect::<Vec<_>>() {
+                    if t.state().get_str(field::pbd::SR, &p).as_deref() == Some(sr.as_str()) {
+                        let dc = strmap(
+                            &t.state()
+                                .get(field::pbd::DEVICE_CONFIG, &p)
+                                .unwrap_or(Value::Nil),
+                        );
+                        delete_secrets(t, &dc)?;
+                        t.delete(class::PBD, &p)?;
+                    }
+                }
+                t.delete(class::SR, &sr)
+            });
+            return Err(e);
+        }
+    }
+    Ok(Value::String(sr))
+}
+
+pub(crate) fn sr_introduce(s: &Server, p: Vec<Value>) -> ApiResult {
+    let mut p = p.into_iter();
+    let (uuid, name, descr, kind, content_type) = (
+        pstr(&mut p),
+        pstr(&mut p),
+        pstr(&mut p),
+        pstr(&mut p),
+        pstr(&mut p),
+    );
+    let shared = p.next().and_then(|v| v.as_bool()).unwrap_or(false);
+    let sm_config = strmap(&p.next().unwrap_or(Value::Nil));
+    driver(&kind)?;
+    let uuid = if uuid.is_empty() {
+        corral_model::new_uuid()
+    } else {
+        uuid
+    };
+    if uuid::Uuid::parse_str(&uuid).is_err() {
+        return Err(ApiError::uuid_invalid("SR", &uuid));
+    }
+    let sr = new_ref();
+    db(s.db.write(|t| {
+        if t.state().by_uuid(class::SR, &uuid).is_some() {
+            return Err(ApiError::new("SR_UUID_EXISTS", [uuid.as_str()]));
+        }
+        t.create(
+            class::SR,
+            &sr,
+            vec![
+                (field::sr::UUID.index, Value::str(&uuid)),
+                (field::sr::NAME_LABEL.index, Value::str(&name)),
+                (field::sr::NAME_DESCRIPTION.index, Value::str(&descr)),
+                (field::sr::TYPE_.index, Value::str(&kind)),
+                (field::sr::CONTENT_TYPE.index, Value::str(&content_type)),
+                (field::sr::SHARED.index, Value::Bool(shared)),
+                (field::sr::SM_CONFIG.index, to_value(&sm_config)),
+                (field::sr::OTHER_CONFIG.index, Value::Struct(vec![])),
+            ],
+        )?;
+        refresh_allowed(t, &sr)
+    }))?;
+    Ok(Value::String(sr))
+}
+
+pub(crate) fn assert_no_plugged_pbd(st: &corral_db::State, sr: &str) -> Result<(), ApiError> {
+    if pbds_of(st, sr).iter().any(|p| {
+        st.get(field::pbd::CURRENTLY_ATTACHED, p)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    }) {
+        return Err(ApiError::new("SR_HAS_PBD", [sr]));
+    }
+    Ok(())
+}
+
+/// Removes the SR's records (VDIs, VBD links to them, PBDs, secrets).
+pub(crate) fn remove_sr_records(t: &mut Txn<'_>, sr: &str) -> Result<(), ApiError> {
+    let st = t.state();
+    let vdis = vdis_of(st, sr);
+    let vbds: Vec<String> = st
+        .refs(class::VBD)
+        .filter(|b| {
+            st.get_str(field::vbd::VDI, b)
+                .is_some_and(|v| vdis.contains(&v))
+        })
+        .cloned()
+        .collect();
+    let pbds = pbds_of(st, sr);
+    for b in vbds {
+        t.set(field::vbd::VDI, &b, Value::str(NULL_REF))?;
+        t.set(field::vbd::EMPTY, &b, Value::Bool(true))?;
+    }
+    for v in vdis {
+        t.delete(class::VDI, &v)?;
+    }
+    for p in pbds {
+        let dc = strmap(
+            &t.state()
+                .get(field::pbd::DEVICE_CONFIG, &p)
+                .unwrap_or(Value::Nil),
+        );
+        delete_secrets(t, &dc)?;
+        t.delete(class::PBD, &p)?;
+    }
+    let default_sr = t
+        .state()
+        .get_str(field::pool::DEFAULT_SR, &pool_ref(t.state()));
+    if default_sr.as_deref() == Some(sr) {
+        let pool = pool_ref(t.state());
+        t.set(field::pool::DEFAULT_SR, &pool, Value::str(NULL_REF))?;
+    }
+    t.delete(class::SR, sr)
+}
+
+pub(crate) fn pool_ref(st: &corral_db::State) -> String {
+    st.refs(class::POOL).next().cloned().unwrap_or_default()
+}
+
+pub(crate) async fn sr_forget(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
+    let sr = first(p);
+    let _l = sr_lock(&s, &sr_on(&s, &sr)?.uuid).await;
+    db(s.db.write(|t| {
+        if !t.state().exists(class::SR, &sr) {
+            return Err(ApiError::handle_invalid("SR", &sr));
+        }
+        assert_no_plugged_pbd(t.state(), &sr)?;
+        remove_sr_records(t, &sr)
+    }))?;
+    void()
+}
+
+pub(crate) async fn sr_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
+    let sr = first(p);
+    let on = sr_on(&s, &sr)?;
+    let _l = sr_lock(&s, &on.uuid).await;
+    {
+        let st = s.db.read();
+        assert_no_plugged_pbd(&st, &sr)?;
+        let managed = vdis_of(&st, &sr).iter().any(|v| {
+            st.get(field::vdi::MANAGED, v)
+                .and_then(|x| x.as_bool())
+                .unwrap_or(true)
+        });
+        if managed && st.get_str(field::sr::TYPE_, &sr).as_deref() != Some("iso") {
+            return Err(ApiError::new("SR_NOT_EMPTY", Vec::<String>::new()));
+        }
+        if on.pbd.is_none() {
+            return Err(ApiError::new("SR_NO_PBDS", [sr.as_str()]));
+        }
+    }
+    let (d, ctx) = (on.driver, on.ctx.clone());
+    blocking(move || -> Result<(), StorageError> {
+        d.attach(&ctx)?;
+        // Unmanaged base copies go with the SR.
+        for v in d.scan(&ctx)? {
+            d.vdi_delete(&ctx, &v.location)?;
+        }
+        d.delete(&ctx)
+    })
+    .await?
+    .map_err(|e| storage_error(39, &sr, e))?;
+    db(s.db.write(|t| remove_sr_records(t, &sr)))?;
+    void()
+}
+
+pub(crate) async fn sr_probe(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
+    let mut p = p.into_iter();
+    let host = pstr(&mut p);
+    let dc = strmap(&p.next().unwrap_or(Value::Nil));
+    let kind = pstr(&mut p);
+    if !s.db.read().exists(class::HOST, &host) {
+        return Err(ApiError::handle_invalid("host", &host));
+    }
+    let d = driver(&kind)?;
+    if !d.info().capabilities.contains(&"SR_PROBE") {
+        return Err(ApiError::new("SR_OPERATION_NOT_SUPPORTED", [NULL_REF]));
+    }
+    let state_dir = s.state_dir.clone();
+    let xml = blocking(move || d.probe(&dc, &state_dir))
+        .await?
+        .map_err(|e| storage_error(1, "", e))?;
+    Ok(Value::String(xml))
+}
+
+pub(crate) async fn sr_upgrade(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
+    let sr = first(p);
+    let on = attached(&s, &sr)?;
+    let _l = sr_lock(&s, &on.uuid).await;
+    {
+        let st = s.db.read();
+        if let Some(v) = vdis_of(&st, &sr).iter().find(|v| vdi_attached(&st, v)) {
+            return Err(ApiError::new("VDI_IN_USE", [v.as_str(), "sr_upgrade"]));
+        }
+    }
+    if on.format_version < FORMAT_VERSION {
+        let (d, ctx) = (on.driver, on.ctx.clone());
+        blocking(move || d.upgrade(&ctx))
+            .await?
+            .map_err(|e| storage_error(47, &sr, e))?;
+    }
+    db(s.db.write(|t| {
+        let mut sm = strmap(
+            &t.state()
+                .get(field::sr::SM_CONFIG, &sr)
+                .unwrap_or(Value::Nil),
+        );
+        sm.insert("format_version".into(), FORMAT_VERSION.to_string());
+        sm.remove("requires_upgrade");
+        t.set(field::sr::SM_CONFIG, &sr, to_value(&sm))?;
+        refresh_allowed(t, &sr)
+    }))?;
+    void()
+}
+
+/// First start: a `file` SR "Local storage" under the state directory,
+/// made the pool's default SR. Later starts: re-plug this host's PBDs that
+/// were plugged (mounts do not survive a reboot) and finish interrupted
+/// storage operations.
+pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
+    sync_sm_records(s)?;
+    forget_dead_operations(s)?;
+    recover(s);
+    let dir = s.state_dir.join("local-sr");
+    // The directory (or, for an `ext` local SR, the marker) exists from the
+    // first start on; an SR the admin later forgets or destroys is not
+    // brought back behind their back.
+    let marker = s.state_dir.join("local-sr.made");
+    let has_local = dir.exists() || marker.exists();
+    if !has_local {
+        let (kind, dc) = match &s.config.local_sr_device {
+            Some(dev) => (
+                "ext",
+                Value::Struct(vec![("device".into(), Value::str(dev))]),
+            ),
+            None => (
+                "file",
+                Value::Struct(vec![("location".into(), Value::str(dir.to_string_lossy()))]),
+            ),
+        };
+        let ctx = Ctx {
+            session: String::new(),
+            role: corral_model::Role::Root,
+            user: "root".into(),
+            user_ref: String::new(),
+            task: None,
+        };
+        let sr = sr_create(
+            Arc::clone(s),
+            ctx,
+            vec![
+                Value::str(&s.host_ref),
+                dc,
+                Value::Int(0),
+                Value::str("Local storage"),
+                Value::str(""),
+                Value::str(kind),
+                Value::str("user"),
+                Value::Bool(false),
+                Value::Struct(vec![]),
+            ],
+        )
+        .await?;
+        let sr = sr.db_string();
+        db(s.db.write(|t| {
+            t.set(
+                field::sr::OTHER_CONFIG,
+                &sr,
+                Value::Struct(vec![("i18n-key".into(), Value::str("local-storage"))]),
+            )?;
+            let pool = pool_ref(t.state());
+            t.set(field::pool::DEFAULT_SR, &pool, Value::str(&sr))?;
+            t.set(field::pool::SUSPEND_IMAGE_SR, &pool, Value::str(&sr))?;
+            t.set(field::pool::CRASH_DUMP_SR, &pool, Value::str(&sr))
+        }))?;
+        if kind != "file" {
+            std::fs::write(
+                &marker,
+                s.config.local_sr_device.as_deref().unwrap_or_default(),
+            )
+            .map_err(|e| ApiError::internal(format!("{}: {e}", marker.display())))?;
+        }
+        return Ok(());
+    }
+    let plugged: Vec<String> = {
+        let st = s.db.read();
+        st.refs(class::PBD)
+            .filter(|p| st.get_str(field::pbd::HOST, p).as_deref() == Some(s.host_ref.as_str()))
+            .filter(|p| {
+                st.get(field::pbd::CURRENTLY_ATTACHED, p)
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false)
+            })
+            .cloned()
+            .collect()
+    };
+    for p in plugged {
+        if let Err(e) = pbd_plug(s, &p).await {
+            tracing::warn!(pbd = %p, error = %e, "re-plugging PBD at start-up failed");
+            let _ =
+                s.db.write(|t| t.set(field::pbd::CURRENTLY_ATTACHED, &p, Value::Bool(false)));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! A storage driver for an SR on a host, the per-SR lock and driver errors.
+
+use crate::context::Server;
+use crate::core::records::strmap;
+use corral_model::schema::{class, field};
+use corral_model::{ApiError, Value};
+use corral_storage::{Driver, FORMAT_VERSION, SrCtx, StorageError};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// XenAPI's form of a storage failure; `code` is the SMAPI code used when
+/// the driver gave none (78 VDI create, 80 delete, 81 clone, 82 snapshot,
+/// 79 resize, 40 scan, 47 SR unavailable).
+pub fn storage_error(code: u32, sr: &str, e: StorageError) -> ApiError {
+    let backend = |code: u32, reason: &str, detail: String| {
+        ApiError::new(
+            &format!("SR_BACKEND_FAILURE_{code}"),
+            [String::new(), reason.to_owned(), detail],
+        )
+    };
+    match e {
+        StorageError::Backend {
+            code,
+            reason,
+            detail,
+        } => backend(code, &reason, detail),
+        StorageError::Tool(m) => backend(code, "Storage operation failed", m),
+        StorageError::Io(e) => backend(code, "Storage operation failed", e.to_string()),
+        StorageError::Full(m) => backend(44, "There is insufficient space", m),
+        StorageError::Missing(loc) => ApiError::new("VDI_MISSING", [sr.to_owned(), loc]),
+        StorageError::NotSupported => ApiError::new("SR_OPERATION_NOT_SUPPORTED", [sr]),
+        StorageError::RequiresUpgrade => ApiError::new("SR_REQUIRES_UPGRADE", [sr]),
+        StorageError::Untrusted(why) => backend(code, "The image cannot be used", why),
+        StorageError::BadConfig { key, why } => {
+            ApiError::invalid_value(&format!("device-config:{key}"), &why)
+        }
+        StorageError::TooNew { found, supported } => backend(
+            47,
+            "The SR is not available",
+            format!(
+                "SR format version {found} was written by a newer Corral (this one supports up to {supported})"
+            ),
+        ),
+    }
+}
+
+/// Runs blocking storage work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("storage worker: {e}")))
+}
+
+pub(crate) fn driver(kind: &str) -> Result<&'static dyn Driver, ApiError> {
+    corral_storage::driver(kind).ok_or_else(|| ApiError::new("SR_UNKNOWN_DRIVER", [kind]))
+}
+
+/// The SR's driver and the context for calling it on this host.
+pub(crate) struct SrOn {
+    pub(crate) sr: String,
+    pub(crate) uuid: String,
+    pub(crate) driver: &'static dyn Driver,
+    pub(crate) ctx: SrCtx,
+    pub(crate) pbd: Option<String>,
+    attached: bool,
+    pub(crate) format_version: u32,
+}
+
+pub(crate) fn resolve_secrets(st: &corral_db::State, dc: &mut BTreeMap<String, String>) {
+    let secret_keys: Vec<String> = dc
+        .keys()
+        .filter(|k| k.ends_with("_secret"))
+        .cloned()
+        .collect();
+    for k in secret_keys {
+        let uuid = dc.get(&k).cloned().unwrap_or_default();
+        if let Some(r) = st.by_uuid(class::SECRET, &uuid) {
+            let value = st.get_str(field::secret::VALUE, r).unwrap_or_default();
+            dc.insert(k.trim_end_matches("_secret").to_owned(), value);
+        }
+    }
+}
+
+pub(crate) fn sr_on(s: &Server, sr: &str) -> Result<SrOn, ApiError> {
+    sr_on_in(s, &s.db.read(), sr)
+}
+
+/// [`sr_on`] under the caller's read lock.
+pub(crate) fn sr_on_in(s: &Server, st: &corral_db::State, sr: &str) -> Result<SrOn, ApiError> {
+    if !st.exists(class::SR, sr) {
+        return Err(ApiError::handle_invalid("SR", sr));
+    }
+    let kind = st.get_str(field::sr::TYPE_, sr).unwrap_or_default();
+    let driver = driver(&kind)?;
+    let uuid = st.get_str(field::sr::UUID, sr).unwrap_or_default();
+    let sm_config = strmap(&st.get(field::sr::SM_CONFIG, sr).unwrap_or(Value::Nil));
+    let pbd = st
+        .refs(class::PBD)
+        .find(|p| {
+            st.get_str(field::pbd::SR, p).as_deref() == Some(sr)
+                && st.get_str(field::pbd::HOST, p).as_deref() == Some(s.host_ref.as_str())
+        })
+        .cloned();
+    let (mut dc, attached) = match &pbd {
+        Some(p) => (
+            strmap(&st.get(field::pbd::DEVICE_CONFIG, p).unwrap_or(Value::Nil)),
+            st.get(field::pbd::CURRENTLY_ATTACHED, p)
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+        ),
+        None => (BTreeMap::new(), false),
+    };
+    resolve_secrets(&st, &mut dc);
+    let format_version = sm_config
+        .get("format_version")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(FORMAT_VERSION);
+    Ok(SrOn {
+        sr: sr.to_owned(),
+        uuid: uuid.clone(),
+        driver,
+        ctx: SrCtx {
+            uuid,
+            device_config: dc,
+            sm_config,
+            state_dir: s.state_dir.clone(),
+        },
+        pbd,
+        attached,
+        format_version,
+    })
+}
+
+/// The SR must be plugged on this host for anything that reads its storage.
+pub(crate) fn attached(s: &Server, sr: &str) -> Result<SrOn, ApiError> {
+    attached_on(sr_on(s, sr)?)
+}
+
+pub(crate) fn attached_on(on: SrOn) -> Result<SrOn, ApiError> {
+    let sr = on.sr.as_str();
+    match &on.pbd {
+        None => Err(ApiError::new("SR_NO_PBDS", [sr])),
+        Some(_) if !on.attached => Err(ApiError::new("SR_NOT_ATTACHED", [sr])),
+        Some(_) => Ok(on),
+    }
+}
+
+pub(crate) fn has_cap(on: &SrOn, cap: &str) -> bool {
+    on.driver.info().capabilities.contains(&cap)
+}
+
+/// Serialises chain-changing work per SR.
+pub(crate) async fn sr_lock(s: &Server, sr_uuid: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    let m = {
+        let mut locks = s.sr_locks.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(locks.entry(sr_uuid.to_owned()).or_default())
+    };
+    m.lock_owned().await
+}

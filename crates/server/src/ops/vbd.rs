@@ -1,0 +1,452 @@
+//! VBD.create, destroy, plug, unplug, insert, eject and set_mode.
+
+use crate::context::Server;
+use crate::core::call::{ApiResult, Ctx, pstr, void};
+use crate::core::records::{check_refs, create_fields, db, first, given_field};
+use crate::ops::storage::records::assert_detached;
+use crate::ops::vm::config::{vdi_image, vdi_read_only};
+use crate::ops::vm::query::{
+    agent_err, device_name, flag, live_here, power, running_uuid, vm_uuid,
+};
+use corral_agent::Drive;
+use corral_model::schema::{class, field};
+use corral_model::{ApiError, NULL_REF, Value, new_ref};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// The agent's view of one VBD, if it has a medium or is a CD drive.
+pub(crate) fn drive_of(
+    s: &Server,
+    st: &corral_db::State,
+    vbd: &str,
+) -> Result<Option<Drive>, ApiError> {
+    let ty = st.get_str(field::vbd::TYPE_, vbd).unwrap_or_default();
+    let cdrom = ty == "CD";
+    if ty == "Floppy" {
+        return Ok(None);
+    }
+    let empty = flag(st, field::vbd::EMPTY, vbd);
+    let vdi = st.get_str(field::vbd::VDI, vbd).unwrap_or_default();
+    let id = st.get_str(field::vbd::UUID, vbd).unwrap_or_default();
+    let read_only = st.get_str(field::vbd::MODE, vbd).as_deref() == Some("RO");
+    if empty || !st.exists(class::VDI, &vdi) {
+        if cdrom {
+            return Ok(Some(Drive {
+                id,
+                path: None,
+                format: "raw".into(),
+                read_only: true,
+                cdrom,
+            }));
+        }
+        return Err(ApiError::new("VM_REQUIRES_VDI", [vbd, vdi.as_str()]));
+    }
+    let image = vdi_image(s, st, &vdi)?;
+    Ok(Some(Drive {
+        id,
+        path: Some(image.path),
+        format: image.format.qemu_name().to_owned(),
+        // Decided here, where the drive is built, whatever path led to it
+        // (VBD.create, VBD.set_mode, a CD insert).
+        read_only: read_only || cdrom || vdi_read_only(st, &vdi),
+        cdrom,
+    }))
+}
+
+/// A VDI attached read-write by a running VM cannot be used by another.
+pub(crate) fn check_vdi_free(st: &corral_db::State, vm: &str, vbd: &str) -> Result<(), ApiError> {
+    let vdi = st.get_str(field::vbd::VDI, vbd).unwrap_or_default();
+    if !st.exists(class::VDI, &vdi) || flag(st, field::vbd::EMPTY, vbd) {
+        return Ok(());
+    }
+    let rw = st.get_str(field::vbd::MODE, vbd).as_deref() == Some("RW");
+    for other in st.refs(class::VBD) {
+        if other == vbd
+            || st.get_str(field::vbd::VDI, other).as_deref() != Some(vdi.as_str())
+            || !flag(st, field::vbd::CURRENTLY_ATTACHED, other)
+        {
+            continue;
+        }
+        let other_vm = st.get_str(field::vbd::VM, other).unwrap_or_default();
+        if other_vm == vm {
+            continue;
+        }
+        let other_rw = st.get_str(field::vbd::MODE, other).as_deref() == Some("RW");
+        if rw || other_rw {
+            return Err(ApiError::new("VDI_IN_USE", [vdi.as_str(), "start"]));
+        }
+    }
+    Ok(())
+}
+
+/// A VDI plugged into a VM running here: (VM uuid, VBD uuid), the names
+/// its drive has in the agent.
+pub(crate) fn plugged_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
+    find_plugged(s, vdi, false)
+}
+
+/// [`plugged_drive`] when the guest can write it: QEMU holds the image
+/// read-write (so only QEMU may read it consistently or move it).
+pub(crate) fn plugged_rw_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
+    find_plugged(s, vdi, true)
+}
+
+/// (VM uuid, VBD uuid) of a running VM here with `vdi` plugged (and, with
+/// `writable`, writable by its guest).
+pub(crate) fn find_plugged(s: &Server, vdi: &str, writable: bool) -> Option<(String, String)> {
+    let st = s.db.read();
+    if writable && vdi_read_only(&st, vdi) {
+        return None;
+    }
+    st.refs(class::VBD).find_map(|vbd| {
+        if st.get_str(field::vbd::VDI, vbd).as_deref() != Some(vdi)
+            || !flag(&st, field::vbd::CURRENTLY_ATTACHED, vbd)
+            || (writable && st.get_str(field::vbd::MODE, vbd).as_deref() != Some("RW"))
+        {
+            return None;
+        }
+        let vm = st.get_str(field::vbd::VM, vbd)?;
+        live_here(s, &st, &vm).then(|| {
+            (
+                vm_uuid(&st, &vm),
+                st.get_str(field::vbd::UUID, vbd).unwrap_or_default(),
+            )
+        })
+    })
+}
+
+pub(crate) async fn vbd_plug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
+    let vbd = p
+        .into_iter()
+        .next()
+        .map(|v| v.db_string())
+        .unwrap_or_default();
+    if !s.db.read().exists(class::VBD, &vbd) {
+        return Err(ApiError::handle_invalid("VBD", &vbd));
+    }
+    let Some((vm, uuid)) = running_uuid(&s, &vbd) else {
+        let vm =
+            s.db.read()
+                .get_str(field::vbd::VM, &vbd)
+                .unwrap_or_default();
+        let actual = power(&s.db.read(), &vm).to_lowercase();
+        return Err(ApiError::new(
+            "VM_BAD_POWER_STATE",
+            [vm.as_str(), "running", actual.as_str()],
+        ));
+    };
+    let drive = {
+        let st = s.db.read();
+        if flag(&st, field::vbd::CURRENTLY_ATTACHED, &vbd) {
+            return Err(ApiError::new("DEVICE_ALREADY_ATTACHED", [vbd.as_str()]));
+        }
+        check_vdi_free(&st, &vm, &vbd)?;
+        drive_of(&s, &st, &vbd)?
+    };
+    let Some(drive) = drive else {
+        return Err(ApiError::operation_not_allowed(
+            "this VBD type cannot be plugged",
+        ));
+    };
+    if drive.cdrom {
+        // QEMU's emulated CD drives (IDE) cannot be hot-plugged.
+        return Err(ApiError::operation_not_allowed(
+            "CD drives cannot be plugged into a running VM; the VM gets this drive when it next starts",
+        ));
+    }
+    s.agent
+        .drive_attach(&uuid, drive)
+        .await
+        .map_err(agent_err)?;
+    db(s.db.write(|t| {
+        let ud = t
+            .state()
+            .get_str(field::vbd::USERDEVICE, &vbd)
+            .unwrap_or_default();
+        t.set(field::vbd::DEVICE, &vbd, Value::String(device_name(&ud)))?;
+        t.set(field::vbd::CURRENTLY_ATTACHED, &vbd, Value::Bool(true))
+    }))?;
+    void()
+}
+
+pub(crate) async fn vbd_unplug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
+    let vbd = p
+        .into_iter()
+        .next()
+        .map(|v| v.db_string())
+        .unwrap_or_default();
+    let (attached, uuid, ty) = {
+        let st = s.db.read();
+        if !st.exists(class::VBD, &vbd) {
+            return Err(ApiError::handle_invalid("VBD", &vbd));
+        }
+        (
+            flag(&st, field::vbd::CURRENTLY_ATTACHED, &vbd),
+            st.get_str(field::vbd::UUID, &vbd).unwrap_or_default(),
+            st.get_str(field::vbd::TYPE_, &vbd).unwrap_or_default(),
+        )
+    };
+    if !attached {
+        return Err(ApiError::new("DEVICE_ALREADY_DETACHED", [vbd.as_str()]));
+    }
+    if ty == "CD" {
+        return Err(ApiError::new("VBD_NOT_UNPLUGGABLE", [vbd.as_str()]));
+    }
+    let Some((_, vm_uuid)) = running_uuid(&s, &vbd) else {
+        return Err(ApiError::new("DEVICE_ALREADY_DETACHED", [vbd.as_str()]));
+    };
+    s.agent.drive_detach(&vm_uuid, &uuid).await.map_err(|e| {
+        ApiError::new(
+            "DEVICE_DETACH_REJECTED",
+            ["VBD", vbd.as_str(), e.to_string().as_str()],
+        )
+    })?;
+    db(s.db.write(|t| t.set(field::vbd::CURRENTLY_ATTACHED, &vbd, Value::Bool(false))))?;
+    void()
+}
+
+/// VBD.insert / VBD.eject: the record first (it validates), then the
+/// running VM's drive; a failed media change puts the record back.
+pub(crate) async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> ApiResult {
+    let vbd = p.first().map(|v| v.db_string()).unwrap_or_default();
+    let before = s.db.read().get_str(field::vbd::VDI, &vbd);
+    if insert {
+        crate::ops::vbd::vbd_insert(&s, p)?;
+    } else {
+        crate::ops::vbd::vbd_eject(&s, p)?;
+    }
+    // A drive added while the VM ran is not in QEMU yet: its medium is
+    // recorded for the next start.
+    let plugged = flag(&s.db.read(), field::vbd::CURRENTLY_ATTACHED, &vbd);
+    if let Some((_, vm_uuid)) = running_uuid(&s, &vbd).filter(|_| plugged) {
+        let (id, medium) = {
+            let st = s.db.read();
+            let id = st.get_str(field::vbd::UUID, &vbd).unwrap_or_default();
+            let medium = if insert {
+                let vdi = st.get_str(field::vbd::VDI, &vbd).unwrap_or_default();
+                let image = vdi_image(&s, &st, &vdi)?;
+                Some(corral_agent::Medium {
+                    path: image.path,
+                    format: image.format.qemu_name().to_owned(),
+                })
+            } else {
+                None
+            };
+            (id, medium)
+        };
+        if let Err(e) = s.agent.cd_change(&vm_uuid, &id, medium).await {
+            let _ = db(s.db.write(|t| {
+                let old = before.clone().unwrap_or_else(|| NULL_REF.into());
+                t.set(field::vbd::EMPTY, &vbd, Value::Bool(old == NULL_REF))?;
+                t.set(
+                    field::vbd::ALLOWED_OPERATIONS,
+                    &vbd,
+                    crate::ops::vbd::vbd_allowed("CD", old == NULL_REF),
+                )?;
+                t.set(field::vbd::VDI, &vbd, Value::String(old))
+            }));
+            return Err(agent_err(e));
+        }
+    }
+    void()
+}
+
+/// VBD.set_mode: as XAPI, only while the VM is halted, and never RW onto a
+/// VDI no guest may write (the drive builder enforces that too).
+pub(crate) fn vbd_set_mode(s: &Server, p: Vec<Value>) -> ApiResult {
+    let mut p = p.into_iter();
+    let vbd = pstr(&mut p);
+    let mode = pstr(&mut p);
+    db(s.db.write(|t| {
+        let st = t.state();
+        if !st.exists(class::VBD, &vbd) {
+            return Err(ApiError::handle_invalid("VBD", &vbd));
+        }
+        let vm = st.get_str(field::vbd::VM, &vbd).unwrap_or_default();
+        let power = st.get_str(field::vm::POWER_STATE, &vm).unwrap_or_default();
+        if power != "Halted" {
+            return Err(ApiError::new(
+                "VM_BAD_POWER_STATE",
+                [vm.as_str(), "halted", &power.to_ascii_lowercase()],
+            ));
+        }
+        let vdi = st.get_str(field::vbd::VDI, &vbd).unwrap_or_default();
+        let empty = st
+            .get(field::vbd::EMPTY, &vbd)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        if mode == "RW"
+            && !empty
+            && st.exists(class::VDI, &vdi)
+            && crate::ops::vm::config::vdi_read_only(st, &vdi)
+        {
+            return Err(ApiError::new("VDI_READONLY", [vdi.as_str()]));
+        }
+        let v = corral_db::check_field(field::vbd::MODE, Value::String(mode.clone()))?;
+        t.set(field::vbd::MODE, &vbd, v)
+    }))?;
+    void()
+}
+
+pub(crate) fn vbd_create(s: &Server, p: Vec<Value>) -> ApiResult {
+    let args = p.into_iter().next().unwrap_or(Value::Nil);
+    let mut given = create_fields(class::VBD, &args)?;
+    let get = given_field;
+    let vm = get(&given, field::vbd::VM)
+        .map(|v| v.db_string())
+        .unwrap_or_default();
+    let vdi = get(&given, field::vbd::VDI)
+        .map(|v| v.db_string())
+        .unwrap_or_else(|| NULL_REF.into());
+    let empty = get(&given, field::vbd::EMPTY)
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let ty = get(&given, field::vbd::TYPE_)
+        .map(|v| v.db_string())
+        .unwrap_or_else(|| "Disk".into());
+    let mode = get(&given, field::vbd::MODE)
+        .map(|v| v.db_string())
+        .unwrap_or_else(|| "RW".into());
+    let r = new_ref();
+    db(s.db.write(|t| {
+        check_refs(t, class::VBD, &given)?;
+        let st = t.state();
+        if !st.exists(class::VM, &vm) {
+            return Err(ApiError::handle_invalid("VM", &vm));
+        }
+        if !empty && vdi == NULL_REF {
+            return Err(ApiError::handle_invalid("VDI", &vdi));
+        }
+        if empty && ty != "CD" {
+            return Err(ApiError::new("VBD_NOT_REMOVABLE_MEDIA", [r.as_str()]));
+        }
+        if !empty {
+            let ro = crate::ops::vm::config::vdi_read_only(st, &vdi);
+            if ro && mode == "RW" && ty == "Disk" {
+                return Err(ApiError::new("VDI_READONLY", [vdi.as_str()]));
+            }
+            if !st
+                .get(field::vdi::MANAGED, &vdi)
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true)
+            {
+                return Err(ApiError::new("VDI_NOT_MANAGED", [vdi.as_str()]));
+            }
+        }
+        // userdevice: unique per VM; "autodetect" takes the lowest free slot.
+        let used: HashSet<String> = st
+            .refs(class::VBD)
+            .filter(|b| st.get_str(field::vbd::VM, b).as_deref() == Some(vm.as_str()))
+            .filter_map(|b| st.get_str(field::vbd::USERDEVICE, b))
+            .collect();
+        let mut userdevice = get(&given, field::vbd::USERDEVICE)
+            .map(|v| v.db_string())
+            .unwrap_or_default();
+        if userdevice.is_empty() || userdevice == "autodetect" {
+            userdevice = (0..)
+                .map(|i: u32| i.to_string())
+                .find(|d| !used.contains(d))
+                .unwrap_or_default();
+        } else if used.contains(&userdevice) {
+            return Err(ApiError::new(
+                "DEVICE_ALREADY_EXISTS",
+                [userdevice.as_str()],
+            ));
+        }
+        given.retain(|(i, _)| {
+            *i != field::vbd::USERDEVICE.index && *i != field::vbd::CURRENTLY_ATTACHED.index
+        });
+        given.push((field::vbd::USERDEVICE.index, Value::String(userdevice)));
+        given.push((field::vbd::CURRENTLY_ATTACHED.index, Value::Bool(false)));
+        if empty {
+            given.retain(|(i, _)| *i != field::vbd::VDI.index);
+            given.push((field::vbd::VDI.index, Value::str(NULL_REF)));
+        }
+        given.push((
+            field::vbd::ALLOWED_OPERATIONS.index,
+            vbd_allowed(&ty, empty),
+        ));
+        t.create(class::VBD, &r, given.clone())
+    }))?;
+    Ok(Value::String(r))
+}
+
+pub(crate) fn vbd_destroy(s: &Server, p: Vec<Value>) -> ApiResult {
+    let vbd = first(p);
+    db(s.db.write(|t| {
+        assert_detached(t.state(), field::vbd::CURRENTLY_ATTACHED, &vbd)?;
+        t.delete(class::VBD, &vbd)
+    }))?;
+    void()
+}
+
+pub(crate) fn vbd_insert(s: &Server, p: Vec<Value>) -> ApiResult {
+    let mut p = p.into_iter();
+    let (vbd, vdi) = (pstr(&mut p), pstr(&mut p));
+    db(s.db.write(|t| {
+        let st = t.state();
+        if !st.exists(class::VBD, &vbd) {
+            return Err(ApiError::handle_invalid("VBD", &vbd));
+        }
+        if !st.exists(class::VDI, &vdi) {
+            return Err(ApiError::handle_invalid("VDI", &vdi));
+        }
+        if st.get_str(field::vbd::TYPE_, &vbd).as_deref() != Some("CD") {
+            return Err(ApiError::new("VBD_NOT_REMOVABLE_MEDIA", [vbd.as_str()]));
+        }
+        if !st
+            .get(field::vbd::EMPTY, &vbd)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true)
+        {
+            return Err(ApiError::new("VBD_NOT_EMPTY", [vbd.as_str()]));
+        }
+        t.set(field::vbd::VDI, &vbd, Value::str(&vdi))?;
+        t.set(
+            field::vbd::ALLOWED_OPERATIONS,
+            &vbd,
+            vbd_allowed("CD", false),
+        )?;
+        t.set(field::vbd::EMPTY, &vbd, Value::Bool(false))
+    }))?;
+    void()
+}
+
+pub(crate) fn vbd_eject(s: &Server, p: Vec<Value>) -> ApiResult {
+    let vbd = first(p);
+    db(s.db.write(|t| {
+        let st = t.state();
+        if !st.exists(class::VBD, &vbd) {
+            return Err(ApiError::handle_invalid("VBD", &vbd));
+        }
+        if st.get_str(field::vbd::TYPE_, &vbd).as_deref() != Some("CD") {
+            return Err(ApiError::new("VBD_NOT_REMOVABLE_MEDIA", [vbd.as_str()]));
+        }
+        if st
+            .get(field::vbd::EMPTY, &vbd)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+        {
+            return Err(ApiError::new("VBD_IS_EMPTY", [vbd.as_str()]));
+        }
+        t.set(field::vbd::VDI, &vbd, Value::str(NULL_REF))?;
+        t.set(
+            field::vbd::ALLOWED_OPERATIONS,
+            &vbd,
+            vbd_allowed("CD", true),
+        )?;
+        t.set(field::vbd::EMPTY, &vbd, Value::Bool(true))
+    }))?;
+    void()
+}
+
+/// A VBD's `allowed_operations`: only what can run (a CD takes a medium
+/// when empty, gives it up when not).
+pub(crate) fn vbd_allowed(ty: &str, empty: bool) -> Value {
+    let ops: &[&str] = match (ty, empty) {
+        ("CD", true) => &["attach", "insert"],
+        ("CD", false) => &["attach", "eject"],
+        _ => &["attach"],
+    };
+    Value::string_set(ops.iter().copied())
+}

@@ -1,0 +1,285 @@
+//! Which VM operations are allowed when, and the operation marks.
+
+use crate::context::Server;
+use crate::core::call::{ApiResult, Ctx, void};
+use crate::core::records::db;
+use crate::ops::vm::query::{flag, power, strmap};
+use corral_model::schema::{class, field};
+use corral_model::{ApiError, Value, new_ref};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// `VM.other_config` key on a VM that VM.clone/VM.copy is still making
+/// (its disks); start-up removes such VMs.
+pub(crate) const BEING_MADE: &str = "corral-being-made";
+
+/// (operation, power states it is allowed from, in XAPI's order).
+pub(crate) const POWER_OPS: &[(&str, &[&str])] = &[
+    ("start", &["Halted"]),
+    ("start_on", &["Halted"]),
+    ("pause", &["Running"]),
+    ("unpause", &["Paused"]),
+    ("clean_shutdown", &["Running"]),
+    ("shutdown", &["Paused", "Suspended", "Running"]),
+    ("hard_shutdown", &["Paused", "Suspended", "Running"]),
+    ("clean_reboot", &["Running"]),
+    ("hard_reboot", &["Paused", "Running"]),
+    ("suspend", &["Running"]),
+    ("resume", &["Suspended"]),
+    ("resume_on", &["Suspended"]),
+    (
+        "power_state_reset",
+        &["Halted", "Paused", "Suspended", "Running"],
+    ),
+    ("clone", &["Halted"]),
+    ("copy", &["Halted"]),
+    ("provision", &["Halted"]),
+    ("destroy", &["Halted", "Suspended"]),
+];
+
+/// Operations a template may not do.
+pub(crate) const NOT_FOR_TEMPLATES: &[&str] = &[
+    "start",
+    "start_on",
+    "pause",
+    "unpause",
+    "clean_shutdown",
+    "shutdown",
+    "hard_shutdown",
+    "clean_reboot",
+    "hard_reboot",
+    "suspend",
+    "resume",
+    "resume_on",
+];
+
+/// What the operation checks read about a VM, gathered once per VM (the
+/// start-up refresh checks every operation of every VM).
+pub(crate) struct VmFacts {
+    blocked: BTreeMap<String, String>,
+    power: String,
+    /// (task, operation)
+    current: Vec<(String, String)>,
+    template: bool,
+    control_domain: bool,
+}
+
+impl VmFacts {
+    fn of(st: &corral_db::State, vm: &str) -> Option<VmFacts> {
+        if !st.exists(class::VM, vm) {
+            return None;
+        }
+        let current = st
+            .get(field::vm::CURRENT_OPERATIONS, vm)
+            .and_then(|v| {
+                v.as_struct().map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_owned()))
+                        .collect()
+                })
+            })
+            .unwrap_or_default();
+        Some(VmFacts {
+            blocked: strmap(st.get(field::vm::BLOCKED_OPERATIONS, vm)),
+            power: power(st, vm),
+            current,
+            template: flag(st, field::vm::IS_A_TEMPLATE, vm),
+            control_domain: flag(st, field::vm::IS_CONTROL_DOMAIN, vm),
+        })
+    }
+
+    /// XAPI's `check_operation_error` for `op` on `vm`.
+    fn check(&self, vm: &str, op: &str) -> Result<(), ApiError> {
+        if let Some(reason) = self.blocked.get(op) {
+            return Err(ApiError::new("OPERATION_BLOCKED", [vm, reason.as_str()]));
+        }
+        if let Some((_, states)) = POWER_OPS.iter().find(|(o, _)| *o == op) {
+            if !states.contains(&self.power.as_str()) {
+                let expected = states
+                    .iter()
+                    .map(|s| s.to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(ApiError::new(
+                    "VM_BAD_POWER_STATE",
+                    [vm.to_owned(), expected, self.power.to_lowercase()],
+                ));
+            }
+        }
+        if let Some((task, other)) = self.current.first() {
+            let running: Vec<&str> = self.current.iter().map(|(_, o)| o.as_str()).collect();
+            if !allowed_concurrently(op, &running) {
+                return Err(ApiError::new(
+                    "OTHER_OPERATION_IN_PROGRESS",
+                    ["VM", vm, other.as_str(), task.as_str()],
+                ));
+            }
+        }
+        if self.template && NOT_FOR_TEMPLATES.contains(&op) {
+            return Err(ApiError::new("VM_IS_TEMPLATE", [vm, op]));
+        }
+        if self.control_domain {
+            return Err(ApiError::operation_not_allowed(
+                "This operation is not allowed on the control domain",
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn check_op(st: &corral_db::State, vm: &str, op: &str) -> Result<(), ApiError> {
+    VmFacts::of(st, vm)
+        .ok_or_else(|| ApiError::handle_invalid("VM", vm))?
+        .check(vm, op)
+}
+
+/// Operations that may run side by side, as in XAPI: copies of one VM
+/// (many clones of a template at once), and snapshots. Anything else waits
+/// for the VM to be idle.
+pub(crate) const CONCURRENT_GROUPS: &[&[&str]] =
+    &[&["clone", "copy", "export"], &["snapshot", "checkpoint"]];
+
+/// XAPI's rule for forcing a VM off: it may run beside any operation (a
+/// clean shutdown the guest ignores, say) but another forced one.
+pub(crate) const FORCED: &[&str] = &["hard_shutdown", "hard_reboot", "power_state_reset"];
+
+pub(crate) fn allowed_concurrently(op: &str, running: &[&str]) -> bool {
+    if FORCED.contains(&op) {
+        return !running.iter().any(|r| FORCED.contains(r));
+    }
+    CONCURRENT_GROUPS
+        .iter()
+        .any(|g| g.contains(&op) && running.iter().all(|r| g.contains(r)))
+}
+
+/// Recomputes `allowed_operations`: while operations run, only those that
+/// may join them.
+pub fn refresh_allowed(t: &mut corral_db::Txn<'_>, vm: &str) -> Result<(), ApiError> {
+    let Some(facts) = VmFacts::of(t.state(), vm) else {
+        return Ok(());
+    };
+    let ops: Vec<&str> = POWER_OPS
+        .iter()
+        .map(|(o, _)| *o)
+        .filter(|o| facts.check(vm, o).is_ok())
+        .collect();
+    t.set_if_changed(field::vm::ALLOWED_OPERATIONS, vm, Value::string_set(ops))
+        .map(|_| ())
+}
+
+/// Marks an operation in `current_operations` for its lifetime.
+pub(crate) struct VmOp {
+    s: Arc<Server>,
+    vm: String,
+    key: String,
+}
+
+impl VmOp {
+    pub(crate) fn begin(s: &Arc<Server>, c: &Ctx, vm: &str, op: &str) -> Result<VmOp, ApiError> {
+        let key = c.task.clone().unwrap_or_else(new_ref);
+        db(s.db.write(|t| {
+            check_op(t.state(), vm, op)?;
+            let mut cur = t
+                .state()
+                .get(field::vm::CURRENT_OPERATIONS, vm)
+                .and_then(|v| v.as_struct().map(<[_]>::to_vec))
+                .unwrap_or_default();
+            cur.push((key.clone(), Value::str(op)));
+            t.set(field::vm::CURRENT_OPERATIONS, vm, Value::Struct(cur))?;
+            refresh_allowed(t, vm)
+        }))?;
+        Ok(VmOp {
+            s: Arc::clone(s),
+            vm: vm.to_owned(),
+            key,
+        })
+    }
+}
+
+impl Drop for VmOp {
+    fn drop(&mut self) {
+        let _ = self.s.db.write(|t| {
+            if let Some(cur) = t
+                .state()
+                .get(field::vm::CURRENT_OPERATIONS, &self.vm)
+                .and_then(|v| v.as_struct().map(<[_]>::to_vec))
+            {
+                t.set(
+                    field::vm::CURRENT_OPERATIONS,
+                    &self.vm,
+                    Value::Struct(cur.into_iter().filter(|(k, _)| *k != self.key).collect()),
+                )?;
+            }
+            refresh_allowed(t, &self.vm)
+        });
+    }
+}
+
+pub(crate) async fn vm_assert_operation_valid(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
+    let mut it = p.into_iter();
+    let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
+    let op = it.next().map(|v| v.db_string()).unwrap_or_default();
+    check_op(&s.db.read(), &vm, &op)?;
+    void()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// XAPI lets copies of one VM (a template cloned by many clients at
+    /// once) run together, but nothing else joins a running operation.
+    #[test]
+    fn only_copies_and_snapshots_run_side_by_side() {
+        let db = corral_db::Db::in_memory();
+        let vm = "OpaqueRef:vm";
+        db.write(|t| {
+            t.create(class::VM, vm, vec![])?;
+            t.set(field::vm::POWER_STATE, vm, Value::str("Halted"))?;
+            t.set(
+                field::vm::CURRENT_OPERATIONS,
+                vm,
+                Value::Struct(vec![("OpaqueRef:task".into(), Value::str("clone"))]),
+            )?;
+            refresh_allowed(t, vm)
+        })
+        .expect("set up");
+        let st = db.read();
+        assert!(check_op(&st, vm, "clone").is_ok());
+        assert!(check_op(&st, vm, "copy").is_ok());
+        let err = check_op(&st, vm, "start").expect_err("start must wait");
+        assert_eq!(
+            err.description(),
+            [
+                "OTHER_OPERATION_IN_PROGRESS",
+                "VM",
+                vm,
+                "clone",
+                "OpaqueRef:task"
+            ]
+        );
+        assert!(check_op(&st, vm, "destroy").is_err());
+        let allowed: Vec<String> = st
+            .get(field::vm::ALLOWED_OPERATIONS, vm)
+            .and_then(|v| {
+                v.as_array()
+                    .map(|a| a.iter().map(|x| x.db_string()).collect())
+            })
+            .unwrap_or_default();
+        // Forcing a VM's state may join anything (XAPI's rule).
+        assert_eq!(allowed, ["power_state_reset", "clone", "copy"]);
+        assert!(!allowed_concurrently("snapshot", &["clone"]));
+        assert!(allowed_concurrently("hard_shutdown", &["clean_shutdown"]));
+        assert!(allowed_concurrently(
+            "hard_reboot",
+            &["suspend", "snapshot"]
+        ));
+        assert!(!allowed_concurrently("hard_shutdown", &["hard_reboot"]));
+        assert!(!allowed_concurrently(
+            "power_state_reset",
+            &["hard_shutdown"]
+        ));
+        assert!(!allowed_concurrently("clean_shutdown", &["clean_reboot"]));
+        assert!(allowed_concurrently("checkpoint", &["snapshot"]));
+    }
+}

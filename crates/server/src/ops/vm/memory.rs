@@ -1,0 +1,72 @@
+//! VM memory settings.
+
+use crate::context::Server;
+use crate::core::call::{ApiResult, void};
+use crate::core::records::db;
+use crate::ops::vm::query::{agent_err, int, live_here, power, vm_uuid};
+use corral_model::schema::{class, field};
+use corral_model::{ApiError, Value};
+
+/// Sets any of the four memory fields after checking XAPI's ordering
+/// constraint; static limits only while Halted.
+pub(crate) async fn set_memory(
+    s: &Server,
+    vm: &str,
+    smin: Option<i64>,
+    smax: Option<i64>,
+    dmin: Option<i64>,
+    dmax: Option<i64>,
+) -> ApiResult {
+    db(s.db.write(|t| {
+        let st = t.state();
+        if !st.exists(class::VM, vm) {
+            return Err(ApiError::handle_invalid("VM", vm));
+        }
+        let p = power(st, vm);
+        if (smin.is_some() || smax.is_some()) && p != "Halted" {
+            return Err(ApiError::new("VM_BAD_POWER_STATE", [vm.to_owned(), "halted".into(), p.to_lowercase()]));
+        }
+        let cur = |f| int(st, f, vm);
+        let (a, b, c, d) = (
+            smin.unwrap_or_else(|| cur(field::vm::MEMORY_STATIC_MIN)),
+            dmin.unwrap_or_else(|| cur(field::vm::MEMORY_DYNAMIC_MIN)),
+            dmax.unwrap_or_else(|| cur(field::vm::MEMORY_DYNAMIC_MAX)),
+            smax.unwrap_or_else(|| cur(field::vm::MEMORY_STATIC_MAX)),
+        );
+        if !(a <= b && b <= c && c <= d) {
+            return Err(ApiError::new(
+                "MEMORY_CONSTRAINT_VIOLATION",
+                ["Memory limits must satisfy: static_min <= dynamic_min <= dynamic_max <= static_max"],
+            ));
+        }
+        t.set(field::vm::MEMORY_STATIC_MIN, vm, Value::Int(a))?;
+        t.set(field::vm::MEMORY_DYNAMIC_MIN, vm, Value::Int(b))?;
+        t.set(field::vm::MEMORY_DYNAMIC_MAX, vm, Value::Int(c))?;
+        t.set(field::vm::MEMORY_STATIC_MAX, vm, Value::Int(d))
+    }))?;
+    // A running VM follows its new dynamic_max through the balloon.
+    let (uuid, target, live) = {
+        let st = s.db.read();
+        (
+            vm_uuid(&st, vm),
+            int(&st, field::vm::MEMORY_DYNAMIC_MAX, vm),
+            live_here(s, &st, vm),
+        )
+    };
+    if live && dmax.is_some() {
+        s.agent
+            .set_balloon(&uuid, target)
+            .await
+            .map_err(agent_err)?;
+    }
+    void()
+}
+
+pub(crate) fn ints(p: &[Value]) -> Vec<i64> {
+    p.iter()
+        .map(|v| {
+            v.as_int()
+                .unwrap_or_else(|| v.db_string().parse().unwrap_or(0))
+        })
+        .collect()
+}

@@ -1,0 +1,223 @@
+//! Reacting to the agent: guest shutdowns, crashes and metrics.
+
+use crate::context::Server;
+use crate::core::records::db;
+use crate::ops::vm::power::halt;
+use crate::ops::vm::query::{agent_err, busy, power, vm_by_uuid, vm_uuid};
+use crate::ops::vm::state::{alert, ensure_metrics, record_stopped, set_paused};
+use corral_agent::{RunState, VmEvent};
+use corral_model::schema::{class, field};
+use corral_model::{ApiError, Value, date, new_ref};
+use std::sync::Arc;
+
+impl Server {
+    /// Marks a VM whose next guest shutdown an operation is waiting for, so
+    /// the monitor leaves it to that operation.
+    pub(crate) fn expect_shutdown(&self, uuid: &str, on: bool) {
+        if let Ok(mut e) = self.expected_shutdowns.lock() {
+            if on {
+                e.insert(uuid.to_owned());
+            } else {
+                e.remove(uuid);
+            }
+        }
+    }
+    fn shutdown_expected(&self, uuid: &str) -> bool {
+        self.expected_shutdowns
+            .lock()
+            .map(|e| e.contains(uuid))
+            .unwrap_or(false)
+    }
+}
+
+pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
+    let Some(vm) = vm_by_uuid(s, uuid) else {
+        return;
+    };
+    let action = |f| s.db.read().get_str(f, &vm).unwrap_or_default();
+    let r = match ev {
+        VmEvent::GuestShutdown if s.shutdown_expected(uuid) => Ok(()),
+        VmEvent::GuestShutdown => {
+            if action(field::vm::ACTIONS_AFTER_SHUTDOWN) == "restart" {
+                s.agent.reset(uuid).await.map_err(agent_err)
+            } else {
+                alert(s, &vm, "VM_SHUTDOWN", 5, "The guest shut itself down");
+                halt(s, &vm).await
+            }
+        }
+        VmEvent::GuestReboot => {
+            if action(field::vm::ACTIONS_AFTER_REBOOT) == "destroy" {
+                halt(s, &vm).await
+            } else {
+                s.agent.reset(uuid).await.map_err(agent_err)
+            }
+        }
+        // QEMU reset the guest itself (the VM started with
+        // actions_after_reboot=restart); if the field was changed to destroy
+        // since, the reboot ends the VM now (not during VM.clean_reboot).
+        VmEvent::GuestRebooted
+            if action(field::vm::ACTIONS_AFTER_REBOOT) == "destroy" && !busy(s, &vm) =>
+        {
+            alert(
+                s,
+                &vm,
+                "VM_SHUTDOWN",
+                5,
+                "The guest rebooted; actions_after_reboot=destroy halted it",
+            );
+            halt(s, &vm).await
+        }
+        VmEvent::GuestRebooted => {
+            alert(s, &vm, "VM_REBOOTED", 5, "The guest rebooted itself");
+            Ok(())
+        }
+        VmEvent::GuestCrash => {
+            alert(s, &vm, "VM_CRASHED", 2, "The guest crashed (pvpanic)");
+            match action(field::vm::ACTIONS_AFTER_CRASH).as_str() {
+                "preserve" => set_paused(s, &vm, true),
+                "restart" | "coredump_and_restart" | "rename_restart" => {
+                    s.agent.reset(uuid).await.map_err(agent_err)
+                }
+                _ => halt(s, &vm).await,
+            }
+        }
+        VmEvent::Paused | VmEvent::Resumed if busy(s, &vm) => Ok(()),
+        VmEvent::Paused | VmEvent::Resumed => {
+            let p = power(&s.db.read(), &vm);
+            let paused = ev == VmEvent::Paused;
+            if (p == "Running" && paused) || (p == "Paused" && !paused) {
+                // Someone outside the toolstack paused or resumed it; the
+                // database follows what the guest does.
+                match s.agent.state(uuid).await {
+                    Ok(RunState::Paused) => set_paused(s, &vm, true),
+                    Ok(RunState::Running) => set_paused(s, &vm, false),
+                    _ => Ok(()),
+                }
+            } else {
+                Ok(())
+            }
+        }
+        VmEvent::Died(why) => {
+            if s.shutdown_expected(uuid) {
+                s.expect_shutdown(uuid, false);
+            }
+            let p = power(&s.db.read(), &vm);
+            if p == "Running" || p == "Paused" {
+                let _ = s.agent.destroy(uuid).await;
+                alert(
+                    s,
+                    &vm,
+                    "VM_CRASHED",
+                    2,
+                    &format!(
+                        "The VM's QEMU process ended unexpectedly ({why}); the VM is now halted."
+                    ),
+                );
+                record_stopped(s, &vm, "Halted", None)
+            } else {
+                Ok(())
+            }
+        }
+    };
+    if let Err(e) = r {
+        tracing::warn!(vm = %uuid, error = %e, "handling a VM event failed");
+    }
+}
+
+/// Reads guest statistics of every running VM into VM_metrics and
+/// VM_guest_metrics. Unknown values stay unknown (absent), never 100 % used.
+/// All VMs go into one transaction that writes only what changed, so an idle
+/// pool commits nothing and wakes no event clients.
+pub async fn refresh_metrics(s: &Arc<Server>) {
+    let running: Vec<(String, String)> = {
+        let st = s.db.read();
+        st.refs(class::VM)
+            .filter(|vm| power(&st, vm) == "Running")
+            .map(|vm| (vm.clone(), vm_uuid(&st, vm)))
+            .collect()
+    };
+    let mut stats = Vec::with_capacity(running.len());
+    for (vm, uuid) in running {
+        if let Ok(g) = s.agent.stats(&uuid).await {
+            stats.push((vm, g));
+        }
+    }
+    let _ = db(s.db.write(|t| {
+        for (vm, g) in &stats {
+            // Stopped or destroyed while we were asking.
+            if !t.state().exists(class::VM, vm) || power(t.state(), vm) != "Running" {
+                continue;
+            }
+            write_guest_stats(t, vm, g)?;
+        }
+        Ok(())
+    }));
+}
+
+pub(crate) fn write_guest_stats(
+    t: &mut corral_db::Txn<'_>,
+    vm: &str,
+    g: &corral_agent::GuestStats,
+) -> Result<(), ApiError> {
+    let metrics = ensure_metrics(t, vm)?;
+    if let Some(a) = g.memory_actual {
+        if t.set_if_changed(field::vm_metrics::MEMORY_ACTUAL, &metrics, Value::Int(a))? {
+            t.set(
+                field::vm_metrics::LAST_UPDATED,
+                &metrics,
+                Value::DateTime(date::now()),
+            )?;
+        }
+    }
+    let mut memory: Vec<(String, String)> = Vec::new();
+    if let Some(tot) = g.memory_total {
+        memory.push(("total".into(), (tot / 1024).to_string()));
+    }
+    if let Some(free) = g.memory_free {
+        memory.push(("free".into(), (free / 1024).to_string()));
+    }
+    if memory.is_empty() && !g.agent {
+        return Ok(());
+    }
+    let gm = {
+        let cur = t
+            .state()
+            .get_str(field::vm::GUEST_METRICS, vm)
+            .unwrap_or_default();
+        if t.state().exists(class::VM_GUEST_METRICS, &cur) {
+            cur
+        } else {
+            let r = new_ref();
+            t.create(class::VM_GUEST_METRICS, &r, vec![])?;
+            t.set(field::vm::GUEST_METRICS, vm, Value::str(&r))?;
+            r
+        }
+    };
+    let map = |v: &[(String, String)]| {
+        Value::Struct(
+            v.iter()
+                .map(|(k, x)| (k.clone(), Value::String(x.clone())))
+                .collect(),
+        )
+    };
+    let mut changed = t.set_if_changed(field::vm_guest_metrics::MEMORY, &gm, map(&memory))?;
+    if g.agent {
+        changed |=
+            t.set_if_changed(field::vm_guest_metrics::OS_VERSION, &gm, map(&g.os_version))?;
+        changed |= t.set_if_changed(field::vm_guest_metrics::NETWORKS, &gm, map(&g.networks))?;
+    }
+    changed |= t.set_if_changed(
+        field::vm_guest_metrics::PV_DRIVERS_DETECTED,
+        &gm,
+        Value::Bool(g.agent),
+    )?;
+    changed |= t.set_if_changed(field::vm_guest_metrics::LIVE, &gm, Value::Bool(g.agent))?;
+    if changed {
+        t.set(
+            field::vm_guest_metrics::LAST_UPDATED,
+            &gm,
+            Value::DateTime(date::now()),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! Read-only questions about VM records.
+
+use crate::context::Server;
+use corral_model::schema::{class, field};
+use corral_model::{ApiError, Value};
+use std::collections::BTreeMap;
+
+pub(crate) fn power(st: &corral_db::State, vm: &str) -> String {
+    st.get_str(field::vm::POWER_STATE, vm).unwrap_or_default()
+}
+
+/// The VM has a QEMU on this host: Running or Paused, resident here.
+pub(crate) fn live_here(s: &Server, st: &corral_db::State, vm: &str) -> bool {
+    let p = power(st, vm);
+    (p == "Running" || p == "Paused")
+        && st.get_str(field::vm::RESIDENT_ON, vm).as_deref() == Some(s.host_ref.as_str())
+}
+
+/// A map field as read from the database (absent: empty).
+pub(crate) fn strmap(v: Option<Value>) -> BTreeMap<String, String> {
+    v.map(|v| crate::core::records::strmap(&v))
+        .unwrap_or_default()
+}
+
+pub(crate) fn int(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> i64 {
+    st.get(f, r).and_then(|v| v.as_int()).unwrap_or(0)
+}
+
+pub(crate) fn flag(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> bool {
+    st.get(f, r).and_then(|v| v.as_bool()).unwrap_or(false)
+}
+
+pub(crate) fn agent_err(e: corral_agent::AgentError) -> ApiError {
+    ApiError::internal(e.to_string())
+}
+
+pub(crate) fn vm_uuid(st: &corral_db::State, vm: &str) -> String {
+    st.get_str(field::vm::UUID, vm).unwrap_or_default()
+}
+
+pub(crate) fn vm_by_uuid(s: &Server, uuid: &str) -> Option<String> {
+    s.db.read().by_uuid(class::VM, uuid).cloned()
+}
+
+pub(crate) fn vbds_of(st: &corral_db::State, vm: &str) -> Vec<String> {
+    st.get(field::vm::VBDS, vm)
+        .and_then(|v| {
+            v.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Device name for a VBD's `userdevice` (XenServer's `xvd<letter>`).
+pub(crate) fn device_name(userdevice: &str) -> String {
+    let n: u32 = userdevice.parse().unwrap_or(0);
+    let letter = char::from_u32('a' as u32 + n.min(25)).unwrap_or('a');
+    format!("xvd{letter}")
+}
+
+pub(crate) fn running_uuid(s: &Server, vbd: &str) -> Option<(String, String)> {
+    let st = s.db.read();
+    let vm = st.get_str(field::vbd::VM, vbd)?;
+    let p = power(&st, &vm);
+    (p == "Running" || p == "Paused").then(|| (vm.clone(), vm_uuid(&st, &vm)))
+}
+
+pub(crate) fn busy(s: &Server, vm: &str) -> bool {
+    s.db.read()
+        .get(field::vm::CURRENT_OPERATIONS, vm)
+        .and_then(|v| v.as_struct().map(|m| !m.is_empty()))
+        .unwrap_or(false)
+}
