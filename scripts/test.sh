@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/corral/target}"
 venv="${CORRAL_VENV:-$HOME/.cache/corral/venv}"
 
+# Import direction, circles and file length (docs/architecture.md).
+python3 scripts/check-layers.py
+
 cargo build --workspace --bins
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace

@@ -96,10 +96,14 @@ def test_accept_loop_backs_off_when_out_of_fds(make_daemon):
 
 def test_connections_capped_per_source(make_daemon):
     d = make_daemon("max-connections-per-source = 5\n")
-    held = [socket.create_connection(("127.0.0.1", d.http_port)) for _ in range(5)]
-    extra = socket.create_connection(("127.0.0.1", d.http_port))
-    assert closed_within(extra, 5)
-    for c in held:
+    # The fixture's readiness probe is a connection too, and the server may
+    # still count it while the first of these arrive (more likely on a busy
+    # machine), so which of the six is refused is not fixed: one of them is.
+    conns = [socket.create_connection(("127.0.0.1", d.http_port)) for _ in range(6)]
+    deadline = time.time() + 5
+    closed = [c for c in conns if closed_within(c, max(0.05, deadline - time.time()))]
+    assert len(closed) >= 1, "six connections from one source were all kept"
+    for c in conns:
         c.close()
     time.sleep(0.2)
     s = XenAPI.Session(d.http)

@@ -11,16 +11,14 @@
 
 use crate::qemu_img::{ImageInfo, QemuImg, iso_file_name, path_str, plain_file_name};
 use crate::{
-    Driver, FILE_CAPS, FORMAT_VERSION, Image, ImageFormat, LEGACY_FORMAT_VERSION, Result, SmInfo,
-    SrCtx, SrStat, StorageError, VdiInfo,
+    Driver, FILE_CAPS, FORMAT_VERSION, Image, ImageFormat, LEGACY_FORMAT_VERSION, MARKER, Result,
+    SmInfo, SrCtx, SrStat, StorageError, VdiInfo, check_absolute,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::SystemTime;
-
-pub const MARKER: &str = ".corral-sr";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -283,26 +281,6 @@ fn location_dir(dc: &BTreeMap<String, String>) -> Result<PathBuf> {
     Ok(PathBuf::from(l))
 }
 
-/// A device-config path: absolute, normalised (no `.` or `..`), printable.
-pub fn check_absolute(key: &str, value: &str) -> Result<()> {
-    let bad = |why: &str| {
-        Err(StorageError::BadConfig {
-            key: key.into(),
-            why: why.into(),
-        })
-    };
-    if !value.starts_with('/') {
-        return bad("must be an absolute path");
-    }
-    if value.chars().any(char::is_control) {
-        return bad("must not contain control characters");
-    }
-    if value.split('/').any(|c| c == "." || c == "..") {
-        return bad("must not contain . or .. components");
-    }
-    Ok(())
-}
-
 /// Runs a system tool; callers put `--` before their operands.
 fn run(cmd: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(cmd)
@@ -342,7 +320,7 @@ impl Driver for FileDriver {
     fn probe(&self, dc: &BTreeMap<String, String>, state_dir: &Path) -> Result<String> {
         if self.kind == Kind::Iso {
             if let Some(url) = dc.get("location").filter(|l| l.starts_with("nfs://")) {
-                crate::nfs::list_files(url)?;
+                crate::nfs::client::list_files(url)?;
                 return Ok("<?xml version=\"1.0\" ?>\n<SRlist>\n</SRlist>\n".into());
             }
         }
@@ -463,7 +441,7 @@ impl Driver for FileDriver {
 
     fn attach(&self, sr: &SrCtx) -> Result<u32> {
         if let Some(url) = self.nfs_url(sr) {
-            crate::nfs::list_files(&url)?;
+            crate::nfs::client::list_files(&url)?;
             return Ok(FORMAT_VERSION);
         }
         let dir = self.dir(sr)?;
@@ -534,7 +512,7 @@ impl Driver for FileDriver {
 
     fn scan(&self, sr: &SrCtx) -> Result<Vec<VdiInfo>> {
         if let Some(url) = self.nfs_url(sr) {
-            let mut out: Vec<VdiInfo> = crate::nfs::list_files(&url)?
+            let mut out: Vec<VdiInfo> = crate::nfs::client::list_files(&url)?
                 .into_iter()
                 .filter(|(n, _, _)| iso_file_name(n))
                 .map(|(name, size, used)| VdiInfo {

@@ -265,3 +265,25 @@ pub const FILE_CAPS: &[&str] = &[
     "VDI_GENERATE_CONFIG",
     "THIN_PROVISIONING",
 ];
+
+pub const MARKER: &str = ".corral-sr";
+
+/// A device-config path: absolute, normalised (no `.` or `..`), printable.
+pub fn check_absolute(key: &str, value: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(StorageError::BadConfig {
+            key: key.into(),
+            why: why.into(),
+        })
+    };
+    if !value.starts_with('/') {
+        return bad("must be an absolute path");
+    }
+    if value.chars().any(char::is_control) {
+        return bad("must not contain control characters");
+    }
+    if value.split('/').any(|c| c == "." || c == "..") {
+        return bad("must not contain . or .. components");
+    }
+    Ok(())
+}

@@ -1,6 +1,5 @@
 //! What every call carries: its context, result type and argument helpers.
 
-pub use corral_model::http::Request;
 use corral_model::schema::{ClassId, FieldId, Qual, Role};
 use corral_model::{ApiError, Value};
 use std::future::Future;
@@ -14,7 +13,7 @@ pub type BoxFut = Pin<Box<dyn Future<Output = ApiResult> + Send>>;
 /// Who is calling, as far as the transport knows.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    pub origin: crate::core::call::Origin,
+    pub origin: Origin,
     pub originator: Option<String>,
 }
 

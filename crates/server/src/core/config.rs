@@ -1,6 +1,5 @@
 //! corrald's configuration, with the connection limits.
 
-pub use corral_model::http::Request;
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
@@ -27,7 +26,7 @@ pub struct Config {
     /// `<state-dir>/boot` and local ISO libraries.
     pub boot_dirs: Vec<std::path::PathBuf>,
     /// Connection bounds (see `http.rs`).
-    pub limits: crate::core::config::Limits,
+    pub limits: Limits,
 }
 
 impl Default for Config {

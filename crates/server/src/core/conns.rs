@@ -1,7 +1,6 @@
 //! Open connections, counted in total and per source.
 
 use crate::core::config::Limits;
-pub use corral_model::http::Request;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};

@@ -1,18 +1,16 @@
 //! From a decoded call to its handler: session, RBAC, argument checks, tasks and the audit log.
 
-use crate::dispatch::resolve::Kind;
-use crate::dispatch::resolve::Resolved;
-pub mod filter;
-pub mod generic;
-pub mod registry;
-pub mod resolve;
-
 use crate::context::{Handler, Server};
 use crate::core::call::{ApiResult, Caller, Ctx, uuid_field};
+use crate::dispatch::resolve::{Kind, Resolved};
 use corral_model::schema::{ClassId, Role, class};
 use corral_model::value::{coerce, default_value};
 use corral_model::{ApiError, Value};
 use std::sync::Arc;
+pub mod filter;
+pub mod generic;
+pub mod registry;
+pub mod resolve;
 
 /// What a call produced, before it is encoded for the wire.
 pub enum Reply {

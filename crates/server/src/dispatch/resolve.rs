@@ -1,7 +1,6 @@
 //! Wire names to handlers, and system.listMethods.
 
-use crate::context::Handler;
-use crate::context::Server;
+use crate::context::{Handler, Server};
 use corral_model::Value;
 use corral_model::schema::{CLASSES, ClassId, FieldId, Role, Ty};
 

@@ -1,18 +1,14 @@
 //! First start and every start: the host and pool records, templates and the local SR.
 
-use crate::init::host_facts::cpuinfo;
-use crate::init::host_facts::hostname;
-use crate::init::host_facts::meminfo_kib;
-use crate::init::host_facts::primary_address;
-use crate::init::templates::templates;
-pub mod host_facts;
-pub mod templates;
-
 use crate::auth::passwords::hash_password;
+use crate::init::host_facts::{cpuinfo, hostname, meminfo_kib, primary_address};
+use crate::init::templates::templates;
 use anyhow::Context;
 use corral_db::Db;
 use corral_model::schema::{Role, class, field};
 use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
+pub mod host_facts;
+pub mod templates;
 
 /// Corral's product version (numeric X.Y.Z, as Ansible requires) and build.
 pub const PRODUCT_VERSION: &str = "0.1.0";

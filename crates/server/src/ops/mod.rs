@@ -4,6 +4,7 @@ pub mod event;
 pub mod host;
 pub mod message;
 pub mod pbd;
+pub mod query;
 pub mod session;
 pub mod sr;
 pub mod storage;

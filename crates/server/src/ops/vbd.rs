@@ -3,11 +3,9 @@
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, pstr, void};
 use crate::core::records::{check_refs, create_fields, db, first, given_field};
+use crate::ops::query::{agent_err, device_name, flag, power, running_uuid, vdi_read_only};
 use crate::ops::storage::records::assert_detached;
-use crate::ops::vm::config::{vdi_image, vdi_read_only};
-use crate::ops::vm::query::{
-    agent_err, device_name, flag, live_here, power, running_uuid, vm_uuid,
-};
+use crate::ops::vdi::vdi_image_of;
 use corral_agent::Drive;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
@@ -41,7 +39,7 @@ pub(crate) fn drive_of(
         }
         return Err(ApiError::new("VM_REQUIRES_VDI", [vbd, vdi.as_str()]));
     }
-    let image = vdi_image(s, st, &vdi)?;
+    let image = vdi_image_of(s, st, &vdi)?;
     Ok(Some(Drive {
         id,
         path: Some(image.path),
@@ -77,42 +75,6 @@ pub(crate) fn check_vdi_free(st: &corral_db::State, vm: &str, vbd: &str) -> Resu
         }
     }
     Ok(())
-}
-
-/// A VDI plugged into a VM running here: (VM uuid, VBD uuid), the names
-/// its drive has in the agent.
-pub(crate) fn plugged_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
-    find_plugged(s, vdi, false)
-}
-
-/// [`plugged_drive`] when the guest can write it: QEMU holds the image
-/// read-write (so only QEMU may read it consistently or move it).
-pub(crate) fn plugged_rw_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
-    find_plugged(s, vdi, true)
-}
-
-/// (VM uuid, VBD uuid) of a running VM here with `vdi` plugged (and, with
-/// `writable`, writable by its guest).
-pub(crate) fn find_plugged(s: &Server, vdi: &str, writable: bool) -> Option<(String, String)> {
-    let st = s.db.read();
-    if writable && vdi_read_only(&st, vdi) {
-        return None;
-    }
-    st.refs(class::VBD).find_map(|vbd| {
-        if st.get_str(field::vbd::VDI, vbd).as_deref() != Some(vdi)
-            || !flag(&st, field::vbd::CURRENTLY_ATTACHED, vbd)
-            || (writable && st.get_str(field::vbd::MODE, vbd).as_deref() != Some("RW"))
-        {
-            return None;
-        }
-        let vm = st.get_str(field::vbd::VM, vbd)?;
-        live_here(s, &st, &vm).then(|| {
-            (
-                vm_uuid(&st, &vm),
-                st.get_str(field::vbd::UUID, vbd).unwrap_or_default(),
-            )
-        })
-    })
 }
 
 pub(crate) async fn vbd_plug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
@@ -211,9 +173,9 @@ pub(crate) async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> Ap
     let vbd = p.first().map(|v| v.db_string()).unwrap_or_default();
     let before = s.db.read().get_str(field::vbd::VDI, &vbd);
     if insert {
-        crate::ops::vbd::vbd_insert(&s, p)?;
+        vbd_insert(&s, p)?;
     } else {
-        crate::ops::vbd::vbd_eject(&s, p)?;
+        vbd_eject(&s, p)?;
     }
     // A drive added while the VM ran is not in QEMU yet: its medium is
     // recorded for the next start.
@@ -224,7 +186,7 @@ pub(crate) async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> Ap
             let id = st.get_str(field::vbd::UUID, &vbd).unwrap_or_default();
             let medium = if insert {
                 let vdi = st.get_str(field::vbd::VDI, &vbd).unwrap_or_default();
-                let image = vdi_image(&s, &st, &vdi)?;
+                let image = vdi_image_of(&s, &st, &vdi)?;
                 Some(corral_agent::Medium {
                     path: image.path,
                     format: image.format.qemu_name().to_owned(),
@@ -241,7 +203,7 @@ pub(crate) async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> Ap
                 t.set(
                     field::vbd::ALLOWED_OPERATIONS,
                     &vbd,
-                    crate::ops::vbd::vbd_allowed("CD", old == NULL_REF),
+                    vbd_allowed("CD", old == NULL_REF),
                 )?;
                 t.set(field::vbd::VDI, &vbd, Value::String(old))
             }));
@@ -278,7 +240,7 @@ pub(crate) fn vbd_set_mode(s: &Server, p: Vec<Value>) -> ApiResult {
         if mode == "RW"
             && !empty
             && st.exists(class::VDI, &vdi)
-            && crate::ops::vm::config::vdi_read_only(st, &vdi)
+            && crate::ops::query::vdi_read_only(st, &vdi)
         {
             return Err(ApiError::new("VDI_READONLY", [vdi.as_str()]));
         }
@@ -321,7 +283,7 @@ pub(crate) fn vbd_create(s: &Server, p: Vec<Value>) -> ApiResult {
             return Err(ApiError::new("VBD_NOT_REMOVABLE_MEDIA", [r.as_str()]));
         }
         if !empty {
-            let ro = crate::ops::vm::config::vdi_read_only(st, &vdi);
+            let ro = crate::ops::query::vdi_read_only(st, &vdi);
             if ro && mode == "RW" && ty == "Disk" {
                 return Err(ApiError::new("VDI_READONLY", [vdi.as_str()]));
             }

@@ -4,7 +4,6 @@ use crate::context::Server;
 use crate::core::call::{Caller, Origin};
 use crate::dispatch::Reply;
 use crate::wire::http::{MAX_CLI_BODY, MAX_RPC_BODY, error_page, refuse, write_simple};
-pub use corral_model::http::Request;
 use corral_model::http::{MAX_HEAD, find_head_end, parse_head};
 use corral_model::{ApiError, jsonrpc, xmlrpc};
 use std::sync::Arc;

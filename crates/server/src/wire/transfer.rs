@@ -85,7 +85,7 @@ pub(crate) fn prepare(
     };
     // A running guest writes it: only QEMU may read or write it now
     // (snapshot it and export the snapshot instead).
-    if crate::ops::vbd::plugged_rw_drive(server, &vdi).is_some() {
+    if crate::ops::query::plugged_rw_drive(server, &vdi).is_some() {
         return Err(("409 Conflict", format!("VDI_IN_USE {vdi} {op}")));
     }
     let image = crate::ops::vdi::vdi_image(server, &server.db.read(), &sr, &location)

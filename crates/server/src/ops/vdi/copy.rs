@@ -30,7 +30,7 @@ pub(crate) async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult
     // Held for the whole copy: garbage collection must not move the source's
     // image while qemu-img reads it.
     let (_src_lock, src) = vdi_locked(&s, &vdi).await?;
-    if crate::ops::vbd::plugged_rw_drive(&s, &vdi).is_some() {
+    if crate::ops::query::plugged_rw_drive(&s, &vdi).is_some() {
         return Err(ApiError::new("VDI_IN_USE", [vdi.as_str(), "copy"]));
     }
     let src_image = {
@@ -42,7 +42,7 @@ pub(crate) async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult
         s.task_progress(task, 0.0);
     }
     if let Some(into) = into {
-        if crate::ops::vbd::plugged_rw_drive(&s, &into).is_some() {
+        if crate::ops::query::plugged_rw_drive(&s, &into).is_some() {
             return Err(ApiError::new("VDI_IN_USE", [into.as_str(), "copy"]));
         }
         let dst = vdi_on(&s, &into)?;

@@ -1,10 +1,5 @@
 //! VDI.create, destroy, resize, introduce, forget and update.
 
-use crate::ops::vdi::gc::spawn_gc;
-pub mod copy;
-pub mod gc;
-pub mod snapshot;
-
 use crate::context::Server;
 use crate::core::call::{ApiResult, pstr, void};
 use crate::core::records::{check_refs, create_fields, db, first, given_field, strmap, to_value};
@@ -15,10 +10,14 @@ use crate::ops::storage::records::{
     OpGuard, refresh_allowed, refresh_sizes, vdi_attached, vdi_busy, vdi_fields, vdis_of,
     write_vdi_sizes,
 };
+use crate::ops::vdi::gc::spawn_gc;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
 use corral_storage::{Image, StorageError};
 use std::sync::Arc;
+pub mod copy;
+pub mod gc;
+pub mod snapshot;
 
 pub(crate) async fn vdi_create(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let args = p.into_iter().next().unwrap_or(Value::Nil);
@@ -203,7 +202,7 @@ pub(crate) async fn vdi_resize(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     vdi_busy(&s.db.read(), &vdi, "resize")?;
     let _g = OpGuard::start(&s, &v.on.sr, Some(&vdi), "vdi_resize", "resize")?;
     let (d, ctx, loc) = (v.on.driver, v.on.ctx.clone(), v.location.clone());
-    let info = if let Some((vm, drive)) = crate::ops::vbd::plugged_drive(&s, &vdi) {
+    let info = if let Some((vm, drive)) = crate::ops::query::plugged_drive(&s, &vdi) {
         // Online: QEMU owns the image while the guest runs, so QEMU grows it
         // (the guest sees the new size at once).
         s.agent.drive_resize(&vm, &drive, size).await.map_err(|e| {
@@ -345,4 +344,15 @@ pub async fn refresh_vdi(s: &Arc<Server>, vdi: &str) {
         }
         refresh_sizes(s, &v.on).await;
     }
+}
+
+/// A VDI's image and the format the storage layer pins for it.
+pub(crate) fn vdi_image_of(
+    s: &Server,
+    st: &corral_db::State,
+    vdi: &str,
+) -> Result<corral_storage::Image, ApiError> {
+    let sr = st.get_str(field::vdi::SR, vdi).unwrap_or_default();
+    let loc = st.get_str(field::vdi::LOCATION, vdi).unwrap_or_default();
+    vdi_image(s, st, &sr, &loc)
 }

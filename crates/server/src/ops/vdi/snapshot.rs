@@ -192,7 +192,7 @@ pub(crate) async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) 
     // written before. The records went first: a crash before the switch
     // leaves QEMU on the base, which start-up finds and switches (no
     // write is lost either way).
-    if let Some((vm, drive)) = crate::ops::vbd::plugged_rw_drive(s, vdi) {
+    if let Some((vm, drive)) = crate::ops::query::plugged_rw_drive(s, vdi) {
         let switched = async {
             let (d, ctx, l) = (v.on.driver, v.on.ctx.clone(), leaf.location.clone());
             let overlay = blocking(move || d.vdi_image(&ctx, &l))
@@ -238,7 +238,7 @@ pub(crate) async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) 
 pub async fn finish_interrupted_switches(s: &Arc<Server>) {
     let vdis: Vec<String> = s.db.read().refs(class::VDI).cloned().collect();
     for vdi in vdis {
-        let Some((vm, drive)) = crate::ops::vbd::plugged_rw_drive(s, &vdi) else {
+        let Some((vm, drive)) = crate::ops::query::plugged_rw_drive(s, &vdi) else {
             continue;
         };
         let Ok(v) = vdi_on(s, &vdi) else { continue };

@@ -3,9 +3,9 @@
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, void};
 use crate::core::records::{db, to_value};
+use crate::ops::query::{flag, strmap, vbds_of};
 use crate::ops::vm::lifecycle::{BEING_MADE, VmOp};
 use crate::ops::vm::power::params;
-use crate::ops::vm::query::{flag, strmap, vbds_of};
 use crate::ops::vm::state::{drop_suspend_image, remove_consoles};
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
@@ -88,7 +88,7 @@ pub(crate) async fn vm_clone_or_copy(
             return Err(ApiError::handle_invalid("SR", sr));
         }
     }
-    let new_vm = crate::ops::vm::clone::vm_clone_record(&s, &vm, &name)?;
+    let new_vm = vm_clone_record(&s, &vm, &name)?;
     let vbds = vbds_of(&s.db.read(), &vm);
     if !vbds.is_empty() {
         set_other_config_key(

@@ -1,8 +1,8 @@
 //! From the records to the agent's VmConfig.
 
 use crate::context::Server;
+use crate::ops::query::{flag, int, strmap, vbds_of, vm_uuid};
 use crate::ops::vbd::{check_vdi_free, drive_of};
-use crate::ops::vm::query::{flag, int, strmap, vbds_of, vm_uuid};
 use corral_agent::{Boot, VmConfig};
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, date};
@@ -131,24 +131,6 @@ pub(crate) fn build_config(s: &Server, vm: &str) -> Result<VmConfig, ApiError> {
             .unwrap_or(0),
         hpet: platform.get("hpet").map(|v| v != "false" && v != "0"),
     })
-}
-
-/// A VDI no guest may write: marked read-only, or on an ISO library.
-pub(crate) fn vdi_read_only(st: &corral_db::State, vdi: &str) -> bool {
-    let sr = st.get_str(field::vdi::SR, vdi).unwrap_or_default();
-    flag(st, field::vdi::READ_ONLY, vdi)
-        || st.get_str(field::sr::CONTENT_TYPE, &sr).as_deref() == Some("iso")
-}
-
-/// A VDI's image and the format the storage layer pins for it.
-pub(crate) fn vdi_image(
-    s: &Server,
-    st: &corral_db::State,
-    vdi: &str,
-) -> Result<corral_storage::Image, ApiError> {
-    let sr = st.get_str(field::vdi::SR, vdi).unwrap_or_default();
-    let loc = st.get_str(field::vdi::LOCATION, vdi).unwrap_or_default();
-    crate::ops::vdi::vdi_image(s, st, &sr, &loc)
 }
 
 /// A `PV-kernel`/`PV-ramdisk` path as QEMU gets it: resolved (links

@@ -3,7 +3,7 @@
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, void};
 use crate::core::records::db;
-use crate::ops::vm::query::{flag, power, strmap};
+use crate::ops::query::{flag, power, strmap};
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value, new_ref};
 use std::collections::BTreeMap;

@@ -3,7 +3,7 @@
 use crate::context::Server;
 use crate::core::call::{ApiResult, void};
 use crate::core::records::db;
-use crate::ops::vm::query::{agent_err, int, live_here, power, vm_uuid};
+use crate::ops::query::{agent_err, int, live_here, power, vm_uuid};
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
 

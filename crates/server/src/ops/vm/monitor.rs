@@ -2,8 +2,8 @@
 
 use crate::context::Server;
 use crate::core::records::db;
+use crate::ops::query::{agent_err, busy, power, vm_by_uuid, vm_uuid};
 use crate::ops::vm::power::halt;
-use crate::ops::vm::query::{agent_err, busy, power, vm_by_uuid, vm_uuid};
 use crate::ops::vm::state::{alert, ensure_metrics, record_stopped, set_paused};
 use corral_agent::{RunState, VmEvent};
 use corral_model::schema::{class, field};

@@ -2,8 +2,8 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, void};
+use crate::ops::query::{flag, int, live_here};
 use crate::ops::vm::config::build_config;
-use crate::ops::vm::query::{flag, int, live_here};
 use corral_agent::VmConfig;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};

@@ -2,10 +2,10 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, void};
+use crate::ops::query::{agent_err, power, strmap, vm_uuid};
 use crate::ops::vm::config::build_config;
 use crate::ops::vm::lifecycle::VmOp;
 use crate::ops::vm::placement::{check_host, check_memory};
-use crate::ops::vm::query::{agent_err, power, strmap, vm_uuid};
 use crate::ops::vm::state::{
     alert, drop_suspend_image, record_running, record_stopped, set_paused,
 };

@@ -2,12 +2,12 @@
 
 use crate::context::Server;
 use crate::core::records::db;
-use crate::ops::host::boot_policy;
+use crate::ops::query::{agent_err, flag, live_here, power, strmap, vbds_of, vm_uuid};
 use crate::ops::vm::clone::own_disks;
 use crate::ops::vm::lifecycle::{BEING_MADE, refresh_allowed};
 use crate::ops::vm::monitor::{on_event, refresh_metrics};
-use crate::ops::vm::query::{agent_err, live_here, power, strmap, vbds_of, vm_uuid};
 use crate::ops::vm::state::{alert, drop_unused_suspend_images, record_stopped, set_paused};
+use crate::ops::vm::{Ctx, int, vm_start};
 use corral_agent::{RunState, VmEvent};
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
@@ -166,4 +166,61 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
         }
     });
     Ok(())
+}
+
+/// At the first corrald start after a host boot, `vm-boot-policy=start`
+/// starts the VMs with `other_config:auto_poweron=true` in `order`, waiting
+/// `start_delay` after each; the default `ignore` resumes nothing.
+pub async fn boot_policy(s: &Arc<Server>) {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let marker = s.state_dir.join("last-boot-id");
+    let first_start = std::fs::read_to_string(&marker)
+        .map(|b| b != boot_id)
+        .unwrap_or(true);
+    let _ = std::fs::write(&marker, &boot_id);
+    let oc = strmap(s.db.read().get(field::host::OTHER_CONFIG, &s.host_ref));
+    if !first_start || oc.get("vm-boot-policy").map(String::as_str) != Some("start") {
+        return;
+    }
+    let mut vms: Vec<(i64, i64, String)> = {
+        let st = s.db.read();
+        st.refs(class::VM)
+            .filter(|vm| {
+                power(&st, vm) == "Halted"
+                    && !flag(&st, field::vm::IS_A_TEMPLATE, vm)
+                    && strmap(st.get(field::vm::OTHER_CONFIG, vm))
+                        .get("auto_poweron")
+                        .map(String::as_str)
+                        == Some("true")
+            })
+            .map(|vm| {
+                (
+                    int(&st, field::vm::ORDER, vm),
+                    int(&st, field::vm::START_DELAY, vm),
+                    vm.clone(),
+                )
+            })
+            .collect()
+    };
+    vms.sort();
+    let ctx = Ctx {
+        session: String::new(),
+        role: corral_model::schema::Role::PoolAdmin,
+        user: "root".into(),
+        user_ref: String::new(),
+        task: None,
+    };
+    for (_, delay, vm) in vms {
+        if let Err(e) = vm_start(
+            Arc::clone(s),
+            ctx.clone(),
+            vec![Value::str(&vm), Value::Bool(false), Value::Bool(false)],
+            false,
+        )
+        .await
+        {
+            tracing::warn!(vm = %vm, error = %e, "auto power-on failed");
+        }
+        tokio::time::sleep(Duration::from_secs(delay.max(0) as u64)).await;
+    }
 }

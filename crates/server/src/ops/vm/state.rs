@@ -2,8 +2,8 @@
 
 use crate::context::Server;
 use crate::core::records::db;
+use crate::ops::query::{device_name, strmap, vbds_of, vm_uuid};
 use crate::ops::vm::lifecycle::refresh_allowed;
-use crate::ops::vm::query::{device_name, strmap, vbds_of, vm_uuid};
 use crate::ops::vm::suspend::SUSPEND_OF;
 use corral_agent::{Boot, VmConfig};
 use corral_model::schema::{class, field};

@@ -3,12 +3,12 @@
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, void};
 use crate::core::records::{db, to_value};
+use crate::ops::query::{agent_err, int, strmap, vm_uuid};
+use crate::ops::vdi::vdi_image_of;
 use crate::ops::vm::clone::new_vdi;
-use crate::ops::vm::config::vdi_image;
 use crate::ops::vm::lifecycle::{VmOp, refresh_allowed};
 use crate::ops::vm::placement::check_host;
 use crate::ops::vm::power::{launch, params, start_params};
-use crate::ops::vm::query::{agent_err, int, strmap, vm_uuid};
 use crate::ops::vm::state::{alert, record_stopped, set_paused};
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
@@ -72,7 +72,7 @@ pub(crate) async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResu
     )
     .await?;
     let result = async {
-        let image = vdi_image(&s, &s.db.read(), &vdi)?;
+        let image = vdi_image_of(&s, &s.db.read(), &vdi)?;
         let pipe = fifo(&s.state_dir.join("streams"))?;
         let run_dir = s.state_dir.clone();
         let reader = {
@@ -207,7 +207,7 @@ pub(crate) async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: 
                 [vm.as_str(), vdi.as_str()],
             ));
         }
-        let image = vdi_image(&s, &st, &vdi)?;
+        let image = vdi_image_of(&s, &st, &vdi)?;
         let len = strmap(st.get(field::vdi::OTHER_CONFIG, &vdi))
             .get("corral-suspend-length")
             .and_then(|l| l.parse::<u64>().ok())

@@ -1,5 +1,8 @@
 //! The handler table: every message with a hand-written implementation.
 
+pub mod storage;
+pub mod vm;
+
 use crate::auth::passwords::hash_password;
 use crate::context::{Handler, Server};
 use crate::core::alerts::create_message;
@@ -107,8 +110,8 @@ pub fn table() -> HashMap<String, Handler> {
         s.sessions.revoke_user(s, &r, Some(&c.session));
         void()
     });
-    crate::ops::storage::register(&mut t);
-    crate::ops::vm::register(&mut t);
+    crate::dispatch::registry::storage::register(&mut t);
+    crate::dispatch::registry::vm::register(&mut t);
     let mut asyn = |n: &str, f: fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut| {
         t.insert(n.to_owned(), Handler::Async(f));
     };

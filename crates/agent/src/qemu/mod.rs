@@ -11,22 +11,29 @@
 //! crashes (pvpanic), and `reboot=shutdown` is used when a reboot must not
 //! simply reset the VM.
 
-use crate::qmp::{Qmp, QmpEvent, ga_call};
+use crate::qemu::cmdline::{drive_spec, shell_quote};
+use crate::qemu::process::{
+    is_qemu_of, join_cgroup, leave_cgroup, read_persisted, run_state, u64_stat, wait_gone, watch,
+};
+use crate::qemu::serial::{serial_pump, tail_of};
+use crate::qmp::{Qmp, ga_call};
 use crate::{
-    AgentError, AgentFut, Boot, Drive, GuestStats, HostAgent, Medium, RunState, SERIAL_REPLAY,
+    AgentError, AgentFut, Drive, GuestStats, HostAgent, Medium, RunState, SERIAL_REPLAY,
     SerialConsole, VmConfig, VmEvent,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
+mod cmdline;
+mod process;
+mod serial;
 
 /// The serial log is cut back to [`SERIAL_REPLAY`] bytes beyond this size.
-const SERIAL_LOG_MAX: u64 = 4 * 1024 * 1024;
+pub(crate) const SERIAL_LOG_MAX: u64 = 4 * 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct QemuSettings {
@@ -51,13 +58,13 @@ impl Default for QemuSettings {
 
 /// What is persisted per VM (`vm.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct Persisted {
+pub(crate) struct Persisted {
     pid: i32,
     config: VmConfig,
 }
 
 /// A VM this agent is attached to.
-struct Attached {
+pub(crate) struct Attached {
     pid: i32,
     dir: PathBuf,
     qmp: Arc<Qmp>,
@@ -73,18 +80,13 @@ struct Attached {
 }
 
 /// How long after a toolstack reset a guest reset counts as the firmware's.
-const FIRMWARE_RESET_WINDOW: Duration = Duration::from_secs(3);
+pub(crate) const FIRMWARE_RESET_WINDOW: Duration = Duration::from_secs(3);
 
 pub struct QemuAgent {
     settings: QemuSettings,
     root: PathBuf,
     vms: Mutex<HashMap<String, Arc<Attached>>>,
     events: broadcast::Sender<(String, VmEvent)>,
-}
-
-fn opt_escape(s: &str) -> String {
-    // QEMU option values escape a comma by doubling it.
-    s.replace(',', ",,")
 }
 
 impl QemuAgent {
@@ -98,11 +100,11 @@ impl QemuAgent {
         }
     }
 
-    fn dir(&self, vm: &str) -> PathBuf {
+    pub(crate) fn dir(&self, vm: &str) -> PathBuf {
         self.root.join(vm)
     }
 
-    fn attached(&self, vm: &str) -> Result<Arc<Attached>, AgentError> {
+    pub(crate) fn attached(&self, vm: &str) -> Result<Arc<Attached>, AgentError> {
         self.vms
             .lock()
             .ok()
@@ -110,167 +112,11 @@ impl QemuAgent {
             .ok_or_else(|| AgentError::NotRunning(vm.to_owned()))
     }
 
-    /// The QEMU command line for `cfg` (without the binary).
-    pub fn command_line(
+    pub(crate) async fn attach(
         &self,
-        cfg: &VmConfig,
-        dir: &Path,
-        paused: bool,
-        incoming: Option<&Path>,
-    ) -> Vec<String> {
-        let d = |f: &str| opt_escape(&dir.join(f).to_string_lossy());
-        let mib = (cfg.memory / (1024 * 1024)).max(16);
-        let accel = if self.settings.accel == "tcg" {
-            // Bound TCG's translation cache (its default is 1 GiB per VM).
-            "tcg,tb-size=64".to_owned()
-        } else {
-            self.settings.accel.clone()
-        };
-        let vmax = cfg.vcpus_max.max(cfg.vcpus).max(1);
-        let mut smp = format!("{},maxcpus={vmax}", cfg.vcpus.max(1));
-        // The caller checked that cores-per-socket divides VCPUs_max.
-        if cfg.cores_per_socket > 0 && vmax % cfg.cores_per_socket == 0 {
-            let c = cfg.cores_per_socket;
-            smp.push_str(&format!(",sockets={},cores={c},threads=1", vmax / c));
-        }
-        let vga = match cfg.vga.as_deref() {
-            Some("cirrus") => "cirrus",
-            _ => "std",
-        };
-        let mut a: Vec<String> = vec![
-            "-name".into(),
-            format!(
-                "guest={},debug-threads=on",
-                opt_escape(&cfg.name.replace(['=', '\n'], "_"))
-            ),
-            "-uuid".into(),
-            cfg.uuid.clone(),
-            "-machine".into(),
-            format!(
-                "{},acpi={}{}",
-                self.settings.machine,
-                if cfg.acpi { "on" } else { "off" },
-                match cfg.hpet {
-                    Some(false) => ",hpet=off",
-                    _ => "",
-                }
-            ),
-            "-accel".into(),
-            accel,
-            "-m".into(),
-            format!("{mib}M"),
-            "-smp".into(),
-            smp,
-            "-nodefaults".into(),
-            "-no-user-config".into(),
-            "-display".into(),
-            "none".into(),
-            "-vga".into(),
-            vga.into(),
-            "-vnc".into(),
-            format!("unix:{}", d("vnc.sock")),
-            "-daemonize".into(),
-            "-pidfile".into(),
-            dir.join("qemu.pid").to_string_lossy().into_owned(),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", d("qmp.sock")),
-            "-chardev".into(),
-            format!(
-                "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
-                d("serial.sock"),
-                d("serial.log")
-            ),
-            "-serial".into(),
-            "chardev:serial0".into(),
-            "-device".into(),
-            "virtio-serial-pci,id=vser0".into(),
-            "-chardev".into(),
-            format!("socket,id=qga0,path={},server=on,wait=off", d("qga.sock")),
-            "-device".into(),
-            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
-            "-device".into(),
-            "virtio-balloon-pci,id=balloon0".into(),
-            "-device".into(),
-            "pvpanic".into(),
-            "-action".into(),
-            format!(
-                "shutdown=pause,panic=pause,reboot={}",
-                if cfg.reboot_stops {
-                    "shutdown"
-                } else {
-                    "reset"
-                }
-            ),
-        ];
-        match &cfg.boot {
-            Boot::Kernel {
-                kernel,
-                initrd,
-                args,
-            } => {
-                a.extend(["-kernel".into(), kernel.clone()]);
-                if let Some(i) = initrd {
-                    a.extend(["-initrd".into(), i.clone()]);
-                }
-                a.extend(["-append".into(), args.clone()]);
-            }
-            Boot::Firmware { order, uefi } => {
-                let order: String = order
-                    .chars()
-                    .filter(|c| matches!(c, 'c' | 'd' | 'n'))
-                    .collect();
-                if !order.is_empty() {
-                    a.extend(["-boot".into(), format!("order={order}")]);
-                }
-                if *uefi {
-                    a.extend(["-bios".into(), self.settings.ovmf.clone()]);
-                }
-            }
-        }
-        let mut cd_unit = 0;
-        for drv in &cfg.drives {
-            a.extend(["-drive".into(), drive_spec(drv)]);
-            if drv.cdrom {
-                // Two IDE buses, one CD per unit: up to four CD drives.
-                let (bus, unit) = (1 - (cd_unit / 2) % 2, cd_unit % 2);
-                cd_unit += 1;
-                a.extend([
-                    "-device".into(),
-                    format!(
-                        "ide-cd,drive=drive-{0},id=vbd-{0},bus=ide.{bus},unit={unit}",
-                        drv.id
-                    ),
-                ]);
-            } else {
-                a.extend([
-                    "-device".into(),
-                    format!("virtio-blk-pci,drive=drive-{0},id=vbd-{0}", drv.id),
-                ]);
-            }
-        }
-        if cfg.videoram_mib > 0 {
-            let dev = if vga == "cirrus" { "cirrus-vga" } else { "VGA" };
-            a.extend([
-                "-global".into(),
-                format!("{dev}.vgamem_mb={}", cfg.videoram_mib),
-            ]);
-        }
-        if let Some(base) = &cfg.rtc_base {
-            a.extend(["-rtc".into(), format!("base={base}")]);
-        }
-        if paused {
-            a.push("-S".into());
-        }
-        if let Some(src) = incoming {
-            a.extend([
-                "-incoming".into(),
-                format!("exec:cat {}", shell_quote(&src.to_string_lossy())),
-            ]);
-        }
-        a
-    }
-
-    async fn attach(&self, vm: &str, pid: i32) -> Result<(Arc<Attached>, RunState), AgentError> {
+        vm: &str,
+        pid: i32,
+    ) -> Result<(Arc<Attached>, RunState), AgentError> {
         let dir = self.dir(vm);
         let (qmp, events) = Qmp::connect(&dir.join("qmp.sock")).await?;
         let (serial_out, _) = broadcast::channel(256);
@@ -311,7 +157,7 @@ impl QemuAgent {
         Ok((at, state))
     }
 
-    fn forget(&self, vm: &str) {
+    pub(crate) fn forget(&self, vm: &str) {
         if let Ok(mut m) = self.vms.lock() {
             m.remove(vm);
         }
@@ -319,7 +165,7 @@ impl QemuAgent {
         leave_cgroup(vm);
     }
 
-    async fn kill_and_forget(&self, vm: &str, pid: Option<i32>) {
+    pub(crate) async fn kill_and_forget(&self, vm: &str, pid: Option<i32>) {
         let at = self.vms.lock().ok().and_then(|m| m.get(vm).cloned());
         if let Some(at) = &at {
             at.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -337,205 +183,6 @@ impl QemuAgent {
         }
         self.forget(vm);
     }
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-fn drive_spec(drv: &Drive) -> String {
-    let mut s = format!("if=none,id=drive-{}", drv.id);
-    if drv.cdrom {
-        s.push_str(",media=cdrom");
-    }
-    if let Some(p) = &drv.path {
-        s.push_str(&format!(
-            ",file={},format={},read-only={}",
-            opt_escape(p),
-            drv.format,
-            if drv.read_only || drv.cdrom {
-                "on"
-            } else {
-                "off"
-            }
-        ));
-        if !drv.cdrom {
-            s.push_str(",cache=writeback,discard=unmap");
-        }
-    }
-    s
-}
-
-fn run_state(status: &Value) -> RunState {
-    match status.get("status").and_then(Value::as_str).unwrap_or("") {
-        "running" => RunState::Running,
-        "shutdown" => RunState::ShutDown,
-        "guest-panicked" => RunState::Crashed,
-        _ => RunState::Paused,
-    }
-}
-
-/// True while `pid` is a live QEMU process started for VM `uuid`.
-fn is_qemu_of(pid: i32, uuid: &str) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    // A zombie has an empty command line.
-    !cmd.is_empty() && cmd.split(|b| *b == 0).any(|arg| arg == uuid.as_bytes())
-}
-
-/// Waits (up to `limit`) for this VM's QEMU to exit. QEMU is not our child,
-/// so a pidfd tells us the moment it exits; polling is the fallback.
-async fn wait_gone(pid: i32, uuid: &str, limit: Duration) {
-    if let Some(fd) = pidfd(pid) {
-        // Checked after opening, so the pidfd is this QEMU's, not a reuse.
-        if !is_qemu_of(pid, uuid) {
-            return;
-        }
-        // SAFETY: an OwnedFd stays open and returns the same descriptor
-        // for as long as the AsyncFd owns it.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-        };
-        if let Ok(fd) = registered {
-            let _ = tokio::time::timeout(limit, fd.readable()).await;
-            return;
-        }
-    }
-    let t0 = std::time::Instant::now();
-    while is_qemu_of(pid, uuid) && t0.elapsed() < limit {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn pidfd(pid: i32) -> Option<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open takes a pid and flags; it returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    // SAFETY: a fresh descriptor that nothing else owns.
-    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Turns QMP events into [`VmEvent`]s until the socket closes.
-async fn watch(
-    vm: String,
-    mut events: mpsc::UnboundedReceiver<QmpEvent>,
-    out: broadcast::Sender<(String, VmEvent)>,
-    stopping: Arc<std::sync::atomic::AtomicBool>,
-    host_reset: Arc<Mutex<Option<Instant>>>,
-    dir: PathBuf,
-) {
-    while let Some(ev) = events.recv().await {
-        let guest = ev
-            .data
-            .get("guest")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let reason = ev.data.get("reason").and_then(Value::as_str).unwrap_or("");
-        if ev.name == "RESET" && guest {
-            let mut h = host_reset.lock().unwrap_or_else(|p| p.into_inner());
-            if h.is_some_and(|t| t.elapsed() < FIRMWARE_RESET_WINDOW) {
-                *h = None;
-                continue;
-            }
-        }
-        let e = match ev.name.as_str() {
-            "SHUTDOWN" if guest && reason == "guest-reset" => Some(VmEvent::GuestReboot),
-            "SHUTDOWN" if guest => Some(VmEvent::GuestShutdown),
-            "RESET" if guest => Some(VmEvent::GuestRebooted),
-            "GUEST_PANICKED" => Some(VmEvent::GuestCrash),
-            "STOP" => Some(VmEvent::Paused),
-            "RESUME" => Some(VmEvent::Resumed),
-            _ => None,
-        };
-        if let Some(e) = e {
-            tracing::debug!(vm = %vm, event = ?e, "VM event");
-            let _ = out.send((vm.clone(), e));
-        }
-    }
-    if !stopping.load(std::sync::atomic::Ordering::SeqCst) {
-        tracing::warn!(vm = %vm, "QEMU exited unexpectedly");
-        let why = std::fs::read_to_string(dir.join("qemu.log"))
-            .ok()
-            .and_then(|l| l.lines().last().map(str::to_owned))
-            .unwrap_or_else(|| "the QEMU process exited unexpectedly".into());
-        let _ = out.send((vm, VmEvent::Died(why)));
-    }
-}
-
-/// Moves serial output to console subscribers and their keystrokes to the
-/// guest; also keeps QEMU's serial log bounded.
-async fn serial_pump(
-    dir: PathBuf,
-    out: broadcast::Sender<Vec<u8>>,
-    mut input: mpsc::UnboundedReceiver<Vec<u8>>,
-) {
-    let Ok(sock) = tokio::net::UnixStream::connect(dir.join("serial.sock")).await else {
-        return;
-    };
-    let (mut rd, mut wr) = sock.into_split();
-    tokio::spawn(async move {
-        while let Some(data) = input.recv().await {
-            if wr.write_all(&data).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut since_check = 0usize;
-    loop {
-        let n = match rd.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let _ = out.send(buf[..n].to_vec());
-        since_check += n;
-        if since_check > 256 * 1024 {
-            since_check = 0;
-            rotate_serial_log(&dir);
-        }
-    }
-}
-
-/// Keeps the last [`SERIAL_REPLAY`] bytes in `serial.log.0` and empties
-/// `serial.log` once it is large (QEMU appends with O_APPEND, so a truncated
-/// file simply continues from its new end).
-fn rotate_serial_log(dir: &Path) {
-    let log = dir.join("serial.log");
-    if std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) < SERIAL_LOG_MAX {
-        return;
-    }
-    let tail = tail_of(&log, SERIAL_REPLAY);
-    if std::fs::write(dir.join("serial.log.0"), &tail).is_ok() {
-        let _ = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&log)
-            .and_then(|f| f.set_len(0));
-    }
-}
-
-fn tail_of(path: &Path, n: usize) -> Vec<u8> {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(n as u64);
-    let mut v = Vec::new();
-    if f.seek(SeekFrom::Start(start)).is_ok() {
-        let _ = f.read_to_end(&mut v);
-    }
-    v
-}
-
-fn u64_stat(v: &Value, key: &str) -> Option<i64> {
-    // Unsupported statistics read as 2^64-1 (or -1): unknown.
-    let n = v.get(key)?;
-    let x = n.as_u64().map(|u| u as i64).or_else(|| n.as_i64())?;
-    (x >= 0 && x != i64::MAX && n.as_u64() != Some(u64::MAX)).then_some(x)
 }
 
 impl HostAgent for QemuAgent {
@@ -1037,65 +684,4 @@ impl HostAgent for QemuAgent {
     fn vnc_socket(&self, vm: &str) -> Option<PathBuf> {
         self.attached(vm).ok().map(|a| a.dir.join("vnc.sock"))
     }
-}
-
-fn read_persisted(dir: &Path) -> Option<Persisted> {
-    serde_json::from_slice(&std::fs::read(dir.join("vm.json")).ok()?).ok()
-}
-
-/// The mount point of the cgroup v2 (unified) hierarchy, if there is one:
-/// `/sys/fs/cgroup` on a pure v2 host, `/sys/fs/cgroup/unified` on a hybrid
-/// one (where it has no controllers but still groups and tracks processes).
-fn cgroup2_root() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        // "<id> <parent> <dev> <root> <mount point> <opts> ... - <fstype> ..."
-        let (pre, post) = l.split_once(" - ")?;
-        let mount_point = pre.split_whitespace().nth(4)?;
-        (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
-    })
-}
-
-fn cgroup_dir(uuid: &str) -> Option<PathBuf> {
-    Some(
-        cgroup2_root()?
-            .join("corral.slice")
-            .join(format!("vm-{uuid}.scope")),
-    )
-}
-
-/// Puts the VM's QEMU in its own cgroup where a cgroup v2 hierarchy is
-/// mounted and writable; otherwise it stays where corrald started it.
-fn join_cgroup(uuid: &str, pid: i32) {
-    let Some(dir) = cgroup_dir(uuid) else {
-        return;
-    };
-    if std::fs::create_dir_all(&dir).is_ok() {
-        if let Err(e) = std::fs::write(dir.join("cgroup.procs"), pid.to_string()) {
-            tracing::debug!(vm = %uuid, error = %e, "cannot move QEMU into its cgroup");
-        }
-    }
-}
-
-/// Removes the VM's cgroup once its QEMU is gone (rmdir of an empty group).
-/// An exited QEMU stays in the group until its parent (init, as QEMU
-/// daemonizes) reaps it, so a busy group is retried in the background.
-fn leave_cgroup(uuid: &str) {
-    let Some(dir) = cgroup_dir(uuid) else {
-        return;
-    };
-    if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
-        return;
-    }
-    let _ = std::thread::Builder::new()
-        .name("cgroup-rmdir".into())
-        .spawn(move || {
-            for _ in 0..200 {
-                std::thread::sleep(Duration::from_millis(50));
-                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
-                    return;
-                }
-            }
-            tracing::warn!(cgroup = %dir.display(), "cgroup still busy 10 s after its QEMU exited");
-        });
 }

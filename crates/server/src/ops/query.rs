@@ -74,3 +74,46 @@ pub(crate) fn busy(s: &Server, vm: &str) -> bool {
         .and_then(|v| v.as_struct().map(|m| !m.is_empty()))
         .unwrap_or(false)
 }
+
+/// A VDI plugged into a VM running here: (VM uuid, VBD uuid), the names
+/// its drive has in the agent.
+pub(crate) fn plugged_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
+    find_plugged(s, vdi, false)
+}
+
+/// [`plugged_drive`] when the guest can write it: QEMU holds the image
+/// read-write (so only QEMU may read it consistently or move it).
+pub(crate) fn plugged_rw_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
+    find_plugged(s, vdi, true)
+}
+
+/// (VM uuid, VBD uuid) of a running VM here with `vdi` plugged (and, with
+/// `writable`, writable by its guest).
+pub(crate) fn find_plugged(s: &Server, vdi: &str, writable: bool) -> Option<(String, String)> {
+    let st = s.db.read();
+    if writable && vdi_read_only(&st, vdi) {
+        return None;
+    }
+    st.refs(class::VBD).find_map(|vbd| {
+        if st.get_str(field::vbd::VDI, vbd).as_deref() != Some(vdi)
+            || !flag(&st, field::vbd::CURRENTLY_ATTACHED, vbd)
+            || (writable && st.get_str(field::vbd::MODE, vbd).as_deref() != Some("RW"))
+        {
+            return None;
+        }
+        let vm = st.get_str(field::vbd::VM, vbd)?;
+        live_here(s, &st, &vm).then(|| {
+            (
+                vm_uuid(&st, &vm),
+                st.get_str(field::vbd::UUID, vbd).unwrap_or_default(),
+            )
+        })
+    })
+}
+
+/// A VDI no guest may write: marked read-only, or on an ISO library.
+pub(crate) fn vdi_read_only(st: &corral_db::State, vdi: &str) -> bool {
+    let sr = st.get_str(field::vdi::SR, vdi).unwrap_or_default();
+    flag(st, field::vdi::READ_ONLY, vdi)
+        || st.get_str(field::sr::CONTENT_TYPE, &sr).as_deref() == Some("iso")
+}
