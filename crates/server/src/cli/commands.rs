@@ -1,8 +1,7 @@
 //! The command table: names, parameters, help, and where each runs.
 
 use crate::cli::args::{Cmd, STD_PARAMS};
-use crate::cli::context::CliCtx;
-use crate::cli::context::{CliError, text};
+use crate::cli::context::{CliCtx, CliError, text};
 use crate::cli::generic::{GENERIC_COMMANDS, generic_command};
 use crate::cli::protocol::{Out, Run, fail_text};
 use crate::cli::records::cli_classes;

@@ -2,8 +2,7 @@
 
 use crate::cli::args::{Cmd, STD_PARAMS};
 use crate::cli::commands::table;
-use crate::cli::context::CliCtx;
-use crate::cli::context::{CliError, text};
+use crate::cli::context::{CliCtx, CliError, text};
 use crate::cli::protocol::Out;
 use crate::cli::records::{CliClass, cli_classes};
 use corral_model::Value;

@@ -1,8 +1,7 @@
 //! The thin-CLI protocol spoken with xe.
 
+use corral_cli_proto::{Command, FRAME_HEAD, Message, Response, decode, payload_len};
 use tokio::io::{AsyncRead, AsyncReadExt};
-
-pub const GREETING: &[u8] = b"XenSource thin CLI protocol";
 
 /// What a command produced, in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,74 +31,53 @@ pub struct Run {
     pub exit: i32,
 }
 
-pub(crate) fn frame_string(buf: &mut Vec<u8>, s: &str) {
-    buf.extend_from_slice(&(s.len() as i32).to_le_bytes());
-    buf.extend_from_slice(s.as_bytes());
-}
-
-pub(crate) fn command_frame(tag: i32, body: &[u8]) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(body.len() + 8);
-    payload.extend_from_slice(&9i32.to_le_bytes());
-    payload.extend_from_slice(&tag.to_le_bytes());
-    payload.extend_from_slice(body);
-    let mut f = (payload.len() as i32).to_le_bytes().to_vec();
-    f.extend_from_slice(&payload);
-    f
-}
-
+/// The frame that carries one output item to the client.
 pub(crate) fn encode_one(o: &Out) -> Vec<u8> {
-    let mut out = Vec::new();
-    {
-        let mut body = Vec::new();
-        match o {
-            Out::Print(s) => {
-                frame_string(&mut body, s);
-                out.extend(command_frame(0, &body));
-            }
-            Out::Stderr(s) => {
-                frame_string(&mut body, s);
-                out.extend(command_frame(16, &body));
-            }
-            Out::Error(code, params) => {
-                frame_string(&mut body, code);
-                body.extend_from_slice(&(params.len() as i32).to_le_bytes());
-                for p in params {
-                    frame_string(&mut body, p);
-                }
-                out.extend(command_frame(14, &body));
-            }
-            Out::Transfer {
-                put, filename, url, ..
-            } => {
-                frame_string(&mut body, filename);
-                frame_string(&mut body, url);
-                out.extend(command_frame(if *put { 13 } else { 12 }, &body));
-            }
-            Out::Connect { url, .. } => {
-                frame_string(&mut body, url);
-                out.extend(command_frame(17, &body));
+    match o {
+        Out::Print(s) => Command::Print(s.clone()),
+        Out::Stderr(s) => Command::PrintStderr(s.clone()),
+        Out::Error(code, params) => Command::Error {
+            code: code.clone(),
+            params: params.clone(),
+        },
+        Out::Transfer {
+            put, filename, url, ..
+        } => {
+            let (filename, url) = (filename.clone(), url.clone());
+            if *put {
+                Command::HttpPut { filename, url }
+            } else {
+                Command::HttpGet { filename, url }
             }
         }
+        Out::Connect { url, .. } => Command::HttpConnect(url.clone()),
     }
-    out
+    .frame()
 }
 
-/// Reads the client's Response frame ([len][10][5 = OK | 6 = failed | 18 =
-/// wait]), skipping heartbeats; true for OK.
+/// The frame that ends a command with its exit status.
+pub(crate) fn exit_frame(status: i32) -> Vec<u8> {
+    Command::Exit(status).frame()
+}
+
+/// Reads the client's Response frame, skipping `Wait` heartbeats; true for
+/// OK. A frame that is not a Response, or a closed stream, is a failure.
 pub(crate) async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> bool {
     loop {
-        let mut head = [0u8; 4];
+        let mut head = [0u8; FRAME_HEAD];
         if stream.read_exact(&mut head).await.is_err() {
             return false;
         }
-        let n = i32::from_le_bytes(head).clamp(0, 64) as usize;
+        // A Response is 8 bytes; anything much longer is not one.
+        let n = payload_len(head).min(64);
         let mut body = vec![0u8; n];
-        if stream.read_exact(&mut body).await.is_err() || body.len() < 8 {
+        if stream.read_exact(&mut body).await.is_err() {
             return false;
         }
-        match i32::from_le_bytes([body[4], body[5], body[6], body[7]]) {
-            18 => continue,
-            code => return code == 5,
+        match decode(&body) {
+            Some(Message::Response(Response::Wait)) => continue,
+            Some(Message::Response(r)) => return r == Response::Ok,
+            _ => return false,
         }
     }
 }

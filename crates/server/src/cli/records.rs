@@ -1,8 +1,7 @@
 //! Per-class field tables and record rendering.
 
 use crate::cli::args::parse_bool;
-use crate::cli::context::CliCtx;
-use crate::cli::context::{CliError, text};
+use crate::cli::context::{CliCtx, CliError, text};
 use corral_model::schema::{ClassId, FieldDef, Ty};
 use corral_model::value::format_float;
 use corral_model::{ApiError, NULL_REF, Value};

@@ -3,9 +3,7 @@
 use crate::cli::args::parse_args;
 use crate::cli::commands::help;
 use crate::cli::context::{CliCtx, CliError};
-use crate::cli::protocol::{
-    GREETING, Out, Run, command_frame, encode_one, fail_text, read_response,
-};
+use crate::cli::protocol::{Out, Run, encode_one, exit_frame, fail_text, read_response};
 use crate::context::Server;
 use crate::core::call::{Caller, Origin};
 use corral_model::{ApiError, Value};
@@ -124,14 +122,12 @@ pub async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .map(|l| l.trim_end_matches('\r').to_owned())
         .filter(|l| !l.is_empty())
         .collect();
-    let mut hello = GREETING.to_vec();
-    hello.extend_from_slice(&0i32.to_le_bytes());
-    hello.extend_from_slice(&2i32.to_le_bytes());
+    let hello = corral_cli_proto::greeting();
     if stream.write_all(&hello).await.is_err() {
         return;
     }
     let mut reply = vec![0u8; hello.len()];
-    if stream.read_exact(&mut reply).await.is_err() || !reply.starts_with(GREETING) {
+    if stream.read_exact(&mut reply).await.is_err() || !corral_cli_proto::greeting_ok(&reply) {
         return;
     }
     // The command runs on its own; if the client goes away meanwhile (xe
@@ -186,7 +182,7 @@ pub async fn serve_cli<S: AsyncRead + AsyncWrite + Unpin + Send>(
             frames.extend(encode_one(o));
         }
     }
-    frames.extend(command_frame(4, &exit.to_le_bytes()));
+    frames.extend(exit_frame(exit));
     let _ = stream.write_all(&frames).await;
     let _ = stream.flush().await;
 }
@@ -275,6 +271,6 @@ pub fn encode(run: &Run) -> Vec<u8> {
     for o in &run.out {
         out.extend(encode_one(o));
     }
-    out.extend(command_frame(4, &run.exit.to_le_bytes()));
+    out.extend(exit_frame(run.exit));
     out
 }

@@ -13,8 +13,8 @@ mod security;
 mod storage;
 mod vm;
 
-use corral_model::Value;
-use corral_model::xmlrpc::{self, Response};
+use corral_model::xmlrpc::Response;
+use corral_model::{Value, xmlrpc};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
