@@ -1,5 +1,6 @@
 //! XenAPI errors as they travel: a code and string parameters.
 
+use crate::errors;
 use std::fmt;
 
 /// An API-level failure: `[CODE, param…]` on the wire.
@@ -23,34 +24,34 @@ impl ApiError {
         }
     }
     pub fn handle_invalid(class: &str, handle: &str) -> Self {
-        Self::new("HANDLE_INVALID", [class, handle])
+        Self::new(errors::HANDLE_INVALID, [class, handle])
     }
     pub fn uuid_invalid(class: &str, uuid: &str) -> Self {
-        Self::new("UUID_INVALID", [class, uuid])
+        Self::new(errors::UUID_INVALID, [class, uuid])
     }
     pub fn session_invalid(handle: &str) -> Self {
-        Self::new("SESSION_INVALID", [handle])
+        Self::new(errors::SESSION_INVALID, [handle])
     }
     pub fn internal(msg: impl Into<String>) -> Self {
         ApiError {
-            code: "INTERNAL_ERROR".into(),
+            code: errors::INTERNAL_ERROR.into(),
             params: vec![msg.into()],
         }
     }
     pub fn invalid_value(field: &str, value: &str) -> Self {
-        Self::new("INVALID_VALUE", [field, value])
+        Self::new(errors::INVALID_VALUE, [field, value])
     }
     pub fn field_type(field: &str) -> Self {
-        Self::new("FIELD_TYPE_ERROR", [field])
+        Self::new(errors::FIELD_TYPE_ERROR, [field])
     }
     pub fn operation_not_allowed(reason: impl Into<String>) -> Self {
         ApiError {
-            code: "OPERATION_NOT_ALLOWED".into(),
+            code: errors::OPERATION_NOT_ALLOWED.into(),
             params: vec![reason.into()],
         }
     }
     pub fn method_unknown(method: &str) -> Self {
-        Self::new("MESSAGE_METHOD_UNKNOWN", [method])
+        Self::new(errors::MESSAGE_METHOD_UNKNOWN, [method])
     }
     /// The whole description as a list of strings.
     pub fn description(&self) -> Vec<String> {

@@ -8,7 +8,9 @@
 //! [`Value`].
 
 pub mod date;
+pub mod enums;
 pub mod error;
+pub mod errors;
 pub mod http;
 pub mod jsonrpc;
 pub mod reference;

@@ -3,6 +3,7 @@
 
 use crate::date;
 use crate::error::ApiError;
+use crate::errors;
 use crate::schema::{Ty, enum_def};
 
 /// A XenAPI value. Integers stay distinct from strings so that XML-RPC can
@@ -195,7 +196,7 @@ pub fn coerce(v: Value, ty: &Ty, name: &str) -> Result<Value, ApiError> {
             } else if let Some(v) = def.values.iter().find(|v| v.eq_ignore_ascii_case(&s)) {
                 Ok(Value::String((*v).to_owned()))
             } else {
-                Err(ApiError::new("INVALID_VALUE", [name.to_owned(), s]))
+                Err(errors::invalid_value(name.to_owned(), s))
             }
         }
         (Ty::Int, Value::Int(i)) => Ok(Value::Int(i)),
@@ -216,7 +217,7 @@ pub fn coerce(v: Value, ty: &Ty, name: &str) -> Result<Value, ApiError> {
         (Ty::Bool, Value::Bool(b)) => Ok(Value::Bool(b)),
         (Ty::DateTime, Value::DateTime(s) | Value::String(s)) => match date::parse(&s) {
             Some(t) => Ok(Value::DateTime(date::format(t))),
-            None => Err(ApiError::new("INVALID_VALUE", [name.to_owned(), s])),
+            None => Err(errors::invalid_value(name.to_owned(), s)),
         },
         // Duplicates go in one pass (a hash of what was seen), so a request
         // costs time linear in its size.

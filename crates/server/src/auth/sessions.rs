@@ -3,6 +3,7 @@
 use crate::auth::passwords::{decoy_hash, verify_in};
 use crate::core::config::Config;
 use corral_db::Db;
+use corral_model::errors;
 use corral_model::schema::{Role, class, field};
 use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
 use std::collections::HashMap;
@@ -192,10 +193,7 @@ impl Throttle {
 }
 
 pub(crate) fn auth_failed(uname: &str) -> ApiError {
-    ApiError::new(
-        "SESSION_AUTHENTICATION_FAILED",
-        [uname, "Authentication failure"],
-    )
+    errors::session_authentication_failed(uname, "Authentication failure")
 }
 
 impl Sessions {

@@ -7,6 +7,7 @@ use crate::core::call::{ApiResult, BoxFut, Ctx, db_err};
 use crate::core::config::Config;
 use crate::core::events_hub::EventHub;
 use corral_db::Db;
+use corral_model::errors;
 use corral_model::schema::{CLASSES, class, field};
 use corral_model::{ApiError, Value, date, new_ref, xmlrpc};
 use std::collections::HashMap;
@@ -193,7 +194,7 @@ impl Server {
                         task,
                         Value::string_set(e.description()),
                     )?;
-                    let st = if e.code == "TASK_CANCELLED" {
+                    let st = if e.code == errors::TASK_CANCELLED {
                         "cancelled"
                     } else {
                         "failure"

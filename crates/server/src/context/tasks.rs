@@ -5,6 +5,7 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx};
+use corral_model::errors;
 use corral_model::schema::{Role, class, field};
 use corral_model::{ApiError, Value, date};
 
@@ -32,7 +33,7 @@ impl Server {
             if o.values().filter(mine).count() >= TASKS_PER_SESSION
                 || o.values().filter(users).count() >= TASKS_PER_USER
             {
-                return Err(ApiError::code("TOO_MANY_PENDING_TASKS"));
+                return Err(errors::too_many_pending_tasks());
             }
         }
         let t = self.task_create(label, description, &ctx.session, true)?;
@@ -59,15 +60,12 @@ impl Server {
             .iter()
             .map(|r| r.name())
             .collect();
-        Err(ApiError::new(
-            "RBAC_PERMISSION_DENIED",
-            [
-                format!("{}/any", wire.to_lowercase()),
-                format!(
-                    "No permission in user session. (Roles with this permission: {})",
-                    holders.join(", ")
-                ),
-            ],
+        Err(errors::rbac_permission_denied(
+            format!("{}/any", wire.to_lowercase()),
+            format!(
+                "No permission in user session. (Roles with this permission: {})",
+                holders.join(", ")
+            ),
         ))
     }
 
@@ -127,7 +125,7 @@ impl Server {
             .map_err(ApiError::from)?;
         self.request_cancel(task);
         if !self.task_has_worker(task) {
-            self.task_complete(task, Err(ApiError::new("TASK_CANCELLED", [task])));
+            self.task_complete(task, Err(errors::task_cancelled(task)));
         }
         Ok(())
     }

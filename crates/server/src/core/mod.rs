@@ -5,6 +5,7 @@ pub mod audit;
 pub mod call;
 pub mod config;
 pub mod conns;
+pub mod driver_errors;
 pub mod events_hub;
 pub mod logfile;
 pub mod logsafe;

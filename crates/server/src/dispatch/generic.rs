@@ -5,6 +5,7 @@ use crate::core::call::{ApiResult, db_err, uuid_field};
 use crate::core::records::{check_refs, create_fields};
 use crate::dispatch::resolve::Kind;
 use corral_db::{Txn, check_field};
+use corral_model::errors;
 use corral_model::schema::{ClassId, class};
 use corral_model::{ApiError, Value, new_ref};
 
@@ -123,9 +124,11 @@ impl Server {
                         let mut m = cur.as_struct().map(<[_]>::to_vec).unwrap_or_default();
                         if m.iter().any(|(k, _)| *k == key) {
                             let uuid = t.state().get_str(uuid_field(c), &r).unwrap_or_default();
-                            return Err(ApiError::new(
-                                "MAP_DUPLICATE_KEY",
-                                [c.name(), f.def().name, &uuid, &key],
+                            return Err(errors::map_duplicate_key(
+                                c.name(),
+                                f.def().name,
+                                &uuid,
+                                &key,
                             ));
                         }
                         m.push((key.clone(), val.clone()));

@@ -3,6 +3,7 @@
 use crate::context::{Handler, Server};
 use crate::core::call::{ApiResult, Caller, Ctx, uuid_field};
 use crate::dispatch::resolve::{Kind, Resolved};
+use corral_model::errors;
 use corral_model::schema::{ClassId, Role, class};
 use corral_model::value::{coerce, default_value};
 use corral_model::{ApiError, Value};
@@ -129,7 +130,7 @@ impl Server {
     /// at most once a second.
     pub(crate) fn log_failed_call(&self, method: &str, user: &str, source: &str, e: &ApiError) {
         static UNAUTHENTICATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let anonymous = user.is_empty() || e.code == "SESSION_AUTHENTICATION_FAILED";
+        let anonymous = user.is_empty() || e.code == errors::SESSION_AUTHENTICATION_FAILED;
         if anonymous && !crate::core::logsafe::once_per(&UNAUTHENTICATED, 1) {
             return;
         }
@@ -176,9 +177,10 @@ impl Server {
             } else {
                 format!("{required}-{}", res.params.len())
             };
-            return Err(ApiError::new(
-                "MESSAGE_PARAMETER_COUNT_MISMATCH",
-                [res.wire.clone(), expected, given.to_string()],
+            return Err(errors::message_parameter_count_mismatch(
+                res.wire.clone(),
+                expected,
+                given.to_string(),
             ));
         }
         let ctx = if res.session {
@@ -188,15 +190,12 @@ impl Server {
             if !info.role.allows(res.role) {
                 let perm = res.wire.to_lowercase();
                 let holders: Vec<&str> = Role::holders(res.role).iter().map(|r| r.name()).collect();
-                return Err(ApiError::new(
-                    "RBAC_PERMISSION_DENIED",
-                    [
-                        perm,
-                        format!(
-                            "No permission in user session. (Roles with this permission: {})",
-                            holders.join(", ")
-                        ),
-                    ],
+                return Err(errors::rbac_permission_denied(
+                    perm,
+                    format!(
+                        "No permission in user session. (Roles with this permission: {})",
+                        holders.join(", ")
+                    ),
                 ));
             }
             Ctx {

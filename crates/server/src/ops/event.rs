@@ -3,6 +3,7 @@
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx};
 use corral_db::{EventOp, State};
+use corral_model::errors;
 use corral_model::schema::ClassId;
 use corral_model::{ApiError, Value};
 use std::collections::HashMap;
@@ -22,7 +23,7 @@ pub(crate) fn parse_token(t: &str) -> Result<Option<u64>, ApiError> {
         .trim()
         .parse::<u64>()
         .map(Some)
-        .map_err(|_| ApiError::new("EVENT_FROM_TOKEN_PARSE_FAILURE", [t]))
+        .map_err(|_| errors::event_from_token_parse_failure(t))
 }
 
 /// A parsed subscription list.
@@ -45,19 +46,13 @@ impl Subs {
                 s.all = true;
             } else if let Some((c, r)) = i.split_once('/') {
                 if c.is_empty() || r.is_empty() {
-                    return Err(ApiError::new(
-                        "EVENT_SUBSCRIPTION_PARSE_FAILURE",
-                        [i.as_str()],
-                    ));
+                    return Err(errors::event_subscription_parse_failure(i.as_str()));
                 }
                 if let Some(c) = ClassId::by_lower_name(c) {
                     s.objects.push((c, r.to_owned()));
                 }
             } else if i.is_empty() {
-                return Err(ApiError::new(
-                    "EVENT_SUBSCRIPTION_PARSE_FAILURE",
-                    [i.as_str()],
-                ));
+                return Err(errors::event_subscription_parse_failure(i.as_str()));
             } else if let Some(c) = ClassId::by_lower_name(i) {
                 s.classes.push(c);
             }
@@ -186,7 +181,7 @@ pub async fn from(
                     out
                 }
                 Some(s) if s > g || s < st.log_floor() => {
-                    return Err(ApiError::code("EVENTS_LOST"));
+                    return Err(errors::events_lost());
                 }
                 Some(s) => collect(&st, &subs, s),
             };
@@ -256,16 +251,13 @@ pub async fn next(server: Arc<Server>, ctx: Ctx) -> ApiResult {
             return Err(ApiError::session_invalid(&ctx.session));
         };
         let Some((subs, cursor)) = reg else {
-            return Err(ApiError::new(
-                "SESSION_NOT_REGISTERED",
-                [ctx.session.as_str()],
-            ));
+            return Err(errors::session_not_registered(ctx.session.as_str()));
         };
         let parsed = Subs::parse(&subs)?;
         let (events, g) = {
             let st = server.db.read();
             if cursor < st.log_floor() {
-                return Err(ApiError::code("EVENTS_LOST"));
+                return Err(errors::events_lost());
             }
             let mut out = Vec::new();
             for e in st.events_since(cursor) {

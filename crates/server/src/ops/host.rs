@@ -8,6 +8,9 @@ use crate::ops::vm::lifecycle::VmOp;
 use crate::ops::vm::power::{clean_stop, halt, params};
 use crate::ops::vm::state::alert;
 use crate::ops::vm::suspend::vm_suspend;
+use corral_model::enums::VmOperations;
+use corral_model::enums::VmPowerState;
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
 use std::sync::Arc;
@@ -32,7 +35,7 @@ pub(crate) fn refresh_certificate(s: &Arc<Server>) -> ApiResult {
 pub(crate) async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (host, _) = params(p);
     if host != s.host_ref {
-        return Err(ApiError::new("HOST_OFFLINE", [host.as_str()]));
+        return Err(errors::host_offline(host.as_str()));
     }
     let oc = strmap(s.db.read().get(field::host::OTHER_CONFIG, &host));
     let policy = oc
@@ -63,15 +66,15 @@ pub(crate) async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> 
         }
         "suspend" => {
             for (_, vm) in &vms {
-                if power(&s.db.read(), vm) == "Running" {
+                if power(&s.db.read(), vm) == VmPowerState::Running {
                     vm_suspend(Arc::clone(&s), c.clone(), vec![Value::str(vm)]).await?;
                 }
             }
         }
         _ => {
             for (_, vm) in &vms {
-                let _op = VmOp::begin(&s, &c, vm, "shutdown")?;
-                let clean = power(&s.db.read(), vm) == "Running"
+                let _op = VmOp::begin(&s, &c, vm, VmOperations::Shutdown)?;
+                let clean = power(&s.db.read(), vm) == VmPowerState::Running
                     && clean_stop(&s, vm, timeout, None).await.unwrap_or(false);
                 halt(&s, vm).await?;
                 alert(

@@ -2,13 +2,15 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, void};
+use crate::core::driver_errors;
 use crate::core::records::{check_refs, create_fields, db, first, given_field, strmap, to_value};
-use crate::ops::storage::backend::{blocking, sr_lock, sr_on, storage_error};
+use crate::ops::storage::backend::{blocking, sr_lock, sr_on};
 use crate::ops::storage::records::{
     assert_detached, delete_secrets, pbds_of, refresh_allowed, refresh_sizes, store_secrets,
     vdi_attached, vdis_of,
 };
 use crate::ops::storage::scan::sr_scan;
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value, new_ref};
 use corral_storage::FORMAT_VERSION;
@@ -35,9 +37,10 @@ pub(crate) fn pbd_create(s: &Server, p: Vec<Value>) -> ApiResult {
             .into_iter()
             .find(|p| t.state().get_str(field::pbd::HOST, p).as_deref() == Some(host.as_str()))
         {
-            return Err(ApiError::new(
-                "PBD_EXISTS",
-                [sr.as_str(), host.as_str(), existing.as_str()],
+            return Err(errors::pbd_exists(
+                sr.as_str(),
+                host.as_str(),
+                existing.as_str(),
             ));
         }
         store_secrets(t, &mut dc)?;
@@ -77,7 +80,7 @@ pub async fn pbd_plug(s: &Arc<Server>, pbd: &str) -> Result<(), ApiError> {
         )
     };
     if host != s.host_ref {
-        return Err(ApiError::new("HOST_OFFLINE", [host]));
+        return Err(errors::host_offline(host));
     }
     {
         // A non-shared SR may be attached on one host only.
@@ -95,17 +98,14 @@ pub async fn pbd_plug(s: &Arc<Server>, pbd: &str) -> Result<(), ApiError> {
                         .unwrap_or(false)
             })
         {
-            return Err(ApiError::new(
-                "SR_NOT_SHARABLE",
-                [sr.as_str(), host.as_str()],
-            ));
+            return Err(errors::sr_not_sharable(sr.as_str(), host.as_str()));
         }
     }
     let on = sr_on(s, &sr)?;
     let (d, ctx) = (on.driver, on.ctx.clone());
     let version = blocking(move || d.attach(&ctx))
         .await?
-        .map_err(|e| storage_error(47, &sr, e))?;
+        .map_err(|e| driver_errors::storage(47, &sr, e))?;
     db(s.db.write(|t| {
         t.set(field::pbd::CURRENTLY_ATTACHED, pbd, Value::Bool(true))?;
         let mut sm = strmap(
@@ -140,7 +140,7 @@ pub async fn pbd_unplug(s: &Arc<Server>, pbd: &str) -> Result<(), ApiError> {
             .filter(|v| vdi_attached(&st, v))
             .collect();
         if let Some(v) = in_use.first() {
-            return Err(ApiError::new("VDI_IN_USE", [v.as_str(), "unplug"]));
+            return Err(errors::vdi_in_use(v.as_str(), "unplug"));
         }
     }
     let on = sr_on(s, &sr)?;
@@ -148,7 +148,7 @@ pub async fn pbd_unplug(s: &Arc<Server>, pbd: &str) -> Result<(), ApiError> {
     let (d, ctx) = (on.driver, on.ctx.clone());
     blocking(move || d.detach(&ctx))
         .await?
-        .map_err(|e| storage_error(47, &sr, e))?;
+        .map_err(|e| driver_errors::storage(47, &sr, e))?;
     db(s.db.write(|t| {
         t.set(field::pbd::CURRENTLY_ATTACHED, pbd, Value::Bool(false))?;
         refresh_allowed(t, &sr)

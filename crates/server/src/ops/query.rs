@@ -1,18 +1,23 @@
 //! Read-only questions about VM records.
 
 use crate::context::Server;
+use corral_model::Value;
+use corral_model::enums::VmPowerState;
 use corral_model::schema::{class, field};
-use corral_model::{ApiError, Value};
 use std::collections::BTreeMap;
 
-pub(crate) fn power(st: &corral_db::State, vm: &str) -> String {
-    st.get_str(field::vm::POWER_STATE, vm).unwrap_or_default()
+/// A VM's power state (Halted for a record that has none it knows).
+pub(crate) fn power(st: &corral_db::State, vm: &str) -> VmPowerState {
+    st.get_str(field::vm::POWER_STATE, vm)
+        .as_deref()
+        .and_then(VmPowerState::parse)
+        .unwrap_or(VmPowerState::Halted)
 }
 
 /// The VM has a QEMU on this host: Running or Paused, resident here.
 pub(crate) fn live_here(s: &Server, st: &corral_db::State, vm: &str) -> bool {
     let p = power(st, vm);
-    (p == "Running" || p == "Paused")
+    (p == VmPowerState::Running || p == VmPowerState::Paused)
         && st.get_str(field::vm::RESIDENT_ON, vm).as_deref() == Some(s.host_ref.as_str())
 }
 
@@ -28,10 +33,6 @@ pub(crate) fn int(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> i
 
 pub(crate) fn flag(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> bool {
     st.get(f, r).and_then(|v| v.as_bool()).unwrap_or(false)
-}
-
-pub(crate) fn agent_err(e: corral_agent::AgentError) -> ApiError {
-    ApiError::internal(e.to_string())
 }
 
 pub(crate) fn vm_uuid(st: &corral_db::State, vm: &str) -> String {
@@ -65,7 +66,8 @@ pub(crate) fn running_uuid(s: &Server, vbd: &str) -> Option<(String, String)> {
     let st = s.db.read();
     let vm = st.get_str(field::vbd::VM, vbd)?;
     let p = power(&st, &vm);
-    (p == "Running" || p == "Paused").then(|| (vm.clone(), vm_uuid(&st, &vm)))
+    (p == VmPowerState::Running || p == VmPowerState::Paused)
+        .then(|| (vm.clone(), vm_uuid(&st, &vm)))
 }
 
 pub(crate) fn busy(s: &Server, vm: &str) -> bool {

@@ -3,6 +3,7 @@
 use crate::auth::passwords::hash_password;
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, pstr, void};
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
 use std::sync::Arc;
@@ -54,16 +55,13 @@ pub(crate) async fn change_password(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> Ap
         (user, hash)
     };
     let (Some(user), Some(hash)) = (user, hash) else {
-        return Err(ApiError::new(
-            "USER_IS_NOT_LOCAL_SUPERUSER",
-            [c.user.as_str()],
-        ));
+        return Err(errors::user_is_not_local_superuser(c.user.as_str()));
     };
     let key = (None, c.user.clone());
     if !s.sessions.verify_throttled(&s, key, Some(hash), &old).await {
-        return Err(ApiError::new(
-            "SESSION_AUTHENTICATION_FAILED",
-            [c.user.as_str(), "Old password does not match"],
+        return Err(errors::session_authentication_failed(
+            c.user.as_str(),
+            "Old password does not match",
         ));
     }
     let h = hash_password(&new)?;

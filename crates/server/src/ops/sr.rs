@@ -2,14 +2,16 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, pstr, void};
+use crate::core::driver_errors;
 use crate::core::records::{db, first, strmap, to_value};
 use crate::ops::pbd::pbd_plug;
-use crate::ops::storage::backend::{attached, blocking, driver, sr_lock, sr_on, storage_error};
+use crate::ops::storage::backend::{attached, blocking, driver, sr_lock, sr_on};
 use crate::ops::storage::journal::journal_dir;
 use crate::ops::storage::records::{
     delete_secrets, pbds_of, refresh_allowed, store_secrets, sync_sm_records, vdi_attached, vdis_of,
 };
 use corral_db::Txn;
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
 use corral_storage::{FORMAT_VERSION, SrCtx, StorageError};
@@ -120,7 +122,7 @@ pub(crate) async fn sr_create(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResu
         let ctx = ctx.clone();
         blocking(move || d.create(&ctx, physical_size))
             .await?
-            .map_err(|e| storage_error(78, &sr, e))?;
+            .map_err(|e| driver_errors::storage(78, &sr, e))?;
     }
     let hosts: Vec<String> = if shared {
         s.db.read().refs(class::HOST).cloned().collect()
@@ -213,7 +215,7 @@ pub(crate) fn sr_introduce(s: &Server, p: Vec<Value>) -> ApiResult {
     let sr = new_ref();
     db(s.db.write(|t| {
         if t.state().by_uuid(class::SR, &uuid).is_some() {
-            return Err(ApiError::new("SR_UUID_EXISTS", [uuid.as_str()]));
+            return Err(errors::sr_uuid_exists(uuid.as_str()));
         }
         t.create(
             class::SR,
@@ -240,7 +242,7 @@ pub(crate) fn assert_no_plugged_pbd(st: &corral_db::State, sr: &str) -> Result<(
             .and_then(|v| v.as_bool())
             .unwrap_or(false)
     }) {
-        return Err(ApiError::new("SR_HAS_PBD", [sr]));
+        return Err(errors::sr_has_pbd(sr));
     }
     Ok(())
 }
@@ -314,10 +316,10 @@ pub(crate) async fn sr_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
                 .unwrap_or(true)
         });
         if managed && st.get_str(field::sr::TYPE_, &sr).as_deref() != Some("iso") {
-            return Err(ApiError::new("SR_NOT_EMPTY", Vec::<String>::new()));
+            return Err(ApiError::new(errors::SR_NOT_EMPTY, Vec::<String>::new()));
         }
         if on.pbd.is_none() {
-            return Err(ApiError::new("SR_NO_PBDS", [sr.as_str()]));
+            return Err(errors::sr_no_pbds(sr.as_str()));
         }
     }
     let (d, ctx) = (on.driver, on.ctx.clone());
@@ -330,7 +332,7 @@ pub(crate) async fn sr_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
         d.delete(&ctx)
     })
     .await?
-    .map_err(|e| storage_error(39, &sr, e))?;
+    .map_err(|e| driver_errors::storage(39, &sr, e))?;
     db(s.db.write(|t| remove_sr_records(t, &sr)))?;
     void()
 }
@@ -345,12 +347,12 @@ pub(crate) async fn sr_probe(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     }
     let d = driver(&kind)?;
     if !d.info().capabilities.contains(&"SR_PROBE") {
-        return Err(ApiError::new("SR_OPERATION_NOT_SUPPORTED", [NULL_REF]));
+        return Err(errors::sr_operation_not_supported(NULL_REF));
     }
     let state_dir = s.state_dir.clone();
     let xml = blocking(move || d.probe(&dc, &state_dir))
         .await?
-        .map_err(|e| storage_error(1, "", e))?;
+        .map_err(|e| driver_errors::storage(1, "", e))?;
     Ok(Value::String(xml))
 }
 
@@ -361,14 +363,14 @@ pub(crate) async fn sr_upgrade(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     {
         let st = s.db.read();
         if let Some(v) = vdis_of(&st, &sr).iter().find(|v| vdi_attached(&st, v)) {
-            return Err(ApiError::new("VDI_IN_USE", [v.as_str(), "sr_upgrade"]));
+            return Err(errors::vdi_in_use(v.as_str(), "sr_upgrade"));
         }
     }
     if on.format_version < FORMAT_VERSION {
         let (d, ctx) = (on.driver, on.ctx.clone());
         blocking(move || d.upgrade(&ctx))
             .await?
-            .map_err(|e| storage_error(47, &sr, e))?;
+            .map_err(|e| driver_errors::storage(47, &sr, e))?;
     }
     db(s.db.write(|t| {
         let mut sm = strmap(

@@ -3,6 +3,7 @@
 use crate::auth::passwords::hash_password;
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, pstr, void};
+use corral_model::errors;
 use corral_model::schema::{Role, class, field};
 use corral_model::{ApiError, Value, new_ref};
 use std::sync::Arc;
@@ -22,9 +23,8 @@ pub(crate) fn user_destroy(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult
         return Err(ApiError::handle_invalid("user", &r));
     }
     if is_root_user(s, &r) {
-        return Err(ApiError::new(
-            "USER_IS_NOT_LOCAL_SUPERUSER",
-            ["the local superuser cannot be destroyed"],
+        return Err(errors::user_is_not_local_superuser(
+            "the local superuser cannot be destroyed",
         ));
     }
     s.db.write(|t| t.delete(class::USER, &r))
@@ -60,9 +60,10 @@ pub(crate) fn assert_unique_user(st: &corral_db::State, name: &str) -> Result<()
         .refs(class::USER)
         .any(|u| st.get_str(field::user::SHORT_NAME, u).as_deref() == Some(name))
     {
-        return Err(ApiError::new(
-            "DB_UNIQUENESS_CONSTRAINT_VIOLATION",
-            ["user", "short_name", name],
+        return Err(errors::db_uniqueness_constraint_violation(
+            "user",
+            "short_name",
+            name,
         ));
     }
     Ok(())
@@ -74,7 +75,7 @@ pub(crate) fn create_local_user(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiR
     if name.is_empty() || name == "root" {
         return Err(ApiError::invalid_value("short_name", &name));
     }
-    Role::from_name(&role).ok_or_else(|| ApiError::code("ROLE_NOT_FOUND"))?;
+    Role::from_name(&role).ok_or_else(|| errors::role_not_found())?;
     let h = hash_password(&pwd)?;
     let r = new_ref();
     s.db.write(|t| {
@@ -87,7 +88,7 @@ pub(crate) fn create_local_user(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiR
                     .is_some_and(|n| n.eq_ignore_ascii_case(&role))
             })
             .cloned()
-            .ok_or_else(|| ApiError::code("ROLE_NOT_FOUND"))?;
+            .ok_or_else(|| errors::role_not_found())?;
         t.create(
             class::USER,
             &r,

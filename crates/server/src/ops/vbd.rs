@@ -2,11 +2,14 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, pstr, void};
+use crate::core::driver_errors;
 use crate::core::records::{check_refs, create_fields, db, first, given_field};
-use crate::ops::query::{agent_err, device_name, flag, power, running_uuid, vdi_read_only};
+use crate::ops::query::{device_name, flag, power, running_uuid, vdi_read_only};
 use crate::ops::storage::records::assert_detached;
 use crate::ops::vdi::vdi_image_of;
 use corral_agent::Drive;
+use corral_model::enums::VmPowerState;
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
 use std::collections::HashSet;
@@ -37,7 +40,7 @@ pub(crate) fn drive_of(
                 cdrom,
             }));
         }
-        return Err(ApiError::new("VM_REQUIRES_VDI", [vbd, vdi.as_str()]));
+        return Err(errors::vm_requires_vdi(vbd, vdi.as_str()));
     }
     let image = vdi_image_of(s, st, &vdi)?;
     Ok(Some(Drive {
@@ -71,7 +74,7 @@ pub(crate) fn check_vdi_free(st: &corral_db::State, vm: &str, vbd: &str) -> Resu
         }
         let other_rw = st.get_str(field::vbd::MODE, other).as_deref() == Some("RW");
         if rw || other_rw {
-            return Err(ApiError::new("VDI_IN_USE", [vdi.as_str(), "start"]));
+            return Err(errors::vdi_in_use(vdi.as_str(), "start"));
         }
     }
     Ok(())
@@ -91,16 +94,17 @@ pub(crate) async fn vbd_plug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResul
             s.db.read()
                 .get_str(field::vbd::VM, &vbd)
                 .unwrap_or_default();
-        let actual = power(&s.db.read(), &vm).to_lowercase();
-        return Err(ApiError::new(
-            "VM_BAD_POWER_STATE",
-            [vm.as_str(), "running", actual.as_str()],
+        let actual = power(&s.db.read(), &vm).as_str().to_lowercase();
+        return Err(errors::vm_bad_power_state(
+            vm.as_str(),
+            "running",
+            actual.as_str(),
         ));
     };
     let drive = {
         let st = s.db.read();
         if flag(&st, field::vbd::CURRENTLY_ATTACHED, &vbd) {
-            return Err(ApiError::new("DEVICE_ALREADY_ATTACHED", [vbd.as_str()]));
+            return Err(errors::device_already_attached(vbd.as_str()));
         }
         check_vdi_free(&st, &vm, &vbd)?;
         drive_of(&s, &st, &vbd)?
@@ -119,7 +123,7 @@ pub(crate) async fn vbd_plug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResul
     s.agent
         .drive_attach(&uuid, drive)
         .await
-        .map_err(agent_err)?;
+        .map_err(|e| driver_errors::agent(&vm, e))?;
     db(s.db.write(|t| {
         let ud = t
             .state()
@@ -149,20 +153,18 @@ pub(crate) async fn vbd_unplug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiRes
         )
     };
     if !attached {
-        return Err(ApiError::new("DEVICE_ALREADY_DETACHED", [vbd.as_str()]));
+        return Err(errors::device_already_detached(vbd.as_str()));
     }
     if ty == "CD" {
-        return Err(ApiError::new("VBD_NOT_UNPLUGGABLE", [vbd.as_str()]));
+        return Err(errors::vbd_not_unpluggable(vbd.as_str()));
     }
     let Some((_, vm_uuid)) = running_uuid(&s, &vbd) else {
-        return Err(ApiError::new("DEVICE_ALREADY_DETACHED", [vbd.as_str()]));
+        return Err(errors::device_already_detached(vbd.as_str()));
     };
-    s.agent.drive_detach(&vm_uuid, &uuid).await.map_err(|e| {
-        ApiError::new(
-            "DEVICE_DETACH_REJECTED",
-            ["VBD", vbd.as_str(), e.to_string().as_str()],
-        )
-    })?;
+    s.agent
+        .drive_detach(&vm_uuid, &uuid)
+        .await
+        .map_err(|e| errors::device_detach_rejected("VBD", vbd.as_str(), e.to_string().as_str()))?;
     db(s.db.write(|t| t.set(field::vbd::CURRENTLY_ATTACHED, &vbd, Value::Bool(false))))?;
     void()
 }
@@ -207,7 +209,11 @@ pub(crate) async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> Ap
                 )?;
                 t.set(field::vbd::VDI, &vbd, Value::String(old))
             }));
-            return Err(agent_err(e));
+            let vm =
+                s.db.read()
+                    .get_str(field::vbd::VM, &vbd)
+                    .unwrap_or_default();
+            return Err(driver_errors::agent(&vm, e));
         }
     }
     void()
@@ -225,11 +231,12 @@ pub(crate) fn vbd_set_mode(s: &Server, p: Vec<Value>) -> ApiResult {
             return Err(ApiError::handle_invalid("VBD", &vbd));
         }
         let vm = st.get_str(field::vbd::VM, &vbd).unwrap_or_default();
-        let power = st.get_str(field::vm::POWER_STATE, &vm).unwrap_or_default();
-        if power != "Halted" {
-            return Err(ApiError::new(
-                "VM_BAD_POWER_STATE",
-                [vm.as_str(), "halted", &power.to_ascii_lowercase()],
+        let power = crate::ops::query::power(&st, &vm);
+        if power != VmPowerState::Halted {
+            return Err(errors::vm_bad_power_state(
+                vm.as_str(),
+                "halted",
+                &power.as_str().to_lowercase(),
             ));
         }
         let vdi = st.get_str(field::vbd::VDI, &vbd).unwrap_or_default();
@@ -242,7 +249,7 @@ pub(crate) fn vbd_set_mode(s: &Server, p: Vec<Value>) -> ApiResult {
             && st.exists(class::VDI, &vdi)
             && crate::ops::query::vdi_read_only(st, &vdi)
         {
-            return Err(ApiError::new("VDI_READONLY", [vdi.as_str()]));
+            return Err(errors::vdi_readonly(vdi.as_str()));
         }
         let v = corral_db::check_field(field::vbd::MODE, Value::String(mode.clone()))?;
         t.set(field::vbd::MODE, &vbd, v)
@@ -280,19 +287,19 @@ pub(crate) fn vbd_create(s: &Server, p: Vec<Value>) -> ApiResult {
             return Err(ApiError::handle_invalid("VDI", &vdi));
         }
         if empty && ty != "CD" {
-            return Err(ApiError::new("VBD_NOT_REMOVABLE_MEDIA", [r.as_str()]));
+            return Err(errors::vbd_not_removable_media(r.as_str()));
         }
         if !empty {
             let ro = crate::ops::query::vdi_read_only(st, &vdi);
             if ro && mode == "RW" && ty == "Disk" {
-                return Err(ApiError::new("VDI_READONLY", [vdi.as_str()]));
+                return Err(errors::vdi_readonly(vdi.as_str()));
             }
             if !st
                 .get(field::vdi::MANAGED, &vdi)
                 .and_then(|v| v.as_bool())
                 .unwrap_or(true)
             {
-                return Err(ApiError::new("VDI_NOT_MANAGED", [vdi.as_str()]));
+                return Err(errors::vdi_not_managed(vdi.as_str()));
             }
         }
         // userdevice: unique per VM; "autodetect" takes the lowest free slot.
@@ -310,10 +317,7 @@ pub(crate) fn vbd_create(s: &Server, p: Vec<Value>) -> ApiResult {
                 .find(|d| !used.contains(d))
                 .unwrap_or_default();
         } else if used.contains(&userdevice) {
-            return Err(ApiError::new(
-                "DEVICE_ALREADY_EXISTS",
-                [userdevice.as_str()],
-            ));
+            return Err(errors::device_already_exists(userdevice.as_str()));
         }
         given.retain(|(i, _)| {
             *i != field::vbd::USERDEVICE.index && *i != field::vbd::CURRENTLY_ATTACHED.index
@@ -354,14 +358,14 @@ pub(crate) fn vbd_insert(s: &Server, p: Vec<Value>) -> ApiResult {
             return Err(ApiError::handle_invalid("VDI", &vdi));
         }
         if st.get_str(field::vbd::TYPE_, &vbd).as_deref() != Some("CD") {
-            return Err(ApiError::new("VBD_NOT_REMOVABLE_MEDIA", [vbd.as_str()]));
+            return Err(errors::vbd_not_removable_media(vbd.as_str()));
         }
         if !st
             .get(field::vbd::EMPTY, &vbd)
             .and_then(|v| v.as_bool())
             .unwrap_or(true)
         {
-            return Err(ApiError::new("VBD_NOT_EMPTY", [vbd.as_str()]));
+            return Err(errors::vbd_not_empty(vbd.as_str()));
         }
         t.set(field::vbd::VDI, &vbd, Value::str(&vdi))?;
         t.set(
@@ -382,14 +386,14 @@ pub(crate) fn vbd_eject(s: &Server, p: Vec<Value>) -> ApiResult {
             return Err(ApiError::handle_invalid("VBD", &vbd));
         }
         if st.get_str(field::vbd::TYPE_, &vbd).as_deref() != Some("CD") {
-            return Err(ApiError::new("VBD_NOT_REMOVABLE_MEDIA", [vbd.as_str()]));
+            return Err(errors::vbd_not_removable_media(vbd.as_str()));
         }
         if st
             .get(field::vbd::EMPTY, &vbd)
             .and_then(|v| v.as_bool())
             .unwrap_or(false)
         {
-            return Err(ApiError::new("VBD_IS_EMPTY", [vbd.as_str()]));
+            return Err(errors::vbd_is_empty(vbd.as_str()));
         }
         t.set(field::vbd::VDI, &vbd, Value::str(NULL_REF))?;
         t.set(

@@ -4,8 +4,9 @@ use crate::context::Server;
 use crate::core::call::{Caller, Origin};
 use crate::dispatch::Reply;
 use crate::wire::http::{MAX_CLI_BODY, MAX_RPC_BODY, error_page, refuse, write_simple};
+use corral_model::errors;
 use corral_model::http::{MAX_HEAD, find_head_end, parse_head};
-use corral_model::{ApiError, jsonrpc, xmlrpc};
+use corral_model::{jsonrpc, xmlrpc};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
@@ -180,8 +181,7 @@ where
                 }
                 Err(e) if std::str::from_utf8(&body).is_err() => {
                     tracing::debug!(error = %e, "XML-RPC body is not UTF-8");
-                    let err =
-                        ApiError::new("INVALID_VALUE", ["Invalid UTF-8 string in parameter", ""]);
+                    let err = errors::invalid_value("Invalid UTF-8 string in parameter", "");
                     ("200 OK", "text/xml", xmlrpc::failure(&err).into_bytes())
                 }
                 Err(e) => {

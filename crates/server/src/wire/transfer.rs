@@ -7,6 +7,7 @@
 use crate::context::Server;
 use crate::wire::http::write_simple;
 use crate::wire::query::query_param;
+use corral_model::errors;
 use corral_model::http::Request;
 use corral_model::schema::{Role, class, field};
 use corral_model::{ApiError, Value};
@@ -56,7 +57,7 @@ pub(crate) fn prepare(
         .check(server, &session)
         .map_err(|_| ("401 Unauthorized", "invalid session".to_owned()))?;
     if !info.role.allows(Role::VmAdmin) {
-        return Err(("403 Forbidden", "RBAC_PERMISSION_DENIED".into()));
+        return Err(("403 Forbidden", errors::RBAC_PERMISSION_DENIED.into()));
     }
     let wire = query_param(q, "format").unwrap_or_else(|| "raw".into());
     let Some(format) = wire_format(&wire) else {
@@ -97,7 +98,7 @@ pub(crate) fn prepare(
                 if !info.role.allows(Role::PoolOperator)
                     && !server.owns_task(&session, &info.user_name, &t) =>
             {
-                return Err(("403 Forbidden", "RBAC_PERMISSION_DENIED".into()));
+                return Err(("403 Forbidden", errors::RBAC_PERMISSION_DENIED.into()));
             }
             Some(t) => (t, false),
             None => (
@@ -135,11 +136,10 @@ pub(crate) fn finish(server: &Server, t: &Transfer, result: Result<(), ApiError>
 
 pub(crate) fn storage_err(vdi: &str, e: corral_storage::StorageError) -> ApiError {
     match e {
-        corral_storage::StorageError::Untrusted(why) => ApiError::new(
-            "IMPORT_ERROR",
-            [format!("the image cannot be imported: {why}")],
-        ),
-        e => crate::ops::storage::backend::storage_error(1, vdi, e),
+        corral_storage::StorageError::Untrusted(why) => {
+            errors::import_error(format!("the image cannot be imported: {why}"))
+        }
+        e => crate::core::driver_errors::storage(1, vdi, e),
     }
 }
 
@@ -173,13 +173,10 @@ pub async fn import<S: AsyncRead + AsyncWrite + Unpin + Send>(
         finish(
             &server,
             &t,
-            Err(ApiError::new(
-                "IMPORT_ERROR",
-                [format!(
-                    "{len} bytes are more than an image of a {}-byte VDI can hold",
-                    t.virtual_size
-                )],
-            )),
+            Err(errors::import_error(format!(
+                "{len} bytes are more than an image of a {}-byte VDI can hold",
+                t.virtual_size
+            ))),
         );
         let _ = write_simple(
             stream,

@@ -11,6 +11,7 @@ use crate::ops::host::refresh_certificate;
 use crate::ops::message::messages_since;
 use crate::ops::session::{change_password, login};
 use crate::ops::user::{create_local_user, is_root_user, user_create, user_destroy};
+use corral_model::errors;
 use corral_model::schema::{Role, class, field};
 use corral_model::{ApiError, Value};
 use std::collections::HashMap;
@@ -98,9 +99,8 @@ pub fn table() -> HashMap<String, Handler> {
             return Err(ApiError::handle_invalid("user", &r));
         }
         if is_root_user(s, &r) && c.role != Role::Root {
-            return Err(ApiError::new(
-                "USER_IS_NOT_LOCAL_SUPERUSER",
-                ["only root changes root's password (session.change_password)"],
+            return Err(errors::user_is_not_local_superuser(
+                "only root changes root's password (session.change_password)",
             ));
         }
         let h = hash_password(&pwd)?;

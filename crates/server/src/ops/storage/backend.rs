@@ -2,47 +2,12 @@
 
 use crate::context::Server;
 use crate::core::records::strmap;
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
-use corral_storage::{Driver, FORMAT_VERSION, SrCtx, StorageError};
+use corral_storage::{Driver, FORMAT_VERSION, SrCtx};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
-/// XenAPI's form of a storage failure; `code` is the SMAPI code used when
-/// the driver gave none (78 VDI create, 80 delete, 81 clone, 82 snapshot,
-/// 79 resize, 40 scan, 47 SR unavailable).
-pub fn storage_error(code: u32, sr: &str, e: StorageError) -> ApiError {
-    let backend = |code: u32, reason: &str, detail: String| {
-        ApiError::new(
-            &format!("SR_BACKEND_FAILURE_{code}"),
-            [String::new(), reason.to_owned(), detail],
-        )
-    };
-    match e {
-        StorageError::Backend {
-            code,
-            reason,
-            detail,
-        } => backend(code, &reason, detail),
-        StorageError::Tool(m) => backend(code, "Storage operation failed", m),
-        StorageError::Io(e) => backend(code, "Storage operation failed", e.to_string()),
-        StorageError::Full(m) => backend(44, "There is insufficient space", m),
-        StorageError::Missing(loc) => ApiError::new("VDI_MISSING", [sr.to_owned(), loc]),
-        StorageError::NotSupported => ApiError::new("SR_OPERATION_NOT_SUPPORTED", [sr]),
-        StorageError::RequiresUpgrade => ApiError::new("SR_REQUIRES_UPGRADE", [sr]),
-        StorageError::Untrusted(why) => backend(code, "The image cannot be used", why),
-        StorageError::BadConfig { key, why } => {
-            ApiError::invalid_value(&format!("device-config:{key}"), &why)
-        }
-        StorageError::TooNew { found, supported } => backend(
-            47,
-            "The SR is not available",
-            format!(
-                "SR format version {found} was written by a newer Corral (this one supports up to {supported})"
-            ),
-        ),
-    }
-}
 
 /// Runs blocking storage work off the async threads.
 pub(crate) async fn blocking<T: Send + 'static>(
@@ -54,7 +19,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 pub(crate) fn driver(kind: &str) -> Result<&'static dyn Driver, ApiError> {
-    corral_storage::driver(kind).ok_or_else(|| ApiError::new("SR_UNKNOWN_DRIVER", [kind]))
+    corral_storage::driver(kind).ok_or_else(|| errors::sr_unknown_driver(kind))
 }
 
 /// The SR's driver and the context for calling it on this host.
@@ -141,8 +106,8 @@ pub(crate) fn attached(s: &Server, sr: &str) -> Result<SrOn, ApiError> {
 pub(crate) fn attached_on(on: SrOn) -> Result<SrOn, ApiError> {
     let sr = on.sr.as_str();
     match &on.pbd {
-        None => Err(ApiError::new("SR_NO_PBDS", [sr])),
-        Some(_) if !on.attached => Err(ApiError::new("SR_NOT_ATTACHED", [sr])),
+        None => Err(errors::sr_no_pbds(sr)),
+        Some(_) if !on.attached => Err(errors::sr_not_attached(sr)),
         Some(_) => Ok(on),
     }
 }

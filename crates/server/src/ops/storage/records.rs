@@ -4,6 +4,7 @@ use crate::context::Server;
 use crate::core::records::{db, strmap};
 use crate::ops::storage::backend::{SrOn, blocking};
 use corral_db::Txn;
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
 use corral_storage::{FORMAT_VERSION, VdiInfo};
@@ -191,7 +192,7 @@ pub(crate) fn vdi_busy(st: &corral_db::State, vdi: &str, op: &str) -> Result<(),
         .and_then(|v| v.as_struct().map(|m| !m.is_empty()))
         .unwrap_or(false);
     if busy {
-        return Err(ApiError::new("VDI_IN_USE", [vdi, op]));
+        return Err(errors::vdi_in_use(vdi, op));
     }
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! SR.scan and SR.update: the records follow the images.
 
 use crate::context::Server;
+use crate::core::driver_errors;
 use crate::core::records::{db, strmap, to_value};
-use crate::ops::storage::backend::{attached, blocking, sr_lock, storage_error};
+use crate::ops::storage::backend::{attached, blocking, sr_lock};
 use crate::ops::storage::records::{
     OpGuard, refresh_allowed, refresh_sizes, vdi_fields, vdis_of, write_sr_sizes,
 };
@@ -28,7 +29,7 @@ pub async fn sr_scan(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
     let (images, stat) =
         blocking(move || -> Result<_, StorageError> { Ok((d.scan(&ctx)?, d.stat(&ctx)?)) })
             .await?
-            .map_err(|e| storage_error(40, sr, e))?;
+            .map_err(|e| driver_errors::storage(40, sr, e))?;
     let iso = s.db.read().get_str(field::sr::TYPE_, sr).as_deref() == Some("iso");
     db(s.db.write(|t| reconcile(t, sr, &images, iso).and_then(|_| write_sr_sizes(t, sr, stat))))?;
     Ok(())

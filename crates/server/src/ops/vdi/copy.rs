@@ -2,11 +2,13 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, pstr};
-use crate::ops::storage::backend::{attached, blocking, has_cap, storage_error};
+use crate::core::driver_errors;
+use crate::ops::storage::backend::{attached, blocking, has_cap};
 use crate::ops::storage::journal::Journal;
 use crate::ops::storage::records::{OpGuard, refresh_allowed, refresh_sizes, vdi_fields};
 use crate::ops::vdi::snapshot::vdi_snapshot;
 use crate::ops::vdi::{vdi_locked, vdi_on};
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
 use std::sync::Arc;
@@ -31,19 +33,19 @@ pub(crate) async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult
     // image while qemu-img reads it.
     let (_src_lock, src) = vdi_locked(&s, &vdi).await?;
     if crate::ops::query::plugged_rw_drive(&s, &vdi).is_some() {
-        return Err(ApiError::new("VDI_IN_USE", [vdi.as_str(), "copy"]));
+        return Err(errors::vdi_in_use(vdi.as_str(), "copy"));
     }
     let src_image = {
         let (d, ctx, loc) = (src.on.driver, src.on.ctx.clone(), src.location.clone());
         d.vdi_image(&ctx, &loc)
-            .map_err(|e| storage_error(1, &src.on.sr, e))?
+            .map_err(|e| driver_errors::storage(1, &src.on.sr, e))?
     };
     if let Some(task) = &c.task {
         s.task_progress(task, 0.0);
     }
     if let Some(into) = into {
         if crate::ops::query::plugged_rw_drive(&s, &into).is_some() {
-            return Err(ApiError::new("VDI_IN_USE", [into.as_str(), "copy"]));
+            return Err(errors::vdi_in_use(into.as_str(), "copy"));
         }
         let dst = vdi_on(&s, &into)?;
         let (src_size, dst_size) = {
@@ -58,31 +60,25 @@ pub(crate) async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult
             )
         };
         if dst_size < src_size {
-            return Err(ApiError::new(
-                "VDI_TOO_SMALL",
-                [into.clone(), src_size.to_string()],
-            ));
+            return Err(errors::vdi_too_small(into.clone(), src_size.to_string()));
         }
         let dst_image = dst
             .on
             .driver
             .vdi_image(&dst.on.ctx, &dst.location)
-            .map_err(|e| storage_error(1, &dst.on.sr, e))?;
+            .map_err(|e| driver_errors::storage(1, &dst.on.sr, e))?;
         let _g = OpGuard::start(&s, &dst.on.sr, Some(&into), "vdi_copy", "copy")?;
         blocking(move || {
             corral_storage::qemu_img::QemuImg::default().convert_into(&src_image, &dst_image)
         })
         .await?
-        .map_err(|e| storage_error(1, &dst.on.sr, e))?;
+        .map_err(|e| driver_errors::storage(1, &dst.on.sr, e))?;
         return Ok(Value::String(into));
     }
     let dest_sr = dest_sr.unwrap_or_else(|| src.on.sr.clone());
     let dst = attached(&s, &dest_sr)?;
     if !has_cap(&dst, "VDI_CREATE") {
-        return Err(ApiError::new(
-            "SR_OPERATION_NOT_SUPPORTED",
-            [dest_sr.as_str()],
-        ));
+        return Err(errors::sr_operation_not_supported(dest_sr.as_str()));
     }
     let _g = OpGuard::start(&s, &dst.sr, None, "vdi_copy", "")?;
     // Journalled before the copy starts: a crash mid-copy leaves a partial
@@ -95,7 +91,7 @@ pub(crate) async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult
         Ok(i) => i,
         Err(e) => {
             journal.close();
-            return Err(storage_error(1, &dest_sr, e));
+            return Err(driver_errors::storage(1, &dest_sr, e));
         }
     };
     let r = new_ref();

@@ -1,8 +1,9 @@
 //! Coalescing: hidden base copies merged away in the background.
 
 use crate::context::Server;
+use crate::core::driver_errors;
 use crate::core::records::{db, strmap, to_value};
-use crate::ops::storage::backend::{attached, blocking, sr_lock, storage_error};
+use crate::ops::storage::backend::{attached, blocking, sr_lock};
 use crate::ops::storage::journal::Journal;
 use crate::ops::storage::records::{refresh_allowed, refresh_sizes, vdi_attached, vdis_of};
 use corral_model::schema::{class, field};
@@ -48,7 +49,7 @@ pub async fn gc(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
         let (d, ctx) = (on.driver, on.ctx.clone());
         let images = blocking(move || d.scan(&ctx))
             .await?
-            .map_err(|e| storage_error(40, sr, e))?;
+            .map_err(|e| driver_errors::storage(40, sr, e))?;
         let (bases, by_loc) = {
             let st = s.db.read();
             let vdis = vdis_of(&st, sr);
@@ -82,7 +83,7 @@ pub async fn gc(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
                     let (d, ctx, loc) = (on.driver, on.ctx.clone(), base_loc.clone());
                     blocking(move || d.vdi_delete(&ctx, &loc))
                         .await?
-                        .map_err(|e| storage_error(80, sr, e))?;
+                        .map_err(|e| driver_errors::storage(80, sr, e))?;
                     progressed = true;
                 }
                 [child] => {
@@ -107,7 +108,7 @@ pub async fn gc(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
                         );
                         blocking(move || d.vdi_pull_parent(&ctx, &loc, gp.as_deref()))
                             .await?
-                            .map_err(|e| storage_error(1, sr, e))?;
+                            .map_err(|e| driver_errors::storage(1, sr, e))?;
                         db(s.db.write(|t| {
                             let csm = sm_config_after_merge(t.state(), &base, &child_ref);
                             t.set(field::vdi::SM_CONFIG, &child_ref, to_value(&csm))
@@ -138,11 +139,11 @@ pub async fn gc(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
                         Ok(())
                     })
                     .await?
-                    .map_err(|e| storage_error(1, sr, e))?;
+                    .map_err(|e| driver_errors::storage(1, sr, e))?;
                     let (d, ctx, bl) = (on.driver, on.ctx.clone(), base_loc.clone());
                     let merged = blocking(move || d.vdi_info(&ctx, &bl))
                         .await?
-                        .map_err(|e| storage_error(1, sr, e))?;
+                        .map_err(|e| driver_errors::storage(1, sr, e))?;
                     db(s.db.write(|t| {
                         let csm = sm_config_after_merge(t.state(), &base, &child_ref);
                         t.set(field::vdi::LOCATION, &child_ref, Value::str(&base_loc))?;
@@ -158,7 +159,7 @@ pub async fn gc(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
                     let (d, ctx, loc) = (on.driver, on.ctx.clone(), child.location.clone());
                     blocking(move || d.vdi_delete(&ctx, &loc))
                         .await?
-                        .map_err(|e| storage_error(80, sr, e))?;
+                        .map_err(|e| driver_errors::storage(80, sr, e))?;
                     journal.close();
                     progressed = true;
                 }

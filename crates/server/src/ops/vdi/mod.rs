@@ -2,15 +2,17 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, pstr, void};
+use crate::core::driver_errors;
 use crate::core::records::{check_refs, create_fields, db, first, given_field, strmap, to_value};
 use crate::ops::storage::backend::{
-    SrOn, attached, attached_on, blocking, has_cap, sr_lock, sr_on_in, storage_error,
+    SrOn, attached, attached_on, blocking, has_cap, sr_lock, sr_on_in,
 };
 use crate::ops::storage::records::{
     OpGuard, refresh_allowed, refresh_sizes, vdi_attached, vdi_busy, vdi_fields, vdis_of,
     write_vdi_sizes,
 };
 use crate::ops::vdi::gc::spawn_gc;
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
 use corral_storage::{Image, StorageError};
@@ -33,7 +35,7 @@ pub(crate) async fn vdi_create(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     // the other references are checked in the transaction.
     let on = attached(&s, &sr)?;
     if !has_cap(&on, "VDI_CREATE") {
-        return Err(ApiError::new("SR_OPERATION_NOT_SUPPORTED", [sr.as_str()]));
+        return Err(errors::sr_operation_not_supported(sr.as_str()));
     }
     if size <= 0 {
         return Err(ApiError::invalid_value("virtual_size", &size.to_string()));
@@ -42,7 +44,7 @@ pub(crate) async fn vdi_create(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let (d, ctx, v) = (on.driver, on.ctx.clone(), on.format_version);
     let info = blocking(move || d.vdi_create(&ctx, size, v))
         .await?
-        .map_err(|e| storage_error(78, &sr, e))?;
+        .map_err(|e| driver_errors::storage(78, &sr, e))?;
     let r = new_ref();
     let created = s.db.write(|t| {
         let mut fields = vdi_fields(&sr, &info, "", "", "user");
@@ -117,19 +119,16 @@ pub(crate) async fn vdi_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let vdi = first(p);
     let (_l, v) = vdi_locked(&s, &vdi).await?;
     if !v.managed {
-        return Err(ApiError::new("VDI_NOT_MANAGED", [vdi.as_str()]));
+        return Err(errors::vdi_not_managed(vdi.as_str()));
     }
     if !has_cap(&v.on, "VDI_DELETE") {
-        return Err(ApiError::new(
-            "SR_OPERATION_NOT_SUPPORTED",
-            [v.on.sr.as_str()],
-        ));
+        return Err(errors::sr_operation_not_supported(v.on.sr.as_str()));
     }
     {
         let st = s.db.read();
         vdi_busy(&st, &vdi, "destroy")?;
         if vdi_attached(&st, &vdi) {
-            return Err(ApiError::new("VDI_IN_USE", [vdi.as_str(), "destroy"]));
+            return Err(errors::vdi_in_use(vdi.as_str(), "destroy"));
         }
     }
     // Database first: once the record is gone nothing can use the image; a
@@ -162,7 +161,7 @@ pub(crate) async fn vdi_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let (d, ctx, loc) = (v.on.driver, v.on.ctx.clone(), v.location.clone());
     blocking(move || d.vdi_delete(&ctx, &loc))
         .await?
-        .map_err(|e| storage_error(80, &v.on.sr, e))?;
+        .map_err(|e| driver_errors::storage(80, &v.on.sr, e))?;
     drop(_l);
     refresh_sizes(&s, &v.on).await;
     spawn_gc(&s, &v.on.sr);
@@ -175,13 +174,10 @@ pub(crate) async fn vdi_resize(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let size = p.next().and_then(|v| v.as_int()).unwrap_or(0);
     let (_l, v) = vdi_locked(&s, &vdi).await?;
     if !v.managed {
-        return Err(ApiError::new("VDI_NOT_MANAGED", [vdi.as_str()]));
+        return Err(errors::vdi_not_managed(vdi.as_str()));
     }
     if !has_cap(&v.on, "VDI_RESIZE") {
-        return Err(ApiError::new(
-            "SR_OPERATION_NOT_SUPPORTED",
-            [v.on.sr.as_str()],
-        ));
+        return Err(errors::sr_operation_not_supported(v.on.sr.as_str()));
     }
     let current =
         s.db.read()
@@ -189,7 +185,7 @@ pub(crate) async fn vdi_resize(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
             .and_then(|x| x.as_int())
             .unwrap_or(0);
     if size < current {
-        return Err(storage_error(
+        return Err(driver_errors::storage(
             79,
             &v.on.sr,
             StorageError::backend(
@@ -206,7 +202,7 @@ pub(crate) async fn vdi_resize(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
         // Online: QEMU owns the image while the guest runs, so QEMU grows it
         // (the guest sees the new size at once).
         s.agent.drive_resize(&vm, &drive, size).await.map_err(|e| {
-            storage_error(
+            driver_errors::storage(
                 79,
                 &v.on.sr,
                 StorageError::backend(79, "VDI Invalid size", e.to_string()),
@@ -216,7 +212,7 @@ pub(crate) async fn vdi_resize(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     } else {
         blocking(move || d.vdi_resize(&ctx, &loc, size)).await?
     }
-    .map_err(|e| storage_error(79, &v.on.sr, e))?;
+    .map_err(|e| driver_errors::storage(79, &v.on.sr, e))?;
     db(s.db.write(|t| write_vdi_sizes(t, &vdi, &info)))?;
     drop(_g);
     refresh_sizes(&s, &v.on).await;
@@ -237,12 +233,12 @@ pub(crate) async fn vdi_introduce(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let location = get(8).db_string();
     let on = attached(&s, &sr)?;
     if !has_cap(&on, "VDI_INTRODUCE") {
-        return Err(ApiError::new("SR_OPERATION_NOT_SUPPORTED", [sr.as_str()]));
+        return Err(errors::sr_operation_not_supported(sr.as_str()));
     }
     let (d, ctx, loc) = (on.driver, on.ctx.clone(), location.clone());
     let info = blocking(move || d.vdi_info(&ctx, &loc))
         .await?
-        .map_err(|e| storage_error(1, &sr, e))?;
+        .map_err(|e| driver_errors::storage(1, &sr, e))?;
     let r = new_ref();
     db(s.db.write(|t| {
         let st = t.state();
@@ -296,7 +292,7 @@ pub(crate) fn vdi_forget(s: &Server, p: Vec<Value>) -> ApiResult {
             .get_str(field::vdi::SR, &vdi)
             .ok_or_else(|| ApiError::handle_invalid("VDI", &vdi))?;
         if vdi_attached(t.state(), &vdi) {
-            return Err(ApiError::new("VDI_IN_USE", [vdi.as_str(), "forget"]));
+            return Err(errors::vdi_in_use(vdi.as_str(), "forget"));
         }
         t.delete(class::VDI, &vdi)?;
         refresh_allowed(t, &sr)
@@ -310,7 +306,7 @@ pub(crate) async fn vdi_update(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     let (d, ctx, loc) = (v.on.driver, v.on.ctx.clone(), v.location.clone());
     let info = blocking(move || d.vdi_info(&ctx, &loc))
         .await?
-        .map_err(|e| storage_error(1, &v.on.sr, e))?;
+        .map_err(|e| driver_errors::storage(1, &v.on.sr, e))?;
     db(s.db.write(|t| write_vdi_sizes(t, &vdi, &info)))?;
     void()
 }
@@ -326,7 +322,7 @@ pub fn vdi_image(
     let on = attached_on(sr_on_in(s, st, sr)?)?;
     on.driver
         .vdi_image(&on.ctx, location)
-        .map_err(|e| storage_error(1, sr, e))
+        .map_err(|e| driver_errors::storage(1, sr, e))
 }
 
 /// Re-reads a VDI's sizes (after an import wrote into it).

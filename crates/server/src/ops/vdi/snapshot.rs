@@ -2,11 +2,13 @@
 
 use crate::context::Server;
 use crate::core::call::ApiResult;
+use crate::core::driver_errors;
 use crate::core::records::{strmap, to_value};
-use crate::ops::storage::backend::{blocking, has_cap, storage_error};
+use crate::ops::storage::backend::{blocking, has_cap};
 use crate::ops::storage::journal::Journal;
 use crate::ops::storage::records::{OpGuard, refresh_sizes, sm_config_for, vdi_busy, vdi_fields};
 use crate::ops::vdi::{vdi_locked, vdi_on};
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
 use corral_storage::{Driver, FORMAT_VERSION, SrCtx, StorageError, VdiInfo};
@@ -45,16 +47,13 @@ pub(crate) async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) 
         ("clone", "VDI_CLONE", 81)
     };
     if !v.managed {
-        return Err(ApiError::new("VDI_NOT_MANAGED", [vdi]));
+        return Err(errors::vdi_not_managed(vdi));
     }
     if !has_cap(&v.on, cap) {
-        return Err(ApiError::new(
-            "SR_OPERATION_NOT_SUPPORTED",
-            [v.on.sr.as_str()],
-        ));
+        return Err(errors::sr_operation_not_supported(v.on.sr.as_str()));
     }
     if v.on.format_version < FORMAT_VERSION {
-        return Err(ApiError::new("SR_REQUIRES_UPGRADE", [v.on.sr.as_str()]));
+        return Err(errors::sr_requires_upgrade(v.on.sr.as_str()));
     }
     vdi_busy(&s.db.read(), vdi, op)?;
     let _g = OpGuard::start(s, &v.on.sr, Some(vdi), &format!("vdi_{op}"), op)?;
@@ -90,7 +89,7 @@ pub(crate) async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) 
         Ok(x) => x,
         Err(e) => {
             journal.close();
-            return Err(storage_error(code, &v.on.sr, e));
+            return Err(driver_errors::storage(code, &v.on.sr, e));
         }
     };
     let base_ref = new_ref();
@@ -197,12 +196,12 @@ pub(crate) async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) 
             let (d, ctx, l) = (v.on.driver, v.on.ctx.clone(), leaf.location.clone());
             let overlay = blocking(move || d.vdi_image(&ctx, &l))
                 .await?
-                .map_err(|e| storage_error(code, &v.on.sr, e))?;
+                .map_err(|e| driver_errors::storage(code, &v.on.sr, e))?;
             s.agent
                 .drive_switch_to_overlay(&vm, &drive, &overlay.path)
                 .await
                 .map_err(|e| {
-                    storage_error(
+                    driver_errors::storage(
                         code,
                         &v.on.sr,
                         StorageError::Tool(format!("QEMU did not switch to the new image: {e}")),

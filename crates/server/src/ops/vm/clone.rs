@@ -7,6 +7,9 @@ use crate::ops::query::{flag, strmap, vbds_of};
 use crate::ops::vm::lifecycle::{BEING_MADE, VmOp};
 use crate::ops::vm::power::params;
 use crate::ops::vm::state::{drop_suspend_image, remove_consoles};
+use corral_model::enums::VmOperations;
+use corral_model::enums::VmPowerState;
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
 use std::sync::Arc;
@@ -38,12 +41,9 @@ pub(crate) fn own_disks(st: &corral_db::State, vm: &str) -> Vec<String> {
 
 pub(crate) async fn vm_destroy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
-    let op = VmOp::begin(&s, &c, &vm, "destroy")?;
+    let op = VmOp::begin(&s, &c, &vm, VmOperations::Destroy)?;
     if flag(&s.db.read(), field::vm::IS_DEFAULT_TEMPLATE, &vm) {
-        return Err(ApiError::new(
-            "VM_CANNOT_DELETE_DEFAULT_TEMPLATE",
-            [vm.as_str()],
-        ));
+        return Err(errors::vm_cannot_delete_default_template(vm.as_str()));
     }
     drop_suspend_image(&s, &vm).await;
     drop(op);
@@ -82,7 +82,16 @@ pub(crate) async fn vm_clone_or_copy(
     let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
     let name = it.next().map(|v| v.db_string()).unwrap_or_default();
     let sr = it.next().map(|v| v.db_string());
-    let _op = VmOp::begin(&s, &c, &vm, if copy { "copy" } else { "clone" })?;
+    let _op = VmOp::begin(
+        &s,
+        &c,
+        &vm,
+        if copy {
+            VmOperations::Copy
+        } else {
+            VmOperations::Clone
+        },
+    )?;
     if let Some(sr) = sr.as_deref().filter(|r| *r != NULL_REF) {
         if !s.db.read().exists(class::SR, sr) {
             return Err(ApiError::handle_invalid("SR", sr));
@@ -235,7 +244,7 @@ pub(crate) async fn new_vdi(
 /// (XenServer's `<provision><disk device= size= sr= bootable= type=/>`).
 pub(crate) async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, "provision")?;
+    let _op = VmOp::begin(&s, &c, &vm, VmOperations::Provision)?;
     let oc = strmap(s.db.read().get(field::vm::OTHER_CONFIG, &vm));
     let Some(xml) = oc.get("disks").cloned() else {
         return void();
@@ -260,7 +269,7 @@ pub(crate) async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiRe
                 }
             };
             if !s.db.read().exists(class::SR, &sr) {
-                return Err(ApiError::new("VM_REQUIRES_SR", [vm.as_str(), sr.as_str()]));
+                return Err(errors::vm_requires_sr(vm.as_str(), sr.as_str()));
             }
             let vdi = new_vdi(
                 &s,
@@ -350,11 +359,12 @@ pub fn vm_clone_record(s: &Server, src: &str, name: &str) -> Result<String, ApiE
         let row = st
             .row(class::VM, &src)
             .ok_or_else(|| ApiError::handle_invalid("VM", &src))?;
-        let power = st.get_str(field::vm::POWER_STATE, &src).unwrap_or_default();
-        if power != "Halted" {
-            return Err(ApiError::new(
-                "VM_BAD_POWER_STATE",
-                [src.as_str(), "halted", power.to_lowercase().as_str()],
+        let power = crate::ops::query::power(st, &src);
+        if power != VmPowerState::Halted {
+            return Err(errors::vm_bad_power_state(
+                src.as_str(),
+                "halted",
+                power.as_str().to_lowercase().as_str(),
             ));
         }
         let mut fields: Vec<(usize, Value)> = row.fields.iter().cloned().enumerate().collect();
@@ -406,7 +416,11 @@ pub fn vm_clone_record(s: &Server, src: &str, name: &str) -> Result<String, ApiE
             field::vm::GUEST_METRICS,
             Value::str(corral_model::NULL_REF),
         );
-        set(&mut fields, field::vm::POWER_STATE, Value::str("Halted"));
+        set(
+            &mut fields,
+            field::vm::POWER_STATE,
+            Value::str(VmPowerState::Halted.as_str()),
+        );
         set(&mut fields, field::vm::DOMID, Value::Int(-1));
         set(
             &mut fields,

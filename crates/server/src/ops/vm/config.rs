@@ -4,6 +4,7 @@ use crate::context::Server;
 use crate::ops::query::{flag, int, strmap, vbds_of, vm_uuid};
 use crate::ops::vbd::{check_vdi_free, drive_of};
 use corral_agent::{Boot, VmConfig};
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, date};
 
@@ -17,13 +18,12 @@ pub(crate) fn build_config(s: &Server, vm: &str) -> Result<VmConfig, ApiError> {
         int(&st, field::vm::MEMORY_STATIC_MAX, vm),
     );
     if !(smin <= dmin && dmin <= dmax && dmax <= smax) {
-        return Err(ApiError::new(
-            "MEMORY_CONSTRAINT_VIOLATION",
-            ["memory_static_min <= memory_dynamic_min <= memory_dynamic_max <= memory_static_max"],
+        return Err(errors::memory_constraint_violation(
+            "memory_static_min <= memory_dynamic_min <= memory_dynamic_max <= memory_static_max",
         ));
     }
     if smax < 16 * 1024 * 1024 {
-        return Err(ApiError::new("VM_MEMORY_SIZE_TOO_LOW", [vm]));
+        return Err(errors::vm_memory_size_too_low(vm));
     }
     let (vmax, vstart) = (
         int(&st, field::vm::VCPUS_MAX, vm),
@@ -85,13 +85,10 @@ pub(crate) fn build_config(s: &Server, vm: &str) -> Result<VmConfig, ApiError> {
         }
     } else if g(field::vm::HVM_BOOT_POLICY).is_empty() {
         // A PV-style (direct kernel) VM with no kernel has nothing to boot.
-        return Err(ApiError::new(
-            "BOOTLOADER_FAILED",
-            [
-                vm.to_owned(),
-                "the VM boots a kernel directly (HVM-boot-policy is empty) but PV-kernel is not set"
-                    .to_owned(),
-            ],
+        return Err(errors::bootloader_failed(
+            vm.to_owned(),
+            "the VM boots a kernel directly (HVM-boot-policy is empty) but PV-kernel is not set"
+                .to_owned(),
         ));
     } else {
         Boot::Firmware {
@@ -146,12 +143,9 @@ pub(crate) fn boot_file(
     path: &str,
 ) -> Result<String, ApiError> {
     let refused = || {
-        ApiError::new(
-            "BOOTLOADER_FAILED",
-            [
-                vm.to_owned(),
-                format!("{what} must be a file in a boot directory of this host"),
-            ],
+        errors::bootloader_failed(
+            vm.to_owned(),
+            format!("{what} must be a file in a boot directory of this host"),
         )
     };
     let real = std::fs::canonicalize(path).map_err(|_| refused())?;

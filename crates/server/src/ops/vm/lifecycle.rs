@@ -4,6 +4,8 @@ use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, void};
 use crate::core::records::db;
 use crate::ops::query::{flag, power, strmap};
+use corral_model::enums::{VmOperations, VmPowerState};
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value, new_ref};
 use std::collections::BTreeMap;
@@ -13,51 +15,51 @@ use std::sync::Arc;
 /// (its disks); start-up removes such VMs.
 pub(crate) const BEING_MADE: &str = "corral-being-made";
 
+use VmOperations as Op;
+use VmPowerState::{Halted, Paused, Running, Suspended};
+
 /// (operation, power states it is allowed from, in XAPI's order).
-pub(crate) const POWER_OPS: &[(&str, &[&str])] = &[
-    ("start", &["Halted"]),
-    ("start_on", &["Halted"]),
-    ("pause", &["Running"]),
-    ("unpause", &["Paused"]),
-    ("clean_shutdown", &["Running"]),
-    ("shutdown", &["Paused", "Suspended", "Running"]),
-    ("hard_shutdown", &["Paused", "Suspended", "Running"]),
-    ("clean_reboot", &["Running"]),
-    ("hard_reboot", &["Paused", "Running"]),
-    ("suspend", &["Running"]),
-    ("resume", &["Suspended"]),
-    ("resume_on", &["Suspended"]),
-    (
-        "power_state_reset",
-        &["Halted", "Paused", "Suspended", "Running"],
-    ),
-    ("clone", &["Halted"]),
-    ("copy", &["Halted"]),
-    ("provision", &["Halted"]),
-    ("destroy", &["Halted", "Suspended"]),
+pub(crate) const POWER_OPS: &[(VmOperations, &[VmPowerState])] = &[
+    (Op::Start, &[Halted]),
+    (Op::StartOn, &[Halted]),
+    (Op::Pause, &[Running]),
+    (Op::Unpause, &[Paused]),
+    (Op::CleanShutdown, &[Running]),
+    (Op::Shutdown, &[Paused, Suspended, Running]),
+    (Op::HardShutdown, &[Paused, Suspended, Running]),
+    (Op::CleanReboot, &[Running]),
+    (Op::HardReboot, &[Paused, Running]),
+    (Op::Suspend, &[Running]),
+    (Op::Resume, &[Suspended]),
+    (Op::ResumeOn, &[Suspended]),
+    (Op::PowerStateReset, &[Halted, Paused, Suspended, Running]),
+    (Op::Clone, &[Halted]),
+    (Op::Copy, &[Halted]),
+    (Op::Provision, &[Halted]),
+    (Op::Destroy, &[Halted, Suspended]),
 ];
 
 /// Operations a template may not do.
-pub(crate) const NOT_FOR_TEMPLATES: &[&str] = &[
-    "start",
-    "start_on",
-    "pause",
-    "unpause",
-    "clean_shutdown",
-    "shutdown",
-    "hard_shutdown",
-    "clean_reboot",
-    "hard_reboot",
-    "suspend",
-    "resume",
-    "resume_on",
+pub(crate) const NOT_FOR_TEMPLATES: &[VmOperations] = &[
+    Op::Start,
+    Op::StartOn,
+    Op::Pause,
+    Op::Unpause,
+    Op::CleanShutdown,
+    Op::Shutdown,
+    Op::HardShutdown,
+    Op::CleanReboot,
+    Op::HardReboot,
+    Op::Suspend,
+    Op::Resume,
+    Op::ResumeOn,
 ];
 
 /// What the operation checks read about a VM, gathered once per VM (the
 /// start-up refresh checks every operation of every VM).
 pub(crate) struct VmFacts {
     blocked: BTreeMap<String, String>,
-    power: String,
+    power: VmPowerState,
     /// (task, operation)
     current: Vec<(String, String)>,
     template: bool,
@@ -89,34 +91,41 @@ impl VmFacts {
     }
 
     /// XAPI's `check_operation_error` for `op` on `vm`.
-    fn check(&self, vm: &str, op: &str) -> Result<(), ApiError> {
-        if let Some(reason) = self.blocked.get(op) {
-            return Err(ApiError::new("OPERATION_BLOCKED", [vm, reason.as_str()]));
+    fn check(&self, vm: &str, op: VmOperations) -> Result<(), ApiError> {
+        if let Some(reason) = self.blocked.get(op.as_str()) {
+            return Err(errors::operation_blocked(vm, reason.as_str()));
         }
         if let Some((_, states)) = POWER_OPS.iter().find(|(o, _)| *o == op) {
-            if !states.contains(&self.power.as_str()) {
+            if !states.contains(&self.power) {
                 let expected = states
                     .iter()
-                    .map(|s| s.to_lowercase())
+                    .map(|s| s.as_str().to_lowercase())
                     .collect::<Vec<_>>()
                     .join(", ");
-                return Err(ApiError::new(
-                    "VM_BAD_POWER_STATE",
-                    [vm.to_owned(), expected, self.power.to_lowercase()],
+                return Err(errors::vm_bad_power_state(
+                    vm.to_owned(),
+                    expected,
+                    self.power.as_str().to_lowercase(),
                 ));
             }
         }
         if let Some((task, other)) = self.current.first() {
-            let running: Vec<&str> = self.current.iter().map(|(_, o)| o.as_str()).collect();
+            let running: Vec<Option<VmOperations>> = self
+                .current
+                .iter()
+                .map(|(_, o)| VmOperations::parse(o))
+                .collect();
             if !allowed_concurrently(op, &running) {
-                return Err(ApiError::new(
-                    "OTHER_OPERATION_IN_PROGRESS",
-                    ["VM", vm, other.as_str(), task.as_str()],
+                return Err(errors::other_operation_in_progress(
+                    "VM",
+                    vm,
+                    other.as_str(),
+                    task.as_str(),
                 ));
             }
         }
         if self.template && NOT_FOR_TEMPLATES.contains(&op) {
-            return Err(ApiError::new("VM_IS_TEMPLATE", [vm, op]));
+            return Err(errors::vm_is_template(vm, op.as_str()));
         }
         if self.control_domain {
             return Err(ApiError::operation_not_allowed(
@@ -127,7 +136,7 @@ impl VmFacts {
     }
 }
 
-pub(crate) fn check_op(st: &corral_db::State, vm: &str, op: &str) -> Result<(), ApiError> {
+pub(crate) fn check_op(st: &corral_db::State, vm: &str, op: VmOperations) -> Result<(), ApiError> {
     VmFacts::of(st, vm)
         .ok_or_else(|| ApiError::handle_invalid("VM", vm))?
         .check(vm, op)
@@ -136,20 +145,26 @@ pub(crate) fn check_op(st: &corral_db::State, vm: &str, op: &str) -> Result<(), 
 /// Operations that may run side by side, as in XAPI: copies of one VM
 /// (many clones of a template at once), and snapshots. Anything else waits
 /// for the VM to be idle.
-pub(crate) const CONCURRENT_GROUPS: &[&[&str]] =
-    &[&["clone", "copy", "export"], &["snapshot", "checkpoint"]];
+pub(crate) const CONCURRENT_GROUPS: &[&[VmOperations]] = &[
+    &[Op::Clone, Op::Copy, Op::Export],
+    &[Op::Snapshot, Op::Checkpoint],
+];
 
 /// XAPI's rule for forcing a VM off: it may run beside any operation (a
 /// clean shutdown the guest ignores, say) but another forced one.
-pub(crate) const FORCED: &[&str] = &["hard_shutdown", "hard_reboot", "power_state_reset"];
+pub(crate) const FORCED: &[VmOperations] = &[Op::HardShutdown, Op::HardReboot, Op::PowerStateReset];
 
-pub(crate) fn allowed_concurrently(op: &str, running: &[&str]) -> bool {
+/// Whether `op` may join the `running` ones (`None`: an operation this
+/// version does not know, which nothing joins).
+pub(crate) fn allowed_concurrently(op: VmOperations, running: &[Option<VmOperations>]) -> bool {
     if FORCED.contains(&op) {
-        return !running.iter().any(|r| FORCED.contains(r));
+        return !running
+            .iter()
+            .any(|r| r.is_none_or(|r| FORCED.contains(&r)));
     }
     CONCURRENT_GROUPS
         .iter()
-        .any(|g| g.contains(&op) && running.iter().all(|r| g.contains(r)))
+        .any(|g| g.contains(&op) && running.iter().all(|r| r.is_some_and(|r| g.contains(&r))))
 }
 
 /// Recomputes `allowed_operations`: while operations run, only those that
@@ -161,7 +176,8 @@ pub fn refresh_allowed(t: &mut corral_db::Txn<'_>, vm: &str) -> Result<(), ApiEr
     let ops: Vec<&str> = POWER_OPS
         .iter()
         .map(|(o, _)| *o)
-        .filter(|o| facts.check(vm, o).is_ok())
+        .filter(|o| facts.check(vm, *o).is_ok())
+        .map(VmOperations::as_str)
         .collect();
     t.set_if_changed(field::vm::ALLOWED_OPERATIONS, vm, Value::string_set(ops))
         .map(|_| ())
@@ -175,7 +191,12 @@ pub(crate) struct VmOp {
 }
 
 impl VmOp {
-    pub(crate) fn begin(s: &Arc<Server>, c: &Ctx, vm: &str, op: &str) -> Result<VmOp, ApiError> {
+    pub(crate) fn begin(
+        s: &Arc<Server>,
+        c: &Ctx,
+        vm: &str,
+        op: VmOperations,
+    ) -> Result<VmOp, ApiError> {
         let key = c.task.clone().unwrap_or_else(new_ref);
         db(s.db.write(|t| {
             check_op(t.state(), vm, op)?;
@@ -184,7 +205,7 @@ impl VmOp {
                 .get(field::vm::CURRENT_OPERATIONS, vm)
                 .and_then(|v| v.as_struct().map(<[_]>::to_vec))
                 .unwrap_or_default();
-            cur.push((key.clone(), Value::str(op)));
+            cur.push((key.clone(), Value::str(op.as_str())));
             t.set(field::vm::CURRENT_OPERATIONS, vm, Value::Struct(cur))?;
             refresh_allowed(t, vm)
         }))?;
@@ -219,7 +240,8 @@ pub(crate) async fn vm_assert_operation_valid(s: Arc<Server>, p: Vec<Value>) -> 
     let mut it = p.into_iter();
     let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
     let op = it.next().map(|v| v.db_string()).unwrap_or_default();
-    check_op(&s.db.read(), &vm, &op)?;
+    let op = VmOperations::parse(&op).ok_or_else(|| ApiError::invalid_value("op", &op))?;
+    check_op(&s.db.read(), &vm, op)?;
     void()
 }
 
@@ -245,9 +267,9 @@ mod tests {
         })
         .expect("set up");
         let st = db.read();
-        assert!(check_op(&st, vm, "clone").is_ok());
-        assert!(check_op(&st, vm, "copy").is_ok());
-        let err = check_op(&st, vm, "start").expect_err("start must wait");
+        assert!(check_op(&st, vm, Op::Clone).is_ok());
+        assert!(check_op(&st, vm, Op::Copy).is_ok());
+        let err = check_op(&st, vm, Op::Start).expect_err("start must wait");
         assert_eq!(
             err.description(),
             [
@@ -258,7 +280,7 @@ mod tests {
                 "OpaqueRef:task"
             ]
         );
-        assert!(check_op(&st, vm, "destroy").is_err());
+        assert!(check_op(&st, vm, Op::Destroy).is_err());
         let allowed: Vec<String> = st
             .get(field::vm::ALLOWED_OPERATIONS, vm)
             .and_then(|v| {
@@ -268,18 +290,78 @@ mod tests {
             .unwrap_or_default();
         // Forcing a VM's state may join anything (XAPI's rule).
         assert_eq!(allowed, ["power_state_reset", "clone", "copy"]);
-        assert!(!allowed_concurrently("snapshot", &["clone"]));
-        assert!(allowed_concurrently("hard_shutdown", &["clean_shutdown"]));
+        let running = |ops: &[VmOperations]| ops.iter().map(|o| Some(*o)).collect::<Vec<_>>();
+        assert!(!allowed_concurrently(Op::Snapshot, &running(&[Op::Clone])));
         assert!(allowed_concurrently(
-            "hard_reboot",
-            &["suspend", "snapshot"]
+            Op::HardShutdown,
+            &running(&[Op::CleanShutdown])
         ));
-        assert!(!allowed_concurrently("hard_shutdown", &["hard_reboot"]));
+        assert!(allowed_concurrently(
+            Op::HardReboot,
+            &running(&[Op::Suspend, Op::Snapshot])
+        ));
         assert!(!allowed_concurrently(
-            "power_state_reset",
-            &["hard_shutdown"]
+            Op::HardShutdown,
+            &running(&[Op::HardReboot])
         ));
-        assert!(!allowed_concurrently("clean_shutdown", &["clean_reboot"]));
-        assert!(allowed_concurrently("checkpoint", &["snapshot"]));
+        assert!(!allowed_concurrently(
+            Op::PowerStateReset,
+            &running(&[Op::HardShutdown])
+        ));
+        assert!(!allowed_concurrently(
+            Op::CleanShutdown,
+            &running(&[Op::CleanReboot])
+        ));
+        assert!(allowed_concurrently(
+            Op::Checkpoint,
+            &running(&[Op::Snapshot])
+        ));
+        // An operation this version does not know is joined by nothing.
+        assert!(!allowed_concurrently(Op::Clone, &[None]));
+        assert!(!allowed_concurrently(Op::HardShutdown, &[None]));
+    }
+
+    /// The power-state rule of every operation, and the error XAPI gives
+    /// (expected states in XAPI's order, lower case).
+    #[test]
+    fn power_state_table() {
+        let cases: &[(VmPowerState, VmOperations, Option<&str>)] = &[
+            (Halted, Op::Start, None),
+            (Running, Op::Start, Some("halted")),
+            (Running, Op::CleanShutdown, None),
+            (Paused, Op::CleanShutdown, Some("running")),
+            (Suspended, Op::HardShutdown, None),
+            (Halted, Op::HardShutdown, Some("paused, suspended, running")),
+            (Paused, Op::HardReboot, None),
+            (Suspended, Op::HardReboot, Some("paused, running")),
+            (Suspended, Op::Resume, None),
+            (Running, Op::Resume, Some("suspended")),
+            (Halted, Op::PowerStateReset, None),
+            (Running, Op::Destroy, Some("halted, suspended")),
+            (Suspended, Op::Destroy, None),
+            (Running, Op::Clone, Some("halted")),
+        ];
+        for (state, op, expected) in cases {
+            let db = corral_db::Db::in_memory();
+            let vm = "OpaqueRef:vm";
+            db.write(|t| {
+                t.create(class::VM, vm, vec![])?;
+                t.set(field::vm::POWER_STATE, vm, Value::str(state.as_str()))
+            })
+            .expect("set up");
+            let got = check_op(&db.read(), vm, *op);
+            match expected {
+                None => assert!(got.is_ok(), "{op} from {state}: {got:?}"),
+                Some(exp) => {
+                    let e = got.expect_err("refused");
+                    let actual = state.as_str().to_lowercase();
+                    assert_eq!(
+                        e.description(),
+                        ["VM_BAD_POWER_STATE", vm, exp, actual.as_str()],
+                        "{op} from {state}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -2,8 +2,11 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, void};
+use crate::core::driver_errors;
 use crate::core::records::db;
-use crate::ops::query::{agent_err, int, live_here, power, vm_uuid};
+use crate::ops::query::{int, live_here, power, vm_uuid};
+use corral_model::enums::VmPowerState;
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
 
@@ -23,8 +26,8 @@ pub(crate) async fn set_memory(
             return Err(ApiError::handle_invalid("VM", vm));
         }
         let p = power(st, vm);
-        if (smin.is_some() || smax.is_some()) && p != "Halted" {
-            return Err(ApiError::new("VM_BAD_POWER_STATE", [vm.to_owned(), "halted".into(), p.to_lowercase()]));
+        if (smin.is_some() || smax.is_some()) && p != VmPowerState::Halted {
+            return Err(errors::vm_bad_power_state(vm, "halted", p.as_str().to_lowercase()));
         }
         let cur = |f| int(st, f, vm);
         let (a, b, c, d) = (
@@ -34,10 +37,7 @@ pub(crate) async fn set_memory(
             smax.unwrap_or_else(|| cur(field::vm::MEMORY_STATIC_MAX)),
         );
         if !(a <= b && b <= c && c <= d) {
-            return Err(ApiError::new(
-                "MEMORY_CONSTRAINT_VIOLATION",
-                ["Memory limits must satisfy: static_min <= dynamic_min <= dynamic_max <= static_max"],
-            ));
+            return Err(errors::memory_constraint_violation("Memory limits must satisfy: static_min <= dynamic_min <= dynamic_max <= static_max"));
         }
         t.set(field::vm::MEMORY_STATIC_MIN, vm, Value::Int(a))?;
         t.set(field::vm::MEMORY_DYNAMIC_MIN, vm, Value::Int(b))?;
@@ -57,7 +57,7 @@ pub(crate) async fn set_memory(
         s.agent
             .set_balloon(&uuid, target)
             .await
-            .map_err(agent_err)?;
+            .map_err(|e| driver_errors::agent(&vm, e))?;
     }
     void()
 }

@@ -1,11 +1,13 @@
 //! Reacting to the agent: guest shutdowns, crashes and metrics.
 
 use crate::context::Server;
+use crate::core::driver_errors;
 use crate::core::records::db;
-use crate::ops::query::{agent_err, busy, power, vm_by_uuid, vm_uuid};
+use crate::ops::query::{busy, power, vm_by_uuid, vm_uuid};
 use crate::ops::vm::power::halt;
 use crate::ops::vm::state::{alert, ensure_metrics, record_stopped, set_paused};
 use corral_agent::{RunState, VmEvent};
+use corral_model::enums::VmPowerState;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value, date, new_ref};
 use std::sync::Arc;
@@ -39,7 +41,10 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
         VmEvent::GuestShutdown if s.shutdown_expected(uuid) => Ok(()),
         VmEvent::GuestShutdown => {
             if action(field::vm::ACTIONS_AFTER_SHUTDOWN) == "restart" {
-                s.agent.reset(uuid).await.map_err(agent_err)
+                s.agent
+                    .reset(uuid)
+                    .await
+                    .map_err(|e| driver_errors::agent(&vm, e))
             } else {
                 alert(s, &vm, "VM_SHUTDOWN", 5, "The guest shut itself down");
                 halt(s, &vm).await
@@ -49,7 +54,10 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
             if action(field::vm::ACTIONS_AFTER_REBOOT) == "destroy" {
                 halt(s, &vm).await
             } else {
-                s.agent.reset(uuid).await.map_err(agent_err)
+                s.agent
+                    .reset(uuid)
+                    .await
+                    .map_err(|e| driver_errors::agent(&vm, e))
             }
         }
         // QEMU reset the guest itself (the VM started with
@@ -75,9 +83,11 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
             alert(s, &vm, "VM_CRASHED", 2, "The guest crashed (pvpanic)");
             match action(field::vm::ACTIONS_AFTER_CRASH).as_str() {
                 "preserve" => set_paused(s, &vm, true),
-                "restart" | "coredump_and_restart" | "rename_restart" => {
-                    s.agent.reset(uuid).await.map_err(agent_err)
-                }
+                "restart" | "coredump_and_restart" | "rename_restart" => s
+                    .agent
+                    .reset(uuid)
+                    .await
+                    .map_err(|e| driver_errors::agent(&vm, e)),
                 _ => halt(s, &vm).await,
             }
         }
@@ -85,7 +95,7 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
         VmEvent::Paused | VmEvent::Resumed => {
             let p = power(&s.db.read(), &vm);
             let paused = ev == VmEvent::Paused;
-            if (p == "Running" && paused) || (p == "Paused" && !paused) {
+            if (p == VmPowerState::Running && paused) || (p == VmPowerState::Paused && !paused) {
                 // Someone outside the toolstack paused or resumed it; the
                 // database follows what the guest does.
                 match s.agent.state(uuid).await {
@@ -102,7 +112,7 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
                 s.expect_shutdown(uuid, false);
             }
             let p = power(&s.db.read(), &vm);
-            if p == "Running" || p == "Paused" {
+            if p == VmPowerState::Running || p == VmPowerState::Paused {
                 let _ = s.agent.destroy(uuid).await;
                 alert(
                     s,
@@ -113,7 +123,7 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
                         "The VM's QEMU process ended unexpectedly ({why}); the VM is now halted."
                     ),
                 );
-                record_stopped(s, &vm, "Halted", None)
+                record_stopped(s, &vm, VmPowerState::Halted, None)
             } else {
                 Ok(())
             }
@@ -132,7 +142,7 @@ pub async fn refresh_metrics(s: &Arc<Server>) {
     let running: Vec<(String, String)> = {
         let st = s.db.read();
         st.refs(class::VM)
-            .filter(|vm| power(&st, vm) == "Running")
+            .filter(|vm| power(&st, vm) == VmPowerState::Running)
             .map(|vm| (vm.clone(), vm_uuid(&st, vm)))
             .collect()
     };
@@ -145,7 +155,7 @@ pub async fn refresh_metrics(s: &Arc<Server>) {
     let _ = db(s.db.write(|t| {
         for (vm, g) in &stats {
             // Stopped or destroyed while we were asking.
-            if !t.state().exists(class::VM, vm) || power(t.state(), vm) != "Running" {
+            if !t.state().exists(class::VM, vm) || power(t.state(), vm) != VmPowerState::Running {
                 continue;
             }
             write_guest_stats(t, vm, g)?;

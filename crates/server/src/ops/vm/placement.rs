@@ -5,6 +5,7 @@ use crate::core::call::{ApiResult, void};
 use crate::ops::query::{flag, int, live_here};
 use crate::ops::vm::config::build_config;
 use corral_agent::VmConfig;
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
 use std::sync::Arc;
@@ -33,9 +34,9 @@ pub(crate) fn check_memory(s: &Server, cfg: &VmConfig) -> Result<(), ApiError> {
     let (_, free) = host_free_memory(s, &st);
     let needed = cfg.memory + s.agent.memory_overhead(cfg.memory);
     if needed > free {
-        return Err(ApiError::new(
-            "HOST_NOT_ENOUGH_FREE_MEMORY",
-            [needed.to_string(), free.to_string()],
+        return Err(errors::host_not_enough_free_memory(
+            needed.to_string(),
+            free.to_string(),
         ));
     }
     Ok(())
@@ -47,10 +48,10 @@ pub(crate) fn check_host(s: &Server, h: &str) -> Result<(), ApiError> {
         return Err(ApiError::handle_invalid("host", h));
     }
     if h != s.host_ref {
-        return Err(ApiError::new("HOST_OFFLINE", [h]));
+        return Err(errors::host_offline(h));
     }
     if !flag(&st, field::host::ENABLED, h) {
-        return Err(ApiError::new("HOST_DISABLED", [h]));
+        return Err(errors::host_disabled(h));
     }
     Ok(())
 }

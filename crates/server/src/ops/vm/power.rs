@@ -2,7 +2,8 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, void};
-use crate::ops::query::{agent_err, power, strmap, vm_uuid};
+use crate::core::driver_errors;
+use crate::ops::query::{power, strmap, vm_uuid};
 use crate::ops::vm::config::build_config;
 use crate::ops::vm::lifecycle::VmOp;
 use crate::ops::vm::placement::{check_host, check_memory};
@@ -10,6 +11,9 @@ use crate::ops::vm::state::{
     alert, drop_suspend_image, record_running, record_stopped, set_paused,
 };
 use corral_agent::{RunState, VmConfig, VmEvent};
+use corral_model::enums::VmOperations;
+use corral_model::enums::VmPowerState;
+use corral_model::errors;
 use corral_model::schema::field;
 use corral_model::{ApiError, Value};
 use std::sync::Arc;
@@ -46,10 +50,8 @@ pub(crate) async fn launch(
         .start(cfg.clone(), paused, incoming)
         .await
         .map_err(|e| match e {
-            corral_agent::AgentError::StartFailed(m) => {
-                ApiError::new("BOOTLOADER_FAILED", [vm, m.as_str()])
-            }
-            other => agent_err(other),
+            corral_agent::AgentError::StartFailed(m) => errors::bootloader_failed(vm, m.as_str()),
+            other => driver_errors::agent(&vm, other),
         })?;
     if let Err(e) = record_running(s, vm, paused, domid, &cfg) {
         // Undo: the database could not say so, so nothing may run.
@@ -61,7 +63,11 @@ pub(crate) async fn launch(
 
 pub(crate) async fn vm_start(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> ApiResult {
     let (vm, host, paused) = start_params(p, with_host);
-    let op = if with_host { "start_on" } else { "start" };
+    let op = if with_host {
+        VmOperations::StartOn
+    } else {
+        VmOperations::Start
+    };
     let _op = VmOp::begin(&s, &c, &vm, op)?;
     if let Some(h) = host {
         check_host(&s, &h)?;
@@ -99,7 +105,7 @@ pub(crate) async fn wait_guest_shutdown(
             return Ok(true);
         }
         if let Some(t) = task.filter(|t| s.task_cancel_requested(t)) {
-            return Err(ApiError::new("TASK_CANCELLED", [t]));
+            return Err(errors::task_cancelled(t));
         }
         let now = tokio::time::Instant::now();
         match tokio::time::timeout_at(deadline.min(next_press).min(now + CANCEL_POLL), rx.recv())
@@ -129,7 +135,10 @@ pub(crate) async fn clean_stop(
     s.expect_shutdown(&uuid, true);
     let rx = s.agent.events();
     let r = async {
-        s.agent.powerdown(&uuid).await.map_err(agent_err)?;
+        s.agent
+            .powerdown(&uuid)
+            .await
+            .map_err(|e| driver_errors::agent(&vm, e))?;
         wait_guest_shutdown(s, &uuid, rx, timeout, task).await
     }
     .await;
@@ -141,9 +150,12 @@ pub(crate) async fn clean_stop(
 
 pub(crate) async fn halt(s: &Arc<Server>, vm: &str) -> Result<(), ApiError> {
     let uuid = vm_uuid(&s.db.read(), vm);
-    s.agent.destroy(&uuid).await.map_err(agent_err)?;
+    s.agent
+        .destroy(&uuid)
+        .await
+        .map_err(|e| driver_errors::agent(&vm, e))?;
     s.expect_shutdown(&uuid, false);
-    record_stopped(s, vm, "Halted", None)
+    record_stopped(s, vm, VmPowerState::Halted, None)
 }
 
 pub(crate) fn clean_timeout(s: &Server, vm: &str) -> Duration {
@@ -157,15 +169,15 @@ pub(crate) fn clean_timeout(s: &Server, vm: &str) -> Duration {
 
 pub(crate) async fn vm_clean_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, "clean_shutdown")?;
+    let _op = VmOp::begin(&s, &c, &vm, VmOperations::CleanShutdown)?;
     let t = clean_timeout(&s, &vm);
     if !clean_stop(&s, &vm, t, c.task.as_deref()).await? {
-        return Err(ApiError::new(
-            "VM_SHUTDOWN_TIMEOUT",
-            [vm.clone(), t.as_secs().to_string()],
+        return Err(errors::vm_shutdown_timeout(
+            vm.clone(),
+            t.as_secs().to_string(),
         ));
     }
-    if power(&s.db.read(), &vm) == "Halted" {
+    if power(&s.db.read(), &vm) == VmPowerState::Halted {
         // A hard shutdown ran meanwhile and did the rest.
         return void();
     }
@@ -176,18 +188,18 @@ pub(crate) async fn vm_clean_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> 
 
 pub(crate) async fn vm_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, "shutdown")?;
+    let _op = VmOp::begin(&s, &c, &vm, VmOperations::Shutdown)?;
     let state = power(&s.db.read(), &vm);
-    if state == "Suspended" {
+    if state == VmPowerState::Suspended {
         drop_suspend_image(&s, &vm).await;
-        record_stopped(&s, &vm, "Halted", None)?;
+        record_stopped(&s, &vm, VmPowerState::Halted, None)?;
         return void();
     }
-    if state == "Running" {
+    if state == VmPowerState::Running {
         let t = clean_timeout(&s, &vm);
         match clean_stop(&s, &vm, t, c.task.as_deref()).await {
             Ok(true) => {}
-            Err(e) if e.code == "TASK_CANCELLED" => return Err(e),
+            Err(e) if e.code == errors::TASK_CANCELLED => return Err(e),
             _ => tracing::info!(vm = %vm, "clean shutdown timed out; forcing off"),
         }
     }
@@ -197,10 +209,10 @@ pub(crate) async fn vm_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiRes
 
 pub(crate) async fn vm_hard_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, "hard_shutdown")?;
-    if power(&s.db.read(), &vm) == "Suspended" {
+    let _op = VmOp::begin(&s, &c, &vm, VmOperations::HardShutdown)?;
+    if power(&s.db.read(), &vm) == VmPowerState::Suspended {
         drop_suspend_image(&s, &vm).await;
-        record_stopped(&s, &vm, "Halted", None)?;
+        record_stopped(&s, &vm, VmPowerState::Halted, None)?;
         return void();
     }
     halt(&s, &vm).await?;
@@ -209,24 +221,25 @@ pub(crate) async fn vm_hard_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> A
 
 pub(crate) async fn vm_clean_reboot(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, "clean_reboot")?;
+    let _op = VmOp::begin(&s, &c, &vm, VmOperations::CleanReboot)?;
     let t = clean_timeout(&s, &vm);
     if !clean_stop(&s, &vm, t, c.task.as_deref()).await? {
-        return Err(ApiError::new(
-            "VM_SHUTDOWN_TIMEOUT",
-            [vm.clone(), t.as_secs().to_string()],
+        return Err(errors::vm_shutdown_timeout(
+            vm.clone(),
+            t.as_secs().to_string(),
         ));
     }
     let now = power(&s.db.read(), &vm);
-    if now == "Halted" {
+    if now == VmPowerState::Halted {
         // Forced off meanwhile (a concurrent hard shutdown): no reboot.
-        return Err(ApiError::new(
-            "VM_BAD_POWER_STATE",
-            [vm.as_str(), "running", "halted"],
-        ));
+        return Err(errors::vm_bad_power_state(vm.as_str(), "running", "halted"));
     }
     let uuid = vm_uuid(&s.db.read(), &vm);
-    let r = s.agent.reset(&uuid).await.map_err(agent_err);
+    let r = s
+        .agent
+        .reset(&uuid)
+        .await
+        .map_err(|e| driver_errors::agent(&vm, e));
     s.expect_shutdown(&uuid, false);
     r?;
     set_paused(&s, &vm, false)?;
@@ -236,21 +249,39 @@ pub(crate) async fn vm_clean_reboot(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> Ap
 
 pub(crate) async fn vm_hard_reboot(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, "hard_reboot")?;
+    let _op = VmOp::begin(&s, &c, &vm, VmOperations::HardReboot)?;
     let uuid = vm_uuid(&s.db.read(), &vm);
-    s.agent.reset(&uuid).await.map_err(agent_err)?;
+    s.agent
+        .reset(&uuid)
+        .await
+        .map_err(|e| driver_errors::agent(&vm, e))?;
     set_paused(&s, &vm, false)?;
     void()
 }
 
 pub(crate) async fn vm_pause(s: Arc<Server>, c: Ctx, p: Vec<Value>, pause: bool) -> ApiResult {
     let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, if pause { "pause" } else { "unpause" })?;
+    let _op = VmOp::begin(
+        &s,
+        &c,
+        &vm,
+        if pause {
+            VmOperations::Pause
+        } else {
+            VmOperations::Unpause
+        },
+    )?;
     let uuid = vm_uuid(&s.db.read(), &vm);
     if pause {
-        s.agent.pause(&uuid).await.map_err(agent_err)?;
+        s.agent
+            .pause(&uuid)
+            .await
+            .map_err(|e| driver_errors::agent(&vm, e))?;
     } else {
-        s.agent.unpause(&uuid).await.map_err(agent_err)?;
+        s.agent
+            .unpause(&uuid)
+            .await
+            .map_err(|e| driver_errors::agent(&vm, e))?;
     }
     set_paused(&s, &vm, pause)?;
     void()
@@ -258,7 +289,7 @@ pub(crate) async fn vm_pause(s: Arc<Server>, c: Ctx, p: Vec<Value>, pause: bool)
 
 pub(crate) async fn vm_power_state_reset(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, "power_state_reset")?;
+    let _op = VmOp::begin(&s, &c, &vm, VmOperations::PowerStateReset)?;
     let uuid = vm_uuid(&s.db.read(), &vm);
     // Only a VM this host no longer runs may be reset (XAPI refuses a
     // running domain too); never leave a QEMU the database forgot.
@@ -271,6 +302,6 @@ pub(crate) async fn vm_power_state_reset(s: Arc<Server>, c: Ctx, p: Vec<Value>) 
         ));
     }
     let _ = s.agent.destroy(&uuid).await;
-    record_stopped(&s, &vm, "Halted", None)?;
+    record_stopped(&s, &vm, VmPowerState::Halted, None)?;
     void()
 }

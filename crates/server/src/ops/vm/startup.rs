@@ -1,14 +1,16 @@
 //! At start: re-attach running VMs and undo interrupted operations.
 
 use crate::context::Server;
+use crate::core::driver_errors;
 use crate::core::records::db;
-use crate::ops::query::{agent_err, flag, live_here, power, strmap, vbds_of, vm_uuid};
+use crate::ops::query::{flag, live_here, power, strmap, vbds_of, vm_uuid};
 use crate::ops::vm::clone::own_disks;
 use crate::ops::vm::lifecycle::{BEING_MADE, refresh_allowed};
 use crate::ops::vm::monitor::{on_event, refresh_metrics};
 use crate::ops::vm::state::{alert, drop_unused_suspend_images, record_stopped, set_paused};
 use crate::ops::vm::{Ctx, int, vm_start};
 use corral_agent::{RunState, VmEvent};
+use corral_model::enums::VmPowerState;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
 use std::collections::HashMap;
@@ -47,7 +49,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
         .agent
         .reattach()
         .await
-        .map_err(agent_err)?
+        .map_err(driver_errors::agent_on_host)?
         .into_iter()
         .collect();
     // Operations in flight died with the old corrald (tasks are volatile):
@@ -77,7 +79,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
             .is_some_and(|o| o.iter().any(|x| x == op))
     };
     undo_interrupted_copies(s).await;
-    let mine: Vec<(String, String, String)> = {
+    let mine: Vec<(String, String, VmPowerState)> = {
         let st = s.db.read();
         st.refs(class::VM)
             .filter(|vm| live_here(s, &st, vm))
@@ -88,7 +90,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
         if was(vm, "suspend") {
             // An unfinished suspend is undone: the guest runs on (it was
             // paused for the save) and the half-written image goes.
-            if found.get(uuid) == Some(&RunState::Paused) && p == "Running" {
+            if found.get(uuid) == Some(&RunState::Paused) && *p == VmPowerState::Running {
                 let _ = s.agent.unpause(uuid).await;
                 drop_unused_suspend_images(s, vm).await;
                 continue;
@@ -96,10 +98,10 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
             drop_unused_suspend_images(s, vm).await;
         }
         match found.get(uuid) {
-            Some(RunState::Running) if p != "Running" => {
+            Some(RunState::Running) if *p != VmPowerState::Running => {
                 let _ = set_paused(s, vm, false);
             }
-            Some(RunState::Paused) if p != "Paused" => {
+            Some(RunState::Paused) if *p != VmPowerState::Paused => {
                 let _ = set_paused(s, vm, true);
             }
             Some(RunState::Running | RunState::Paused) => {}
@@ -112,7 +114,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
             {
                 // A shutdown that finished while corrald was down.
                 alert(s, vm, "VM_SHUTDOWN", 5, "VM shut down");
-                let _ = record_stopped(s, vm, "Halted", None);
+                let _ = record_stopped(s, vm, VmPowerState::Halted, None);
             }
             Some(RunState::Gone) | None => {
                 alert(
@@ -122,7 +124,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
                     2,
                     "The VM's QEMU process was gone when the toolstack started; the VM is now halted.",
                 );
-                let _ = record_stopped(s, vm, "Halted", None);
+                let _ = record_stopped(s, vm, VmPowerState::Halted, None);
             }
         }
     }
@@ -186,7 +188,7 @@ pub async fn boot_policy(s: &Arc<Server>) {
         let st = s.db.read();
         st.refs(class::VM)
             .filter(|vm| {
-                power(&st, vm) == "Halted"
+                power(&st, vm) == VmPowerState::Halted
                     && !flag(&st, field::vm::IS_A_TEMPLATE, vm)
                     && strmap(st.get(field::vm::OTHER_CONFIG, vm))
                         .get("auto_poweron")

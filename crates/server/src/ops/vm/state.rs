@@ -6,6 +6,7 @@ use crate::ops::query::{device_name, strmap, vbds_of, vm_uuid};
 use crate::ops::vm::lifecycle::refresh_allowed;
 use crate::ops::vm::suspend::SUSPEND_OF;
 use corral_agent::{Boot, VmConfig};
+use corral_model::enums::VmPowerState;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
 use std::sync::Arc;
@@ -41,7 +42,14 @@ pub(crate) fn record_running(
         t.set(
             field::vm::POWER_STATE,
             vm,
-            Value::str(if paused { "Paused" } else { "Running" }),
+            Value::str(
+                if paused {
+                    VmPowerState::Paused
+                } else {
+                    VmPowerState::Running
+                }
+                .as_str(),
+            ),
         )?;
         t.set(field::vm::RESIDENT_ON, vm, Value::str(&s.host_ref))?;
         t.set(field::vm::DOMID, vm, Value::Int(domid))?;
@@ -144,14 +152,14 @@ pub(crate) fn remove_consoles(t: &mut corral_db::Txn<'_>, vm: &str) -> Result<()
 pub(crate) fn record_stopped(
     s: &Server,
     vm: &str,
-    state: &str,
+    state: VmPowerState,
     suspend_vdi: Option<&str>,
 ) -> Result<(), ApiError> {
     db(s.db.write(|t| {
         if !t.state().exists(class::VM, vm) {
             return Ok(());
         }
-        t.set(field::vm::POWER_STATE, vm, Value::str(state))?;
+        t.set(field::vm::POWER_STATE, vm, Value::str(state.as_str()))?;
         t.set(field::vm::RESIDENT_ON, vm, Value::str(NULL_REF))?;
         t.set(field::vm::DOMID, vm, Value::Int(-1))?;
         t.set(
@@ -171,7 +179,7 @@ pub(crate) fn record_stopped(
             t.set(
                 field::vm_metrics::STATE,
                 &metrics,
-                Value::string_set([state.to_lowercase()]),
+                Value::string_set([state.as_str().to_lowercase()]),
             )?;
             t.set(field::vm_metrics::MEMORY_ACTUAL, &metrics, Value::Int(0))?;
             t.set(
@@ -197,7 +205,14 @@ pub(crate) fn set_paused(s: &Server, vm: &str, paused: bool) -> Result<(), ApiEr
         t.set(
             field::vm::POWER_STATE,
             vm,
-            Value::str(if paused { "Paused" } else { "Running" }),
+            Value::str(
+                if paused {
+                    VmPowerState::Paused
+                } else {
+                    VmPowerState::Running
+                }
+                .as_str(),
+            ),
         )?;
         let metrics = t
             .state()

@@ -2,14 +2,18 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, void};
+use crate::core::driver_errors;
 use crate::core::records::{db, to_value};
-use crate::ops::query::{agent_err, int, strmap, vm_uuid};
+use crate::ops::query::{int, strmap, vm_uuid};
 use crate::ops::vdi::vdi_image_of;
 use crate::ops::vm::clone::new_vdi;
 use crate::ops::vm::lifecycle::{VmOp, refresh_allowed};
 use crate::ops::vm::placement::check_host;
 use crate::ops::vm::power::{launch, params, start_params};
 use crate::ops::vm::state::{alert, record_stopped, set_paused};
+use corral_model::enums::VmOperations;
+use corral_model::enums::VmPowerState;
+use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
 use std::os::unix::fs::OpenOptionsExt;
@@ -30,7 +34,7 @@ pub(crate) fn suspend_sr(s: &Server, vm: &str) -> Result<String, ApiError> {
         .into_iter()
         .flatten()
         .find(|sr| st.exists(class::SR, sr))
-        .ok_or_else(|| ApiError::new("VM_NO_SUSPEND_SR", [vm]))
+        .ok_or_else(|| errors::vm_no_suspend_sr(vm))
 }
 
 pub(crate) fn fifo(dir: &std::path::Path) -> Result<std::path::PathBuf, ApiError> {
@@ -49,7 +53,7 @@ pub(crate) fn fifo(dir: &std::path::Path) -> Result<std::path::PathBuf, ApiError
 
 pub(crate) async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, "suspend")?;
+    let _op = VmOp::begin(&s, &c, &vm, VmOperations::Suspend)?;
     let sr = suspend_sr(&s, &vm)?;
     let (uuid, mem, name) = {
         let st = s.db.read();
@@ -79,7 +83,11 @@ pub(crate) async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResu
             let pipe = pipe.clone();
             tokio::task::spawn_blocking(move || stream_into_vdi(&pipe, &image, &run_dir))
         };
-        let saved = s.agent.save(&uuid, pipe.clone()).await.map_err(agent_err);
+        let saved = s
+            .agent
+            .save(&uuid, pipe.clone())
+            .await
+            .map_err(|e| driver_errors::agent(&vm, e));
         if saved.is_err() {
             // Unblock the reader if QEMU never opened the FIFO.
             let _ = std::fs::OpenOptions::new().write(true).open(&pipe);
@@ -104,8 +112,11 @@ pub(crate) async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResu
         let _ = crate::ops::vdi::vdi_destroy(Arc::clone(&s), vec![Value::str(&vdi)]).await;
         return Err(e);
     }
-    s.agent.destroy(&uuid).await.map_err(agent_err)?;
-    record_stopped(&s, &vm, "Suspended", Some(&vdi))?;
+    s.agent
+        .destroy(&uuid)
+        .await
+        .map_err(|e| driver_errors::agent(&vm, e))?;
+    record_stopped(&s, &vm, VmPowerState::Suspended, Some(&vdi))?;
     alert(&s, &vm, "VM_SUSPENDED", 5, "VM suspended");
     void()
 }
@@ -119,7 +130,7 @@ pub(crate) fn stream_into_vdi(
     use std::io::Read;
     let mut src = std::fs::File::open(pipe).map_err(|e| ApiError::internal(e.to_string()))?;
     let mut img = corral_storage::nbd::NbdImage::open(image, true, run_dir)
-        .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
+        .map_err(|e| errors::vdi_io_error(e.to_string()))?;
     let mut buf = vec![0u8; corral_storage::nbd::CHUNK];
     let mut off = 0u64;
     loop {
@@ -135,20 +146,17 @@ pub(crate) fn stream_into_vdi(
             break;
         }
         if off + n as u64 > img.size() {
-            return Err(ApiError::new(
-                "VDI_IO_ERROR",
-                ["suspend image too large for its VDI"],
-            ));
+            return Err(errors::vdi_io_error("suspend image too large for its VDI"));
         }
         img.write_queued(off, &buf[..n])
-            .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
+            .map_err(|e| errors::vdi_io_error(e.to_string()))?;
         off += n as u64;
         if n < buf.len() {
             break;
         }
     }
     img.close()
-        .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
+        .map_err(|e| errors::vdi_io_error(e.to_string()))?;
     Ok(off)
 }
 
@@ -166,7 +174,7 @@ pub(crate) fn stream_from_vdi(
         .open(pipe)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let mut img = corral_storage::nbd::NbdImage::open(image, false, run_dir)
-        .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
+        .map_err(|e| errors::vdi_io_error(e.to_string()))?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&out);
     let mut left = len;
     let mut failed = None;
@@ -179,16 +187,25 @@ pub(crate) fn stream_from_vdi(
         left -= n as u64;
         left > 0
     })
-    .map_err(|e| ApiError::new("VDI_IO_ERROR", [e.to_string()]))?;
+    .map_err(|e| errors::vdi_io_error(e.to_string()))?;
     if let Some(e) = failed {
-        return Err(ApiError::new("VDI_IO_ERROR", [e.to_string()]));
+        return Err(errors::vdi_io_error(e.to_string()));
     }
     Ok(())
 }
 
 pub(crate) async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> ApiResult {
     let (vm, host, paused) = start_params(p, with_host);
-    let _op = VmOp::begin(&s, &c, &vm, if with_host { "resume_on" } else { "resume" })?;
+    let _op = VmOp::begin(
+        &s,
+        &c,
+        &vm,
+        if with_host {
+            VmOperations::ResumeOn
+        } else {
+            VmOperations::Resume
+        },
+    )?;
     if let Some(h) = host {
         check_host(&s, &h)?;
     }
@@ -202,10 +219,7 @@ pub(crate) async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: 
     let (image, len) = {
         let st = s.db.read();
         if !st.exists(class::VDI, &vdi) {
-            return Err(ApiError::new(
-                "VM_REQUIRES_VDI",
-                [vm.as_str(), vdi.as_str()],
-            ));
+            return Err(errors::vm_requires_vdi(vm.as_str(), vdi.as_str()));
         }
         let image = vdi_image_of(&s, &st, &vdi)?;
         let len = strmap(st.get(field::vdi::OTHER_CONFIG, &vdi))
@@ -233,7 +247,11 @@ pub(crate) async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: 
     let _ = std::fs::remove_file(&pipe);
     if let Err(e) = launched {
         let _ = db(s.db.write(|t| {
-            t.set(field::vm::POWER_STATE, &vm, Value::str("Suspended"))?;
+            t.set(
+                field::vm::POWER_STATE,
+                &vm,
+                Value::str(VmPowerState::Suspended.as_str()),
+            )?;
             t.set(field::vm::SUSPEND_VDI, &vm, Value::str(&vdi))?;
             refresh_allowed(t, &vm)
         }));
@@ -242,7 +260,10 @@ pub(crate) async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: 
     let restored = async {
         fed?;
         if !paused {
-            s.agent.unpause(&uuid).await.map_err(agent_err)?;
+            s.agent
+                .unpause(&uuid)
+                .await
+                .map_err(|e| driver_errors::agent(&vm, e))?;
         }
         Ok::<(), ApiError>(())
     }
@@ -250,7 +271,7 @@ pub(crate) async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: 
     if let Err(e) = restored {
         // Undo: back to Suspended with the image kept.
         let _ = s.agent.destroy(&uuid).await;
-        let _ = record_stopped(&s, &vm, "Suspended", Some(&vdi));
+        let _ = record_stopped(&s, &vm, VmPowerState::Suspended, Some(&vdi));
         return Err(e);
     }
     set_paused(&s, &vm, paused)?;
