@@ -158,19 +158,24 @@ pub fn success_with(
     capacity: usize,
     result: impl FnOnce(&mut String),
 ) -> String {
+    let (head, tail) = success_envelope(id, v2);
     let mut out = String::with_capacity(capacity);
-    if v2 {
-        out.push_str("{\"jsonrpc\":\"2.0\",\"result\":");
-        result(&mut out);
-    } else {
-        out.push_str("{\"result\":");
-        result(&mut out);
-        out.push_str(",\"error\":null");
-    }
-    out.push_str(",\"id\":");
-    out.push_str(&id_text(id));
-    out.push('}');
+    out.push_str(head);
+    result(&mut out);
+    out.push_str(&tail);
     out
+}
+
+/// What goes before and after the result of a success reply, for replies
+/// streamed in pieces.
+pub fn success_envelope(id: &Json, v2: bool) -> (&'static str, String) {
+    let head = if v2 {
+        "{\"jsonrpc\":\"2.0\",\"result\":"
+    } else {
+        "{\"result\":"
+    };
+    let error = if v2 { "" } else { ",\"error\":null" };
+    (head, format!("{error},\"id\":{}}}", id_text(id)))
 }
 
 /// A failure reply: v1 `error` is the description array; v2 is

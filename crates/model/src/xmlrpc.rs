@@ -494,13 +494,24 @@ pub fn success(v: &Value) -> String {
 /// A success response whose `<value>` is written by `value` straight into the
 /// output (large replies are encoded without building a [`Value`] first).
 pub fn success_with(capacity: usize, value: impl FnOnce(&mut String)) -> String {
+    let (head, tail) = success_envelope();
     let mut out = String::with_capacity(capacity);
-    out.push_str(HEAD);
-    out.push_str("<value><struct><member><name>Status</name><value>Success</value></member><member><name>Value</name>");
+    out.push_str(head);
     value(&mut out);
-    out.push_str("</member></struct></value>");
-    out.push_str(TAIL);
+    out.push_str(tail);
     out
+}
+
+/// What goes before and after the `<value>` of a success response, for
+/// replies streamed in pieces.
+pub fn success_envelope() -> (&'static str, &'static str) {
+    const BEFORE: &str = concat!(
+        "<?xml version=\"1.0\"?><methodResponse><params><param>",
+        "<value><struct><member><name>Status</name><value>Success</value></member><member><name>Value</name>"
+    );
+    const AFTER: &str = "</member></struct></value></param></params></methodResponse>";
+    debug_assert!(BEFORE.starts_with(HEAD) && AFTER.ends_with(TAIL));
+    (BEFORE, AFTER)
 }
 
 /// A failure response in XenAPI's envelope.

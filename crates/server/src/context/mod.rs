@@ -8,7 +8,7 @@ use crate::core::config::Config;
 use crate::core::events_hub::EventHub;
 use corral_db::Db;
 use corral_model::errors;
-use corral_model::schema::{CLASSES, class, field};
+use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value, date, new_ref, xmlrpc};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,8 +28,6 @@ pub struct Server {
     pub state_dir: std::path::PathBuf,
     /// Per SR uuid: serialises operations that change its images.
     pub(crate) sr_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Per class: bytes per record last time all records were encoded.
-    pub(crate) record_sizes: Vec<std::sync::atomic::AtomicUsize>,
     /// The host agent: VMs run through it.
     pub agent: Arc<dyn corral_agent::HostAgent>,
     /// VM uuids whose guest shutdown an operation is waiting for.
@@ -76,7 +74,6 @@ impl Server {
             cancelled: Mutex::new(Default::default()),
             workers: Mutex::new(Default::default()),
             state_dir,
-            record_sizes: CLASSES.iter().map(|_| Default::default()).collect(),
             sr_locks: Mutex::new(HashMap::new()),
             conns: Default::default(),
             task_owners: Mutex::new(HashMap::new()),

@@ -4,6 +4,7 @@ use crate::context::Server;
 use crate::core::call::{Caller, Origin};
 use crate::dispatch::Reply;
 use crate::wire::http::{MAX_CLI_BODY, MAX_RPC_BODY, error_page, refuse, write_simple};
+use crate::wire::rpc::{Envelope, stream_all_records};
 use corral_model::errors;
 use corral_model::http::{MAX_HEAD, find_head_end, parse_head};
 use corral_model::{jsonrpc, xmlrpc};
@@ -136,14 +137,23 @@ where
                     let text = match res {
                         Ok(Reply::Value(v)) => jsonrpc::success(&v, &call.id, call.v2),
                         Ok(Reply::AllRecords(c)) => {
-                            let text = jsonrpc::success_with(
-                                &call.id,
-                                call.v2,
-                                server.records_size_hint(c),
-                                |out| server.write_all_records(c, true, out),
-                            );
-                            server.note_records_size(c, text.len());
-                            text
+                            let envelope = Envelope::JsonRpc {
+                                id: &call.id,
+                                v2: call.v2,
+                            };
+                            match stream_all_records(
+                                &server,
+                                &mut stream,
+                                c,
+                                envelope,
+                                keep_alive,
+                                req.http10,
+                            )
+                            .await
+                            {
+                                Ok(true) => continue,
+                                _ => return,
+                            }
                         }
                         Err(e) => jsonrpc::failure(&e, &call.id, call.v2),
                     };
@@ -167,12 +177,19 @@ where
                         match server.call_reply(&call.method, call.params, &caller).await {
                             Ok(Reply::Value(v)) => xmlrpc::success(&v),
                             Ok(Reply::AllRecords(c)) => {
-                                let text =
-                                    xmlrpc::success_with(server.records_size_hint(c), |out| {
-                                        server.write_all_records(c, false, out)
-                                    });
-                                server.note_records_size(c, text.len());
-                                text
+                                match stream_all_records(
+                                    &server,
+                                    &mut stream,
+                                    c,
+                                    Envelope::XmlRpc,
+                                    keep_alive,
+                                    req.http10,
+                                )
+                                .await
+                                {
+                                    Ok(true) => continue,
+                                    _ => return,
+                                }
                             }
                             Err(e) => xmlrpc::failure(&e),
                         }

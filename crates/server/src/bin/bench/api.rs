@@ -87,6 +87,7 @@ pub(crate) fn api_bench(o: &Options) -> BenchResult<()> {
     }
     let load_secs = t0.elapsed().as_secs_f64();
     let rss_loaded = rss_mib(d.pid());
+    let peak_load = take_peak(d.pid());
     let vms = Arc::new(vms);
 
     // VM.get_record at random VMs versus two baselines on the same stack:
@@ -117,6 +118,8 @@ pub(crate) fn api_bench(o: &Options) -> BenchResult<()> {
         Arc::new(|_, _, _| xmlrpc::call("bench.nothing", &[])),
     )?;
 
+    let peak_calls = take_peak(d.pid());
+
     // VM.get_all_records: time to the last byte, then also parsed.
     let mut all_ms = Vec::new();
     let mut all_parsed_ms = Vec::new();
@@ -135,6 +138,7 @@ pub(crate) fn api_bench(o: &Options) -> BenchResult<()> {
     }
     all_ms.sort_by(f64::total_cmp);
     all_parsed_ms.sort_by(f64::total_cmp);
+    let peak_all = take_peak(d.pid());
 
     // event.from wake-up: a waiter blocks in event.from; a writer edits a VM;
     // latency is from the writer's acknowledgement to the waiter's return.
@@ -206,7 +210,10 @@ pub(crate) fn api_bench(o: &Options) -> BenchResult<()> {
     );
     println!("| corrald RSS after the get_record phase | {rss_get_record:.0} MiB | — |");
     println!("| corrald RSS at the end | {rss:.0} MiB | — |");
-    println!("| corrald peak RSS (VmHWM) over the whole run | {peak:.0} MiB | — |");
+    println!("| corrald peak RSS during the load (VM.clone) | {peak_load:.0} MiB | — |");
+    println!("| corrald peak RSS during the throughput phases | {peak_calls:.0} MiB | — |");
+    println!("| corrald peak RSS during VM.get_all_records | {peak_all:.0} MiB | ≤ 150 MiB |");
+    println!("| corrald peak RSS (VmHWM) after those, to the end | {peak:.0} MiB | — |");
     println!("| corrald RSS after restarts | {rss_after_restart:.0} MiB | — |");
     for (sig, ms) in &restarts {
         let how = if *sig == libc::SIGKILL {
@@ -298,4 +305,12 @@ fn event_wakeups(port: u16, vms: &[String], n: usize) -> BenchResult<(Vec<f64>, 
         .collect();
     writes.sort_by(f64::total_cmp);
     Ok((lat, percentile(&writes, 0.5)))
+}
+
+/// corrald's peak RSS since the last call (VmHWM, then reset through
+/// `/proc/<pid>/clear_refs`), in MiB.
+fn take_peak(pid: u32) -> f64 {
+    let peak = proc_status_mib(pid, "VmHWM:");
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    peak
 }

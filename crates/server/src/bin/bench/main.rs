@@ -225,6 +225,7 @@ impl Client {
             .and_then(|_| self.writer.write_all(body.as_bytes()))
             .map_err(|e| e.to_string())?;
         let mut len = None;
+        let mut chunked = false;
         let mut line = String::new();
         loop {
             line.clear();
@@ -243,7 +244,15 @@ impl Client {
                 if k.eq_ignore_ascii_case("content-length") {
                     len = v.trim().parse::<usize>().ok();
                 }
+                if k.eq_ignore_ascii_case("transfer-encoding")
+                    && v.trim().eq_ignore_ascii_case("chunked")
+                {
+                    chunked = true;
+                }
             }
+        }
+        if chunked {
+            return self.read_chunked();
         }
         let len = len.ok_or("response without Content-Length")?;
         let mut out = vec![0u8; len];
@@ -251,6 +260,28 @@ impl Client {
             .read_exact(&mut out)
             .map_err(|e| e.to_string())?;
         Ok(out)
+    }
+
+    /// A body in HTTP/1.1 chunked transfer coding (large replies).
+    fn read_chunked(&mut self) -> BenchResult<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.reader
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            let size = usize::from_str_radix(line.trim_end(), 16).map_err(|e| e.to_string())?;
+            let start = out.len();
+            out.resize(start + size + 2, 0);
+            self.reader
+                .read_exact(&mut out[start..])
+                .map_err(|e| e.to_string())?;
+            out.truncate(start + size);
+            if size == 0 {
+                return Ok(out);
+            }
+        }
     }
 
     fn call(&mut self, method: &str, params: &[Value]) -> BenchResult<Value> {
