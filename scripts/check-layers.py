@@ -4,7 +4,8 @@
 * corrald (crates/server/src): a module may import (`crate::<layer>`) only its
   own layer or a lower one, in the order of LAYERS; no import circles between
   layers, nor between the class modules of `ops/`.
-* every crate: no import circle between its top-level modules.
+* every crate: no import circle between its top-level modules, nor
+  between any of its files.
 * no hand-written source file over MAX_LINES lines (tests excluded).
 
 Imports are read as text (`crate::a::b`, `crate::a::{b, c}`, `super::x`), which
@@ -101,10 +102,11 @@ def check_crate(crate):
     src = os.path.join(root, "crates", crate, "src")
     if not os.path.isdir(src):
         return
-    top_edges, ops_edges = {}, {}
-    known_top = set()
+    top_edges, ops_edges, file_edges = {}, {}, {}
+    known_top, known = set(), set()
     for path in sources(src):
         me = module_path(src, path)
+        known.add(tuple(me))
         if me:
             known_top.add(me[0])
     for path in sources(src):
@@ -118,6 +120,13 @@ def check_crate(crate):
         for target in imports(body, me):
             if not target or target[0] not in known_top:
                 continue
+            # the file the name comes from: the longest known module prefix
+            mod = next((tuple(target[:n]) for n in range(len(target), 0, -1)
+                        if tuple(target[:n]) in known), None)
+            # A file may use the items of the module it is declared in (its
+            # parent's types and helpers); only other edges can close a circle.
+            if mod is not None and mod != tuple(me) and tuple(me[:len(mod)]) != mod:
+                file_edges.setdefault(tuple(me), set()).add(mod)
             other = target[0]
             if other != mine:
                 top_edges.setdefault(mine, set()).add(other)
@@ -132,6 +141,9 @@ def check_crate(crate):
         failures.append(f"import circle in crates/{crate}: " + " <-> ".join(c))
     for c in circles(ops_edges):
         failures.append("import circle between ops classes: " + " <-> ".join(c))
+    for c in circles(file_edges):
+        failures.append(f"import circle between files of crates/{crate}: "
+                        + " <-> ".join("::".join(m) or "lib" for m in c))
 
 
 for crate in sorted(os.listdir(os.path.join(root, "crates"))):

@@ -4,57 +4,9 @@ use crate::cli::args::{Cmd, STD_PARAMS};
 use crate::cli::commands::table;
 use crate::cli::context::{CliCtx, CliError, text};
 use crate::cli::protocol::Out;
-use crate::cli::records::{CliClass, cli_classes};
+use crate::cli::records::CliClass;
 use corral_model::Value;
 use corral_model::schema::{Ty, class};
-
-pub(crate) const GENERIC_COMMANDS: &[(&str, &str, &str, &str)] = &[
-    (
-        "-param-list",
-        "uuid",
-        "",
-        "Lists all the parameters of the object",
-    ),
-    (
-        "-param-get",
-        "uuid, param-name",
-        "param-key",
-        "Gets a parameter of the object",
-    ),
-    ("-param-set", "uuid", "", "Sets parameters of the object"),
-    (
-        "-param-add",
-        "uuid, param-name",
-        "param-key",
-        "Adds to a set or map parameter",
-    ),
-    (
-        "-param-remove",
-        "uuid, param-name, param-key",
-        "",
-        "Removes from a set or map parameter",
-    ),
-    ("-param-clear", "uuid, param-name", "", "Clears a parameter"),
-    (
-        "-list",
-        "",
-        "params",
-        "Lists the objects, filtered by field=value",
-    ),
-];
-
-pub(crate) type GenericCommand = (&'static str, &'static str, &'static str, &'static str);
-
-/// Splits `vm-param-get` into the CLI class and the generic command's entry.
-pub(crate) fn generic_command(name: &str) -> Option<(CliClass, &'static GenericCommand)> {
-    GENERIC_COMMANDS.iter().find_map(|entry| {
-        let cname = name.strip_suffix(entry.0)?;
-        cli_classes()
-            .into_iter()
-            .find(|c| c.name == cname)
-            .map(|c| (c, entry))
-    })
-}
 
 impl CliCtx {
     pub(crate) async fn generic(

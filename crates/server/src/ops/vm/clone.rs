@@ -7,11 +7,9 @@ use crate::ops::query::{flag, strmap, vbds_of};
 use crate::ops::vm::lifecycle::{BEING_MADE, VmOp};
 use crate::ops::vm::power::params;
 use crate::ops::vm::state::{drop_suspend_image, remove_consoles};
-use corral_model::enums::VmOperations;
-use corral_model::enums::VmPowerState;
-use corral_model::errors;
+use corral_model::enums::{VmOperations, VmPowerState};
 use corral_model::schema::{class, field};
-use corral_model::{ApiError, NULL_REF, Value, new_ref};
+use corral_model::{ApiError, NULL_REF, Value, errors, new_ref};
 use std::sync::Arc;
 
 /// The VDIs of `vm`'s disk VBDs that no other VM uses: what goes with the

@@ -4,9 +4,8 @@ use crate::context::Server;
 use crate::ops::query::{flag, int, strmap, vbds_of, vm_uuid};
 use crate::ops::vbd::{check_vdi_free, drive_of};
 use corral_agent::{Boot, VmConfig};
-use corral_model::errors;
 use corral_model::schema::{class, field};
-use corral_model::{ApiError, date};
+use corral_model::{ApiError, date, errors};
 
 pub(crate) fn build_config(s: &Server, vm: &str) -> Result<VmConfig, ApiError> {
     let st = s.db.read();

@@ -4,19 +4,17 @@ use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, void};
 use crate::core::records::db;
 use crate::ops::query::{flag, power, strmap};
+use VmOperations as Op;
+use VmPowerState::{Halted, Paused, Running, Suspended};
 use corral_model::enums::{VmOperations, VmPowerState};
-use corral_model::errors;
 use corral_model::schema::{class, field};
-use corral_model::{ApiError, Value, new_ref};
+use corral_model::{ApiError, Value, errors, new_ref};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// `VM.other_config` key on a VM that VM.clone/VM.copy is still making
 /// (its disks); start-up removes such VMs.
 pub(crate) const BEING_MADE: &str = "corral-being-made";
-
-use VmOperations as Op;
-use VmPowerState::{Halted, Paused, Running, Suspended};
 
 /// (operation, power states it is allowed from, in XAPI's order).
 pub(crate) const POWER_OPS: &[(VmOperations, &[VmPowerState])] = &[

@@ -6,9 +6,8 @@ use crate::core::driver_errors;
 use crate::core::records::db;
 use crate::ops::query::{int, live_here, power, vm_uuid};
 use corral_model::enums::VmPowerState;
-use corral_model::errors;
 use corral_model::schema::{class, field};
-use corral_model::{ApiError, Value};
+use corral_model::{ApiError, Value, errors};
 
 /// Sets any of the four memory fields after checking XAPI's ordering
 /// constraint; static limits only while Halted.

@@ -5,9 +5,8 @@ use crate::core::call::{ApiResult, void};
 use crate::ops::query::{flag, int, live_here};
 use crate::ops::vm::config::build_config;
 use corral_agent::VmConfig;
-use corral_model::errors;
 use corral_model::schema::{class, field};
-use corral_model::{ApiError, Value};
+use corral_model::{ApiError, Value, errors};
 use std::sync::Arc;
 
 /// Host memory kept back from VMs (the host's own needs).

@@ -11,11 +11,9 @@ use crate::ops::vm::state::{
     alert, drop_suspend_image, record_running, record_stopped, set_paused,
 };
 use corral_agent::{RunState, VmConfig, VmEvent};
-use corral_model::enums::VmOperations;
-use corral_model::enums::VmPowerState;
-use corral_model::errors;
+use corral_model::enums::{VmOperations, VmPowerState};
 use corral_model::schema::field;
-use corral_model::{ApiError, Value};
+use corral_model::{ApiError, Value, errors};
 use std::sync::Arc;
 use std::time::Duration;
 

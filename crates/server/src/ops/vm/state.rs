@@ -4,7 +4,6 @@ use crate::context::Server;
 use crate::core::records::db;
 use crate::ops::query::{device_name, strmap, vbds_of, vm_uuid};
 use crate::ops::vm::lifecycle::refresh_allowed;
-use crate::ops::vm::suspend::SUSPEND_OF;
 use corral_agent::{Boot, VmConfig};
 use corral_model::enums::VmPowerState;
 use corral_model::schema::{class, field};
@@ -264,3 +263,6 @@ pub(crate) async fn drop_unused_suspend_images(s: &Arc<Server>, vm: &str) {
         let _ = crate::ops::vdi::vdi_destroy(Arc::clone(s), vec![Value::str(&v)]).await;
     }
 }
+
+/// `VDI.other_config` key of a suspend image: the uuid of its VM.
+pub(crate) const SUSPEND_OF: &str = "corral-suspend-of";

@@ -10,17 +10,12 @@ use crate::ops::vm::clone::new_vdi;
 use crate::ops::vm::lifecycle::{VmOp, refresh_allowed};
 use crate::ops::vm::placement::check_host;
 use crate::ops::vm::power::{launch, params, start_params};
-use crate::ops::vm::state::{alert, record_stopped, set_paused};
-use corral_model::enums::VmOperations;
-use corral_model::enums::VmPowerState;
-use corral_model::errors;
+use crate::ops::vm::state::{SUSPEND_OF, alert, record_stopped, set_paused};
+use corral_model::enums::{VmOperations, VmPowerState};
 use corral_model::schema::{class, field};
-use corral_model::{ApiError, Value};
+use corral_model::{ApiError, Value, errors};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
-
-/// `VDI.other_config` key of a suspend image: the uuid of its VM.
-pub(crate) const SUSPEND_OF: &str = "corral-suspend-of";
 
 pub(crate) fn suspend_sr(s: &Server, vm: &str) -> Result<String, ApiError> {
     let st = s.db.read();
