@@ -30,7 +30,7 @@ pub fn build(opts: &Options) -> anyhow::Result<Arc<Server>> {
     let db = Db::open(&opts.state_dir.join("pool.db")).context("opening the pool database")?;
     let id = crate::init::ensure(&db, opts.root_password.clone())?;
     Ok(Server::new(
-        db,
+        Arc::new(db),
         id.host_ref,
         id.pool_ref,
         opts.config.clone(),
@@ -52,6 +52,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("VM start-up: {e}"))?;
     crate::ops::vdi::snapshot::finish_interrupted_switches(&server).await;
+    // Last: the marks of this host's dead tasks were cleared above.
+    server.forget_dead_tasks();
     let sock_path = opts.state_dir.join("xapi.sock");
     let unix = bind_private_socket(&sock_path)?;
     {

@@ -7,6 +7,7 @@ pub mod core;
 pub mod daemon;
 pub mod dispatch;
 pub mod drivers;
+pub mod forward;
 pub mod init;
 pub mod ops;
 pub mod wire;

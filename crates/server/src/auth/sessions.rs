@@ -20,6 +20,10 @@ pub struct SessionInfo {
     pub created: Instant,
     /// Legacy `event.register` subscriptions and cursor.
     pub registered: Option<(Vec<String>, u64)>,
+    /// Made by a login on this host; a session made on another host of
+    /// the pool is taken from the pool database and lives while its record
+    /// does.
+    pub home: bool,
 }
 
 pub struct Sessions {
@@ -303,7 +307,16 @@ impl Sessions {
             .lock()
             .map_err(|_| ApiError::internal("session table poisoned"))?;
         match map.get_mut(s) {
-            Some(info) if info.last_active.elapsed() < self.config.session_timeout => {
+            Some(info) if !info.home && !server.db().read().exists(class::SESSION, s) => {
+                // Its host logged it out or expired it.
+                map.remove(s);
+                Err(ApiError::session_invalid(s))
+            }
+            // Another host's session lives while its record does: whether it
+            // timed out is its own host's call.
+            Some(info)
+                if !info.home || info.last_active.elapsed() < self.config.session_timeout =>
+            {
                 info.last_active = Instant::now();
                 Ok(info.clone())
             }
@@ -313,8 +326,36 @@ impl Sessions {
                 server.session_ended(s);
                 Err(ApiError::session_invalid(s))
             }
-            None => Err(ApiError::session_invalid(s)),
+            None => {
+                let info = Self::from_pool_db(server, s)?;
+                map.insert(s.to_owned(), info.clone());
+                Ok(info)
+            }
         }
+    }
+
+    /// A session another host of the pool made, from its record in the
+    /// pool database: its user's role as of now.
+    fn from_pool_db(server: &dyn SessionHost, s: &str) -> Result<SessionInfo, ApiError> {
+        let name = {
+            let st = server.db().read();
+            if !st.exists(class::SESSION, s) {
+                return Err(ApiError::session_invalid(s));
+            }
+            st.get_str(field::session::AUTH_USER_NAME, s)
+                .unwrap_or_default()
+        };
+        let (user_ref, _, role) =
+            Self::user(server, &name).ok_or_else(|| ApiError::session_invalid(s))?;
+        Ok(SessionInfo {
+            role,
+            user_name: name,
+            user_ref,
+            last_active: Instant::now(),
+            created: Instant::now(),
+            registered: None,
+            home: false,
+        })
     }
 
     pub fn with<R>(&self, s: &str, f: impl FnOnce(&mut SessionInfo) -> R) -> Option<R> {
@@ -425,11 +466,12 @@ impl Sessions {
                     last_active: Instant::now(),
                     created: Instant::now(),
                     registered: None,
+                    home: true,
                 },
             );
             let mut mine: Vec<(Instant, String)> = map
                 .iter()
-                .filter(|(_, i)| i.user_name == name)
+                .filter(|(_, i)| i.home && i.user_name == name)
                 .map(|(k, i)| (i.created, k.clone()))
                 .collect();
             let mut reaped = Vec::new();

@@ -1,5 +1,6 @@
 //! The host context every operation runs in: the database, this host's identity, its drivers and its volatile state.
 
+pub mod hosts;
 pub mod tasks;
 
 use crate::auth::sessions::Sessions;
@@ -14,7 +15,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub struct Server {
-    pub db: Db,
+    /// The pool database (shared with the hosts of an in-process harness).
+    pub db: Arc<Db>,
     pub host_ref: String,
     pub pool_ref: String,
     pub config: Config,
@@ -28,8 +30,11 @@ pub struct Server {
     pub state_dir: std::path::PathBuf,
     /// Per SR uuid: serialises operations that change its images.
     pub(crate) sr_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// The host agent: VMs run through it.
-    pub agent: Arc<dyn corral_agent::HostAgent>,
+    /// This host's agent: its VMs run through it. Operations reach it
+    /// (and other hosts' agents) through [`Server::host`].
+    pub(crate) local_agent: Arc<dyn corral_agent::HostAgent>,
+    /// How the pool's other hosts are reached (none: a pool of one).
+    pub(crate) pool_link: std::sync::RwLock<Option<Arc<dyn hosts::PoolLink>>>,
     /// VM uuids whose guest shutdown an operation is waiting for.
     pub(crate) expected_shutdowns: Mutex<std::collections::HashSet<String>>,
     /// Who made each task (tasks are volatile, like this table).
@@ -51,7 +56,7 @@ pub enum Handler {
 
 impl Server {
     pub fn new(
-        db: Db,
+        db: Arc<Db>,
         host_ref: String,
         pool_ref: String,
         config: Config,
@@ -62,7 +67,8 @@ impl Server {
         let events = EventHub::new(db.read().generation());
         let state_dir_for_audit = state_dir.clone();
         let server = Arc::new(Server {
-            agent,
+            local_agent: agent,
+            pool_link: Default::default(),
             expected_shutdowns: Mutex::new(Default::default()),
             db,
             host_ref,
@@ -204,6 +210,15 @@ impl Server {
 }
 
 impl Server {
+    /// Whether this host is its pool's master (which runs the operations).
+    pub fn is_master(&self) -> bool {
+        self.db
+            .read()
+            .get_str(field::pool::MASTER, &self.pool_ref)
+            .as_deref()
+            == Some(self.host_ref.as_str())
+    }
+
     pub fn host_uuid(&self) -> String {
         self.db
             .read()

@@ -78,6 +78,31 @@ impl Server {
             .is_some_and(|o| o.session == session || (!o.user.is_empty() && o.user == user))
     }
 
+    /// At start-up, after the marks they held were cleared: this host's
+    /// tasks died with its previous process (another host's stay). A
+    /// database of one process has none (tasks are not persisted); a pool
+    /// database shared with other hosts has.
+    pub fn forget_dead_tasks(&self) {
+        let r = self.db.write(|t| {
+            let mine: Vec<String> = t
+                .state()
+                .refs(class::TASK)
+                .filter(|k| {
+                    t.state().get_str(field::task::RESIDENT_ON, k).as_deref()
+                        == Some(self.host_ref.as_str())
+                })
+                .cloned()
+                .collect();
+            for k in mine {
+                t.delete(class::TASK, &k)?;
+            }
+            Ok::<(), ApiError>(())
+        });
+        if let Err(e) = r {
+            tracing::warn!(error = %ApiError::from(e).code, "could not remove dead tasks");
+        }
+    }
+
     /// Removes a task record and its owner entry.
     pub fn task_destroy(&self, task: &str) {
         if let Ok(mut o) = self.task_owners.lock() {

@@ -9,5 +9,6 @@ pub mod driver_errors;
 pub mod events_hub;
 pub mod logfile;
 pub mod logsafe;
+pub mod marks;
 pub mod records;
 pub mod tls;

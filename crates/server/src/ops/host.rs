@@ -3,14 +3,13 @@
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, void};
 use crate::init::s;
-use crate::ops::query::{int, live_here, power, strmap};
-use crate::ops::vm::lifecycle::VmOp;
+use crate::ops::query::{int, live_at, power, strmap};
+use crate::ops::vm::lifecycle::mark_vm;
 use crate::ops::vm::power::{clean_stop, halt, params};
 use crate::ops::vm::state::alert;
-use crate::ops::vm::suspend::vm_suspend;
+use crate::ops::vm::suspend::suspend;
 use corral_model::enums::VmOperations;
 use corral_model::enums::VmPowerState;
-use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
 use std::sync::Arc;
@@ -34,9 +33,10 @@ pub(crate) fn refresh_certificate(s: &Arc<Server>) -> ApiResult {
 /// forced off) | `suspend` | `refuse` (fail while VMs run).
 pub(crate) async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (host, _) = params(p);
-    if host != s.host_ref {
-        return Err(errors::host_offline(host.as_str()));
+    if !s.db.read().exists(class::HOST, &host) {
+        return Err(ApiError::handle_invalid("host", &host));
     }
+    let h = s.host(&host)?;
     let oc = strmap(s.db.read().get(field::host::OTHER_CONFIG, &host));
     let policy = oc
         .get("vm-shutdown-policy")
@@ -50,8 +50,7 @@ pub(crate) async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> 
     let mut vms: Vec<(i64, String)> = {
         let st = s.db.read();
         st.refs(class::VM)
-            // `host` is this host (checked above).
-            .filter(|vm| live_here(&s, &st, vm))
+            .filter(|vm| live_at(&st, &host, vm))
             .map(|vm| (int(&st, field::vm::ORDER, vm), vm.clone()))
             .collect()
     };
@@ -67,16 +66,17 @@ pub(crate) async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> 
         "suspend" => {
             for (_, vm) in &vms {
                 if power(&s.db.read(), vm) == VmPowerState::Running {
-                    vm_suspend(Arc::clone(&s), c.clone(), vec![Value::str(vm)]).await?;
+                    let _mark = mark_vm(&s, &c, vm, VmOperations::Suspend)?;
+                    suspend(Arc::clone(&s), &h, vm).await?;
                 }
             }
         }
         _ => {
             for (_, vm) in &vms {
-                let _op = VmOp::begin(&s, &c, vm, VmOperations::Shutdown)?;
+                let _op = mark_vm(&s, &c, vm, VmOperations::Shutdown)?;
                 let clean = power(&s.db.read(), vm) == VmPowerState::Running
-                    && clean_stop(&s, vm, timeout, None).await.unwrap_or(false);
-                halt(&s, vm).await?;
+                    && clean_stop(&s, &h, vm, timeout, None).await.unwrap_or(false);
+                halt(&s, &h, vm).await?;
                 alert(
                     &s,
                     vm,
@@ -98,7 +98,7 @@ pub(crate) async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> 
 /// and for the simulator a name_description that `xe host-list` shows.
 pub fn record_host_driver(server: &crate::context::Server) {
     const SIM_NOTE: &str = "Simulated host (sim driver): VMs do not really run";
-    let kind = server.agent.kind();
+    let kind = server.local().agent.kind();
     let host = server.host_ref.clone();
     let r = server.db.write(|t| {
         let st = t.state();

@@ -4,7 +4,7 @@ use crate::context::Server;
 use crate::core::call::{ApiResult, void};
 use crate::core::driver_errors;
 use crate::core::records::{check_refs, create_fields, db, first, given_field, strmap, to_value};
-use crate::ops::storage::backend::{blocking, sr_lock, sr_on};
+use crate::ops::storage::backend::{blocking, sr_lock, sr_on, sr_via_pbd};
 use crate::ops::storage::records::{
     assert_detached, delete_secrets, pbds_of, refresh_allowed, refresh_sizes, store_secrets,
     vdi_attached, vdis_of,
@@ -79,9 +79,6 @@ pub async fn pbd_plug(s: &Arc<Server>, pbd: &str) -> Result<(), ApiError> {
             st.get_str(field::pbd::HOST, pbd).unwrap_or_default(),
         )
     };
-    if host != s.host_ref {
-        return Err(errors::host_offline(host));
-    }
     {
         // A non-shared SR may be attached on one host only.
         let st = s.db.read();
@@ -101,7 +98,8 @@ pub async fn pbd_plug(s: &Arc<Server>, pbd: &str) -> Result<(), ApiError> {
             return Err(errors::sr_not_sharable(sr.as_str(), host.as_str()));
         }
     }
-    let on = sr_on(s, &sr)?;
+    // Attached through the PBD's own host.
+    let on = sr_via_pbd(s, &s.db.read(), &sr, Some(pbd))?;
     let (d, ctx) = (on.driver, on.ctx.clone());
     let version = blocking(move || d.attach(&ctx))
         .await?
@@ -143,7 +141,7 @@ pub async fn pbd_unplug(s: &Arc<Server>, pbd: &str) -> Result<(), ApiError> {
             return Err(errors::vdi_in_use(v.as_str(), "unplug"));
         }
     }
-    let on = sr_on(s, &sr)?;
+    let on = sr_via_pbd(s, &s.db.read(), &sr, Some(pbd))?;
     let _l = sr_lock(s, &on.uuid).await;
     let (d, ctx) = (on.driver, on.ctx.clone());
     blocking(move || d.detach(&ctx))

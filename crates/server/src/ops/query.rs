@@ -14,11 +14,20 @@ pub(crate) fn power(st: &corral_db::State, vm: &str) -> VmPowerState {
         .unwrap_or(VmPowerState::Halted)
 }
 
-/// The VM has a QEMU on this host: Running or Paused, resident here.
-pub(crate) fn live_here(s: &Server, st: &corral_db::State, vm: &str) -> bool {
+/// The host whose QEMU runs the VM (Running or Paused); none for a VM
+/// without a domain (Halted, Suspended).
+pub(crate) fn live_on(st: &corral_db::State, vm: &str) -> Option<String> {
     let p = power(st, vm);
-    (p == VmPowerState::Running || p == VmPowerState::Paused)
-        && st.get_str(field::vm::RESIDENT_ON, vm).as_deref() == Some(s.host_ref.as_str())
+    if p != VmPowerState::Running && p != VmPowerState::Paused {
+        return None;
+    }
+    st.get_str(field::vm::RESIDENT_ON, vm)
+        .filter(|h| st.exists(class::HOST, h))
+}
+
+/// The VM has a QEMU on `host`.
+pub(crate) fn live_at(st: &corral_db::State, host: &str, vm: &str) -> bool {
+    live_on(st, vm).as_deref() == Some(host)
 }
 
 /// A map field as read from the database (absent: empty).
@@ -62,12 +71,12 @@ pub(crate) fn device_name(userdevice: &str) -> String {
     format!("xvd{letter}")
 }
 
-pub(crate) fn running_uuid(s: &Server, vbd: &str) -> Option<(String, String)> {
+/// (VM, VM uuid, host) of a VBD whose VM has a domain (Running, Paused).
+pub(crate) fn running_uuid(s: &Server, vbd: &str) -> Option<(String, String, String)> {
     let st = s.db.read();
     let vm = st.get_str(field::vbd::VM, vbd)?;
-    let p = power(&st, &vm);
-    (p == VmPowerState::Running || p == VmPowerState::Paused)
-        .then(|| (vm.clone(), vm_uuid(&st, &vm)))
+    let host = live_on(&st, &vm)?;
+    Some((vm.clone(), vm_uuid(&st, &vm), host))
 }
 
 pub(crate) fn busy(s: &Server, vm: &str) -> bool {
@@ -79,19 +88,28 @@ pub(crate) fn busy(s: &Server, vm: &str) -> bool {
 
 /// A VDI plugged into a VM running here: (VM uuid, VBD uuid), the names
 /// its drive has in the agent.
-pub(crate) fn plugged_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
+pub(crate) fn plugged_drive(s: &Server, vdi: &str) -> Option<Plugged> {
     find_plugged(s, vdi, false)
 }
 
 /// [`plugged_drive`] when the guest can write it: QEMU holds the image
 /// read-write (so only QEMU may read it consistently or move it).
-pub(crate) fn plugged_rw_drive(s: &Server, vdi: &str) -> Option<(String, String)> {
+pub(crate) fn plugged_rw_drive(s: &Server, vdi: &str) -> Option<Plugged> {
     find_plugged(s, vdi, true)
 }
 
-/// (VM uuid, VBD uuid) of a running VM here with `vdi` plugged (and, with
-/// `writable`, writable by its guest).
-pub(crate) fn find_plugged(s: &Server, vdi: &str, writable: bool) -> Option<(String, String)> {
+/// A drive of a live VM that has a VDI plugged.
+pub(crate) struct Plugged {
+    /// The host whose QEMU holds the image.
+    pub host: String,
+    pub vm_uuid: String,
+    /// The drive's id in the agent: its VBD's uuid.
+    pub drive: String,
+}
+
+/// The live VM's drive with `vdi` plugged (with `writable`, writable by its
+/// guest), on whichever host it runs.
+pub(crate) fn find_plugged(s: &Server, vdi: &str, writable: bool) -> Option<Plugged> {
     let st = s.db.read();
     if writable && vdi_read_only(&st, vdi) {
         return None;
@@ -104,11 +122,10 @@ pub(crate) fn find_plugged(s: &Server, vdi: &str, writable: bool) -> Option<(Str
             return None;
         }
         let vm = st.get_str(field::vbd::VM, vbd)?;
-        live_here(s, &st, &vm).then(|| {
-            (
-                vm_uuid(&st, &vm),
-                st.get_str(field::vbd::UUID, vbd).unwrap_or_default(),
-            )
+        live_on(&st, &vm).map(|host| Plugged {
+            host,
+            vm_uuid: vm_uuid(&st, &vm),
+            drive: st.get_str(field::vbd::UUID, vbd).unwrap_or_default(),
         })
     })
 }

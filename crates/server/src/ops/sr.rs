@@ -3,8 +3,9 @@
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, pstr, void};
 use crate::core::driver_errors;
+use crate::core::marks::clear_dead;
 use crate::core::records::{db, first, strmap, to_value};
-use crate::ops::pbd::pbd_plug;
+use crate::ops::pbd::{pbd_plug, pbd_unplug};
 use crate::ops::storage::backend::{attached, blocking, driver, sr_lock, sr_on};
 use crate::ops::storage::journal::journal_dir;
 use crate::ops::storage::records::{
@@ -18,9 +19,10 @@ use corral_storage::{FORMAT_VERSION, SrCtx, StorageError};
 use std::collections::HashSet;
 use std::sync::Arc;
 
-/// Operations recorded on SRs, VDIs and VBDs belonged to tasks of the old
-/// corrald (tasks are volatile); nothing runs them any more.
+/// Operations this host had recorded on SRs, VDIs and VBDs died with its
+/// old process; nothing runs them any more (another host's stay).
 pub(crate) fn forget_dead_operations(s: &Server) -> Result<(), ApiError> {
+    let is_master = s.is_master();
     db(s.db.write(|t| {
         for (c, f) in [
             (class::SR, field::sr::CURRENT_OPERATIONS),
@@ -29,7 +31,7 @@ pub(crate) fn forget_dead_operations(s: &Server) -> Result<(), ApiError> {
         ] {
             let refs: Vec<String> = t.state().refs(c).cloned().collect();
             for r in refs {
-                t.set_if_changed(f, &r, Value::Struct(vec![]))?;
+                clear_dead(t, f, &r, &s.host_ref, is_master)?;
             }
         }
         let srs: Vec<String> = t.state().refs(class::SR).cloned().collect();
@@ -105,6 +107,8 @@ pub(crate) async fn sr_create(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResu
         return Err(ApiError::handle_invalid("host", &host));
     }
     let d = driver(&kind)?;
+    // The storage is prepared from the host asked for.
+    let on = s.host(&host)?;
     let content_type = if content_type.is_empty() {
         d.info().content_type.to_owned()
     } else {
@@ -116,7 +120,7 @@ pub(crate) async fn sr_create(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResu
         uuid: uuid.clone(),
         device_config: dc.clone(),
         sm_config: sm_config.clone(),
-        state_dir: s.state_dir.clone(),
+        state_dir: on.state_dir.clone(),
     };
     {
         let ctx = ctx.clone();
@@ -167,10 +171,14 @@ pub(crate) async fn sr_create(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResu
         let _ = blocking(move || d.delete(&ctx)).await;
         return Err(e.into());
     }
-    // Plug this host's PBD; on failure the SR is removed again, as XAPI does.
-    let pbd = sr_on(&s, &sr)?.pbd;
-    if let Some(pbd) = pbd {
-        if let Err(e) = pbd_plug(&s, &pbd).await {
+    // Plug every new PBD (each on its own host); on failure the SR is
+    // removed again, as XAPI does.
+    let pbds = pbds_of(&s.db.read(), &sr);
+    for (i, pbd) in pbds.iter().enumerate() {
+        if let Err(e) = pbd_plug(&s, pbd).await {
+            for plugged in &pbds[..i] {
+                let _ = pbd_unplug(&s, plugged).await;
+            }
             let _ = blocking(move || d.delete(&ctx)).await;
             let _ = s.db.write(|t| {
                 for p in t.state().refs(class::PBD).cloned().collect::<Vec<_>>() {

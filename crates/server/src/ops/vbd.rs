@@ -89,7 +89,7 @@ pub(crate) async fn vbd_plug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResul
     if !s.db.read().exists(class::VBD, &vbd) {
         return Err(ApiError::handle_invalid("VBD", &vbd));
     }
-    let Some((vm, uuid)) = running_uuid(&s, &vbd) else {
+    let Some((vm, uuid, host)) = running_uuid(&s, &vbd) else {
         let vm =
             s.db.read()
                 .get_str(field::vbd::VM, &vbd)
@@ -120,7 +120,8 @@ pub(crate) async fn vbd_plug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResul
             "CD drives cannot be plugged into a running VM; the VM gets this drive when it next starts",
         ));
     }
-    s.agent
+    s.host(&host)?
+        .agent
         .drive_attach(&uuid, drive)
         .await
         .map_err(|e| driver_errors::agent(&vm, e))?;
@@ -158,10 +159,11 @@ pub(crate) async fn vbd_unplug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiRes
     if ty == "CD" {
         return Err(errors::vbd_not_unpluggable(vbd.as_str()));
     }
-    let Some((_, vm_uuid)) = running_uuid(&s, &vbd) else {
+    let Some((_, vm_uuid, host)) = running_uuid(&s, &vbd) else {
         return Err(errors::device_already_detached(vbd.as_str()));
     };
-    s.agent
+    s.host(&host)?
+        .agent
         .drive_detach(&vm_uuid, &uuid)
         .await
         .map_err(|e| errors::device_detach_rejected("VBD", vbd.as_str(), e.to_string().as_str()))?;
@@ -182,7 +184,7 @@ pub(crate) async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> Ap
     // A drive added while the VM ran is not in QEMU yet: its medium is
     // recorded for the next start.
     let plugged = flag(&s.db.read(), field::vbd::CURRENTLY_ATTACHED, &vbd);
-    if let Some((_, vm_uuid)) = running_uuid(&s, &vbd).filter(|_| plugged) {
+    if let Some((vm, vm_uuid, host)) = running_uuid(&s, &vbd).filter(|_| plugged) {
         let (id, medium) = {
             let st = s.db.read();
             let id = st.get_str(field::vbd::UUID, &vbd).unwrap_or_default();
@@ -198,7 +200,15 @@ pub(crate) async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> Ap
             };
             (id, medium)
         };
-        if let Err(e) = s.agent.cd_change(&vm_uuid, &id, medium).await {
+        let changed = match s.host(&host) {
+            Ok(h) => h
+                .agent
+                .cd_change(&vm_uuid, &id, medium)
+                .await
+                .map_err(|e| driver_errors::agent(&vm, e)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = changed {
             let _ = db(s.db.write(|t| {
                 let old = before.clone().unwrap_or_else(|| NULL_REF.into());
                 t.set(field::vbd::EMPTY, &vbd, Value::Bool(old == NULL_REF))?;
@@ -209,11 +219,7 @@ pub(crate) async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> Ap
                 )?;
                 t.set(field::vbd::VDI, &vbd, Value::String(old))
             }));
-            let vm =
-                s.db.read()
-                    .get_str(field::vbd::VM, &vbd)
-                    .unwrap_or_default();
-            return Err(driver_errors::agent(&vm, e));
+            return Err(e);
         }
     }
     void()

@@ -19,27 +19,11 @@ where
     let q = &req.query;
     let session = query_param(q, "session_id").unwrap_or_default();
     let Ok(info) = server.sessions.check(&server, &session) else {
-        let _ = write_simple(
-            stream,
-            "401 Unauthorized",
-            "text/plain",
-            b"invalid session",
-            false,
-            "",
-        )
-        .await;
+        refuse(stream, "401 Unauthorized", b"invalid session").await;
         return;
     };
     if !info.role.allows(Role::VmOperator) {
-        let _ = write_simple(
-            stream,
-            "403 Forbidden",
-            "text/plain",
-            b"RBAC_PERMISSION_DENIED",
-            false,
-            "",
-        )
-        .await;
+        refuse(stream, "403 Forbidden", b"RBAC_PERMISSION_DENIED").await;
         return;
     }
     let target = {
@@ -54,36 +38,30 @@ where
             (
                 st.get_str(field::console::PROTOCOL, &c).unwrap_or_default(),
                 st.get_str(field::vm::UUID, &vm).unwrap_or_default(),
+                st.get_str(field::vm::RESIDENT_ON, &vm)
+                    .filter(|h| st.exists(class::HOST, h)),
             )
         })
     };
-    let Some((proto, vm_uuid)) = target else {
-        let _ = write_simple(
-            stream,
-            "404 Not Found",
-            "text/plain",
-            b"no such console",
-            false,
-            "",
-        )
-        .await;
+    // The console is served by the host the VM runs on.
+    let Some((proto, vm_uuid, host)) = target else {
+        refuse(stream, "404 Not Found", b"no such console").await;
         return;
     };
+    let host = match host.map(|h| server.host(&h)) {
+        Some(Ok(h)) => h,
+        Some(Err(_)) => {
+            return refuse(stream, "503 Service Unavailable", b"CANNOT_CONTACT_HOST").await;
+        }
+        None => return refuse(stream, "404 Not Found", b"VM is not running").await,
+    };
     if proto == "rfb" {
-        let sock = server.agent.vnc_socket(&vm_uuid);
+        let sock = host.agent.vnc_socket(&vm_uuid);
         let Some(Ok(mut vnc)) = (match sock {
             Some(p) => Some(tokio::net::UnixStream::connect(p).await),
             None => None,
         }) else {
-            let _ = write_simple(
-                stream,
-                "404 Not Found",
-                "text/plain",
-                b"VM has no display",
-                false,
-                "",
-            )
-            .await;
+            refuse(stream, "404 Not Found", b"VM has no display").await;
             return;
         };
         if stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err() {
@@ -95,16 +73,8 @@ where
         let _ = tokio::io::copy_bidirectional(stream, &mut vnc).await;
         return;
     }
-    let Ok(mut con) = server.agent.serial(&vm_uuid) else {
-        let _ = write_simple(
-            stream,
-            "404 Not Found",
-            "text/plain",
-            b"VM is not running",
-            false,
-            "",
-        )
-        .await;
+    let Ok(mut con) = host.agent.serial(&vm_uuid) else {
+        refuse(stream, "404 Not Found", b"VM is not running").await;
         return;
     };
     if stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err()
@@ -138,4 +108,9 @@ where
             },
         }
     }
+}
+
+/// Answers a console request that cannot be served, and ends it.
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, status: &str, body: &[u8]) {
+    let _ = write_simple(stream, status, "text/plain", body, false, "").await;
 }

@@ -3,6 +3,7 @@
 use crate::context::{Handler, Server};
 use crate::core::call::{BoxFut, Ctx, void};
 use crate::core::records::db;
+use crate::forward::vm as fvm;
 use crate::ops::host::host_shutdown_vms;
 use crate::ops::query::int;
 use crate::ops::vbd::{vbd_media, vbd_plug, vbd_unplug};
@@ -10,11 +11,7 @@ use crate::ops::vm::clone::{vm_clone_or_copy, vm_destroy, vm_provision};
 use crate::ops::vm::lifecycle::{refresh_allowed, vm_assert_operation_valid};
 use crate::ops::vm::memory::{ints, set_memory};
 use crate::ops::vm::placement::{host_free_memory, vm_assert_can_boot_here};
-use crate::ops::vm::power::{
-    params, vm_clean_reboot, vm_clean_shutdown, vm_hard_reboot, vm_hard_shutdown, vm_pause,
-    vm_power_state_reset, vm_shutdown, vm_start,
-};
-use crate::ops::vm::suspend::{vm_resume, vm_suspend};
+use crate::ops::vm::power::params;
 use corral_model::Value;
 use corral_model::schema::field;
 use std::collections::HashMap;
@@ -24,28 +21,30 @@ pub fn register(t: &mut HashMap<String, Handler>) {
     let mut a = |n: &str, f: fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut| {
         t.insert(n.to_owned(), Handler::Async(f));
     };
-    a("VM.start", |s, c, p| Box::pin(vm_start(s, c, p, false)));
-    a("VM.start_on", |s, c, p| Box::pin(vm_start(s, c, p, true)));
+    a("VM.start", |s, c, p| Box::pin(fvm::start(s, c, p, false)));
+    a("VM.start_on", |s, c, p| Box::pin(fvm::start(s, c, p, true)));
     a("VM.clean_shutdown", |s, c, p| {
-        Box::pin(vm_clean_shutdown(s, c, p))
+        Box::pin(fvm::clean_shutdown(s, c, p))
     });
-    a("VM.shutdown", |s, c, p| Box::pin(vm_shutdown(s, c, p)));
+    a("VM.shutdown", |s, c, p| Box::pin(fvm::shutdown(s, c, p)));
     a("VM.hard_shutdown", |s, c, p| {
-        Box::pin(vm_hard_shutdown(s, c, p))
+        Box::pin(fvm::hard_shutdown(s, c, p))
     });
     a("VM.clean_reboot", |s, c, p| {
-        Box::pin(vm_clean_reboot(s, c, p))
+        Box::pin(fvm::clean_reboot(s, c, p))
     });
     a("VM.hard_reboot", |s, c, p| {
-        Box::pin(vm_hard_reboot(s, c, p))
+        Box::pin(fvm::hard_reboot(s, c, p))
     });
-    a("VM.pause", |s, c, p| Box::pin(vm_pause(s, c, p, true)));
-    a("VM.unpause", |s, c, p| Box::pin(vm_pause(s, c, p, false)));
-    a("VM.suspend", |s, c, p| Box::pin(vm_suspend(s, c, p)));
-    a("VM.resume", |s, c, p| Box::pin(vm_resume(s, c, p, false)));
-    a("VM.resume_on", |s, c, p| Box::pin(vm_resume(s, c, p, true)));
+    a("VM.pause", |s, c, p| Box::pin(fvm::pause(s, c, p, true)));
+    a("VM.unpause", |s, c, p| Box::pin(fvm::pause(s, c, p, false)));
+    a("VM.suspend", |s, c, p| Box::pin(fvm::suspend(s, c, p)));
+    a("VM.resume", |s, c, p| Box::pin(fvm::resume(s, c, p, false)));
+    a("VM.resume_on", |s, c, p| {
+        Box::pin(fvm::resume(s, c, p, true))
+    });
     a("VM.power_state_reset", |s, c, p| {
-        Box::pin(vm_power_state_reset(s, c, p))
+        Box::pin(fvm::power_state_reset(s, c, p))
     });
     a("VM.destroy", |s, c, p| Box::pin(vm_destroy(s, c, p)));
     a("VM.clone", |s, c, p| {
@@ -72,11 +71,11 @@ pub fn register(t: &mut HashMap<String, Handler>) {
         Box::pin(async move {
             let (vm, _) = params(p);
             let m = int(&s.db.read(), field::vm::MEMORY_STATIC_MAX, &vm);
-            Ok(Value::Int(s.agent.memory_overhead(m)))
+            Ok(Value::Int(s.local().agent.memory_overhead(m)))
         })
     });
     a("host.compute_free_memory", |s, _, _| {
-        Box::pin(async move { Ok(Value::Int(host_free_memory(&s, &s.db.read()).1)) })
+        Box::pin(async move { Ok(Value::Int(host_free_memory(&s.local(), &s.db.read()).1)) })
     });
     a("VM.set_memory_limits", |s, _, p| {
         Box::pin(async move {

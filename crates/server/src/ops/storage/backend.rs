@@ -2,6 +2,7 @@
 
 use crate::context::Server;
 use crate::core::records::strmap;
+use crate::ops::query::flag;
 use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
@@ -48,6 +49,9 @@ pub(crate) fn resolve_secrets(st: &corral_db::State, dc: &mut BTreeMap<String, S
     }
 }
 
+/// The SR as the host that works on it sees it: this host when it has a
+/// PBD for the SR, else a host where the SR is plugged (a shared SR's
+/// images are reached from any of them).
 pub(crate) fn sr_on(s: &Server, sr: &str) -> Result<SrOn, ApiError> {
     sr_on_in(s, &s.db.read(), sr)
 }
@@ -57,27 +61,46 @@ pub(crate) fn sr_on_in(s: &Server, st: &corral_db::State, sr: &str) -> Result<Sr
     if !st.exists(class::SR, sr) {
         return Err(ApiError::handle_invalid("SR", sr));
     }
+    let pbds: Vec<&String> = st
+        .refs(class::PBD)
+        .filter(|p| st.get_str(field::pbd::SR, p).as_deref() == Some(sr))
+        .collect();
+    let on_host =
+        |p: &&&String| st.get_str(field::pbd::HOST, p).as_deref() == Some(s.host_ref.as_str());
+    let pbd = pbds
+        .iter()
+        .find(on_host)
+        .or_else(|| {
+            pbds.iter()
+                .find(|p| flag(st, field::pbd::CURRENTLY_ATTACHED, p))
+        })
+        .map(|p| (*p).clone());
+    sr_via_pbd(s, st, sr, pbd.as_deref())
+}
+
+/// The SR through one PBD: that PBD's host, device config and state.
+pub(crate) fn sr_via_pbd(
+    s: &Server,
+    st: &corral_db::State,
+    sr: &str,
+    pbd: Option<&str>,
+) -> Result<SrOn, ApiError> {
     let kind = st.get_str(field::sr::TYPE_, sr).unwrap_or_default();
     let driver = driver(&kind)?;
     let uuid = st.get_str(field::sr::UUID, sr).unwrap_or_default();
     let sm_config = strmap(&st.get(field::sr::SM_CONFIG, sr).unwrap_or(Value::Nil));
-    let pbd = st
-        .refs(class::PBD)
-        .find(|p| {
-            st.get_str(field::pbd::SR, p).as_deref() == Some(sr)
-                && st.get_str(field::pbd::HOST, p).as_deref() == Some(s.host_ref.as_str())
-        })
-        .cloned();
-    let (mut dc, attached) = match &pbd {
+    let host = match pbd.and_then(|p| st.get_str(field::pbd::HOST, p)) {
+        Some(h) => s.host(&h)?,
+        None => s.local(),
+    };
+    let (mut dc, attached) = match pbd {
         Some(p) => (
             strmap(&st.get(field::pbd::DEVICE_CONFIG, p).unwrap_or(Value::Nil)),
-            st.get(field::pbd::CURRENTLY_ATTACHED, p)
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+            flag(st, field::pbd::CURRENTLY_ATTACHED, p),
         ),
         None => (BTreeMap::new(), false),
     };
-    resolve_secrets(&st, &mut dc);
+    resolve_secrets(st, &mut dc);
     let format_version = sm_config
         .get("format_version")
         .and_then(|v| v.parse().ok())
@@ -90,15 +113,16 @@ pub(crate) fn sr_on_in(s: &Server, st: &corral_db::State, sr: &str) -> Result<Sr
             uuid,
             device_config: dc,
             sm_config,
-            state_dir: s.state_dir.clone(),
+            state_dir: host.state_dir.clone(),
         },
-        pbd,
+        pbd: pbd.map(str::to_owned),
         attached,
         format_version,
     })
 }
 
-/// The SR must be plugged on this host for anything that reads its storage.
+/// The SR must be plugged (on the host of [`sr_on`]) for anything that
+/// reads its storage.
 pub(crate) fn attached(s: &Server, sr: &str) -> Result<SrOn, ApiError> {
     attached_on(sr_on(s, sr)?)
 }

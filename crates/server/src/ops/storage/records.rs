@@ -1,6 +1,7 @@
 //! SR and VDI records: fields, sizes, secrets, allowed operations and their marks.
 
 use crate::context::Server;
+use crate::core::marks::{Mark, Want};
 use crate::core::records::{db, strmap};
 use crate::ops::storage::backend::{SrOn, blocking};
 use corral_db::Txn;
@@ -109,80 +110,39 @@ pub(crate) fn refresh_allowed(t: &mut Txn<'_>, sr: &str) -> Result<(), ApiError>
     Ok(())
 }
 
-/// Marks `op` running on the SR (and a VDI) for the guard's lifetime.
-pub(crate) struct OpGuard<'a> {
-    s: &'a Server,
-    sr: String,
-    vdi: Option<String>,
-    key: String,
-}
-
-impl<'a> OpGuard<'a> {
-    pub(crate) fn start(
-        s: &'a Server,
-        sr: &str,
-        vdi: Option<&str>,
-        sr_op: &str,
-        vdi_op: &str,
-    ) -> Result<Self, ApiError> {
-        let key = new_ref();
-        db(s.db.write(|t| {
-            let add = |t: &mut Txn<'_>,
-                       f: corral_model::FieldId,
-                       r: &str,
-                       op: &str|
-             -> Result<(), ApiError> {
-                let mut m = t
-                    .state()
-                    .get(f, r)
-                    .and_then(|v| v.as_struct().map(<[_]>::to_vec))
-                    .unwrap_or_default();
-                m.push((key.clone(), Value::str(op)));
-                t.set(f, r, Value::Struct(m))
-            };
-            add(t, field::sr::CURRENT_OPERATIONS, sr, sr_op)?;
-            if let Some(v) = vdi {
-                add(t, field::vdi::CURRENT_OPERATIONS, v, vdi_op)?;
-            }
-            refresh_allowed(t, sr)
-        }))?;
-        Ok(OpGuard {
-            s,
-            sr: sr.to_owned(),
-            vdi: vdi.map(str::to_owned),
-            key,
-        })
-    }
-}
-
-impl Drop for OpGuard<'_> {
-    fn drop(&mut self) {
-        let _ = self.s.db.write(|t| {
-            let drop_key =
-                |t: &mut Txn<'_>, f: corral_model::FieldId, r: &str| -> Result<(), ApiError> {
-                    if let Some(m) = t
-                        .state()
-                        .get(f, r)
-                        .and_then(|v| v.as_struct().map(<[_]>::to_vec))
-                    {
-                        t.set(
-                            f,
-                            r,
-                            Value::Struct(m.into_iter().filter(|(k, _)| *k != self.key).collect()),
-                        )?;
-                    }
-                    Ok(())
-                };
-            if t.state().exists(class::SR, &self.sr) {
-                drop_key(t, field::sr::CURRENT_OPERATIONS, &self.sr)?;
-            }
-            if let Some(v) = &self.vdi {
-                if t.state().exists(class::VDI, v) {
-                    drop_key(t, field::vdi::CURRENT_OPERATIONS, v)?;
-                }
-            }
-            refresh_allowed(t, &self.sr)
+/// Marks `sr_op` on the SR (and `vdi_op` on a VDI of it) for the mark's
+/// lifetime.
+pub(crate) fn mark_storage(
+    s: &Server,
+    sr: &str,
+    vdi: Option<&str>,
+    sr_op: &str,
+    vdi_op: &str,
+) -> Result<Mark, ApiError> {
+    let mut wants = vec![Want {
+        current: field::sr::CURRENT_OPERATIONS,
+        obj: sr,
+        op: sr_op,
+        check: None,
+        refresh: refresh_allowed,
+    }];
+    if let Some(v) = vdi {
+        wants.push(Want {
+            current: field::vdi::CURRENT_OPERATIONS,
+            obj: v,
+            op: vdi_op,
+            check: None,
+            refresh: refresh_vdi_allowed,
         });
+    }
+    Mark::take(&s.db, new_ref(), &wants)
+}
+
+/// A VDI's allowed operations follow its SR's.
+fn refresh_vdi_allowed(t: &mut Txn<'_>, vdi: &str) -> Result<(), ApiError> {
+    match t.state().get_str(field::vdi::SR, vdi) {
+        Some(sr) if t.state().exists(class::SR, &sr) => refresh_allowed(t, &sr),
+        _ => Ok(()),
     }
 }
 

@@ -5,7 +5,7 @@ use crate::core::driver_errors;
 use crate::core::records::{db, strmap, to_value};
 use crate::ops::storage::backend::{attached, blocking, sr_lock};
 use crate::ops::storage::records::{
-    OpGuard, refresh_allowed, refresh_sizes, vdi_fields, vdis_of, write_sr_sizes,
+    mark_storage, refresh_allowed, refresh_sizes, vdi_fields, vdis_of, write_sr_sizes,
 };
 use corral_db::Txn;
 use corral_model::schema::{class, field};
@@ -24,7 +24,7 @@ pub(crate) async fn sr_update(s: &Arc<Server>, sr: &str) -> Result<(), ApiError>
 pub async fn sr_scan(s: &Arc<Server>, sr: &str) -> Result<(), ApiError> {
     let on = attached(s, sr)?;
     let _l = sr_lock(s, &on.uuid).await;
-    let _op = OpGuard::start(s, sr, None, "scan", "")?;
+    let _op = mark_storage(s, sr, None, "scan", "")?;
     let (d, ctx) = (on.driver, on.ctx.clone());
     let (images, stat) =
         blocking(move || -> Result<_, StorageError> { Ok((d.scan(&ctx)?, d.stat(&ctx)?)) })

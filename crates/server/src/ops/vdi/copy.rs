@@ -5,7 +5,7 @@ use crate::core::call::{ApiResult, Ctx, pstr};
 use crate::core::driver_errors;
 use crate::ops::storage::backend::{attached, blocking, has_cap};
 use crate::ops::storage::journal::Journal;
-use crate::ops::storage::records::{OpGuard, refresh_allowed, refresh_sizes, vdi_fields};
+use crate::ops::storage::records::{mark_storage, refresh_allowed, refresh_sizes, vdi_fields};
 use crate::ops::vdi::snapshot::vdi_snapshot;
 use crate::ops::vdi::{vdi_locked, vdi_on};
 use corral_model::errors;
@@ -67,7 +67,7 @@ pub(crate) async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult
             .driver
             .vdi_image(&dst.on.ctx, &dst.location)
             .map_err(|e| driver_errors::storage(1, &dst.on.sr, e))?;
-        let _g = OpGuard::start(&s, &dst.on.sr, Some(&into), "vdi_copy", "copy")?;
+        let _g = mark_storage(&s, &dst.on.sr, Some(&into), "vdi_copy", "copy")?;
         blocking(move || {
             corral_storage::qemu_img::QemuImg::default().convert_into(&src_image, &dst_image)
         })
@@ -80,7 +80,7 @@ pub(crate) async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult
     if !has_cap(&dst, "VDI_CREATE") {
         return Err(errors::sr_operation_not_supported(dest_sr.as_str()));
     }
-    let _g = OpGuard::start(&s, &dst.sr, None, "vdi_copy", "")?;
+    let _g = mark_storage(&s, &dst.sr, None, "vdi_copy", "")?;
     // Journalled before the copy starts: a crash mid-copy leaves a partial
     // image that start-up deletes rather than adopts.
     let loc = corral_storage::new_location();

@@ -8,7 +8,7 @@ use crate::ops::storage::backend::{
     SrOn, attached, attached_on, blocking, has_cap, sr_lock, sr_on_in,
 };
 use crate::ops::storage::records::{
-    OpGuard, refresh_allowed, refresh_sizes, vdi_attached, vdi_busy, vdi_fields, vdis_of,
+    mark_storage, refresh_allowed, refresh_sizes, vdi_attached, vdi_busy, vdi_fields, vdis_of,
     write_vdi_sizes,
 };
 use crate::ops::vdi::gc::spawn_gc;
@@ -196,18 +196,22 @@ pub(crate) async fn vdi_resize(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
         ));
     }
     vdi_busy(&s.db.read(), &vdi, "resize")?;
-    let _g = OpGuard::start(&s, &v.on.sr, Some(&vdi), "vdi_resize", "resize")?;
+    let _g = mark_storage(&s, &v.on.sr, Some(&vdi), "vdi_resize", "resize")?;
     let (d, ctx, loc) = (v.on.driver, v.on.ctx.clone(), v.location.clone());
-    let info = if let Some((vm, drive)) = crate::ops::query::plugged_drive(&s, &vdi) {
+    let info = if let Some(p) = crate::ops::query::plugged_drive(&s, &vdi) {
         // Online: QEMU owns the image while the guest runs, so QEMU grows it
         // (the guest sees the new size at once).
-        s.agent.drive_resize(&vm, &drive, size).await.map_err(|e| {
-            driver_errors::storage(
-                79,
-                &v.on.sr,
-                StorageError::backend(79, "VDI Invalid size", e.to_string()),
-            )
-        })?;
+        let h = s.host(&p.host)?;
+        h.agent
+            .drive_resize(&p.vm_uuid, &p.drive, size)
+            .await
+            .map_err(|e| {
+                driver_errors::storage(
+                    79,
+                    &v.on.sr,
+                    StorageError::backend(79, "VDI Invalid size", e.to_string()),
+                )
+            })?;
         blocking(move || d.vdi_info(&ctx, &loc)).await?
     } else {
         blocking(move || d.vdi_resize(&ctx, &loc, size)).await?

@@ -6,7 +6,9 @@ use crate::core::driver_errors;
 use crate::core::records::{strmap, to_value};
 use crate::ops::storage::backend::{blocking, has_cap};
 use crate::ops::storage::journal::Journal;
-use crate::ops::storage::records::{OpGuard, refresh_sizes, sm_config_for, vdi_busy, vdi_fields};
+use crate::ops::storage::records::{
+    mark_storage, refresh_sizes, sm_config_for, vdi_busy, vdi_fields,
+};
 use crate::ops::vdi::{vdi_locked, vdi_on};
 use corral_model::errors;
 use corral_model::schema::{class, field};
@@ -56,7 +58,7 @@ pub(crate) async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) 
         return Err(errors::sr_requires_upgrade(v.on.sr.as_str()));
     }
     vdi_busy(&s.db.read(), vdi, op)?;
-    let _g = OpGuard::start(s, &v.on.sr, Some(vdi), &format!("vdi_{op}"), op)?;
+    let _g = mark_storage(s, &v.on.sr, Some(vdi), &format!("vdi_{op}"), op)?;
     let (d, ctx, loc) = (v.on.driver, v.on.ctx.clone(), v.location.clone());
     let journal = Journal::open(s, &v.on.uuid, &[])?;
     let jpath = journal.path.clone();
@@ -191,14 +193,15 @@ pub(crate) async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) 
     // written before. The records went first: a crash before the switch
     // leaves QEMU on the base, which start-up finds and switches (no
     // write is lost either way).
-    if let Some((vm, drive)) = crate::ops::query::plugged_rw_drive(s, vdi) {
+    if let Some(p) = crate::ops::query::plugged_rw_drive(s, vdi) {
         let switched = async {
+            let h = s.host(&p.host)?;
             let (d, ctx, l) = (v.on.driver, v.on.ctx.clone(), leaf.location.clone());
             let overlay = blocking(move || d.vdi_image(&ctx, &l))
                 .await?
                 .map_err(|e| driver_errors::storage(code, &v.on.sr, e))?;
-            s.agent
-                .drive_switch_to_overlay(&vm, &drive, &overlay.path)
+            h.agent
+                .drive_switch_to_overlay(&p.vm_uuid, &p.drive, &overlay.path)
                 .await
                 .map_err(|e| {
                     driver_errors::storage(
@@ -237,11 +240,14 @@ pub(crate) async fn vdi_snapshot(s: &Arc<Server>, vdi: &str, is_snapshot: bool) 
 pub async fn finish_interrupted_switches(s: &Arc<Server>) {
     let vdis: Vec<String> = s.db.read().refs(class::VDI).cloned().collect();
     for vdi in vdis {
-        let Some((vm, drive)) = crate::ops::query::plugged_rw_drive(s, &vdi) else {
+        // Only this host's QEMUs can have been left half-way by its restart.
+        let Some(p) = crate::ops::query::plugged_rw_drive(s, &vdi).filter(|p| p.host == s.host_ref)
+        else {
             continue;
         };
+        let (vm, drive, h) = (p.vm_uuid, p.drive, s.local());
         let Ok(v) = vdi_on(s, &vdi) else { continue };
-        let Ok(Some(active)) = s.agent.drive_image(&vm, &drive).await else {
+        let Ok(Some(active)) = h.agent.drive_image(&vm, &drive).await else {
             continue;
         };
         let (d, ctx, loc) = (v.on.driver, v.on.ctx.clone(), v.location.clone());
@@ -259,7 +265,7 @@ pub async fn finish_interrupted_switches(s: &Arc<Server>) {
             continue;
         };
         if image.path != active && info.as_deref() == Some(active.as_str()) {
-            match s
+            match h
                 .agent
                 .drive_switch_to_overlay(&vm, &drive, &image.path)
                 .await

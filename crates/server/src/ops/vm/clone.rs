@@ -4,7 +4,7 @@ use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, void};
 use crate::core::records::{db, to_value};
 use crate::ops::query::{flag, strmap, vbds_of};
-use crate::ops::vm::lifecycle::{BEING_MADE, VmOp};
+use crate::ops::vm::lifecycle::{BEING_MADE, mark_vm};
 use crate::ops::vm::power::params;
 use crate::ops::vm::state::{drop_suspend_image, remove_consoles};
 use corral_model::enums::{VmOperations, VmPowerState};
@@ -39,7 +39,7 @@ pub(crate) fn own_disks(st: &corral_db::State, vm: &str) -> Vec<String> {
 
 pub(crate) async fn vm_destroy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
-    let op = VmOp::begin(&s, &c, &vm, VmOperations::Destroy)?;
+    let op = mark_vm(&s, &c, &vm, VmOperations::Destroy)?;
     if flag(&s.db.read(), field::vm::IS_DEFAULT_TEMPLATE, &vm) {
         return Err(errors::vm_cannot_delete_default_template(vm.as_str()));
     }
@@ -80,7 +80,7 @@ pub(crate) async fn vm_clone_or_copy(
     let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
     let name = it.next().map(|v| v.db_string()).unwrap_or_default();
     let sr = it.next().map(|v| v.db_string());
-    let _op = VmOp::begin(
+    let _op = mark_vm(
         &s,
         &c,
         &vm,
@@ -242,7 +242,7 @@ pub(crate) async fn new_vdi(
 /// (XenServer's `<provision><disk device= size= sr= bootable= type=/>`).
 pub(crate) async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
     let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, VmOperations::Provision)?;
+    let _op = mark_vm(&s, &c, &vm, VmOperations::Provision)?;
     let oc = strmap(s.db.read().get(field::vm::OTHER_CONFIG, &vm));
     let Some(xml) = oc.get("disks").cloned() else {
         return void();

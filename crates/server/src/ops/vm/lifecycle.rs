@@ -2,7 +2,7 @@
 
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, void};
-use crate::core::records::db;
+use crate::core::marks::{Mark, Want};
 use crate::ops::query::{flag, power, strmap};
 use VmOperations as Op;
 use VmPowerState::{Halted, Paused, Running, Suspended};
@@ -181,57 +181,21 @@ pub fn refresh_allowed(t: &mut corral_db::Txn<'_>, vm: &str) -> Result<(), ApiEr
         .map(|_| ())
 }
 
-/// Marks an operation in `current_operations` for its lifetime.
-pub(crate) struct VmOp {
-    s: Arc<Server>,
-    vm: String,
-    key: String,
-}
-
-impl VmOp {
-    pub(crate) fn begin(
-        s: &Arc<Server>,
-        c: &Ctx,
-        vm: &str,
-        op: VmOperations,
-    ) -> Result<VmOp, ApiError> {
-        let key = c.task.clone().unwrap_or_else(new_ref);
-        db(s.db.write(|t| {
-            check_op(t.state(), vm, op)?;
-            let mut cur = t
-                .state()
-                .get(field::vm::CURRENT_OPERATIONS, vm)
-                .and_then(|v| v.as_struct().map(<[_]>::to_vec))
-                .unwrap_or_default();
-            cur.push((key.clone(), Value::str(op.as_str())));
-            t.set(field::vm::CURRENT_OPERATIONS, vm, Value::Struct(cur))?;
-            refresh_allowed(t, vm)
-        }))?;
-        Ok(VmOp {
-            s: Arc::clone(s),
-            vm: vm.to_owned(),
-            key,
-        })
-    }
-}
-
-impl Drop for VmOp {
-    fn drop(&mut self) {
-        let _ = self.s.db.write(|t| {
-            if let Some(cur) = t
-                .state()
-                .get(field::vm::CURRENT_OPERATIONS, &self.vm)
-                .and_then(|v| v.as_struct().map(<[_]>::to_vec))
-            {
-                t.set(
-                    field::vm::CURRENT_OPERATIONS,
-                    &self.vm,
-                    Value::Struct(cur.into_iter().filter(|(k, _)| *k != self.key).collect()),
-                )?;
-            }
-            refresh_allowed(t, &self.vm)
-        });
-    }
+/// Marks `op` on the VM for the mark's lifetime, once the VM's state and
+/// its running operations allow it.
+pub(crate) fn mark_vm(s: &Server, c: &Ctx, vm: &str, op: VmOperations) -> Result<Mark, ApiError> {
+    let check = |st: &corral_db::State| check_op(st, vm, op);
+    Mark::take(
+        &s.db,
+        c.task.clone().unwrap_or_else(new_ref),
+        &[Want {
+            current: field::vm::CURRENT_OPERATIONS,
+            obj: vm,
+            op: op.as_str(),
+            check: Some(&check),
+            refresh: refresh_allowed,
+        }],
+    )
 }
 
 pub(crate) async fn vm_assert_operation_valid(s: Arc<Server>, p: Vec<Value>) -> ApiResult {

@@ -4,7 +4,7 @@ use crate::context::Server;
 use crate::core::call::{ApiResult, void};
 use crate::core::driver_errors;
 use crate::core::records::db;
-use crate::ops::query::{int, live_here, power, vm_uuid};
+use crate::ops::query::{int, live_on, power, vm_uuid};
 use corral_model::enums::VmPowerState;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value, errors};
@@ -49,11 +49,12 @@ pub(crate) async fn set_memory(
         (
             vm_uuid(&st, vm),
             int(&st, field::vm::MEMORY_DYNAMIC_MAX, vm),
-            live_here(s, &st, vm),
+            live_on(&st, vm),
         )
     };
-    if live && dmax.is_some() {
-        s.agent
+    if let Some(host) = live.filter(|_| dmax.is_some()) {
+        s.host(&host)?
+            .agent
             .set_balloon(&uuid, target)
             .await
             .map_err(|e| driver_errors::agent(&vm, e))?;

@@ -1,8 +1,5 @@
 //! VM operations, one file per concern.
 
-use crate::core::call::Ctx;
-use crate::ops::query::int;
-use crate::ops::vm::power::vm_start;
 pub mod clone;
 pub mod config;
 pub mod lifecycle;

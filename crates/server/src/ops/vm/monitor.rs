@@ -1,15 +1,17 @@
 //! Reacting to the agent: guest shutdowns, crashes and metrics.
 
 use crate::context::Server;
+use crate::context::hosts::HostHandle;
 use crate::core::driver_errors;
 use crate::core::records::db;
-use crate::ops::query::{busy, power, vm_by_uuid, vm_uuid};
+use crate::ops::query::{busy, live_on, power, vm_by_uuid, vm_uuid};
 use crate::ops::vm::power::halt;
 use crate::ops::vm::state::{alert, ensure_metrics, record_stopped, set_paused};
 use corral_agent::{RunState, VmEvent};
 use corral_model::enums::VmPowerState;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value, date, new_ref};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 impl Server {
@@ -32,7 +34,8 @@ impl Server {
     }
 }
 
-pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
+/// Reacts to an event of `h`'s agent about one of its VMs.
+pub(crate) async fn on_event(s: &Arc<Server>, h: &HostHandle, uuid: &str, ev: VmEvent) {
     let Some(vm) = vm_by_uuid(s, uuid) else {
         return;
     };
@@ -41,20 +44,20 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
         VmEvent::GuestShutdown if s.shutdown_expected(uuid) => Ok(()),
         VmEvent::GuestShutdown => {
             if action(field::vm::ACTIONS_AFTER_SHUTDOWN) == "restart" {
-                s.agent
+                h.agent
                     .reset(uuid)
                     .await
                     .map_err(|e| driver_errors::agent(&vm, e))
             } else {
                 alert(s, &vm, "VM_SHUTDOWN", 5, "The guest shut itself down");
-                halt(s, &vm).await
+                halt(s, h, &vm).await
             }
         }
         VmEvent::GuestReboot => {
             if action(field::vm::ACTIONS_AFTER_REBOOT) == "destroy" {
-                halt(s, &vm).await
+                halt(s, h, &vm).await
             } else {
-                s.agent
+                h.agent
                     .reset(uuid)
                     .await
                     .map_err(|e| driver_errors::agent(&vm, e))
@@ -73,7 +76,7 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
                 5,
                 "The guest rebooted; actions_after_reboot=destroy halted it",
             );
-            halt(s, &vm).await
+            halt(s, h, &vm).await
         }
         VmEvent::GuestRebooted => {
             alert(s, &vm, "VM_REBOOTED", 5, "The guest rebooted itself");
@@ -83,12 +86,12 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
             alert(s, &vm, "VM_CRASHED", 2, "The guest crashed (pvpanic)");
             match action(field::vm::ACTIONS_AFTER_CRASH).as_str() {
                 "preserve" => set_paused(s, &vm, true),
-                "restart" | "coredump_and_restart" | "rename_restart" => s
+                "restart" | "coredump_and_restart" | "rename_restart" => h
                     .agent
                     .reset(uuid)
                     .await
                     .map_err(|e| driver_errors::agent(&vm, e)),
-                _ => halt(s, &vm).await,
+                _ => halt(s, h, &vm).await,
             }
         }
         VmEvent::Paused | VmEvent::Resumed if busy(s, &vm) => Ok(()),
@@ -98,7 +101,7 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
             if (p == VmPowerState::Running && paused) || (p == VmPowerState::Paused && !paused) {
                 // Someone outside the toolstack paused or resumed it; the
                 // database follows what the guest does.
-                match s.agent.state(uuid).await {
+                match h.agent.state(uuid).await {
                     Ok(RunState::Paused) => set_paused(s, &vm, true),
                     Ok(RunState::Running) => set_paused(s, &vm, false),
                     _ => Ok(()),
@@ -113,7 +116,7 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
             }
             let p = power(&s.db.read(), &vm);
             if p == VmPowerState::Running || p == VmPowerState::Paused {
-                let _ = s.agent.destroy(uuid).await;
+                let _ = h.agent.destroy(uuid).await;
                 alert(
                     s,
                     &vm,
@@ -139,16 +142,20 @@ pub(crate) async fn on_event(s: &Arc<Server>, uuid: &str, ev: VmEvent) {
 /// All VMs go into one transaction that writes only what changed, so an idle
 /// pool commits nothing and wakes no event clients.
 pub async fn refresh_metrics(s: &Arc<Server>) {
-    let running: Vec<(String, String)> = {
+    let running: Vec<(String, String, String)> = {
         let st = s.db.read();
         st.refs(class::VM)
             .filter(|vm| power(&st, vm) == VmPowerState::Running)
-            .map(|vm| (vm.clone(), vm_uuid(&st, vm)))
+            .filter_map(|vm| Some((live_on(&st, vm)?, vm.clone(), vm_uuid(&st, vm))))
             .collect()
     };
     let mut stats = Vec::with_capacity(running.len());
-    for (vm, uuid) in running {
-        if let Ok(g) = s.agent.stats(&uuid).await {
+    let mut hosts: HashMap<String, Option<HostHandle>> = HashMap::new();
+    for (host, vm, uuid) in running {
+        // A host that cannot be reached keeps its last figures.
+        let h = hosts.entry(host).or_insert_with_key(|h| s.host(h).ok());
+        let Some(h) = h else { continue };
+        if let Ok(g) = h.agent.stats(&uuid).await {
             stats.push((vm, g));
         }
     }
@@ -230,4 +237,23 @@ pub(crate) fn write_guest_stats(
         )?;
     }
     Ok(())
+}
+
+/// Follows `h`'s agent: each VM event is handled as it comes (this host's
+/// own agent from start-up; another host's once the pool link reaches it).
+pub fn watch_host(s: &Arc<Server>, h: HostHandle) {
+    let mut rx = h.agent.events();
+    let srv = Arc::clone(s);
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok((uuid, ev)) => {
+                    let (srv, h) = (Arc::clone(&srv), h.clone());
+                    tokio::spawn(async move { on_event(&srv, &h, &uuid, ev).await });
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            }
+        }
+    });
 }

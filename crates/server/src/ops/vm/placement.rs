@@ -1,8 +1,9 @@
 //! Whether a VM may start on a host: memory and host checks.
 
 use crate::context::Server;
+use crate::context::hosts::HostHandle;
 use crate::core::call::{ApiResult, void};
-use crate::ops::query::{flag, int, live_here};
+use crate::ops::query::{flag, int, live_at};
 use crate::ops::vm::config::build_config;
 use corral_agent::VmConfig;
 use corral_model::schema::{class, field};
@@ -12,26 +13,26 @@ use std::sync::Arc;
 /// Host memory kept back from VMs (the host's own needs).
 pub(crate) const HOST_RESERVE: i64 = 512 * 1024 * 1024;
 
-/// Free host memory for a new VM, as XAPI's `compute_free_memory`.
-pub fn host_free_memory(s: &Server, st: &corral_db::State) -> (i64, i64) {
+/// (total, free) memory of `h` for a new VM, as XAPI's `compute_free_memory`.
+pub fn host_free_memory(h: &HostHandle, st: &corral_db::State) -> (i64, i64) {
     let metrics = st
-        .get_str(field::host::METRICS, &s.host_ref)
+        .get_str(field::host::METRICS, &h.host)
         .unwrap_or_default();
     let total = int(st, field::host_metrics::MEMORY_TOTAL, &metrics);
     let mut used = HOST_RESERVE;
     for vm in st.refs(class::VM) {
-        if live_here(s, st, vm) {
+        if live_at(st, &h.host, vm) {
             let m = int(st, field::vm::MEMORY_STATIC_MAX, vm);
-            used += m + s.agent.memory_overhead(m);
+            used += m + h.agent.memory_overhead(m);
         }
     }
     (total, (total - used).max(0))
 }
 
-pub(crate) fn check_memory(s: &Server, cfg: &VmConfig) -> Result<(), ApiError> {
+pub(crate) fn check_memory(s: &Server, h: &HostHandle, cfg: &VmConfig) -> Result<(), ApiError> {
     let st = s.db.read();
-    let (_, free) = host_free_memory(s, &st);
-    let needed = cfg.memory + s.agent.memory_overhead(cfg.memory);
+    let (_, free) = host_free_memory(h, &st);
+    let needed = cfg.memory + h.agent.memory_overhead(cfg.memory);
     if needed > free {
         return Err(errors::host_not_enough_free_memory(
             needed.to_string(),
@@ -41,18 +42,23 @@ pub(crate) fn check_memory(s: &Server, cfg: &VmConfig) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub(crate) fn check_host(s: &Server, h: &str) -> Result<(), ApiError> {
-    let st = s.db.read();
-    if !st.exists(class::HOST, h) {
-        return Err(ApiError::handle_invalid("host", h));
+/// A host asked for by name (`start_on`, `resume_on`, `assert_can_boot_here`)
+/// must exist, be live and be enabled; then its drivers are reached.
+pub(crate) fn check_host(s: &Server, h: &str) -> Result<HostHandle, ApiError> {
+    {
+        let st = s.db.read();
+        if !st.exists(class::HOST, h) {
+            return Err(ApiError::handle_invalid("host", h));
+        }
+        let metrics = st.get_str(field::host::METRICS, h).unwrap_or_default();
+        if !flag(&st, field::host_metrics::LIVE, &metrics) {
+            return Err(errors::host_offline(h));
+        }
+        if !flag(&st, field::host::ENABLED, h) {
+            return Err(errors::host_disabled(h));
+        }
     }
-    if h != s.host_ref {
-        return Err(errors::host_offline(h));
-    }
-    if !flag(&st, field::host::ENABLED, h) {
-        return Err(errors::host_disabled(h));
-    }
-    Ok(())
+    s.host(h)
 }
 
 pub(crate) async fn vm_assert_can_boot_here(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
@@ -62,8 +68,8 @@ pub(crate) async fn vm_assert_can_boot_here(s: Arc<Server>, p: Vec<Value>) -> Ap
     if !s.db.read().exists(class::VM, &vm) {
         return Err(ApiError::handle_invalid("VM", &vm));
     }
-    check_host(&s, &host)?;
+    let h = check_host(&s, &host)?;
     let cfg = build_config(&s, &vm)?;
-    check_memory(&s, &cfg)?;
+    check_memory(&s, &h, &cfg)?;
     void()
 }

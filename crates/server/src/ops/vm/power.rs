@@ -1,17 +1,17 @@
 //! VM.start, shutdown, reboot, pause and power_state_reset.
 
 use crate::context::Server;
-use crate::core::call::{ApiResult, Ctx, void};
+use crate::context::hosts::HostHandle;
+use crate::core::call::Ctx;
 use crate::core::driver_errors;
 use crate::ops::query::{power, strmap, vm_uuid};
 use crate::ops::vm::config::build_config;
-use crate::ops::vm::lifecycle::VmOp;
-use crate::ops::vm::placement::{check_host, check_memory};
+use crate::ops::vm::placement::check_memory;
 use crate::ops::vm::state::{
     alert, drop_suspend_image, record_running, record_stopped, set_paused,
 };
 use corral_agent::{RunState, VmConfig, VmEvent};
-use corral_model::enums::{VmOperations, VmPowerState};
+use corral_model::enums::VmPowerState;
 use corral_model::schema::field;
 use corral_model::{ApiError, Value, errors};
 use std::sync::Arc;
@@ -37,13 +37,14 @@ pub(crate) fn start_params(p: Vec<Value>, with_host: bool) -> (String, Option<St
 /// Builds the configuration, checks memory and launches.
 pub(crate) async fn launch(
     s: &Arc<Server>,
+    h: &HostHandle,
     vm: &str,
     paused: bool,
     incoming: Option<std::path::PathBuf>,
 ) -> Result<VmConfig, ApiError> {
     let cfg = build_config(s, vm)?;
-    check_memory(s, &cfg)?;
-    let domid = s
+    check_memory(s, h, &cfg)?;
+    let domid = h
         .agent
         .start(cfg.clone(), paused, incoming)
         .await
@@ -51,28 +52,24 @@ pub(crate) async fn launch(
             corral_agent::AgentError::StartFailed(m) => errors::bootloader_failed(vm, m.as_str()),
             other => driver_errors::agent(&vm, other),
         })?;
-    if let Err(e) = record_running(s, vm, paused, domid, &cfg) {
+    if let Err(e) = record_running(s, &h.host, vm, paused, domid, &cfg) {
         // Undo: the database could not say so, so nothing may run.
-        let _ = s.agent.destroy(&cfg.uuid).await;
+        let _ = h.agent.destroy(&cfg.uuid).await;
         return Err(e);
     }
     Ok(cfg)
 }
 
-pub(crate) async fn vm_start(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> ApiResult {
-    let (vm, host, paused) = start_params(p, with_host);
-    let op = if with_host {
-        VmOperations::StartOn
-    } else {
-        VmOperations::Start
-    };
-    let _op = VmOp::begin(&s, &c, &vm, op)?;
-    if let Some(h) = host {
-        check_host(&s, &h)?;
-    }
-    launch(&s, &vm, paused, None).await?;
-    alert(&s, &vm, "VM_STARTED", 5, "VM started");
-    void()
+/// Starts a halted VM on `h` (the host placement or `start_on` chose).
+pub(crate) async fn start(
+    s: &Arc<Server>,
+    h: &HostHandle,
+    vm: &str,
+    paused: bool,
+) -> Result<(), ApiError> {
+    launch(s, h, vm, paused, None).await?;
+    alert(s, vm, "VM_STARTED", 5, "VM started");
+    Ok(())
 }
 
 /// How often the power button is pressed again while a clean shutdown
@@ -88,6 +85,7 @@ pub(crate) const CANCEL_POLL: Duration = Duration::from_secs(1);
 /// with `TASK_CANCELLED` when `task` is cancelled meanwhile.
 pub(crate) async fn wait_guest_shutdown(
     s: &Arc<Server>,
+    h: &HostHandle,
     uuid: &str,
     mut rx: tokio::sync::broadcast::Receiver<(String, VmEvent)>,
     timeout: Duration,
@@ -97,7 +95,7 @@ pub(crate) async fn wait_guest_shutdown(
     let mut next_press = tokio::time::Instant::now() + POWER_BUTTON_REPEAT;
     loop {
         if matches!(
-            s.agent.state(uuid).await,
+            h.agent.state(uuid).await,
             Ok(RunState::ShutDown | RunState::Gone)
         ) {
             return Ok(true);
@@ -111,7 +109,7 @@ pub(crate) async fn wait_guest_shutdown(
         {
             Err(_) if tokio::time::Instant::now() >= deadline => return Ok(false),
             Err(_) if tokio::time::Instant::now() >= next_press => {
-                let _ = s.agent.powerdown(uuid).await;
+                let _ = h.agent.powerdown(uuid).await;
                 next_press += POWER_BUTTON_REPEAT;
             }
             Err(_) => {}
@@ -125,19 +123,20 @@ pub(crate) async fn wait_guest_shutdown(
 /// Power button, wait up to `timeout`; true when the guest went down.
 pub(crate) async fn clean_stop(
     s: &Arc<Server>,
+    h: &HostHandle,
     vm: &str,
     timeout: Duration,
     task: Option<&str>,
 ) -> Result<bool, ApiError> {
     let uuid = vm_uuid(&s.db.read(), vm);
     s.expect_shutdown(&uuid, true);
-    let rx = s.agent.events();
+    let rx = h.agent.events();
     let r = async {
-        s.agent
+        h.agent
             .powerdown(&uuid)
             .await
-            .map_err(|e| driver_errors::agent(&vm, e))?;
-        wait_guest_shutdown(s, &uuid, rx, timeout, task).await
+            .map_err(|e| driver_errors::agent(vm, e))?;
+        wait_guest_shutdown(s, h, &uuid, rx, timeout, task).await
     }
     .await;
     if !matches!(r, Ok(true)) {
@@ -146,9 +145,9 @@ pub(crate) async fn clean_stop(
     r
 }
 
-pub(crate) async fn halt(s: &Arc<Server>, vm: &str) -> Result<(), ApiError> {
+pub(crate) async fn halt(s: &Arc<Server>, h: &HostHandle, vm: &str) -> Result<(), ApiError> {
     let uuid = vm_uuid(&s.db.read(), vm);
-    s.agent
+    h.agent
         .destroy(&uuid)
         .await
         .map_err(|e| driver_errors::agent(&vm, e))?;
@@ -165,141 +164,148 @@ pub(crate) fn clean_timeout(s: &Server, vm: &str) -> Duration {
     )
 }
 
-pub(crate) async fn vm_clean_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, VmOperations::CleanShutdown)?;
-    let t = clean_timeout(&s, &vm);
-    if !clean_stop(&s, &vm, t, c.task.as_deref()).await? {
-        return Err(errors::vm_shutdown_timeout(
-            vm.clone(),
-            t.as_secs().to_string(),
-        ));
+/// The power button, and the guest must go down within its timeout.
+async fn clean_stop_in_time(
+    s: &Arc<Server>,
+    c: &Ctx,
+    h: &HostHandle,
+    vm: &str,
+) -> Result<(), ApiError> {
+    let t = clean_timeout(s, vm);
+    if !clean_stop(s, h, vm, t, c.task.as_deref()).await? {
+        return Err(errors::vm_shutdown_timeout(vm, t.as_secs().to_string()));
     }
-    if power(&s.db.read(), &vm) == VmPowerState::Halted {
-        // A hard shutdown ran meanwhile and did the rest.
-        return void();
-    }
-    halt(&s, &vm).await?;
-    alert(&s, &vm, "VM_SHUTDOWN", 5, "VM shut down");
-    void()
+    Ok(())
 }
 
-pub(crate) async fn vm_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, VmOperations::Shutdown)?;
-    let state = power(&s.db.read(), &vm);
-    if state == VmPowerState::Suspended {
-        drop_suspend_image(&s, &vm).await;
-        record_stopped(&s, &vm, VmPowerState::Halted, None)?;
-        return void();
+/// A suspended VM is halted by dropping its image; true when it was one.
+async fn halt_if_suspended(s: &Arc<Server>, vm: &str) -> Result<bool, ApiError> {
+    if power(&s.db.read(), vm) != VmPowerState::Suspended {
+        return Ok(false);
     }
-    if state == VmPowerState::Running {
-        let t = clean_timeout(&s, &vm);
-        match clean_stop(&s, &vm, t, c.task.as_deref()).await {
+    drop_suspend_image(s, vm).await;
+    record_stopped(s, vm, VmPowerState::Halted, None)?;
+    Ok(true)
+}
+
+pub(crate) async fn clean_shutdown(
+    s: &Arc<Server>,
+    c: &Ctx,
+    h: &HostHandle,
+    vm: &str,
+) -> Result<(), ApiError> {
+    clean_stop_in_time(s, c, h, vm).await?;
+    if power(&s.db.read(), vm) == VmPowerState::Halted {
+        // A hard shutdown ran meanwhile and did the rest.
+        return Ok(());
+    }
+    halt(s, h, vm).await?;
+    alert(s, vm, "VM_SHUTDOWN", 5, "VM shut down");
+    Ok(())
+}
+
+/// Clean if the guest cooperates in time, else forced (and a suspended
+/// VM's image is dropped).
+pub(crate) async fn shutdown(
+    s: &Arc<Server>,
+    c: &Ctx,
+    h: &HostHandle,
+    vm: &str,
+) -> Result<(), ApiError> {
+    if halt_if_suspended(s, vm).await? {
+        return Ok(());
+    }
+    if power(&s.db.read(), vm) == VmPowerState::Running {
+        let t = clean_timeout(s, vm);
+        match clean_stop(s, h, vm, t, c.task.as_deref()).await {
             Ok(true) => {}
             Err(e) if e.code == errors::TASK_CANCELLED => return Err(e),
             _ => tracing::info!(vm = %vm, "clean shutdown timed out; forcing off"),
         }
     }
-    halt(&s, &vm).await?;
-    void()
+    halt(s, h, vm).await
 }
 
-pub(crate) async fn vm_hard_shutdown(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, VmOperations::HardShutdown)?;
-    if power(&s.db.read(), &vm) == VmPowerState::Suspended {
-        drop_suspend_image(&s, &vm).await;
-        record_stopped(&s, &vm, VmPowerState::Halted, None)?;
-        return void();
+pub(crate) async fn hard_shutdown(
+    s: &Arc<Server>,
+    h: &HostHandle,
+    vm: &str,
+) -> Result<(), ApiError> {
+    if halt_if_suspended(s, vm).await? {
+        return Ok(());
     }
-    halt(&s, &vm).await?;
-    void()
+    halt(s, h, vm).await
 }
 
-pub(crate) async fn vm_clean_reboot(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, VmOperations::CleanReboot)?;
-    let t = clean_timeout(&s, &vm);
-    if !clean_stop(&s, &vm, t, c.task.as_deref()).await? {
-        return Err(errors::vm_shutdown_timeout(
-            vm.clone(),
-            t.as_secs().to_string(),
-        ));
-    }
-    let now = power(&s.db.read(), &vm);
-    if now == VmPowerState::Halted {
+pub(crate) async fn clean_reboot(
+    s: &Arc<Server>,
+    c: &Ctx,
+    h: &HostHandle,
+    vm: &str,
+) -> Result<(), ApiError> {
+    clean_stop_in_time(s, c, h, vm).await?;
+    if power(&s.db.read(), vm) == VmPowerState::Halted {
         // Forced off meanwhile (a concurrent hard shutdown): no reboot.
-        return Err(errors::vm_bad_power_state(vm.as_str(), "running", "halted"));
+        return Err(errors::vm_bad_power_state(vm, "running", "halted"));
     }
-    let uuid = vm_uuid(&s.db.read(), &vm);
-    let r = s
+    let uuid = vm_uuid(&s.db.read(), vm);
+    let r = h
         .agent
         .reset(&uuid)
         .await
-        .map_err(|e| driver_errors::agent(&vm, e));
+        .map_err(|e| driver_errors::agent(vm, e));
     s.expect_shutdown(&uuid, false);
     r?;
-    set_paused(&s, &vm, false)?;
-    alert(&s, &vm, "VM_REBOOTED", 5, "VM rebooted");
-    void()
+    set_paused(s, vm, false)?;
+    alert(s, vm, "VM_REBOOTED", 5, "VM rebooted");
+    Ok(())
 }
 
-pub(crate) async fn vm_hard_reboot(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, VmOperations::HardReboot)?;
-    let uuid = vm_uuid(&s.db.read(), &vm);
-    s.agent
+pub(crate) async fn hard_reboot(s: &Arc<Server>, h: &HostHandle, vm: &str) -> Result<(), ApiError> {
+    let uuid = vm_uuid(&s.db.read(), vm);
+    h.agent
         .reset(&uuid)
         .await
-        .map_err(|e| driver_errors::agent(&vm, e))?;
-    set_paused(&s, &vm, false)?;
-    void()
+        .map_err(|e| driver_errors::agent(vm, e))?;
+    set_paused(s, vm, false)
 }
 
-pub(crate) async fn vm_pause(s: Arc<Server>, c: Ctx, p: Vec<Value>, pause: bool) -> ApiResult {
-    let (vm, _) = params(p);
-    let _op = VmOp::begin(
-        &s,
-        &c,
-        &vm,
-        if pause {
-            VmOperations::Pause
-        } else {
-            VmOperations::Unpause
-        },
-    )?;
-    let uuid = vm_uuid(&s.db.read(), &vm);
-    if pause {
-        s.agent
-            .pause(&uuid)
-            .await
-            .map_err(|e| driver_errors::agent(&vm, e))?;
+pub(crate) async fn pause(
+    s: &Arc<Server>,
+    h: &HostHandle,
+    vm: &str,
+    pause: bool,
+) -> Result<(), ApiError> {
+    let uuid = vm_uuid(&s.db.read(), vm);
+    let r = if pause {
+        h.agent.pause(&uuid).await
     } else {
-        s.agent
-            .unpause(&uuid)
-            .await
-            .map_err(|e| driver_errors::agent(&vm, e))?;
-    }
-    set_paused(&s, &vm, pause)?;
-    void()
+        h.agent.unpause(&uuid).await
+    };
+    r.map_err(|e| driver_errors::agent(vm, e))?;
+    set_paused(s, vm, pause)
 }
 
-pub(crate) async fn vm_power_state_reset(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, VmOperations::PowerStateReset)?;
-    let uuid = vm_uuid(&s.db.read(), &vm);
-    // Only a VM this host no longer runs may be reset (XAPI refuses a
-    // running domain too); never leave a QEMU the database forgot.
-    if matches!(
-        s.agent.state(&uuid).await,
-        Ok(RunState::Running | RunState::Paused)
-    ) {
-        return Err(ApiError::operation_not_allowed(
-            "the VM is still running on this host",
-        ));
+/// Only a VM its host no longer runs may be reset (XAPI refuses a running
+/// domain too); never leave a QEMU the database forgot. `h` is none when
+/// the VM's host cannot be reached (a dead host's VMs are reset so they
+/// can start elsewhere).
+pub(crate) async fn power_state_reset(
+    s: &Arc<Server>,
+    h: Option<&HostHandle>,
+    vm: &str,
+) -> Result<(), ApiError> {
+    let uuid = vm_uuid(&s.db.read(), vm);
+    if let Some(h) = h {
+        if matches!(
+            h.agent.state(&uuid).await,
+            Ok(RunState::Running | RunState::Paused)
+        ) {
+            return Err(ApiError::operation_not_allowed(
+                "the VM is still running on its host",
+            ));
+        }
+        let _ = h.agent.destroy(&uuid).await;
     }
-    let _ = s.agent.destroy(&uuid).await;
-    record_stopped(&s, &vm, VmPowerState::Halted, None)?;
-    void()
+    record_stopped(s, vm, VmPowerState::Halted, None)
 }

@@ -1,16 +1,19 @@
 //! At start: re-attach running VMs and undo interrupted operations.
 
 use crate::context::Server;
+use crate::core::call::Ctx;
 use crate::core::driver_errors;
+use crate::core::marks::clear_dead;
 use crate::core::records::db;
-use crate::ops::query::{flag, live_here, power, strmap, vbds_of, vm_uuid};
+use crate::ops::query::int;
+use crate::ops::query::{flag, live_at, power, strmap, vbds_of, vm_uuid};
 use crate::ops::vm::clone::own_disks;
-use crate::ops::vm::lifecycle::{BEING_MADE, refresh_allowed};
-use crate::ops::vm::monitor::{on_event, refresh_metrics};
+use crate::ops::vm::lifecycle::{BEING_MADE, mark_vm, refresh_allowed};
+use crate::ops::vm::monitor::{on_event, refresh_metrics, watch_host};
+use crate::ops::vm::power::start;
 use crate::ops::vm::state::{alert, drop_unused_suspend_images, record_stopped, set_paused};
-use crate::ops::vm::{Ctx, int, vm_start};
 use corral_agent::{RunState, VmEvent};
-use corral_model::enums::VmPowerState;
+use corral_model::enums::{VmOperations, VmPowerState};
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value};
 use std::collections::HashMap;
@@ -45,29 +48,29 @@ pub(crate) async fn undo_interrupted_copies(s: &Arc<Server>) {
 /// Re-attaches to the VMs this host runs and reconciles power states, then
 /// follows the agent's events and refreshes metrics.
 pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
-    let found: HashMap<String, RunState> = s
+    let here = s.local();
+    let found: HashMap<String, RunState> = here
         .agent
         .reattach()
         .await
         .map_err(driver_errors::agent_on_host)?
         .into_iter()
         .collect();
-    // Operations in flight died with the old corrald (tasks are volatile):
-    // note what each VM was doing, then clear them all.
+    // Operations this host had in flight died with its old process: note
+    // what each VM was doing, then clear those marks (another host's stay).
+    let is_master = s.is_master();
     let interrupted: HashMap<String, Vec<String>> = db(s.db.write(|t| {
         let mut out = HashMap::new();
         let vms: Vec<String> = t.state().refs(class::VM).cloned().collect();
         for vm in vms {
-            let ops: Vec<String> = t
-                .state()
-                .get(field::vm::CURRENT_OPERATIONS, &vm)
-                .and_then(|v| {
-                    v.as_struct()
-                        .map(|m| m.iter().map(|(_, o)| o.db_string()).collect())
-                })
-                .unwrap_or_default();
+            let ops = clear_dead(
+                t,
+                field::vm::CURRENT_OPERATIONS,
+                &vm,
+                &s.host_ref,
+                is_master,
+            )?;
             if !ops.is_empty() {
-                t.set(field::vm::CURRENT_OPERATIONS, &vm, Value::Struct(vec![]))?;
                 out.insert(vm, ops);
             }
         }
@@ -82,7 +85,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
     let mine: Vec<(String, String, VmPowerState)> = {
         let st = s.db.read();
         st.refs(class::VM)
-            .filter(|vm| live_here(s, &st, vm))
+            .filter(|vm| live_at(&st, &s.host_ref, vm))
             .map(|vm| (vm.clone(), vm_uuid(&st, vm), power(&st, vm)))
             .collect()
     };
@@ -91,7 +94,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
             // An unfinished suspend is undone: the guest runs on (it was
             // paused for the save) and the half-written image goes.
             if found.get(uuid) == Some(&RunState::Paused) && *p == VmPowerState::Running {
-                let _ = s.agent.unpause(uuid).await;
+                let _ = here.agent.unpause(uuid).await;
                 drop_unused_suspend_images(s, vm).await;
                 continue;
             }
@@ -105,8 +108,8 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
                 let _ = set_paused(s, vm, true);
             }
             Some(RunState::Running | RunState::Paused) => {}
-            Some(RunState::ShutDown) => on_event(s, uuid, VmEvent::GuestShutdown).await,
-            Some(RunState::Crashed) => on_event(s, uuid, VmEvent::GuestCrash).await,
+            Some(RunState::ShutDown) => on_event(s, &here, uuid, VmEvent::GuestShutdown).await,
+            Some(RunState::Crashed) => on_event(s, &here, uuid, VmEvent::GuestCrash).await,
             Some(RunState::Gone) | None
                 if ["clean_shutdown", "hard_shutdown", "shutdown"]
                     .iter()
@@ -132,7 +135,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
     for (uuid, st) in &found {
         if *st != RunState::Gone && !mine.iter().any(|(_, u, _)| u == uuid) {
             tracing::warn!(vm = %uuid, "stopping a QEMU the database does not run here");
-            let _ = s.agent.destroy(uuid).await;
+            let _ = here.agent.destroy(uuid).await;
         }
     }
     // Every VM's allowed operations follow the rules of this build.
@@ -143,20 +146,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
         }
         Ok::<(), ApiError>(())
     }));
-    let mut rx = s.agent.events();
-    let srv = Arc::clone(s);
-    tokio::spawn(async move {
-        loop {
-            match rx.recv().await {
-                Ok((uuid, ev)) => {
-                    let srv = Arc::clone(&srv);
-                    tokio::spawn(async move { on_event(&srv, &uuid, ev).await });
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => break,
-            }
-        }
-    });
+    watch_host(s, here);
     let srv = Arc::clone(s);
     tokio::spawn(async move { boot_policy(&srv).await });
     let srv = Arc::clone(s);
@@ -212,15 +202,13 @@ pub async fn boot_policy(s: &Arc<Server>) {
         user_ref: String::new(),
         task: None,
     };
+    let here = s.local();
     for (_, delay, vm) in vms {
-        if let Err(e) = vm_start(
-            Arc::clone(s),
-            ctx.clone(),
-            vec![Value::str(&vm), Value::Bool(false), Value::Bool(false)],
-            false,
-        )
-        .await
-        {
+        let started = async {
+            let _mark = mark_vm(s, &ctx, &vm, VmOperations::Start)?;
+            start(s, &here, &vm, false).await
+        };
+        if let Err(e) = started.await {
             tracing::warn!(vm = %vm, error = %e, "auto power-on failed");
         }
         tokio::time::sleep(Duration::from_secs(delay.max(0) as u64)).await;

@@ -10,17 +10,17 @@ use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
 use std::sync::Arc;
 
-pub(crate) fn console_location(s: &Server, console_uuid: &str) -> String {
+/// Consoles are served by the host the VM runs on.
+pub(crate) fn console_location(s: &Server, host: &str, console_uuid: &str) -> String {
     let st = s.db.read();
-    let addr = st
-        .get_str(field::host::ADDRESS, &s.host_ref)
-        .unwrap_or_default();
+    let addr = st.get_str(field::host::ADDRESS, host).unwrap_or_default();
     format!("https://{addr}/console?uuid={console_uuid}")
 }
 
-/// The VM now runs here (or is paused): records, metrics, consoles, VBDs.
+/// The VM now runs on `host` (or is paused): records, metrics, consoles, VBDs.
 pub(crate) fn record_running(
     s: &Server,
+    host: &str,
     vm: &str,
     paused: bool,
     domid: i64,
@@ -30,7 +30,7 @@ pub(crate) fn record_running(
         .iter()
         .map(|p| {
             let u = corral_model::new_uuid();
-            (u.clone(), console_location(s, &u), *p)
+            (u.clone(), console_location(s, host, &u), *p)
         })
         .collect();
     db(s.db.write(|t| {
@@ -50,7 +50,7 @@ pub(crate) fn record_running(
                 .as_str(),
             ),
         )?;
-        t.set(field::vm::RESIDENT_ON, vm, Value::str(&s.host_ref))?;
+        t.set(field::vm::RESIDENT_ON, vm, Value::str(host))?;
         t.set(field::vm::DOMID, vm, Value::Int(domid))?;
         t.set(field::vm::SUSPEND_VDI, vm, Value::str(NULL_REF))?;
         t.set(field::vm::DOMARCH, vm, Value::str("x64"))?;

@@ -1,28 +1,27 @@
 //! VM.suspend and VM.resume through a suspend VDI.
 
 use crate::context::Server;
-use crate::core::call::{ApiResult, Ctx, void};
+use crate::context::hosts::HostHandle;
 use crate::core::driver_errors;
 use crate::core::records::{db, to_value};
 use crate::ops::query::{int, strmap, vm_uuid};
 use crate::ops::vdi::vdi_image_of;
 use crate::ops::vm::clone::new_vdi;
-use crate::ops::vm::lifecycle::{VmOp, refresh_allowed};
-use crate::ops::vm::placement::check_host;
-use crate::ops::vm::power::{launch, params, start_params};
+use crate::ops::vm::lifecycle::refresh_allowed;
+use crate::ops::vm::power::launch;
 use crate::ops::vm::state::{SUSPEND_OF, alert, record_stopped, set_paused};
-use corral_model::enums::{VmOperations, VmPowerState};
+use corral_model::enums::VmPowerState;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value, errors};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
-pub(crate) fn suspend_sr(s: &Server, vm: &str) -> Result<String, ApiError> {
+pub(crate) fn suspend_sr(s: &Server, host: &str, vm: &str) -> Result<String, ApiError> {
     let st = s.db.read();
     let candidates = [
         st.get_str(field::vm::SUSPEND_SR, vm),
         st.get_str(field::pool::SUSPEND_IMAGE_SR, &s.pool_ref),
-        st.get_str(field::host::SUSPEND_IMAGE_SR, &s.host_ref),
+        st.get_str(field::host::SUSPEND_IMAGE_SR, host),
         st.get_str(field::pool::DEFAULT_SR, &s.pool_ref),
     ];
     candidates
@@ -46,16 +45,15 @@ pub(crate) fn fifo(dir: &std::path::Path) -> Result<std::path::PathBuf, ApiError
     Ok(p)
 }
 
-pub(crate) async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let (vm, _) = params(p);
-    let _op = VmOp::begin(&s, &c, &vm, VmOperations::Suspend)?;
-    let sr = suspend_sr(&s, &vm)?;
+/// Saves a running VM's memory into a new suspend VDI, then stops it.
+pub(crate) async fn suspend(s: Arc<Server>, h: &HostHandle, vm: &str) -> Result<(), ApiError> {
+    let sr = suspend_sr(&s, &h.host, vm)?;
     let (uuid, mem, name) = {
         let st = s.db.read();
         (
-            vm_uuid(&st, &vm),
-            int(&st, field::vm::MEMORY_STATIC_MAX, &vm),
-            st.get_str(field::vm::NAME_LABEL, &vm).unwrap_or_default(),
+            vm_uuid(&st, vm),
+            int(&st, field::vm::MEMORY_STATIC_MAX, vm),
+            st.get_str(field::vm::NAME_LABEL, vm).unwrap_or_default(),
         )
     };
     // Room for RAM and device state; the image is thin, so only what the
@@ -72,17 +70,17 @@ pub(crate) async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResu
     .await?;
     let result = async {
         let image = vdi_image_of(&s, &s.db.read(), &vdi)?;
-        let pipe = fifo(&s.state_dir.join("streams"))?;
-        let run_dir = s.state_dir.clone();
+        let pipe = fifo(&h.state_dir.join("streams"))?;
+        let run_dir = h.state_dir.clone();
         let reader = {
             let pipe = pipe.clone();
             tokio::task::spawn_blocking(move || stream_into_vdi(&pipe, &image, &run_dir))
         };
-        let saved = s
+        let saved = h
             .agent
             .save(&uuid, pipe.clone())
             .await
-            .map_err(|e| driver_errors::agent(&vm, e));
+            .map_err(|e| driver_errors::agent(vm, e));
         if saved.is_err() {
             // Unblock the reader if QEMU never opened the FIFO.
             let _ = std::fs::OpenOptions::new().write(true).open(&pipe);
@@ -103,17 +101,17 @@ pub(crate) async fn vm_suspend(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResu
     .await;
     if let Err(e) = result {
         // Undo: the VM keeps running, the image goes.
-        let _ = s.agent.unpause(&uuid).await;
+        let _ = h.agent.unpause(&uuid).await;
         let _ = crate::ops::vdi::vdi_destroy(Arc::clone(&s), vec![Value::str(&vdi)]).await;
         return Err(e);
     }
-    s.agent
+    h.agent
         .destroy(&uuid)
         .await
-        .map_err(|e| driver_errors::agent(&vm, e))?;
-    record_stopped(&s, &vm, VmPowerState::Suspended, Some(&vdi))?;
-    alert(&s, &vm, "VM_SUSPENDED", 5, "VM suspended");
-    void()
+        .map_err(|e| driver_errors::agent(vm, e))?;
+    record_stopped(&s, vm, VmPowerState::Suspended, Some(&vdi))?;
+    alert(&s, vm, "VM_SUSPENDED", 5, "VM suspended");
+    Ok(())
 }
 
 /// Copies the save stream from the FIFO into the VDI; returns its length.
@@ -189,32 +187,24 @@ pub(crate) fn stream_from_vdi(
     Ok(())
 }
 
-pub(crate) async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: bool) -> ApiResult {
-    let (vm, host, paused) = start_params(p, with_host);
-    let _op = VmOp::begin(
-        &s,
-        &c,
-        &vm,
-        if with_host {
-            VmOperations::ResumeOn
-        } else {
-            VmOperations::Resume
-        },
-    )?;
-    if let Some(h) = host {
-        check_host(&s, &h)?;
-    }
+/// Restores a suspended VM on `h` from its suspend VDI.
+pub(crate) async fn resume(
+    s: Arc<Server>,
+    h: &HostHandle,
+    vm: &str,
+    paused: bool,
+) -> Result<(), ApiError> {
     let (vdi, uuid) = {
         let st = s.db.read();
         (
-            st.get_str(field::vm::SUSPEND_VDI, &vm).unwrap_or_default(),
-            vm_uuid(&st, &vm),
+            st.get_str(field::vm::SUSPEND_VDI, vm).unwrap_or_default(),
+            vm_uuid(&st, vm),
         )
     };
     let (image, len) = {
         let st = s.db.read();
         if !st.exists(class::VDI, &vdi) {
-            return Err(errors::vm_requires_vdi(vm.as_str(), vdi.as_str()));
+            return Err(errors::vm_requires_vdi(vm, vdi.as_str()));
         }
         let image = vdi_image_of(&s, &st, &vdi)?;
         let len = strmap(st.get(field::vdi::OTHER_CONFIG, &vdi))
@@ -223,12 +213,12 @@ pub(crate) async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: 
             .unwrap_or(0);
         (image, len)
     };
-    let pipe = fifo(&s.state_dir.join("streams"))?;
+    let pipe = fifo(&h.state_dir.join("streams"))?;
     let writer = {
-        let (pipe, run_dir) = (pipe.clone(), s.state_dir.clone());
+        let (pipe, run_dir) = (pipe.clone(), h.state_dir.clone());
         tokio::task::spawn_blocking(move || stream_from_vdi(&pipe, &image, len, &run_dir))
     };
-    let launched = launch(&s, &vm, true, Some(pipe.clone())).await;
+    let launched = launch(&s, h, vm, true, Some(pipe.clone())).await;
     if launched.is_err() {
         // Unblock the writer: nobody will read the FIFO.
         let _ = std::fs::OpenOptions::new()
@@ -244,33 +234,33 @@ pub(crate) async fn vm_resume(s: Arc<Server>, c: Ctx, p: Vec<Value>, with_host: 
         let _ = db(s.db.write(|t| {
             t.set(
                 field::vm::POWER_STATE,
-                &vm,
+                vm,
                 Value::str(VmPowerState::Suspended.as_str()),
             )?;
-            t.set(field::vm::SUSPEND_VDI, &vm, Value::str(&vdi))?;
-            refresh_allowed(t, &vm)
+            t.set(field::vm::SUSPEND_VDI, vm, Value::str(&vdi))?;
+            refresh_allowed(t, vm)
         }));
         return Err(e);
     }
     let restored = async {
         fed?;
         if !paused {
-            s.agent
+            h.agent
                 .unpause(&uuid)
                 .await
-                .map_err(|e| driver_errors::agent(&vm, e))?;
+                .map_err(|e| driver_errors::agent(vm, e))?;
         }
         Ok::<(), ApiError>(())
     }
     .await;
     if let Err(e) = restored {
         // Undo: back to Suspended with the image kept.
-        let _ = s.agent.destroy(&uuid).await;
-        let _ = record_stopped(&s, &vm, VmPowerState::Suspended, Some(&vdi));
+        let _ = h.agent.destroy(&uuid).await;
+        let _ = record_stopped(&s, vm, VmPowerState::Suspended, Some(&vdi));
         return Err(e);
     }
-    set_paused(&s, &vm, paused)?;
+    set_paused(&s, vm, paused)?;
     let _ = crate::ops::vdi::vdi_destroy(Arc::clone(&s), vec![Value::str(&vdi)]).await;
-    alert(&s, &vm, "VM_RESUMED", 5, "VM resumed");
-    void()
+    alert(&s, vm, "VM_RESUMED", 5, "VM resumed");
+    Ok(())
 }
