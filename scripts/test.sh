@@ -15,6 +15,8 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
   cargo test --workspace
 fi
+# Doctests nextest does not run (Ref<C> type safety is a compile_fail one).
+cargo test --quiet --doc -p corral-model
 
 # The fuzz targets (HTTP heads, XML-RPC, JSON-RPC), a bounded run each.
 ./scripts/fuzz.sh "${FUZZ_SECONDS:-20}"

@@ -7,6 +7,7 @@
 //! tables. The codecs in [`xmlrpc`] and [`jsonrpc`] are pure functions over
 //! [`Value`].
 
+pub mod args;
 pub mod date;
 pub mod enums;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod errors;
 pub mod http;
 pub mod jsonrpc;
 pub mod reference;
+pub mod refs;
 pub mod schema;
 pub mod value;
 pub mod xmlrpc;

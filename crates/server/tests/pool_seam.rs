@@ -11,6 +11,7 @@
 use corral_agent::HostAgent;
 use corral_agent::sim::SimAgent;
 use corral_db::Db;
+use corral_model::refs::Ref;
 use corral_model::{ApiError, Value, class, field};
 use corral_server::context::Server;
 use corral_server::context::hosts::{HostHandle, LinkError, PoolLink};
@@ -130,14 +131,15 @@ impl TestPool {
         self.master.call(method, params, &caller()).await
     }
 
+    /// Through the typed client.
     async fn start_on(&self, vm: &str, host: &str) -> Result<Value, ApiError> {
-        let args = vec![
-            Value::str(vm),
-            Value::str(host),
-            Value::Bool(false),
-            Value::Bool(false),
-        ];
-        self.call("VM.start_on", args).await
+        let args = corral_model::args::vm::StartOn {
+            vm: Ref::new(vm),
+            host: Ref::new(host),
+            start_paused: false,
+            force: false,
+        };
+        self.master.invoke(&self.session, args, &caller()).await
     }
 
     fn cut(&self, host: &str, cut: bool) {

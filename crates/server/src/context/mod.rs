@@ -47,12 +47,18 @@ pub struct Server {
     pub(crate) audit: Option<crate::core::audit::Audit>,
 }
 
-/// A hand-written message implementation.
-#[derive(Clone, Copy)]
+/// A hand-written message implementation, called with the parameters
+/// dispatch has checked (the typed ones decode them into their message's
+/// argument struct first: `dispatch::registry::Table`).
+#[derive(Clone)]
 pub enum Handler {
-    Sync(fn(&Arc<Server>, &Ctx, Vec<Value>) -> ApiResult),
-    Async(fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut),
+    Sync(Arc<SyncHandler>),
+    Async(Arc<AsyncHandler>),
 }
+
+pub type SyncHandler = dyn Fn(&Arc<Server>, &Ctx, Vec<Value>) -> ApiResult + Send + Sync;
+
+pub type AsyncHandler = dyn Fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut + Send + Sync;
 
 impl Server {
     pub fn new(

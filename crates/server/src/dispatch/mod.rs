@@ -301,3 +301,20 @@ impl Server {
         }
     }
 }
+
+impl Server {
+    /// The typed in-process client: message `A` under `session`, through
+    /// the same dispatch as a call from the wire (session, RBAC, routing,
+    /// tasks and the audit log).
+    pub async fn invoke<A: corral_model::args::Args>(
+        self: &Arc<Self>,
+        session: &str,
+        args: A,
+        caller: &Caller,
+    ) -> ApiResult {
+        let mut params = Vec::with_capacity(8);
+        params.push(Value::str(session));
+        params.extend(args.into_params());
+        self.call(A::WIRE, params, caller).await
+    }
+}

@@ -115,7 +115,10 @@ impl Server {
             kind,
         };
         if let Some(m) = class.message(mname) {
-            let h = *self.handlers.get(&format!("{}.{}", def.name, m.name))?;
+            let h = self
+                .handlers
+                .get(&format!("{}.{}", def.name, m.name))?
+                .clone();
             let mut r = mk(
                 m.params.iter().map(|p| (p.name, p.ty, p.default)).collect(),
                 m.role,
@@ -181,7 +184,7 @@ impl Server {
                 role_of("create"),
                 true,
                 match self.handlers.get(&format!("{name}.create")) {
-                    Some(h) => Kind::Custom(*h),
+                    Some(h) => Kind::Custom(h.clone()),
                     None => Kind::Create,
                 },
             ),
@@ -190,7 +193,7 @@ impl Server {
                 role_of("destroy"),
                 true,
                 match self.handlers.get(&format!("{name}.destroy")) {
-                    Some(h) => Kind::Custom(*h),
+                    Some(h) => Kind::Custom(h.clone()),
                     None => Kind::Destroy,
                 },
             ),
@@ -205,7 +208,7 @@ impl Server {
                     let d = f.def();
                     // A setter with checks of its own (VBD.set_mode).
                     let kind = match self.handlers.get(&format!("{name}.set_{}", d.name)) {
-                        Some(h) => Kind::Custom(*h),
+                        Some(h) => Kind::Custom(h.clone()),
                         None => Kind::Set(f),
                     };
                     mk(

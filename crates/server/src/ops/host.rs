@@ -5,7 +5,7 @@ use crate::core::call::{ApiResult, Ctx, void};
 use crate::init::s;
 use crate::ops::query::{int, live_at, power, strmap};
 use crate::ops::vm::lifecycle::mark_vm;
-use crate::ops::vm::power::{clean_stop, halt, params};
+use crate::ops::vm::power::{clean_stop, halt};
 use crate::ops::vm::state::alert;
 use crate::ops::vm::suspend::suspend;
 use corral_model::enums::VmOperations;
@@ -31,8 +31,8 @@ pub(crate) fn refresh_certificate(s: &Arc<Server>) -> ApiResult {
 /// `vm-shutdown-policy` = `shutdown` (default: clean shutdown in reverse
 /// `order`, each given `vm-shutdown-timeout` seconds, default 300, then
 /// forced off) | `suspend` | `refuse` (fail while VMs run).
-pub(crate) async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let (host, _) = params(p);
+pub(crate) async fn host_shutdown_vms(s: Arc<Server>, c: Ctx, host: &str) -> ApiResult {
+    let host = host.to_owned();
     if !s.db.read().exists(class::HOST, &host) {
         return Err(ApiError::handle_invalid("host", &host));
     }

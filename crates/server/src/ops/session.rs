@@ -40,9 +40,7 @@ pub(crate) async fn login(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
 /// `session.change_password`: the old password is checked under the same
 /// throttle as logins (keyed on the caller's user name), and the user's
 /// other sessions end.
-pub(crate) async fn change_password(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let mut p = p.into_iter();
-    let (old, new) = (pstr(&mut p), pstr(&mut p));
+pub(crate) async fn change_password(s: Arc<Server>, c: Ctx, old: String, new: String) -> ApiResult {
     let (user, hash) = {
         let st = s.db.read();
         let user = st

@@ -1,10 +1,10 @@
 //! SR.create, introduce, forget, destroy, probe and upgrade; storage at start.
 
 use crate::context::Server;
-use crate::core::call::{ApiResult, Ctx, pstr, void};
+use crate::core::call::{ApiResult, void};
 use crate::core::driver_errors;
 use crate::core::marks::clear_dead;
-use crate::core::records::{db, first, strmap, to_value};
+use crate::core::records::{db, strmap, to_value};
 use crate::ops::pbd::{pbd_plug, pbd_unplug};
 use crate::ops::storage::backend::{attached, blocking, driver, sr_lock, sr_on};
 use crate::ops::storage::journal::journal_dir;
@@ -12,7 +12,9 @@ use crate::ops::storage::records::{
     delete_secrets, pbds_of, refresh_allowed, store_secrets, sync_sm_records, vdi_attached, vdis_of,
 };
 use corral_db::Txn;
+use corral_model::args::sr;
 use corral_model::errors;
+use corral_model::refs::Ref;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
 use corral_storage::{FORMAT_VERSION, SrCtx, StorageError};
@@ -94,15 +96,19 @@ pub fn recover(s: &Server) {
     }
 }
 
-pub(crate) async fn sr_create(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
-    let mut p = p.into_iter();
-    let host = pstr(&mut p);
-    let dc = strmap(&p.next().unwrap_or(Value::Nil));
-    let physical_size = p.next().and_then(|v| v.as_int()).unwrap_or(0);
-    let (name, descr, kind, content_type) =
-        (pstr(&mut p), pstr(&mut p), pstr(&mut p), pstr(&mut p));
-    let shared = p.next().and_then(|v| v.as_bool()).unwrap_or(false);
-    let sm_config = strmap(&p.next().unwrap_or(Value::Nil));
+pub(crate) async fn sr_create(s: Arc<Server>, a: sr::Create) -> ApiResult {
+    let sr::Create {
+        host,
+        device_config: dc,
+        physical_size,
+        name_label: name,
+        name_description: descr,
+        type_: kind,
+        content_type,
+        shared,
+        sm_config,
+    } = a;
+    let host = host.into_string();
     if !s.db.read().exists(class::HOST, &host) {
         return Err(ApiError::handle_invalid("host", &host));
     }
@@ -200,17 +206,16 @@ pub(crate) async fn sr_create(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResu
     Ok(Value::String(sr))
 }
 
-pub(crate) fn sr_introduce(s: &Server, p: Vec<Value>) -> ApiResult {
-    let mut p = p.into_iter();
-    let (uuid, name, descr, kind, content_type) = (
-        pstr(&mut p),
-        pstr(&mut p),
-        pstr(&mut p),
-        pstr(&mut p),
-        pstr(&mut p),
-    );
-    let shared = p.next().and_then(|v| v.as_bool()).unwrap_or(false);
-    let sm_config = strmap(&p.next().unwrap_or(Value::Nil));
+pub(crate) fn sr_introduce(s: &Server, a: sr::Introduce) -> ApiResult {
+    let sr::Introduce {
+        uuid,
+        name_label: name,
+        name_description: descr,
+        type_: kind,
+        content_type,
+        shared,
+        sm_config,
+    } = a;
     driver(&kind)?;
     let uuid = if uuid.is_empty() {
         corral_model::new_uuid()
@@ -298,8 +303,8 @@ pub(crate) fn pool_ref(st: &corral_db::State) -> String {
     st.refs(class::POOL).next().cloned().unwrap_or_default()
 }
 
-pub(crate) async fn sr_forget(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
-    let sr = first(p);
+pub(crate) async fn sr_forget(s: Arc<Server>, sr: &str) -> ApiResult {
+    let sr = sr.to_owned();
     let _l = sr_lock(&s, &sr_on(&s, &sr)?.uuid).await;
     db(s.db.write(|t| {
         if !t.state().exists(class::SR, &sr) {
@@ -311,8 +316,8 @@ pub(crate) async fn sr_forget(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     void()
 }
 
-pub(crate) async fn sr_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
-    let sr = first(p);
+pub(crate) async fn sr_destroy(s: Arc<Server>, sr: &str) -> ApiResult {
+    let sr = sr.to_owned();
     let on = sr_on(&s, &sr)?;
     let _l = sr_lock(&s, &on.uuid).await;
     {
@@ -345,11 +350,8 @@ pub(crate) async fn sr_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     void()
 }
 
-pub(crate) async fn sr_probe(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
-    let mut p = p.into_iter();
-    let host = pstr(&mut p);
-    let dc = strmap(&p.next().unwrap_or(Value::Nil));
-    let kind = pstr(&mut p);
+pub(crate) async fn sr_probe(s: Arc<Server>, a: sr::Probe) -> ApiResult {
+    let (host, dc, kind) = (a.host.into_string(), a.device_config, a.type_);
     if !s.db.read().exists(class::HOST, &host) {
         return Err(ApiError::handle_invalid("host", &host));
     }
@@ -364,8 +366,8 @@ pub(crate) async fn sr_probe(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     Ok(Value::String(xml))
 }
 
-pub(crate) async fn sr_upgrade(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
-    let sr = first(p);
+pub(crate) async fn sr_upgrade(s: Arc<Server>, sr: &str) -> ApiResult {
+    let sr = sr.to_owned();
     let on = attached(&s, &sr)?;
     let _l = sr_lock(&s, &on.uuid).await;
     {
@@ -410,36 +412,25 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
     let has_local = dir.exists() || marker.exists();
     if !has_local {
         let (kind, dc) = match &s.config.local_sr_device {
-            Some(dev) => (
-                "ext",
-                Value::Struct(vec![("device".into(), Value::str(dev))]),
-            ),
+            Some(dev) => ("ext", [("device".to_owned(), dev.clone())]),
             None => (
                 "file",
-                Value::Struct(vec![("location".into(), Value::str(dir.to_string_lossy()))]),
+                [("location".to_owned(), dir.to_string_lossy().into_owned())],
             ),
-        };
-        let ctx = Ctx {
-            session: String::new(),
-            role: corral_model::Role::Root,
-            user: "root".into(),
-            user_ref: String::new(),
-            task: None,
         };
         let sr = sr_create(
             Arc::clone(s),
-            ctx,
-            vec![
-                Value::str(&s.host_ref),
-                dc,
-                Value::Int(0),
-                Value::str("Local storage"),
-                Value::str(""),
-                Value::str(kind),
-                Value::str("user"),
-                Value::Bool(false),
-                Value::Struct(vec![]),
-            ],
+            sr::Create {
+                host: Ref::new(s.host_ref.as_str()),
+                device_config: dc.into_iter().collect(),
+                physical_size: 0,
+                name_label: "Local storage".into(),
+                name_description: String::new(),
+                type_: kind.into(),
+                content_type: "user".into(),
+                shared: false,
+                sm_config: Default::default(),
+            },
         )
         .await?;
         let sr = sr.db_string();

@@ -3,6 +3,7 @@
 use crate::auth::passwords::hash_password;
 use crate::context::Server;
 use crate::core::call::{ApiResult, Ctx, pstr, void};
+use corral_model::args::user;
 use corral_model::errors;
 use corral_model::schema::{Role, class, field};
 use corral_model::{ApiError, Value, new_ref};
@@ -69,9 +70,8 @@ pub(crate) fn assert_unique_user(st: &corral_db::State, name: &str) -> Result<()
     Ok(())
 }
 
-pub(crate) fn create_local_user(s: &Arc<Server>, _: &Ctx, p: Vec<Value>) -> ApiResult {
-    let mut p = p.into_iter();
-    let (name, full, pwd, role) = (pstr(&mut p), pstr(&mut p), pstr(&mut p), pstr(&mut p));
+pub(crate) fn create_local_user(s: &Arc<Server>, a: user::CreateLocal) -> ApiResult {
+    let (name, full, pwd, role) = (a.short_name, a.fullname, a.password, a.role);
     if name.is_empty() || name == "root" {
         return Err(ApiError::invalid_value("short_name", &name));
     }

@@ -1,7 +1,7 @@
 //! VBD.create, destroy, plug, unplug, insert, eject and set_mode.
 
 use crate::context::Server;
-use crate::core::call::{ApiResult, Ctx, pstr, void};
+use crate::core::call::{ApiResult, pstr, void};
 use crate::core::driver_errors;
 use crate::core::records::{check_refs, create_fields, db, first, given_field};
 use crate::ops::query::{device_name, flag, power, running_uuid, vdi_read_only};
@@ -80,12 +80,8 @@ pub(crate) fn check_vdi_free(st: &corral_db::State, vm: &str, vbd: &str) -> Resu
     Ok(())
 }
 
-pub(crate) async fn vbd_plug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
-    let vbd = p
-        .into_iter()
-        .next()
-        .map(|v| v.db_string())
-        .unwrap_or_default();
+pub(crate) async fn vbd_plug(s: Arc<Server>, vbd: &str) -> ApiResult {
+    let vbd = vbd.to_owned();
     if !s.db.read().exists(class::VBD, &vbd) {
         return Err(ApiError::handle_invalid("VBD", &vbd));
     }
@@ -136,12 +132,8 @@ pub(crate) async fn vbd_plug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResul
     void()
 }
 
-pub(crate) async fn vbd_unplug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiResult {
-    let vbd = p
-        .into_iter()
-        .next()
-        .map(|v| v.db_string())
-        .unwrap_or_default();
+pub(crate) async fn vbd_unplug(s: Arc<Server>, vbd: &str) -> ApiResult {
+    let vbd = vbd.to_owned();
     let (attached, uuid, ty) = {
         let st = s.db.read();
         if !st.exists(class::VBD, &vbd) {
@@ -173,14 +165,15 @@ pub(crate) async fn vbd_unplug(s: Arc<Server>, _c: Ctx, p: Vec<Value>) -> ApiRes
 
 /// VBD.insert / VBD.eject: the record first (it validates), then the
 /// running VM's drive; a failed media change puts the record back.
-pub(crate) async fn vbd_media(s: Arc<Server>, p: Vec<Value>, insert: bool) -> ApiResult {
-    let vbd = p.first().map(|v| v.db_string()).unwrap_or_default();
+/// `insert`: the VDI to insert; none to eject.
+pub(crate) async fn vbd_media(s: Arc<Server>, vbd: &str, insert: Option<&str>) -> ApiResult {
+    let vbd = vbd.to_owned();
     let before = s.db.read().get_str(field::vbd::VDI, &vbd);
-    if insert {
-        vbd_insert(&s, p)?;
-    } else {
-        vbd_eject(&s, p)?;
-    }
+    match insert {
+        Some(vdi) => vbd_insert(&s, &vbd, vdi)?,
+        None => vbd_eject(&s, &vbd)?,
+    };
+    let insert = insert.is_some();
     // A drive added while the VM ran is not in QEMU yet: its medium is
     // recorded for the next start.
     let plugged = flag(&s.db.read(), field::vbd::CURRENTLY_ATTACHED, &vbd);
@@ -352,9 +345,8 @@ pub(crate) fn vbd_destroy(s: &Server, p: Vec<Value>) -> ApiResult {
     void()
 }
 
-pub(crate) fn vbd_insert(s: &Server, p: Vec<Value>) -> ApiResult {
-    let mut p = p.into_iter();
-    let (vbd, vdi) = (pstr(&mut p), pstr(&mut p));
+pub(crate) fn vbd_insert(s: &Server, vbd: &str, vdi: &str) -> ApiResult {
+    let (vbd, vdi) = (vbd.to_owned(), vdi.to_owned());
     db(s.db.write(|t| {
         let st = t.state();
         if !st.exists(class::VBD, &vbd) {
@@ -384,8 +376,8 @@ pub(crate) fn vbd_insert(s: &Server, p: Vec<Value>) -> ApiResult {
     void()
 }
 
-pub(crate) fn vbd_eject(s: &Server, p: Vec<Value>) -> ApiResult {
-    let vbd = first(p);
+pub(crate) fn vbd_eject(s: &Server, vbd: &str) -> ApiResult {
+    let vbd = vbd.to_owned();
     db(s.db.write(|t| {
         let st = t.state();
         if !st.exists(class::VBD, &vbd) {

@@ -1,124 +1,86 @@
-//! The VM handlers: wire names to the operations of ops::vm.
+//! The VM and VBD handlers: wire names to the operations of forward::vm
+//! and ops::vm, each with its message's argument struct.
 
-use crate::context::{Handler, Server};
-use crate::core::call::{BoxFut, Ctx, void};
+use crate::core::call::void;
 use crate::core::records::db;
+use crate::dispatch::registry::{Table, untyped_async};
 use crate::forward::vm as fvm;
 use crate::ops::host::host_shutdown_vms;
 use crate::ops::query::int;
 use crate::ops::vbd::{vbd_media, vbd_plug, vbd_unplug};
 use crate::ops::vm::clone::{vm_clone_or_copy, vm_destroy, vm_provision};
 use crate::ops::vm::lifecycle::{refresh_allowed, vm_assert_operation_valid};
-use crate::ops::vm::memory::{ints, set_memory};
+use crate::ops::vm::memory::set_memory;
 use crate::ops::vm::placement::{host_free_memory, vm_assert_can_boot_here};
-use crate::ops::vm::power::params;
 use corral_model::Value;
+use corral_model::args::{host, vbd, vm};
 use corral_model::schema::field;
-use std::collections::HashMap;
-use std::sync::Arc;
 
-pub fn register(t: &mut HashMap<String, Handler>) {
-    let mut a = |n: &str, f: fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut| {
-        t.insert(n.to_owned(), Handler::Async(f));
-    };
-    a("VM.start", |s, c, p| Box::pin(fvm::start(s, c, p, false)));
-    a("VM.start_on", |s, c, p| Box::pin(fvm::start(s, c, p, true)));
-    a("VM.clean_shutdown", |s, c, p| {
-        Box::pin(fvm::clean_shutdown(s, c, p))
+pub fn register(t: &mut Table) {
+    t.on(fvm::start);
+    t.on(fvm::start_on);
+    t.on(fvm::clean_shutdown);
+    t.on(fvm::shutdown);
+    t.on(fvm::hard_shutdown);
+    t.on(fvm::clean_reboot);
+    t.on(fvm::hard_reboot);
+    t.on(fvm::pause);
+    t.on(fvm::unpause);
+    t.on(fvm::suspend);
+    t.on(fvm::resume);
+    t.on(fvm::resume_on);
+    t.on(fvm::power_state_reset);
+    t.untyped(
+        "VM.destroy",
+        untyped_async(|s, c, p| Box::pin(vm_destroy(s, c, p))),
+    );
+    t.on(|s, c, a: vm::Clone| async move {
+        vm_clone_or_copy(s, c, a.vm.as_str(), &a.new_name, None).await
     });
-    a("VM.shutdown", |s, c, p| Box::pin(fvm::shutdown(s, c, p)));
-    a("VM.hard_shutdown", |s, c, p| {
-        Box::pin(fvm::hard_shutdown(s, c, p))
+    t.on(|s, c, a: vm::Copy| async move {
+        vm_clone_or_copy(s, c, a.vm.as_str(), &a.new_name, Some(a.sr.as_str())).await
     });
-    a("VM.clean_reboot", |s, c, p| {
-        Box::pin(fvm::clean_reboot(s, c, p))
+    t.on(|s, c, a: vm::Provision| async move { vm_provision(s, c, a.vm.as_str()).await });
+    t.on(|s, _, a: vm::AssertOperationValid| async move {
+        vm_assert_operation_valid(&s, a.self_.as_str(), a.op)
     });
-    a("VM.hard_reboot", |s, c, p| {
-        Box::pin(fvm::hard_reboot(s, c, p))
+    t.on(|s, _, a: vm::AssertCanBootHere| async move {
+        vm_assert_can_boot_here(&s, a.self_.as_str(), a.host.as_str())
     });
-    a("VM.pause", |s, c, p| Box::pin(fvm::pause(s, c, p, true)));
-    a("VM.unpause", |s, c, p| Box::pin(fvm::pause(s, c, p, false)));
-    a("VM.suspend", |s, c, p| Box::pin(fvm::suspend(s, c, p)));
-    a("VM.resume", |s, c, p| Box::pin(fvm::resume(s, c, p, false)));
-    a("VM.resume_on", |s, c, p| {
-        Box::pin(fvm::resume(s, c, p, true))
+    t.on(|s, _, a: vm::UpdateAllowedOperations| async move {
+        db(s.db.write(|t| refresh_allowed(t, a.self_.as_str())))?;
+        void()
     });
-    a("VM.power_state_reset", |s, c, p| {
-        Box::pin(fvm::power_state_reset(s, c, p))
+    t.on(|s, _, a: vm::ComputeMemoryOverhead| async move {
+        let m = int(&s.db.read(), field::vm::MEMORY_STATIC_MAX, a.vm.as_str());
+        Ok(Value::Int(s.local().agent.memory_overhead(m)))
     });
-    a("VM.destroy", |s, c, p| Box::pin(vm_destroy(s, c, p)));
-    a("VM.clone", |s, c, p| {
-        Box::pin(vm_clone_or_copy(s, c, p, false))
+    t.on(|s, _, _: host::ComputeFreeMemory| async move {
+        Ok(Value::Int(host_free_memory(&s.local(), &s.db.read()).1))
     });
-    a("VM.copy", |s, c, p| {
-        Box::pin(vm_clone_or_copy(s, c, p, true))
+    t.on(|s, _, a: vm::SetMemoryLimits| async move {
+        let (smin, smax) = (Some(a.static_min), Some(a.static_max));
+        let (dmin, dmax) = (Some(a.dynamic_min), Some(a.dynamic_max));
+        set_memory(&s, a.self_.as_str(), smin, smax, dmin, dmax).await
     });
-    a("VM.provision", |s, c, p| Box::pin(vm_provision(s, c, p)));
-    a("VM.assert_operation_valid", |s, _, p| {
-        Box::pin(vm_assert_operation_valid(s, p))
+    t.on(|s, _, a: vm::SetMemoryStaticRange| async move {
+        set_memory(&s, a.self_.as_str(), Some(a.min), Some(a.max), None, None).await
     });
-    a("VM.assert_can_boot_here", |s, _, p| {
-        Box::pin(vm_assert_can_boot_here(s, p))
+    t.on(|s, _, a: vm::SetMemoryDynamicRange| async move {
+        set_memory(&s, a.self_.as_str(), None, None, Some(a.min), Some(a.max)).await
     });
-    a("VM.update_allowed_operations", |s, _, p| {
-        Box::pin(async move {
-            let (vm, _) = params(p);
-            db(s.db.write(|t| refresh_allowed(t, &vm)))?;
-            void()
-        })
+    t.on(|s, _, a: vm::SetMemory| async move {
+        let v = Some(a.value);
+        set_memory(&s, a.self_.as_str(), None, v, v, v).await
     });
-    a("VM.compute_memory_overhead", |s, _, p| {
-        Box::pin(async move {
-            let (vm, _) = params(p);
-            let m = int(&s.db.read(), field::vm::MEMORY_STATIC_MAX, &vm);
-            Ok(Value::Int(s.local().agent.memory_overhead(m)))
-        })
+    t.on(
+        |s, c, a: host::ShutdownVms| async move { host_shutdown_vms(s, c, a.host.as_str()).await },
+    );
+    t.on(|s, _, a: vbd::Plug| async move { vbd_plug(s, a.self_.as_str()).await });
+    t.on(|s, _, a: vbd::Unplug| async move { vbd_unplug(s, a.self_.as_str()).await });
+    t.on(|s, _, a: vbd::UnplugForce| async move { vbd_unplug(s, a.self_.as_str()).await });
+    t.on(|s, _, a: vbd::Insert| async move {
+        vbd_media(s, a.vbd.as_str(), Some(a.vdi.as_str())).await
     });
-    a("host.compute_free_memory", |s, _, _| {
-        Box::pin(async move { Ok(Value::Int(host_free_memory(&s.local(), &s.db.read()).1)) })
-    });
-    a("VM.set_memory_limits", |s, _, p| {
-        Box::pin(async move {
-            let (vm, rest) = params(p);
-            let v = ints(&rest);
-            set_memory(
-                &s,
-                &vm,
-                v.first().copied(),
-                v.get(1).copied(),
-                v.get(2).copied(),
-                v.get(3).copied(),
-            )
-            .await
-        })
-    });
-    a("VM.set_memory_static_range", |s, _, p| {
-        Box::pin(async move {
-            let (vm, rest) = params(p);
-            let v = ints(&rest);
-            set_memory(&s, &vm, v.first().copied(), v.get(1).copied(), None, None).await
-        })
-    });
-    a("VM.set_memory_dynamic_range", |s, _, p| {
-        Box::pin(async move {
-            let (vm, rest) = params(p);
-            let v = ints(&rest);
-            set_memory(&s, &vm, None, None, v.first().copied(), v.get(1).copied()).await
-        })
-    });
-    a("VM.set_memory", |s, _, p| {
-        Box::pin(async move {
-            let (vm, rest) = params(p);
-            let v = ints(&rest).first().copied();
-            set_memory(&s, &vm, None, v, v, v).await
-        })
-    });
-    a("host.shutdown_vms", |s, c, p| {
-        Box::pin(host_shutdown_vms(s, c, p))
-    });
-    a("VBD.plug", |s, c, p| Box::pin(vbd_plug(s, c, p)));
-    a("VBD.unplug", |s, c, p| Box::pin(vbd_unplug(s, c, p)));
-    a("VBD.unplug_force", |s, c, p| Box::pin(vbd_unplug(s, c, p)));
-    a("VBD.insert", |s, _, p| Box::pin(vbd_media(s, p, true)));
-    a("VBD.eject", |s, _, p| Box::pin(vbd_media(s, p, false)));
+    t.on(|s, _, a: vbd::Eject| async move { vbd_media(s, a.vbd.as_str(), None).await });
 }

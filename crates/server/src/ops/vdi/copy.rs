@@ -1,14 +1,16 @@
 //! VDI.copy.
 
 use crate::context::Server;
-use crate::core::call::{ApiResult, Ctx, pstr};
+use crate::core::call::{ApiResult, Ctx};
 use crate::core::driver_errors;
 use crate::ops::storage::backend::{attached, blocking, has_cap};
 use crate::ops::storage::journal::Journal;
 use crate::ops::storage::records::{mark_storage, refresh_allowed, refresh_sizes, vdi_fields};
 use crate::ops::vdi::snapshot::vdi_snapshot;
 use crate::ops::vdi::{vdi_locked, vdi_on};
+use corral_model::args;
 use corral_model::errors;
+use corral_model::refs::Ref;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
 use std::sync::Arc;
@@ -17,18 +19,11 @@ use std::sync::Arc;
 /// (its whole chain) into a new standalone image on `sr` (default: the same
 /// SR), or into the existing `into_vdi`. `base_vdi` is accepted and ignored:
 /// the copy is always full.
-pub(crate) async fn vdi_copy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let mut p = p.into_iter();
-    let vdi = pstr(&mut p);
-    let dest_sr = p
-        .next()
-        .map(|v| v.db_string())
-        .filter(|r| !r.is_empty() && r != NULL_REF);
-    let _base = p.next();
-    let into = p
-        .next()
-        .map(|v| v.db_string())
-        .filter(|r| !r.is_empty() && r != NULL_REF);
+pub(crate) async fn vdi_copy(s: Arc<Server>, c: Ctx, a: args::vdi::Copy) -> ApiResult {
+    let vdi = a.vdi.into_string();
+    let given = |r: String| (!r.is_empty() && r != NULL_REF).then_some(r);
+    let dest_sr = given(a.sr.into_string());
+    let into = given(a.into_vdi.into_string());
     // Held for the whole copy: garbage collection must not move the source's
     // image while qemu-img reads it.
     let (_src_lock, src) = vdi_locked(&s, &vdi).await?;
@@ -145,11 +140,11 @@ pub(crate) async fn vdi_copy_to(
     vdi: &str,
     sr: &str,
 ) -> Result<String, ApiError> {
-    Ok(vdi_copy(
-        Arc::clone(s),
-        c.clone(),
-        vec![Value::str(vdi), Value::str(sr)],
-    )
-    .await?
-    .db_string())
+    let a = args::vdi::Copy {
+        vdi: Ref::new(vdi),
+        sr: Ref::new(sr),
+        base_vdi: Ref::null(),
+        into_vdi: Ref::null(),
+    };
+    Ok(vdi_copy(Arc::clone(s), c.clone(), a).await?.db_string())
 }

@@ -1,9 +1,9 @@
 //! VDI.create, destroy, resize, introduce, forget and update.
 
 use crate::context::Server;
-use crate::core::call::{ApiResult, pstr, void};
+use crate::core::call::{ApiResult, void};
 use crate::core::driver_errors;
-use crate::core::records::{check_refs, create_fields, db, first, given_field, strmap, to_value};
+use crate::core::records::{check_refs, create_fields, db, given_field, strmap, to_value};
 use crate::ops::storage::backend::{
     SrOn, attached, attached_on, blocking, has_cap, sr_lock, sr_on_in,
 };
@@ -12,6 +12,7 @@ use crate::ops::storage::records::{
     write_vdi_sizes,
 };
 use crate::ops::vdi::gc::spawn_gc;
+use corral_model::args;
 use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, new_ref};
@@ -115,8 +116,8 @@ pub(crate) async fn vdi_locked(
     Ok((guard, vdi_on(s, vdi)?))
 }
 
-pub(crate) async fn vdi_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
-    let vdi = first(p);
+pub(crate) async fn vdi_destroy(s: Arc<Server>, vdi: &str) -> ApiResult {
+    let vdi = vdi.to_owned();
     let (_l, v) = vdi_locked(&s, &vdi).await?;
     if !v.managed {
         return Err(errors::vdi_not_managed(vdi.as_str()));
@@ -168,10 +169,8 @@ pub(crate) async fn vdi_destroy(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     void()
 }
 
-pub(crate) async fn vdi_resize(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
-    let mut p = p.into_iter();
-    let vdi = pstr(&mut p);
-    let size = p.next().and_then(|v| v.as_int()).unwrap_or(0);
+pub(crate) async fn vdi_resize(s: Arc<Server>, vdi: &str, size: i64) -> ApiResult {
+    let vdi = vdi.to_owned();
     let (_l, v) = vdi_locked(&s, &vdi).await?;
     if !v.managed {
         return Err(errors::vdi_not_managed(vdi.as_str()));
@@ -223,18 +222,12 @@ pub(crate) async fn vdi_resize(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
     void()
 }
 
-pub(crate) async fn vdi_introduce(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
-    let p: Vec<Value> = p;
-    let get = |i: usize| p.get(i).cloned().unwrap_or(Value::Nil);
-    let uuid = get(0).db_string();
-    let (name, descr, sr) = (get(1).db_string(), get(2).db_string(), get(3).db_string());
-    let ty = get(4).db_string();
-    let (sharable, read_only) = (
-        get(5).as_bool().unwrap_or(false),
-        get(6).as_bool().unwrap_or(false),
-    );
-    let other_config = get(7);
-    let location = get(8).db_string();
+pub(crate) async fn vdi_introduce(s: Arc<Server>, a: args::vdi::Introduce) -> ApiResult {
+    let (uuid, name, descr, sr) = (a.uuid, a.name_label, a.name_description, a.sr.into_string());
+    let ty = a.type_.as_str();
+    let (sharable, read_only) = (a.sharable, a.read_only);
+    let other_config = to_value(&a.other_config);
+    let location = a.location;
     let on = attached(&s, &sr)?;
     if !has_cap(&on, "VDI_INTRODUCE") {
         return Err(errors::sr_operation_not_supported(sr.as_str()));
@@ -259,13 +252,7 @@ pub(crate) async fn vdi_introduce(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
                 ],
             ));
         }
-        let mut f = vdi_fields(
-            &sr,
-            &info,
-            &name,
-            &descr,
-            if ty.is_empty() { "user" } else { &ty },
-        );
+        let mut f = vdi_fields(&sr, &info, &name, &descr, ty);
         if !uuid.is_empty() {
             f.push((field::vdi::UUID.index, Value::str(&uuid)));
         }
@@ -274,22 +261,15 @@ pub(crate) async fn vdi_introduce(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
             field::vdi::READ_ONLY.index,
             Value::Bool(read_only || info.read_only),
         ));
-        f.push((
-            field::vdi::OTHER_CONFIG.index,
-            if other_config.as_struct().is_some() {
-                other_config.clone()
-            } else {
-                Value::Struct(vec![])
-            },
-        ));
+        f.push((field::vdi::OTHER_CONFIG.index, other_config.clone()));
         t.create(class::VDI, &r, f)?;
         refresh_allowed(t, &sr)
     }))?;
     Ok(Value::String(r))
 }
 
-pub(crate) fn vdi_forget(s: &Server, p: Vec<Value>) -> ApiResult {
-    let vdi = first(p);
+pub(crate) fn vdi_forget(s: &Server, vdi: &str) -> ApiResult {
+    let vdi = vdi.to_owned();
     db(s.db.write(|t| {
         let sr = t
             .state()
@@ -304,8 +284,8 @@ pub(crate) fn vdi_forget(s: &Server, p: Vec<Value>) -> ApiResult {
     void()
 }
 
-pub(crate) async fn vdi_update(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
-    let vdi = first(p);
+pub(crate) async fn vdi_update(s: Arc<Server>, vdi: &str) -> ApiResult {
+    let vdi = vdi.to_owned();
     let v = vdi_on(&s, &vdi)?;
     let (d, ctx, loc) = (v.on.driver, v.on.ctx.clone(), v.location.clone());
     let info = blocking(move || d.vdi_info(&ctx, &loc))

@@ -5,7 +5,6 @@ use crate::core::call::{ApiResult, Ctx, void};
 use crate::core::records::{db, to_value};
 use crate::ops::query::{flag, strmap, vbds_of};
 use crate::ops::vm::lifecycle::{BEING_MADE, mark_vm};
-use crate::ops::vm::power::params;
 use crate::ops::vm::state::{drop_suspend_image, remove_consoles};
 use corral_model::enums::{VmOperations, VmPowerState};
 use corral_model::schema::{class, field};
@@ -38,7 +37,7 @@ pub(crate) fn own_disks(st: &corral_db::State, vm: &str) -> Vec<String> {
 }
 
 pub(crate) async fn vm_destroy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let (vm, _) = params(p);
+    let vm = crate::core::records::first(p);
     let op = mark_vm(&s, &c, &vm, VmOperations::Destroy)?;
     if flag(&s.db.read(), field::vm::IS_DEFAULT_TEMPLATE, &vm) {
         return Err(errors::vm_cannot_delete_default_template(vm.as_str()));
@@ -73,13 +72,12 @@ pub(crate) async fn vm_destroy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResu
 pub(crate) async fn vm_clone_or_copy(
     s: Arc<Server>,
     c: Ctx,
-    p: Vec<Value>,
-    copy: bool,
+    vm: &str,
+    name: &str,
+    sr: Option<&str>,
 ) -> ApiResult {
-    let mut it = p.into_iter();
-    let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
-    let name = it.next().map(|v| v.db_string()).unwrap_or_default();
-    let sr = it.next().map(|v| v.db_string());
+    let copy = sr.is_some();
+    let (vm, name, sr) = (vm.to_owned(), name.to_owned(), sr.map(str::to_owned));
     let _op = mark_vm(
         &s,
         &c,
@@ -147,7 +145,7 @@ pub(crate) async fn vm_clone_or_copy(
             t.delete(class::VM, &new_vm)
         }));
         for v in made_vdis {
-            let _ = crate::ops::vdi::vdi_destroy(Arc::clone(&s), vec![Value::str(&v)]).await;
+            let _ = crate::ops::vdi::vdi_destroy(Arc::clone(&s), &v).await;
         }
         return Err(e);
     }
@@ -240,8 +238,8 @@ pub(crate) async fn new_vdi(
 
 /// VM.provision: makes the disks a template's `other_config:disks` asks for
 /// (XenServer's `<provision><disk device= size= sr= bootable= type=/>`).
-pub(crate) async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResult {
-    let (vm, _) = params(p);
+pub(crate) async fn vm_provision(s: Arc<Server>, c: Ctx, vm: &str) -> ApiResult {
+    let vm = vm.to_owned();
     let _op = mark_vm(&s, &c, &vm, VmOperations::Provision)?;
     let oc = strmap(s.db.read().get(field::vm::OTHER_CONFIG, &vm));
     let Some(xml) = oc.get("disks").cloned() else {
@@ -310,7 +308,7 @@ pub(crate) async fn vm_provision(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiRe
             if let Some(vbd) = vbd {
                 let _ = db(s.db.write(|t| t.delete(class::VBD, &vbd)));
             }
-            let _ = crate::ops::vdi::vdi_destroy(Arc::clone(&s), vec![Value::str(&vdi)]).await;
+            let _ = crate::ops::vdi::vdi_destroy(Arc::clone(&s), &vdi).await;
         }
         return Err(e);
     }

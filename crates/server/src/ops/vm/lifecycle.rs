@@ -10,7 +10,6 @@ use corral_model::enums::{VmOperations, VmPowerState};
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value, errors, new_ref};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 /// `VM.other_config` key on a VM that VM.clone/VM.copy is still making
 /// (its disks); start-up removes such VMs.
@@ -198,12 +197,8 @@ pub(crate) fn mark_vm(s: &Server, c: &Ctx, vm: &str, op: VmOperations) -> Result
     )
 }
 
-pub(crate) async fn vm_assert_operation_valid(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
-    let mut it = p.into_iter();
-    let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
-    let op = it.next().map(|v| v.db_string()).unwrap_or_default();
-    let op = VmOperations::parse(&op).ok_or_else(|| ApiError::invalid_value("op", &op))?;
-    check_op(&s.db.read(), &vm, op)?;
+pub(crate) fn vm_assert_operation_valid(s: &Server, vm: &str, op: VmOperations) -> ApiResult {
+    check_op(&s.db.read(), vm, op)?;
     void()
 }
 

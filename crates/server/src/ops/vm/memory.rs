@@ -61,12 +61,3 @@ pub(crate) async fn set_memory(
     }
     void()
 }
-
-pub(crate) fn ints(p: &[Value]) -> Vec<i64> {
-    p.iter()
-        .map(|v| {
-            v.as_int()
-                .unwrap_or_else(|| v.db_string().parse().unwrap_or(0))
-        })
-        .collect()
-}

@@ -7,8 +7,7 @@ use crate::ops::query::{flag, int, live_at};
 use crate::ops::vm::config::build_config;
 use corral_agent::VmConfig;
 use corral_model::schema::{class, field};
-use corral_model::{ApiError, Value, errors};
-use std::sync::Arc;
+use corral_model::{ApiError, errors};
 
 /// Host memory kept back from VMs (the host's own needs).
 pub(crate) const HOST_RESERVE: i64 = 512 * 1024 * 1024;
@@ -61,15 +60,12 @@ pub(crate) fn check_host(s: &Server, h: &str) -> Result<HostHandle, ApiError> {
     s.host(h)
 }
 
-pub(crate) async fn vm_assert_can_boot_here(s: Arc<Server>, p: Vec<Value>) -> ApiResult {
-    let mut it = p.into_iter();
-    let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
-    let host = it.next().map(|v| v.db_string()).unwrap_or_default();
-    if !s.db.read().exists(class::VM, &vm) {
-        return Err(ApiError::handle_invalid("VM", &vm));
+pub(crate) fn vm_assert_can_boot_here(s: &Server, vm: &str, host: &str) -> ApiResult {
+    if !s.db.read().exists(class::VM, vm) {
+        return Err(ApiError::handle_invalid("VM", vm));
     }
-    let h = check_host(&s, &host)?;
-    let cfg = build_config(&s, &vm)?;
-    check_memory(&s, &h, &cfg)?;
+    let h = check_host(s, host)?;
+    let cfg = build_config(s, vm)?;
+    check_memory(s, &h, &cfg)?;
     void()
 }

@@ -13,26 +13,9 @@ use crate::ops::vm::state::{
 use corral_agent::{RunState, VmConfig, VmEvent};
 use corral_model::enums::VmPowerState;
 use corral_model::schema::field;
-use corral_model::{ApiError, Value, errors};
+use corral_model::{ApiError, errors};
 use std::sync::Arc;
 use std::time::Duration;
-
-pub(crate) fn params(p: Vec<Value>) -> (String, Vec<Value>) {
-    let mut it = p.into_iter();
-    let vm = it.next().map(|v| v.db_string()).unwrap_or_default();
-    (vm, it.collect())
-}
-
-/// `(vm, [host,] start_paused, force)` of start/start_on/resume/resume_on.
-pub(crate) fn start_params(p: Vec<Value>, with_host: bool) -> (String, Option<String>, bool) {
-    let (vm, rest) = params(p);
-    let host = with_host.then(|| rest.first().map(|v| v.db_string()).unwrap_or_default());
-    let paused = rest
-        .get(usize::from(with_host))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    (vm, host, paused)
-}
 
 /// Builds the configuration, checks memory and launches.
 pub(crate) async fn launch(

@@ -13,9 +13,9 @@ use crate::ops::vm::monitor::{on_event, refresh_metrics, watch_host};
 use crate::ops::vm::power::start;
 use crate::ops::vm::state::{alert, drop_unused_suspend_images, record_stopped, set_paused};
 use corral_agent::{RunState, VmEvent};
+use corral_model::ApiError;
 use corral_model::enums::{VmOperations, VmPowerState};
 use corral_model::schema::{class, field};
-use corral_model::{ApiError, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +40,7 @@ pub(crate) async fn undo_interrupted_copies(s: &Arc<Server>) {
             t.delete(class::VM, &vm)
         }));
         for v in disks {
-            let _ = crate::ops::vdi::vdi_destroy(Arc::clone(s), vec![Value::str(&v)]).await;
+            let _ = crate::ops::vdi::vdi_destroy(Arc::clone(s), &v).await;
         }
     }
 }

@@ -241,7 +241,7 @@ pub(crate) async fn drop_suspend_image(s: &Arc<Server>, vm: &str) {
             .get_str(field::vm::SUSPEND_VDI, vm)
             .unwrap_or_default();
     if s.db.read().exists(class::VDI, &vdi) {
-        let _ = crate::ops::vdi::vdi_destroy(Arc::clone(s), vec![Value::str(&vdi)]).await;
+        let _ = crate::ops::vdi::vdi_destroy(Arc::clone(s), &vdi).await;
     }
 }
 
@@ -260,7 +260,7 @@ pub(crate) async fn drop_unused_suspend_images(s: &Arc<Server>, vm: &str) {
             .collect()
     };
     for v in stale {
-        let _ = crate::ops::vdi::vdi_destroy(Arc::clone(s), vec![Value::str(&v)]).await;
+        let _ = crate::ops::vdi::vdi_destroy(Arc::clone(s), &v).await;
     }
 }
 

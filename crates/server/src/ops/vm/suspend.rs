@@ -102,7 +102,7 @@ pub(crate) async fn suspend(s: Arc<Server>, h: &HostHandle, vm: &str) -> Result<
     if let Err(e) = result {
         // Undo: the VM keeps running, the image goes.
         let _ = h.agent.unpause(&uuid).await;
-        let _ = crate::ops::vdi::vdi_destroy(Arc::clone(&s), vec![Value::str(&vdi)]).await;
+        let _ = crate::ops::vdi::vdi_destroy(Arc::clone(&s), &vdi).await;
         return Err(e);
     }
     h.agent
@@ -260,7 +260,7 @@ pub(crate) async fn resume(
         return Err(e);
     }
     set_paused(&s, vm, paused)?;
-    let _ = crate::ops::vdi::vdi_destroy(Arc::clone(&s), vec![Value::str(&vdi)]).await;
+    let _ = crate::ops::vdi::vdi_destroy(Arc::clone(&s), &vdi).await;
     alert(&s, vm, "VM_RESUMED", 5, "VM resumed");
     Ok(())
 }
