@@ -67,3 +67,68 @@ impl From<ApiError> for CliError {
 pub(crate) fn text<T>(t: impl Into<String>) -> Result<T, CliError> {
     Err(CliError::Text(t.into()))
 }
+
+/// Record lookups through the API, so each is authorised like the call it is.
+impl CliCtx {
+    /// `<class>.get_all_records_where(expr)` as (ref, record) pairs.
+    pub(crate) async fn records_where(
+        &self,
+        class: &str,
+        expr: &str,
+    ) -> Result<Vec<(String, Value)>, CliError> {
+        let v = self
+            .call(
+                &format!("{class}.get_all_records_where"),
+                vec![Value::str(expr)],
+            )
+            .await?;
+        Ok(match v {
+            Value::Struct(m) => m,
+            _ => Vec::new(),
+        })
+    }
+
+    /// One field of a record (`<class>.get_<field>`).
+    pub(crate) async fn get(&self, class: &str, r: &str, field: &str) -> Result<Value, CliError> {
+        self.call(&format!("{class}.get_{field}"), vec![Value::str(r)])
+            .await
+    }
+
+    /// The object with this uuid, if any.
+    pub(crate) async fn find_uuid(
+        &self,
+        class: &str,
+        uuid: &str,
+    ) -> Result<Option<String>, CliError> {
+        match self
+            .call(&format!("{class}.get_by_uuid"), vec![Value::str(uuid)])
+            .await
+        {
+            Ok(r) => Ok(Some(r.db_string())),
+            Err(CliError::Api(e)) if e.code == corral_model::errors::UUID_INVALID => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The objects with this name-label.
+    pub(crate) async fn find_named(
+        &self,
+        class: &str,
+        name: &str,
+    ) -> Result<Vec<String>, CliError> {
+        let v = self
+            .call(
+                &format!("{class}.get_by_name_label"),
+                vec![Value::str(name)],
+            )
+            .await?;
+        Ok(v.as_array()
+            .map(|a| a.iter().map(Value::db_string).collect())
+            .unwrap_or_default())
+    }
+}
+
+/// A record's field as xe prints it (absent: empty).
+pub(crate) fn member(rec: &Value, name: &str) -> String {
+    rec.member(name).map(Value::db_string).unwrap_or_default()
+}

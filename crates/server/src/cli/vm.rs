@@ -5,9 +5,8 @@
 //! and `console`, as XenServer's xe has them.
 
 use crate::cli::args::Cmd;
-use crate::cli::context::{CliCtx, CliError, text};
+use crate::cli::context::{CliCtx, CliError, member, text};
 use crate::cli::protocol::Out;
-use corral_model::schema::{class, field};
 use corral_model::{NULL_REF, Value};
 
 /// A template's `<provision>` XML with every disk's `sr` set to `sr_uuid`
@@ -43,15 +42,10 @@ impl CliCtx {
         let Some(key) = key else {
             return text("Required parameter not found: vm (or uuid)".to_owned());
         };
-        let st = self.server.db.read();
-        if let Some(r) = st.by_uuid(class::VM, key) {
-            return Ok(r.clone());
+        if let Some(r) = self.find_uuid("VM", key).await? {
+            return Ok(r);
         }
-        let matches: Vec<String> = st
-            .refs(class::VM)
-            .filter(|r| st.get_str(field::vm::NAME_LABEL, r).as_deref() == Some(key))
-            .cloned()
-            .collect();
+        let matches = self.find_named("VM", key).await?;
         match matches.as_slice() {
             [one] => Ok(one.clone()),
             [] => text(format!("No matching VMs found for {key}")),
@@ -59,56 +53,75 @@ impl CliCtx {
         }
     }
 
-    fn cd_vbds(&self, vm: &str) -> Vec<String> {
-        self.vbds_of_type(vm, "CD")
+    async fn is_template(&self, vm: &str) -> Result<bool, CliError> {
+        Ok(self.get("VM", vm, "is_a_template").await?.as_bool() == Some(true))
     }
 
-    fn vbds_of_type(&self, vm: &str, ty: &str) -> Vec<String> {
-        let st = self.server.db.read();
-        let mut v: Vec<String> = st
-            .refs(class::VBD)
-            .filter(|b| {
-                st.get_str(field::vbd::VM, b).as_deref() == Some(vm)
-                    && st.get_str(field::vbd::TYPE_, b).as_deref() == Some(ty)
-            })
-            .cloned()
-            .collect();
-        v.sort_by_key(|b| {
-            st.get_str(field::vbd::USERDEVICE, b)
-                .and_then(|d| d.parse::<u32>().ok())
-                .unwrap_or(u32::MAX)
-        });
-        v
+    /// The disks only this VM uses: what `vm-uninstall` destroys with it.
+    async fn own_disks(&self, vm: &str) -> Result<Vec<String>, CliError> {
+        let mut out: Vec<String> = Vec::new();
+        for (_, vbd) in self.vbds_of_type(vm, "Disk").await? {
+            let vdi = member(&vbd, "VDI");
+            if vdi == NULL_REF || out.contains(&vdi) {
+                continue;
+            }
+            if self.get("VDI", &vdi, "uuid").await.is_err() {
+                continue; // a dangling reference
+            }
+            let users = self
+                .records_where("VBD", &format!(r#"field "VDI" = "{vdi}""#))
+                .await?;
+            if users.iter().all(|(_, b)| member(b, "VM") == vm) {
+                out.push(vdi);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn cd_vbds(&self, vm: &str) -> Result<Vec<(String, Value)>, CliError> {
+        self.vbds_of_type(vm, "CD").await
+    }
+
+    /// The VM's VBDs of one type, by userdevice.
+    async fn vbds_of_type(&self, vm: &str, ty: &str) -> Result<Vec<(String, Value)>, CliError> {
+        let expr = format!(r#"field "VM" = "{vm}" and field "type" = "{ty}""#);
+        let mut v = self.records_where("VBD", &expr).await?;
+        v.sort_by_key(|(_, rec)| member(rec, "userdevice").parse::<u32>().unwrap_or(u32::MAX));
+        Ok(v)
     }
 
     /// `vm-cd-list` / `vm-disk-list`: each drive's VBD, then its VDI, in
     /// xe's layout ("CD 0 VBD:", "Disk 0 VDI:").
-    fn drive_list(&self, vm: &str, ty: &str, out: &mut Vec<Out>) {
+    async fn drive_list(&self, vm: &str, ty: &str, out: &mut Vec<Out>) -> Result<(), CliError> {
         let label = if ty == "CD" { "CD" } else { "Disk" };
-        let vbds = self.vbds_of_type(vm, ty);
-        let st = self.server.db.read();
-        for (i, vbd) in vbds.iter().enumerate() {
-            let g = |f| st.get(f, vbd).map(|v| v.db_string()).unwrap_or_default();
+        let vbds = self.vbds_of_type(vm, ty).await?;
+        let vm_name = self.get("VM", vm, "name_label").await?.db_string();
+        for (i, (_, vbd)) in vbds.iter().enumerate() {
             out.push(Out::Print(format!(
                 "{label} {i} VBD:\nuuid ( RO)             : {}\n    vm-name-label ( RO): {}\n       userdevice ( RW): {}\n            empty ( RO): {}\n",
-                g(field::vbd::UUID),
-                st.get_str(field::vm::NAME_LABEL, vm).unwrap_or_default(),
-                g(field::vbd::USERDEVICE),
-                g(field::vbd::EMPTY),
+                member(vbd, "uuid"),
+                vm_name,
+                member(vbd, "userdevice"),
+                member(vbd, "empty"),
             )));
-            let vdi = g(field::vbd::VDI);
-            if st.exists(class::VDI, &vdi) {
-                out.push(Out::Print(format!(
-                    "{label} {i} VDI:\nuuid ( RO)             : {}\n       name-label ( RW): {}\n    sr-name-label ( RO): {}\n     virtual-size ( RO): {}\n",
-                    st.get_str(field::vdi::UUID, &vdi).unwrap_or_default(),
-                    st.get_str(field::vdi::NAME_LABEL, &vdi).unwrap_or_default(),
-                    st.get_str(field::vdi::SR, &vdi)
-                        .and_then(|sr| st.get_str(field::sr::NAME_LABEL, &sr))
-                        .unwrap_or_default(),
-                    st.get(field::vdi::VIRTUAL_SIZE, &vdi).map(|v| v.db_string()).unwrap_or_default(),
-                )));
+            let vdi = member(vbd, "VDI");
+            if vdi == NULL_REF {
+                continue;
             }
+            // The record can go meanwhile.
+            let Ok(rec) = self.call("VDI.get_record", vec![Value::str(&vdi)]).await else {
+                continue;
+            };
+            let sr_name = self.get("SR", &member(&rec, "SR"), "name_label").await;
+            out.push(Out::Print(format!(
+                "{label} {i} VDI:\nuuid ( RO)             : {}\n       name-label ( RW): {}\n    sr-name-label ( RO): {}\n     virtual-size ( RO): {}\n",
+                member(&rec, "uuid"),
+                member(&rec, "name_label"),
+                sr_name.map(|v| v.db_string()).unwrap_or_default(),
+                member(&rec, "virtual_size"),
+            )));
         }
+        Ok(())
     }
 
     /// An SR named by `sr-uuid=` or `sr-name-label=`, if either is given.
@@ -193,20 +206,18 @@ impl CliCtx {
             );
         };
         let tpl = {
-            let st = self.server.db.read();
-            let is_tpl = |r: &String| {
-                st.get(field::vm::IS_A_TEMPLATE, r)
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(false)
-            };
-            let by_uuid = st.by_uuid(class::VM, key).filter(|r| is_tpl(r)).cloned();
-            let by_name: Vec<String> = st
-                .refs(class::VM)
-                .filter(|r| {
-                    is_tpl(r) && st.get_str(field::vm::NAME_LABEL, r).as_deref() == Some(key)
-                })
-                .cloned()
-                .collect();
+            let mut by_uuid = None;
+            if let Some(r) = self.find_uuid("VM", key).await? {
+                if self.is_template(&r).await? {
+                    by_uuid = Some(r);
+                }
+            }
+            let mut by_name = Vec::new();
+            for r in self.find_named("VM", key).await? {
+                if self.is_template(&r).await? {
+                    by_name.push(r);
+                }
+            }
             match (by_uuid, by_name.as_slice()) {
                 (Some(r), _) => r,
                 (None, [one]) => one.clone(),
@@ -220,7 +231,7 @@ impl CliCtx {
         };
         let name = cmd.get("new-name-label").unwrap_or_default();
         let sr = self.sr_param(cmd).await?;
-        let has_disks = !self.vbds_of_type(&tpl, "Disk").is_empty();
+        let has_disks = !self.vbds_of_type(&tpl, "Disk").await?.is_empty();
         let copy = cmd
             .get("copy")
             .and_then(crate::cli::args::parse_bool)
@@ -229,11 +240,8 @@ impl CliCtx {
         let new = self.clone_vm(&tpl, name, copy.then(|| sr.clone())).await?;
         let finish = async {
             if let Some(sr) = &sr {
-                let disks = {
-                    let st = self.server.db.read();
-                    st.get(field::vm::OTHER_CONFIG, &new)
-                        .and_then(|v| v.member("disks").map(|d| d.db_string()))
-                };
+                let other_config = self.get("VM", &new, "other_config").await?;
+                let disks = other_config.member("disks").map(Value::db_string);
                 if let Some(xml) = disks {
                     let sr_uuid = self.uuid_of(sr);
                     self.call(
@@ -287,7 +295,7 @@ impl CliCtx {
 
     /// Destroys the VM record, then its own disks; returns what went.
     async fn uninstall(&self, vm: &str) -> Result<Vec<String>, CliError> {
-        let disks = crate::ops::vm::clone::own_disks(&self.server.db.read(), vm);
+        let disks = self.own_disks(vm).await?;
         self.call("VM.destroy", vec![Value::str(vm)]).await?;
         for vdi in &disks {
             self.call("VDI.destroy", vec![Value::str(vdi)]).await?;
@@ -297,19 +305,17 @@ impl CliCtx {
 
     async fn vm_uninstall(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
         let vm = self.vm_of(cmd).await?;
-        let label = |r: &str, f| self.server.db.read().get_str(f, r).unwrap_or_default();
         let mut listing = String::from("The following items are about to be destroyed\n");
         listing += &format!(
             "VM : {} ({})\n",
             self.uuid_of(&vm),
-            label(&vm, field::vm::NAME_LABEL)
+            self.get("VM", &vm, "name_label").await?.db_string()
         );
-        let disks = crate::ops::vm::clone::own_disks(&self.server.db.read(), &vm);
-        for vdi in disks {
+        for vdi in self.own_disks(&vm).await? {
             listing += &format!(
                 "VDI: {} ({})\n",
                 self.uuid_of(&vdi),
-                label(&vdi, field::vdi::NAME_LABEL)
+                self.get("VDI", &vdi, "name_label").await?.db_string()
             );
         }
         if !cmd
@@ -330,18 +336,13 @@ impl CliCtx {
     /// command's session and proxies the user's terminal to it.
     async fn console(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
         let vm = self.vm_of(cmd).await?;
-        let (name, location) = {
-            let st = self.server.db.read();
-            let location = st
-                .refs(class::CONSOLE)
-                .filter(|c| st.get_str(field::console::VM, c).as_deref() == Some(vm.as_str()))
-                .find(|c| st.get_str(field::console::PROTOCOL, c).as_deref() == Some("vt100"))
-                .and_then(|c| st.get_str(field::console::LOCATION, c));
-            (
-                st.get_str(field::vm::NAME_LABEL, &vm).unwrap_or_default(),
-                location,
-            )
-        };
+        let name = self.get("VM", &vm, "name_label").await?.db_string();
+        let expr = format!(r#"field "VM" = "{vm}" and field "protocol" = "vt100""#);
+        let location = self
+            .records_where("console", &expr)
+            .await?
+            .first()
+            .map(|(_, c)| member(c, "location"));
         let Some(location) = location else {
             return text("No text console available");
         };
@@ -407,8 +408,7 @@ impl CliCtx {
             }
             "vm-disk-list" => {
                 let vm = self.vm_of(cmd).await?;
-                self.drive_list(&vm, "Disk", out);
-                return Ok(());
+                return self.drive_list(&vm, "Disk", out).await;
             }
             _ => {}
         }
@@ -432,18 +432,15 @@ impl CliCtx {
                 let on = cmd.get("on");
                 let method = match on {
                     Some(h) => {
-                        let st = self.server.db.read();
-                        let host = st
-                            .by_uuid(class::HOST, h)
-                            .cloned()
-                            .or_else(|| {
-                                st.refs(class::HOST)
-                                    .find(|r| {
-                                        st.get_str(field::host::NAME_LABEL, r).as_deref() == Some(h)
-                                    })
-                                    .cloned()
-                            })
-                            .unwrap_or_default();
+                        let host = match self.find_uuid("host", h).await? {
+                            Some(r) => r,
+                            None => self
+                                .find_named("host", h)
+                                .await?
+                                .into_iter()
+                                .next()
+                                .unwrap_or_default(),
+                        };
                         p.push(Value::String(host));
                         if name == "vm-start" {
                             "VM.start_on"
@@ -461,46 +458,26 @@ impl CliCtx {
                 let Some(cd_name) = cmd.get("cd-name") else {
                     return text("Required parameter not found: cd-name".to_owned());
                 };
-                let vdi = {
-                    let st = self.server.db.read();
-                    st.refs(class::VDI)
-                        .find(|v| st.get_str(field::vdi::NAME_LABEL, v).as_deref() == Some(cd_name))
-                        .cloned()
-                };
+                let vdi = self.find_named("VDI", cd_name).await?.into_iter().next();
                 let Some(vdi) = vdi else {
                     return text(format!("CD {cd_name} not found"));
                 };
-                let empty: Vec<String> = {
-                    // (The drives first: one read lock at a time.)
-                    let cds = self.cd_vbds(&vm);
-                    let st = self.server.db.read();
-                    cds.into_iter()
-                        .filter(|b| {
-                            st.get(field::vbd::EMPTY, b)
-                                .and_then(|v| v.as_bool())
-                                .unwrap_or(false)
-                        })
-                        .collect()
-                };
-                let Some(vbd) = empty.first() else {
+                let cds = self.cd_vbds(&vm).await?;
+                let empty = cds.iter().find(|(_, b)| member(b, "empty") == "true");
+                let Some((vbd, _)) = empty else {
                     return text("No empty CD drive found".to_owned());
                 };
                 self.call("VBD.insert", vec![Value::str(vbd), Value::str(&vdi)])
                     .await?;
             }
             "vm-cd-eject" => {
-                let full: Vec<String> = {
-                    // (The drives first: one read lock at a time.)
-                    let cds = self.cd_vbds(&vm);
-                    let st = self.server.db.read();
-                    cds.into_iter()
-                        .filter(|b| {
-                            !st.get(field::vbd::EMPTY, b)
-                                .and_then(|v| v.as_bool())
-                                .unwrap_or(true)
-                        })
-                        .collect()
-                };
+                let full: Vec<String> = self
+                    .cd_vbds(&vm)
+                    .await?
+                    .into_iter()
+                    .filter(|(_, b)| member(b, "empty") == "false")
+                    .map(|(r, _)| r)
+                    .collect();
                 if full.is_empty() {
                     return text("No CDs found".to_owned());
                 }
@@ -508,7 +485,7 @@ impl CliCtx {
                     self.call("VBD.eject", vec![Value::str(&vbd)]).await?;
                 }
             }
-            "vm-cd-list" => self.drive_list(&vm, "CD", out),
+            "vm-cd-list" => self.drive_list(&vm, "CD", out).await?,
             _ => {
                 self.call(method, vec![Value::str(&vm)]).await?;
             }

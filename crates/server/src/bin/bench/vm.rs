@@ -8,6 +8,7 @@
 use super::*;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 
 const READY: &str = "corral-guest: ready";
 const HTTP_HEAD_END: &str = "\r\n\r\n";
@@ -363,7 +364,17 @@ pub(crate) fn vm_bench(o: &Options) -> BenchResult<()> {
     let n = o.vms.max(1);
     let state = std::env::temp_dir().join(format!("corral-bench-vm-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state);
-    let mut d = Daemon::start_with(&o.corrald, &state, "accel = tcg\nhost-driver = qemu\n")?;
+    // The guest's kernel is allowed as a PV-kernel (corrald takes boot
+    // files only from its boot directories).
+    let boot_dir = Path::new(&g.kernel)
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let mut d = Daemon::start_with(
+        &o.corrald,
+        &state,
+        &format!("accel = tcg\nhost-driver = qemu\nboot-dirs = {boot_dir}\n"),
+    )?;
     d.wait_ready(None, Instant::now())?;
     let run_root = std::fs::canonicalize(state.join("vms")).map_err(|e| e.to_string())?;
     let hand_dir = state.join("by-hand");
