@@ -442,3 +442,35 @@ pub(crate) fn generic_command(name: &str) -> Option<(CliClass, &'static GenericC
             .map(|c| (c, entry))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `xe help` and bash completion read this table: each command once,
+    /// named as xe names them, with its help and well-formed parameter lists.
+    #[test]
+    fn the_command_table_is_well_formed() {
+        let mut seen = std::collections::HashSet::new();
+        for c in COMMANDS {
+            assert!(seen.insert(c.name), "{} listed twice", c.name);
+            assert!(
+                c.name
+                    .chars()
+                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-'),
+                "{}: xe command names are lower-case with dashes",
+                c.name
+            );
+            assert!(!c.description.is_empty(), "{}: no help", c.name);
+            for p in c.reqd.split(", ").chain(c.optional.split(", ")) {
+                assert!(
+                    !p.contains(' ') && !p.contains(','),
+                    "{}: parameter list `{}` / `{}`",
+                    c.name,
+                    c.reqd,
+                    c.optional
+                );
+            }
+        }
+    }
+}

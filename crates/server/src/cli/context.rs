@@ -23,6 +23,17 @@ impl CliCtx {
         Ok(self.server.call(method, params, &self.caller).await?)
     }
 
+    /// A message through the typed client, under the command's session.
+    pub(crate) async fn invoke<A: corral_model::args::Args>(
+        &self,
+        args: A,
+    ) -> Result<Value, CliError> {
+        Ok(self
+            .server
+            .invoke(&self.session, args, &self.caller)
+            .await?)
+    }
+
     /// An API error as xe prints it: the datamodel's sentence and one line
     /// per parameter, or `Error code:` for codes the datamodel does not know.
     pub(crate) fn api_error(&self, e: &ApiError) -> Vec<Out> {

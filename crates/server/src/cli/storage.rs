@@ -4,6 +4,8 @@
 use crate::cli::args::Cmd;
 use crate::cli::context::{CliCtx, CliError, text};
 use crate::cli::protocol::Out;
+use corral_model::args::sr;
+use corral_model::refs::Ref;
 use corral_model::schema::{class, field};
 use corral_model::{ClassId, NULL_REF, Value};
 
@@ -28,16 +30,21 @@ pub(crate) const ON_UUID: &[(&str, ClassId, &str)] = &[
 
 /// `key:sub=value` parameters of one map argument (`device-config:`).
 pub(crate) fn map_arg(cmd: &Cmd, prefix: &str) -> Value {
-    let p = format!("{prefix}:");
     Value::Struct(
-        cmd.params
-            .iter()
-            .filter_map(|(k, v)| {
-                k.strip_prefix(&p)
-                    .map(|sub| (sub.to_owned(), Value::str(v)))
-            })
+        str_map(cmd, prefix)
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
             .collect(),
     )
+}
+
+/// `prefix:key=value` parameters as a string map (typed arguments).
+pub(crate) fn str_map(cmd: &Cmd, prefix: &str) -> std::collections::BTreeMap<String, String> {
+    let p = format!("{prefix}:");
+    cmd.params
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix(&p).map(|sub| (sub.to_owned(), v.clone())))
+        .collect()
 }
 
 /// Sizes as xe accepts them: bytes, or with KiB/MiB/GiB/TiB (and K/M/G/T).
@@ -122,54 +129,42 @@ impl CliCtx {
                     parse_size(cmd.get("physical-size").unwrap_or("0")).ok_or_else(|| {
                         CliError::Text("Failed to parse parameter 'physical-size'".into())
                     })?;
-                let r = self
-                    .call(
-                        "SR.create",
-                        vec![
-                            Value::str(host),
-                            map_arg(cmd, "device-config"),
-                            Value::Int(size),
-                            Value::String(arg("name-label")),
-                            Value::String(arg("name-description")),
-                            Value::String(arg("type")),
-                            Value::String(arg("content-type")),
-                            Value::Bool(boolean(cmd, "shared", false)?),
-                            map_arg(cmd, "sm-config"),
-                        ],
-                    )
-                    .await?;
+                let a = sr::Create {
+                    host: Ref::new(host),
+                    device_config: str_map(cmd, "device-config"),
+                    physical_size: size,
+                    name_label: arg("name-label"),
+                    name_description: arg("name-description"),
+                    type_: arg("type"),
+                    content_type: arg("content-type"),
+                    shared: boolean(cmd, "shared", false)?,
+                    sm_config: str_map(cmd, "sm-config"),
+                };
+                let r = self.invoke(a).await?;
                 self.print_uuid(out, &r);
             }
             "sr-probe" => {
                 let host = self.host_or_this(cmd).await?;
-                let r = self
-                    .call(
-                        "SR.probe",
-                        vec![
-                            Value::str(host),
-                            map_arg(cmd, "device-config"),
-                            Value::String(arg("type")),
-                            map_arg(cmd, "sm-config"),
-                        ],
-                    )
-                    .await?;
+                let a = sr::Probe {
+                    host: Ref::new(host),
+                    device_config: str_map(cmd, "device-config"),
+                    type_: arg("type"),
+                    sm_config: str_map(cmd, "sm-config"),
+                };
+                let r = self.invoke(a).await?;
                 out.push(Out::Print(r.db_string()));
             }
             "sr-introduce" => {
-                let r = self
-                    .call(
-                        "SR.introduce",
-                        vec![
-                            Value::String(arg("uuid")),
-                            Value::String(arg("name-label")),
-                            Value::String(arg("name-description")),
-                            Value::String(arg("type")),
-                            Value::String(arg("content-type")),
-                            Value::Bool(boolean(cmd, "shared", false)?),
-                            map_arg(cmd, "sm-config"),
-                        ],
-                    )
-                    .await?;
+                let a = sr::Introduce {
+                    uuid: arg("uuid"),
+                    name_label: arg("name-label"),
+                    name_description: arg("name-description"),
+                    type_: arg("type"),
+                    content_type: arg("content-type"),
+                    shared: boolean(cmd, "shared", false)?,
+                    sm_config: str_map(cmd, "sm-config"),
+                };
+                let r = self.invoke(a).await?;
                 self.print_uuid(out, &r);
             }
             "sr-repair" => {

@@ -7,6 +7,8 @@
 use crate::cli::args::Cmd;
 use crate::cli::context::{CliCtx, CliError, member, text};
 use crate::cli::protocol::Out;
+use corral_model::args::vm as args;
+use corral_model::refs::Ref;
 use corral_model::{NULL_REF, Value};
 
 /// A template's `<provision>` XML with every disk's `sr` set to `sr_uuid`
@@ -372,11 +374,9 @@ impl CliCtx {
             .and_then(crate::cli::args::parse_bool)
             .unwrap_or(false);
         let flag = |k: &str| {
-            Value::Bool(
-                cmd.get(k)
-                    .and_then(crate::cli::args::parse_bool)
-                    .unwrap_or(false),
-            )
+            cmd.get(k)
+                .and_then(crate::cli::args::parse_bool)
+                .unwrap_or(false)
         };
         if name == "host-shutdown-vms" {
             let host = self.server.host_ref.clone();
@@ -412,25 +412,26 @@ impl CliCtx {
             }
             _ => {}
         }
-        let method = match name {
-            "vm-start" => "VM.start",
-            "vm-shutdown" if force => "VM.hard_shutdown",
-            "vm-shutdown" => "VM.clean_shutdown",
-            "vm-reboot" if force => "VM.hard_reboot",
-            "vm-reboot" => "VM.clean_reboot",
-            "vm-suspend" => "VM.suspend",
-            "vm-resume" => "VM.resume",
-            "vm-pause" => "VM.pause",
-            "vm-unpause" => "VM.unpause",
-            "vm-cd-insert" | "vm-cd-eject" | "vm-cd-list" => "",
-            other => return text(format!("Unknown command: {other}")),
-        };
+        let known = [
+            "vm-start",
+            "vm-shutdown",
+            "vm-reboot",
+            "vm-suspend",
+            "vm-resume",
+            "vm-pause",
+            "vm-unpause",
+            "vm-cd-insert",
+            "vm-cd-eject",
+            "vm-cd-list",
+        ];
+        if !known.contains(&name) {
+            return text(format!("Unknown command: {name}"));
+        }
         let vm = self.vm_of(cmd).await?;
         match name {
             "vm-start" | "vm-resume" => {
-                let mut p = vec![Value::str(&vm)];
-                let on = cmd.get("on");
-                let method = match on {
+                let (vm, paused) = (Ref::new(vm), flag("paused"));
+                let on = match cmd.get("on") {
                     Some(h) => {
                         let host = match self.find_uuid("host", h).await? {
                             Some(r) => r,
@@ -441,18 +442,46 @@ impl CliCtx {
                                 .next()
                                 .unwrap_or_default(),
                         };
-                        p.push(Value::String(host));
-                        if name == "vm-start" {
-                            "VM.start_on"
-                        } else {
-                            "VM.resume_on"
-                        }
+                        Some(Ref::new(host))
                     }
-                    None => method,
+                    None => None,
                 };
-                p.push(flag("paused"));
-                p.push(Value::Bool(force));
-                self.call(method, p).await?;
+                match (name == "vm-start", on) {
+                    (true, None) => {
+                        let a = args::Start {
+                            vm,
+                            start_paused: paused,
+                            force,
+                        };
+                        self.invoke(a).await?
+                    }
+                    (true, Some(host)) => {
+                        let a = args::StartOn {
+                            vm,
+                            host,
+                            start_paused: paused,
+                            force,
+                        };
+                        self.invoke(a).await?
+                    }
+                    (false, None) => {
+                        let a = args::Resume {
+                            vm,
+                            start_paused: paused,
+                            force,
+                        };
+                        self.invoke(a).await?
+                    }
+                    (false, Some(host)) => {
+                        let a = args::ResumeOn {
+                            vm,
+                            host,
+                            start_paused: paused,
+                            force,
+                        };
+                        self.invoke(a).await?
+                    }
+                };
             }
             "vm-cd-insert" => {
                 let Some(cd_name) = cmd.get("cd-name") else {
@@ -487,7 +516,17 @@ impl CliCtx {
             }
             "vm-cd-list" => self.drive_list(&vm, "CD", out).await?,
             _ => {
-                self.call(method, vec![Value::str(&vm)]).await?;
+                let vm = Ref::new(vm);
+                match name {
+                    "vm-shutdown" if force => self.invoke(args::HardShutdown { vm }).await?,
+                    "vm-shutdown" => self.invoke(args::CleanShutdown { vm }).await?,
+                    "vm-reboot" if force => self.invoke(args::HardReboot { vm }).await?,
+                    "vm-reboot" => self.invoke(args::CleanReboot { vm }).await?,
+                    "vm-suspend" => self.invoke(args::Suspend { vm }).await?,
+                    "vm-pause" => self.invoke(args::Pause { vm }).await?,
+                    "vm-unpause" => self.invoke(args::Unpause { vm }).await?,
+                    other => return text(format!("Unknown command: {other}")),
+                };
             }
         }
         Ok(())

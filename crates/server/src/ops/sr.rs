@@ -142,21 +142,11 @@ pub(crate) async fn sr_create(s: Arc<Server>, a: sr::Create) -> ApiResult {
     let mut sm = sm_config.clone();
     sm.insert("format_version".into(), FORMAT_VERSION.to_string());
     let created = s.db.write(|t| {
-        t.create(
-            class::SR,
-            &sr,
-            vec![
-                (field::sr::UUID.index, Value::str(&uuid)),
-                (field::sr::NAME_LABEL.index, Value::str(&name)),
-                (field::sr::NAME_DESCRIPTION.index, Value::str(&descr)),
-                (field::sr::TYPE_.index, Value::str(&kind)),
-                (field::sr::CONTENT_TYPE.index, Value::str(&content_type)),
-                (field::sr::SHARED.index, Value::Bool(shared)),
-                (field::sr::PHYSICAL_SIZE.index, Value::Int(physical_size)),
-                (field::sr::SM_CONFIG.index, to_value(&sm)),
-                (field::sr::OTHER_CONFIG.index, Value::Struct(vec![])),
-            ],
-        )?;
+        t.create(class::SR, &sr, {
+            let mut f = sr_fields(&uuid, &name, &descr, &kind, &content_type, shared, &sm);
+            f.push((field::sr::PHYSICAL_SIZE.index, Value::Int(physical_size)));
+            f
+        })?;
         let mut dc = dc.clone();
         store_secrets(t, &mut dc)?;
         for h in &hosts {
@@ -233,20 +223,41 @@ pub(crate) fn sr_introduce(s: &Server, a: sr::Introduce) -> ApiResult {
         t.create(
             class::SR,
             &sr,
-            vec![
-                (field::sr::UUID.index, Value::str(&uuid)),
-                (field::sr::NAME_LABEL.index, Value::str(&name)),
-                (field::sr::NAME_DESCRIPTION.index, Value::str(&descr)),
-                (field::sr::TYPE_.index, Value::str(&kind)),
-                (field::sr::CONTENT_TYPE.index, Value::str(&content_type)),
-                (field::sr::SHARED.index, Value::Bool(shared)),
-                (field::sr::SM_CONFIG.index, to_value(&sm_config)),
-                (field::sr::OTHER_CONFIG.index, Value::Struct(vec![])),
-            ],
+            sr_fields(
+                &uuid,
+                &name,
+                &descr,
+                &kind,
+                &content_type,
+                shared,
+                &sm_config,
+            ),
         )?;
         refresh_allowed(t, &sr)
     }))?;
     Ok(Value::String(sr))
+}
+
+/// A new SR record's fields (SR.create adds its physical size).
+fn sr_fields(
+    uuid: &str,
+    name: &str,
+    descr: &str,
+    kind: &str,
+    content_type: &str,
+    shared: bool,
+    sm_config: &std::collections::BTreeMap<String, String>,
+) -> Vec<(usize, Value)> {
+    vec![
+        (field::sr::UUID.index, Value::str(uuid)),
+        (field::sr::NAME_LABEL.index, Value::str(name)),
+        (field::sr::NAME_DESCRIPTION.index, Value::str(descr)),
+        (field::sr::TYPE_.index, Value::str(kind)),
+        (field::sr::CONTENT_TYPE.index, Value::str(content_type)),
+        (field::sr::SHARED.index, Value::Bool(shared)),
+        (field::sr::SM_CONFIG.index, to_value(sm_config)),
+        (field::sr::OTHER_CONFIG.index, Value::Struct(vec![])),
+    ]
 }
 
 pub(crate) fn assert_no_plugged_pbd(st: &corral_db::State, sr: &str) -> Result<(), ApiError> {

@@ -150,3 +150,29 @@ pub fn untyped_async(f: fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut) -> Handler {
 pub fn untyped_sync(f: fn(&Arc<Server>, &Ctx, Vec<Value>) -> ApiResult) -> Handler {
     Handler::Sync(Arc::new(f))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_model::ClassId;
+
+    /// Every hand-written handler answers a message the spec declares (or
+    /// an implicit constructor, destructor or setter of its class): a
+    /// handler under a misspelt or removed name would never be called.
+    #[test]
+    fn every_handler_is_for_a_declared_message() {
+        let t = table();
+        assert!(t.len() > 60, "the table has {} handlers", t.len());
+        for wire in t.keys() {
+            let (class, message) = wire.split_once('.').expect("Class.message");
+            let c = ClassId::by_name(class).unwrap_or_else(|| panic!("{wire}: no class {class}"));
+            let def = c.def();
+            let declared = def.messages.iter().any(|m| m.name == message);
+            let implicit = def.implicit.iter().any(|(m, _)| *m == message)
+                || message
+                    .strip_prefix("set_")
+                    .is_some_and(|f| def.fields.iter().any(|x| x.name == f));
+            assert!(declared || implicit, "{wire} is not in the spec");
+        }
+    }
+}

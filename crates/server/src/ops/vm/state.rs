@@ -41,14 +41,7 @@ pub(crate) fn record_running(
         t.set(
             field::vm::POWER_STATE,
             vm,
-            Value::str(
-                if paused {
-                    VmPowerState::Paused
-                } else {
-                    VmPowerState::Running
-                }
-                .as_str(),
-            ),
+            Value::str(live_state(paused).as_str()),
         )?;
         t.set(field::vm::RESIDENT_ON, vm, Value::str(host))?;
         t.set(field::vm::DOMID, vm, Value::Int(domid))?;
@@ -199,19 +192,21 @@ pub(crate) fn record_stopped(
     }))
 }
 
+/// The power state of a VM with a domain.
+fn live_state(paused: bool) -> VmPowerState {
+    if paused {
+        VmPowerState::Paused
+    } else {
+        VmPowerState::Running
+    }
+}
+
 pub(crate) fn set_paused(s: &Server, vm: &str, paused: bool) -> Result<(), ApiError> {
     db(s.db.write(|t| {
         t.set(
             field::vm::POWER_STATE,
             vm,
-            Value::str(
-                if paused {
-                    VmPowerState::Paused
-                } else {
-                    VmPowerState::Running
-                }
-                .as_str(),
-            ),
+            Value::str(live_state(paused).as_str()),
         )?;
         let metrics = t
             .state()
