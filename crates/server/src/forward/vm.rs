@@ -27,12 +27,16 @@ fn on_vm(
 ) -> Result<(Mark, HostHandle), ApiError> {
     // Marked first: the VM cannot move or stop while the route is chosen.
     let mark = mark_vm(s, c, vm.as_str(), op)?;
-    let on = live_on(&s.db.read(), vm.as_str());
-    let host = match route(&s.host_ref, on.as_deref()) {
-        Route::Here => s.local(),
-        Route::Host(h) => s.host(&h)?,
-    };
-    Ok((mark, host))
+    Ok((mark, domain_host(s, vm.as_str())?))
+}
+
+/// The host the VM's domain lives on (this host for a VM without one).
+fn domain_host(s: &Server, vm: &str) -> Result<HostHandle, ApiError> {
+    let on = live_on(&s.db.read(), vm);
+    match route(&s.host_ref, on.as_deref()) {
+        Route::Here => Ok(s.local()),
+        Route::Host(h) => s.host(&h),
+    }
 }
 
 /// The host a halted or suspended VM starts on: the one asked for, else
@@ -142,11 +146,7 @@ pub(crate) async fn suspend(s: Arc<Server>, c: Ctx, a: vm::Suspend) -> ApiResult
 pub(crate) async fn power_state_reset(s: Arc<Server>, c: Ctx, a: vm::PowerStateReset) -> ApiResult {
     let vm = a.vm.as_str();
     let _mark = mark_vm(&s, &c, vm, Op::PowerStateReset)?;
-    let on = live_on(&s.db.read(), vm);
-    let h = match route(&s.host_ref, on.as_deref()) {
-        Route::Here => Some(s.local()),
-        Route::Host(h) => s.host(&h).ok(),
-    };
+    let h = domain_host(&s, vm).ok();
     power::power_state_reset(&s, h.as_ref(), vm).await?;
     void()
 }
