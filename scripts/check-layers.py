@@ -7,6 +7,8 @@
 * every crate: no import circle between its top-level modules, nor
   between any of its files.
 * no hand-written source file over MAX_LINES lines (tests excluded).
+* xe's server side (crates/server/src/cli) calls the API only: it names
+  neither the database (`.db`) nor the operations layer's entry points.
 
 Imports are read as text (`crate::a::b`, `crate::a::{b, c}`, `super::x`), which
 is what the rule is about: a name written in a file. Exit status 1 on any
@@ -117,6 +119,10 @@ def check_crate(crate):
             failures.append(f"long file: {rel} ({lines} lines, limit {MAX_LINES})")
         me = module_path(src, path)
         mine = me[0] if me else (os.path.basename(path)[:-3])
+        if crate == "server" and mine == "cli":
+            for n, line in enumerate(body.split("\n"), 1):
+                if re.search(r"\.db\b|\btask_create\b|\btask_destroy\b|\bcrate::ops\b", line):
+                    failures.append(f"xe's server side bypasses the API: {rel}:{n}: {line.strip()}")
         for target in imports(body, me):
             if not target or target[0] not in known_top:
                 continue

@@ -752,6 +752,18 @@ fn args_code(classes: &[Class]) -> String {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            // A message on one object is made from its reference.
+            if let [p] = m.params.as_slice()
+                && let Ty::Ref(target) = &p.ty
+                && known.contains(target.as_str())
+            {
+                let _ = writeln!(
+                    args,
+                    "    impl From<Ref<crate::refs::classes::{0}>> for {ty} {{\n        fn from(r: Ref<crate::refs::classes::{0}>) -> Self {{\n            {ty} {{ {1}: r }}\n        }}\n    }}\n",
+                    camel(target),
+                    rust_ident(&p.name)
+                );
+            }
         }
         args.push_str("}\n\n");
     }

@@ -30,40 +30,34 @@ impl CliCtx {
                     })
                     .cloned()
                     .collect();
+                // Only the columns printed are rendered: each reference in
+                // them costs a lookup.
+                let wanted: Option<Vec<&str>> = match params {
+                    Some("all") => None,
+                    Some(p) => Some(p.split(',').map(str::trim).collect()),
+                    None if cc.default_params.is_empty() => None,
+                    None => Some(cc.default_params.to_vec()),
+                };
                 let mut printed = Vec::new();
                 for (_, rec) in self.records(cc).await? {
-                    if !self.matches(cc, &rec, &filters)? {
+                    if !self.matches(cc, &rec, &filters).await? {
                         continue;
                     }
-                    let cr = self.cli_record(cc, &rec);
-                    let cols: Vec<(String, &str, String)> = match params {
-                        Some("all") => cr,
-                        Some(p) => {
-                            let want: Vec<&str> = p.split(',').map(str::trim).collect();
-                            cr.into_iter()
-                                .filter(|(n, _, _)| want.contains(&n.as_str()))
-                                .collect()
-                        }
-                        None if cc.default_params.is_empty() => cr,
-                        None => {
-                            let mut cols: Vec<(String, &str, String)> = cr
-                                .into_iter()
-                                .filter(|(n, _, _)| cc.default_params.contains(&n.as_str()))
-                                .collect();
-                            // A legacy-format SR says so in sr-list (Corral
-                            // extension; the SR needs `xe sr-upgrade`).
-                            if cc.class == class::SR
-                                && rec
-                                    .member("sm_config")
-                                    .and_then(|m| m.member("requires_upgrade"))
-                                    .and_then(Value::as_str)
-                                    == Some("true")
-                            {
-                                cols.push(("requires-upgrade".into(), " RO", "true".into()));
-                            }
-                            cols
-                        }
-                    };
+                    let mut cols = self
+                        .cli_record(cc, &rec, |n| wanted.as_ref().is_none_or(|w| w.contains(&n)))
+                        .await?;
+                    // A legacy-format SR says so in sr-list (Corral
+                    // extension; the SR needs `xe sr-upgrade`).
+                    if params.is_none()
+                        && cc.class == class::SR
+                        && rec
+                            .member("sm_config")
+                            .and_then(|m| m.member("requires_upgrade"))
+                            .and_then(Value::as_str)
+                            == Some("true")
+                    {
+                        cols.push(("requires-upgrade".into(), " RO", "true".into()));
+                    }
                     printed.push(cols);
                 }
                 if cmd.flag("minimal") {
@@ -84,10 +78,8 @@ impl CliCtx {
             }
             "-param-list" => {
                 let (_, rec) = self.by_uuid(cc, cmd).await?;
-                out.push(Out::Print(format!(
-                    "{}\n",
-                    table(&self.cli_record(cc, &rec))
-                )));
+                let cols = self.cli_record(cc, &rec, |_| true).await?;
+                out.push(Out::Print(format!("{}\n", table(&cols))));
                 Ok(())
             }
             "-param-get" => {
@@ -102,7 +94,7 @@ impl CliCtx {
                         Some(x) => out.push(Out::Print(x.db_string())),
                         None => return text(format!("Key {k} not found in map")),
                     },
-                    None => out.push(Out::Print(self.render(f, &v))),
+                    None => out.push(Out::Print(self.render(f, &v).await?)),
                 }
                 Ok(())
             }
@@ -137,7 +129,7 @@ impl CliCtx {
                     if f.set_role.is_none() || matches!(f.ty, Ty::Map(..)) {
                         return text(format!("Field '{k}' is read-only."));
                     }
-                    let val = self.value_of(f, &f.ty, v, k)?;
+                    let val = self.value_of(&f.ty, v, k).await?;
                     self.call(
                         &format!("{cname}.set_{}", f.name),
                         vec![Value::String(r.clone()), val],
@@ -161,7 +153,7 @@ impl CliCtx {
                             return text("Required parameter not found: param-key");
                         };
                         for item in key.split(',') {
-                            let v = self.value_of(f, inner, item.trim(), pn)?;
+                            let v = self.value_of(inner, item.trim(), pn).await?;
                             self.call(
                                 &format!("{cname}.add_{}", f.name),
                                 vec![Value::String(r.clone()), v],
@@ -199,7 +191,7 @@ impl CliCtx {
                 let cur = rec.member(f.name).cloned().unwrap_or(Value::Nil);
                 match f.ty {
                     Ty::Set(inner) => {
-                        let v = self.value_of(f, inner, key, pn)?;
+                        let v = self.value_of(inner, key, pn).await?;
                         if !cur.as_array().unwrap_or_default().contains(&v) {
                             return text(format!("Key {key} is not in the set"));
                         }

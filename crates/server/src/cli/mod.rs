@@ -4,6 +4,7 @@ pub mod args;
 pub mod commands;
 pub mod context;
 pub mod generic;
+pub mod host;
 pub mod protocol;
 pub mod records;
 pub mod serve;

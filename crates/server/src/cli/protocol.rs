@@ -16,7 +16,10 @@ pub enum Out {
         filename: String,
         url: String,
         task: String,
+        /// The command's session, which waits for the task ...
         session: String,
+        /// ... and which the transfer ends (not one the caller passed in).
+        own_session: bool,
     },
     /// Ask the client to CONNECT to a console `url` and proxy the user's
     /// terminal to it (XenServer's HttpConnect); it answers when it is done.

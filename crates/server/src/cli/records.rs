@@ -188,67 +188,64 @@ pub(crate) fn tag(f: &FieldDef) -> &'static str {
 }
 
 impl CliCtx {
-    pub(crate) fn uuid_of(&self, r: &str) -> String {
-        if r == NULL_REF || r.is_empty() {
-            return r.to_owned();
-        }
-        let st = self.server.db.read();
-        for c in ClassId::all().filter(|c| c.def().in_db) {
-            if st.exists(c, r) {
-                if let Some(u) = c.field("uuid").and_then(|f| st.get_str(f, r)) {
-                    return u;
+    /// A field's value as xe prints it: references as uuids (asked of the
+    /// API), sets joined with `; `, maps as `k: v; ...`.
+    pub(crate) async fn render(&self, f: &FieldDef, v: &Value) -> Result<String, CliError> {
+        Ok(match (&f.ty, v) {
+            (Ty::Set(inner), Value::Array(items)) => {
+                let mut shown = Vec::with_capacity(items.len());
+                for i in items {
+                    shown.push(self.scalar(inner, i).await?);
                 }
+                shown.join("; ")
             }
-        }
-        "<not in database>".into()
-    }
-
-    pub(crate) fn render(&self, f: &FieldDef, v: &Value) -> String {
-        let scalar = |ty: &Ty, v: &Value| -> String {
-            match (ty, v) {
-                (Ty::Ref(_), Value::String(r)) => self.uuid_of(r),
-                (Ty::Float, Value::Float(x)) => format!("{x:.3}"),
-                (_, Value::Float(x)) => format_float(*x),
-                _ => v.db_string(),
+            (Ty::Map(kt, vt), Value::Struct(m)) => {
+                let mut shown = Vec::with_capacity(m.len());
+                for (k, x) in m {
+                    let k = self.scalar(kt, &Value::String(k.clone())).await?;
+                    shown.push(format!("{k}: {}", self.scalar(vt, x).await?));
+                }
+                shown.join("; ")
             }
-        };
-        match (&f.ty, v) {
-            (Ty::Set(inner), Value::Array(items)) => items
-                .iter()
-                .map(|i| scalar(inner, i))
-                .collect::<Vec<_>>()
-                .join("; "),
-            (Ty::Map(kt, vt), Value::Struct(m)) => m
-                .iter()
-                .map(|(k, x)| {
-                    format!(
-                        "{}: {}",
-                        scalar(kt, &Value::String(k.clone())),
-                        scalar(vt, x)
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
             (Ty::Enum("vm_power_state"), Value::String(s)) => s.to_lowercase(),
-            (ty, v) => scalar(ty, v),
-        }
+            (ty, v) => self.scalar(ty, v).await?,
+        })
     }
 
-    /// The record as (cli name, tag, rendered value), in field order.
-    pub(crate) fn cli_record(
+    async fn scalar(&self, ty: &Ty, v: &Value) -> Result<String, CliError> {
+        Ok(match (ty, v) {
+            (Ty::Ref(target), Value::String(r)) => match ClassId::by_name(target) {
+                Some(c) => self.uuid(c, r).await?,
+                None => r.clone(),
+            },
+            (Ty::Float, Value::Float(x)) => format!("{x:.3}"),
+            (_, Value::Float(x)) => format_float(*x),
+            _ => v.db_string(),
+        })
+    }
+
+    /// The record's fields that `shown` picks (by xe name) as (xe name,
+    /// tag, rendered value), in field order.
+    pub(crate) async fn cli_record(
         &self,
         cc: &CliClass,
         rec: &Value,
-    ) -> Vec<(String, &'static str, String)> {
+        shown: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, &'static str, String)>, CliError> {
         let mut out = Vec::new();
         for f in cc.class.def().fields.iter().filter(|f| !f.internal) {
+            let name = cli_field_name(f);
+            if !shown(&name) {
+                continue;
+            }
             if let Some(v) = rec.member(f.name) {
-                out.push((cli_field_name(f), tag(f), self.render(f, v)));
+                out.push((name, tag(f), self.render(f, v).await?));
             }
         }
-        out
+        Ok(out)
     }
 
+    /// The class's records that pass its fixed filter.
     pub(crate) async fn records(&self, cc: &CliClass) -> Result<Vec<(String, Value)>, CliError> {
         let all = self
             .call(
@@ -258,7 +255,9 @@ impl CliCtx {
             .await?;
         let mut out = Vec::new();
         for (r, rec) in all.as_struct().map(<[_]>::to_vec).unwrap_or_default() {
-            let cr = self.cli_record(cc, &rec);
+            let cr = self
+                .cli_record(cc, &rec, |n| cc.filter.iter().any(|(k, _)| *k == n))
+                .await?;
             if cc
                 .filter
                 .iter()
@@ -270,13 +269,14 @@ impl CliCtx {
         Ok(out)
     }
 
-    pub(crate) fn matches(
+    /// Whether the record passes `field=value` filters as xe reads them
+    /// (`field:key=` for a map's key, `field:contains=` for a set).
+    pub(crate) async fn matches(
         &self,
         cc: &CliClass,
         rec: &Value,
         filters: &[(String, String)],
     ) -> Result<bool, CliError> {
-        let cr = self.cli_record(cc, rec);
         for (k, want) in filters {
             let (name, sub) = match k.split_once(':') {
                 Some((n, s)) => (n, Some(s)),
@@ -295,22 +295,26 @@ impl CliCtx {
                     cc.class.name()
                 ));
             };
-            let v = rec.member(f.name).cloned().unwrap_or(Value::Nil);
+            let v = rec.member(f.name);
             let ok = match (sub, &f.ty) {
-                (Some("contains"), Ty::Set(_)) => v
-                    .as_array()
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|x| x.db_string() == *want || self.uuid_of(&x.db_string()) == *want),
+                (Some("contains"), Ty::Set(inner)) => {
+                    let mut found = false;
+                    for x in v.and_then(Value::as_array).unwrap_or_default() {
+                        if x.db_string() == *want || self.scalar(inner, x).await? == *want {
+                            found = true;
+                            break;
+                        }
+                    }
+                    found
+                }
                 (Some(key), Ty::Map(..)) => {
-                    v.member(key).map(|x| x.db_string()) == Some(want.clone())
+                    v.and_then(|m| m.member(key)).map(|x| x.db_string()) == Some(want.clone())
                 }
                 _ => {
-                    let shown = cr
-                        .iter()
-                        .find(|(n, _, _)| n == name)
-                        .map(|(_, _, s)| s.clone())
-                        .unwrap_or_default();
+                    let shown = match v {
+                        Some(v) if !f.internal => self.render(f, v).await?,
+                        _ => String::new(),
+                    };
                     if name == "MAC" {
                         shown.eq_ignore_ascii_case(want)
                     } else {
@@ -339,14 +343,22 @@ impl CliCtx {
             .ok_or_else(|| CliError::Text(format!("Unknown field '{name}'")))
     }
 
-    /// Converts xe text to a wire value of the field's type.
-    pub(crate) fn value_of(
-        &self,
-        f: &FieldDef,
-        ty: &Ty,
-        s: &str,
-        name: &str,
-    ) -> Result<Value, CliError> {
+    /// Converts xe text to a wire value of the field's type; a uuid where
+    /// a reference goes is looked up (`<class>.get_by_uuid`).
+    pub(crate) async fn value_of(&self, ty: &Ty, s: &str, name: &str) -> Result<Value, CliError> {
+        match ty {
+            Ty::Set(inner) => {
+                let mut items = Vec::new();
+                for x in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+                    items.push(self.scalar_value(inner, x, name).await?);
+                }
+                Ok(Value::Array(items))
+            }
+            ty => self.scalar_value(ty, s, name).await,
+        }
+    }
+
+    async fn scalar_value(&self, ty: &Ty, s: &str, name: &str) -> Result<Value, CliError> {
         Ok(match ty {
             Ty::Int => Value::Int(
                 s.trim()
@@ -363,27 +375,16 @@ impl CliCtx {
                     "Parameter {name} must be a boolean (true or false)"
                 ))
             })?),
+            Ty::Ref(_) if s.is_empty() => Value::str(NULL_REF),
+            Ty::Ref(_) if s.starts_with("OpaqueRef:") => Value::str(s),
             Ty::Ref(target) => {
-                if s.starts_with("OpaqueRef:") || s.is_empty() {
-                    Value::str(if s.is_empty() { NULL_REF } else { s })
-                } else {
-                    let c = ClassId::by_name(target)
-                        .ok_or_else(|| CliError::Text(format!("Cannot resolve {s}")))?;
-                    let st = self.server.db.read();
-                    Value::String(
-                        st.by_uuid(c, s)
-                            .cloned()
-                            .ok_or_else(|| CliError::Api(ApiError::uuid_invalid(target, s)))?,
-                    )
+                let c = ClassId::by_name(target)
+                    .ok_or_else(|| CliError::Text(format!("Cannot resolve {s}")))?;
+                match self.find_uuid(c.name(), s).await? {
+                    Some(r) => Value::String(r),
+                    None => return Err(CliError::Api(ApiError::uuid_invalid(target, s))),
                 }
             }
-            Ty::Set(inner) => Value::Array(
-                s.split(',')
-                    .map(str::trim)
-                    .filter(|x| !x.is_empty())
-                    .map(|x| self.value_of(f, inner, x, name))
-                    .collect::<Result<_, _>>()?,
-            ),
             _ => Value::str(s),
         })
     }

@@ -58,55 +58,84 @@ pub(crate) async fn transfer<S: AsyncRead + AsyncWrite + Unpin + Send>(
     o: &Out,
     origin: &Origin,
 ) -> Vec<Out> {
-    let Out::Transfer { task, session, .. } = o else {
+    let Out::Transfer {
+        task,
+        session,
+        own_session,
+        ..
+    } = o
+    else {
         return vec![];
     };
-    if stream.write_all(&encode_one(o)).await.is_err() || stream.flush().await.is_err() {
-        return vec![];
+    let caller = Caller {
+        origin: origin.clone(),
+        originator: Some("cli".into()),
+    };
+    let ctx = CliCtx::new(Arc::clone(server), session.clone(), caller);
+    let errors = ctx.transfer(stream, o, task).await;
+    if *own_session {
+        logout(server, session, origin).await;
     }
-    let client_ok = read_response(stream).await;
-    // Wait for the handler to finish the task; when the client failed (no
-    // file, say), the handler may never have started.
-    let wait = if client_ok { 3600 } else { 5 };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
-    let status = loop {
-        let st = server
-            .db
-            .read()
-            .get_str(corral_model::field::task::STATUS, task);
-        match st.as_deref() {
-            Some("pending") if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+    errors
+}
+
+impl CliCtx {
+    async fn transfer<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        stream: &mut S,
+        o: &Out,
+        task: &str,
+    ) -> Vec<Out> {
+        if stream.write_all(&encode_one(o)).await.is_err() || stream.flush().await.is_err() {
+            return vec![];
+        }
+        let client_ok = read_response(stream).await;
+        // Wait for the handler to finish the task; when the client failed (no
+        // file, say), the handler may never have started.
+        let wait = if client_ok { 3600 } else { 5 };
+        let status = self
+            .task_end(task, std::time::Duration::from_secs(wait))
+            .await;
+        let error: Vec<String> = match self.get("task", task, "error_info").await {
+            Ok(v) => v
+                .as_array()
+                .unwrap_or_default()
+                .iter()
+                .map(Value::db_string)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let _ = self.call("task.destroy", vec![Value::str(task)]).await;
+        match (status.as_deref(), client_ok) {
+            (Some("success"), true) => vec![],
+            (Some("failure"), _) if !error.is_empty() => {
+                self.api_error(&ApiError::new(&error[0], error[1..].iter().cloned()))
+                    .await
             }
-            other => break other.map(str::to_owned),
+            (_, false) => vec![Out::Stderr("The file transfer failed.\n".into())],
+            _ => vec![Out::Stderr("The transfer did not complete.\n".into())],
         }
-    };
-    let error = server
-        .db
-        .read()
-        .get(corral_model::field::task::ERROR_INFO, task)
-        .and_then(|v| {
-            v.as_array()
-                .map(|a| a.iter().map(|x| x.db_string()).collect::<Vec<_>>())
-        })
-        .unwrap_or_default();
-    server.task_destroy(task);
-    logout(server, session, origin).await;
-    let ctx = CliCtx {
-        server: Arc::clone(server),
-        session: session.clone(),
-        caller: Caller {
-            origin: origin.clone(),
-            originator: Some("cli".into()),
-        },
-    };
-    match (status.as_deref(), client_ok) {
-        (Some("success"), true) => vec![],
-        (Some("failure"), _) if !error.is_empty() => {
-            ctx.api_error(&ApiError::new(&error[0], error[1..].iter().cloned()))
+    }
+
+    /// The task's status once it is no longer pending, or when `wait` has
+    /// passed; woken by each database commit rather than polling.
+    async fn task_end(&self, task: &str, wait: std::time::Duration) -> Option<String> {
+        let mut commits = self.server.events.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let status = self
+                .get("task", task, "status")
+                .await
+                .ok()
+                .map(|v| v.db_string());
+            if status.as_deref() != Some("pending") {
+                return status;
+            }
+            match tokio::time::timeout_at(deadline, commits.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return status,
+            }
         }
-        (_, false) => vec![Out::Stderr("The file transfer failed.\n".into())],
-        _ => vec![Out::Stderr("The transfer did not complete.\n".into())],
     }
 }
 
@@ -236,13 +265,22 @@ pub(crate) async fn run(
     if let Ok(mut s) = slot.lock() {
         *s = Some(session.clone());
     }
-    let ctx = CliCtx {
-        server: Arc::clone(server),
-        session: session.clone(),
-        caller,
-    };
+    let ctx = CliCtx::new(Arc::clone(server), session.clone(), caller);
     let mut out = Vec::new();
     let res = ctx.dispatch(&cmd, &mut out).await;
+    // The error is rendered while the session still lives: its references
+    // are shown as uuids, which takes API calls.
+    let exit = match res {
+        Ok(()) => 0,
+        Err(CliError::Text(t)) => {
+            out.push(Out::Stderr(format!("{t}\n")));
+            1
+        }
+        Err(CliError::Api(e)) => {
+            out.extend(ctx.api_error(&e).await);
+            1
+        }
+    };
     // A file transfer still needs the session; serve_cli ends it afterwards.
     let transferring = out
         .iter()
@@ -252,17 +290,7 @@ pub(crate) async fn run(
             .call("session.logout", vec![Value::String(session)], &ctx.caller)
             .await;
     }
-    match res {
-        Ok(()) => Run { out, exit: 0 },
-        Err(CliError::Text(t)) => {
-            out.push(Out::Stderr(format!("{t}\n")));
-            Run { out, exit: 1 }
-        }
-        Err(CliError::Api(e)) => {
-            out.extend(ctx.api_error(&e));
-            Run { out, exit: 1 }
-        }
-    }
+    Run { out, exit }
 }
 
 /// Encodes the frames for a finished command.

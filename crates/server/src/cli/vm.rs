@@ -7,8 +7,10 @@
 use crate::cli::args::Cmd;
 use crate::cli::context::{CliCtx, CliError, member, text};
 use crate::cli::protocol::Out;
+use corral_model::args::vbd as vbd_args;
 use corral_model::args::vm as args;
-use corral_model::refs::Ref;
+use corral_model::refs::{Ref, classes};
+use corral_model::schema::class;
 use corral_model::{NULL_REF, Value};
 
 /// A template's `<provision>` XML with every disk's `sr` set to `sr_uuid`
@@ -189,7 +191,7 @@ impl CliCtx {
             )
             .await?;
         }
-        out.push(Out::Print(self.uuid_of(&new)));
+        out.push(Out::Print(self.uuid(class::VM, &new).await?));
         Ok(())
     }
 
@@ -197,7 +199,7 @@ impl CliCtx {
     /// has disks and an SR is named), point the disks its
     /// `other_config:disks` asks for at the SR, provision, and make the
     /// result a VM. A failure uninstalls what was made.
-    async fn vm_install(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+    pub(crate) async fn vm_install(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
         let key = cmd
             .get("template")
             .or(cmd.get("template-uuid"))
@@ -245,7 +247,7 @@ impl CliCtx {
                 let other_config = self.get("VM", &new, "other_config").await?;
                 let disks = other_config.member("disks").map(Value::db_string);
                 if let Some(xml) = disks {
-                    let sr_uuid = self.uuid_of(sr);
+                    let sr_uuid = self.uuid(class::SR, sr).await?;
                     self.call(
                         "VM.remove_from_other_config",
                         vec![Value::str(&new), Value::str("disks")],
@@ -284,14 +286,14 @@ impl CliCtx {
             if let CliError::Api(a) = &mut e {
                 for p in a.params.iter_mut() {
                     if p.starts_with("OpaqueRef:") && p != NULL_REF {
-                        *p = self.uuid_of(p);
+                        *p = self.uuid_of(p).await;
                     }
                 }
             }
             let _ = self.uninstall(&new).await;
             return Err(e);
         }
-        out.push(Out::Print(self.uuid_of(&new)));
+        out.push(Out::Print(self.uuid(class::VM, &new).await?));
         Ok(())
     }
 
@@ -305,18 +307,18 @@ impl CliCtx {
         Ok(disks)
     }
 
-    async fn vm_uninstall(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+    pub(crate) async fn vm_uninstall(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
         let vm = self.vm_of(cmd).await?;
         let mut listing = String::from("The following items are about to be destroyed\n");
         listing += &format!(
             "VM : {} ({})\n",
-            self.uuid_of(&vm),
+            self.uuid(class::VM, &vm).await?,
             self.get("VM", &vm, "name_label").await?.db_string()
         );
         for vdi in self.own_disks(&vm).await? {
             listing += &format!(
                 "VDI: {} ({})\n",
-                self.uuid_of(&vdi),
+                self.uuid(class::VDI, &vdi).await?,
                 self.get("VDI", &vdi, "name_label").await?.db_string()
             );
         }
@@ -336,7 +338,7 @@ impl CliCtx {
 
     /// `xe console`: the client CONNECTs to the VM's vt100 console with this
     /// command's session and proxies the user's terminal to it.
-    async fn console(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+    pub(crate) async fn console(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
         let vm = self.vm_of(cmd).await?;
         let name = self.get("VM", &vm, "name_label").await?.db_string();
         let expr = format!(r#"field "VM" = "{vm}" and field "protocol" = "vt100""#);
@@ -363,174 +365,183 @@ impl CliCtx {
         Ok(())
     }
 
-    pub(crate) async fn vm_command(
-        &self,
-        name: &str,
-        cmd: &Cmd,
-        out: &mut Vec<Out>,
-    ) -> Result<(), CliError> {
-        let force = cmd
-            .get("force")
-            .and_then(crate::cli::args::parse_bool)
-            .unwrap_or(false);
-        let flag = |k: &str| {
-            cmd.get(k)
-                .and_then(crate::cli::args::parse_bool)
-                .unwrap_or(false)
+    /// A message on the VM named by `vm=`/`uuid=` (vm-suspend, vm-pause, ...).
+    pub(crate) async fn on_vm<A>(&self, cmd: &Cmd, _: &mut Vec<Out>) -> Result<(), CliError>
+    where
+        A: corral_model::args::Args + From<Ref<classes::VM>> + Send,
+    {
+        let vm = Ref::new(self.vm_of(cmd).await?);
+        self.invoke(A::from(vm)).await?;
+        Ok(())
+    }
+
+    /// `on=`: a host by uuid or name-label.
+    async fn on_host(&self, cmd: &Cmd) -> Result<Option<Ref<classes::Host>>, CliError> {
+        let Some(h) = cmd.get("on") else {
+            return Ok(None);
         };
-        if name == "host-shutdown-vms" {
-            let host = self.server.host_ref.clone();
-            self.call("host.shutdown_vms", vec![Value::str(&host)])
-                .await?;
-            return Ok(());
-        }
-        match name {
-            "console" => return self.console(cmd, out).await,
-            "vm-clone" | "vm-copy" => return self.vm_clone_cmd(name == "vm-copy", cmd, out).await,
-            "vm-install" => return self.vm_install(cmd, out).await,
-            "vm-uninstall" => return self.vm_uninstall(cmd, out).await,
-            "vm-destroy" => {
-                let vm = self.vm_of(cmd).await?;
-                self.call("VM.destroy", vec![Value::str(&vm)]).await?;
-                return Ok(());
+        let host = match self.find_uuid("host", h).await? {
+            Some(r) => r,
+            None => self
+                .find_named("host", h)
+                .await?
+                .into_iter()
+                .next()
+                .unwrap_or_default(),
+        };
+        Ok(Some(Ref::new(host)))
+    }
+
+    pub(crate) async fn vm_start(&self, cmd: &Cmd, _: &mut Vec<Out>) -> Result<(), CliError> {
+        let vm = Ref::new(self.vm_of(cmd).await?);
+        let (start_paused, force) = (flag(cmd, "paused"), flag(cmd, "force"));
+        match self.on_host(cmd).await? {
+            None => {
+                self.invoke(args::Start {
+                    vm,
+                    start_paused,
+                    force,
+                })
+                .await?
             }
-            "vm-reset-powerstate" => {
-                let vm = self.vm_of(cmd).await?;
-                if !force {
-                    return text(
-                        "This operation is dangerous: it marks the VM halted without stopping it. \
-                         Only use it when the VM's host is known to be down, and add force=true.",
-                    );
-                }
-                self.call("VM.power_state_reset", vec![Value::str(&vm)])
-                    .await?;
-                return Ok(());
+            Some(host) => {
+                let a = args::StartOn {
+                    vm,
+                    host,
+                    start_paused,
+                    force,
+                };
+                self.invoke(a).await?
             }
-            "vm-disk-list" => {
-                let vm = self.vm_of(cmd).await?;
-                return self.drive_list(&vm, "Disk", out).await;
+        };
+        Ok(())
+    }
+
+    pub(crate) async fn vm_resume(&self, cmd: &Cmd, _: &mut Vec<Out>) -> Result<(), CliError> {
+        let vm = Ref::new(self.vm_of(cmd).await?);
+        let (start_paused, force) = (flag(cmd, "paused"), flag(cmd, "force"));
+        match self.on_host(cmd).await? {
+            None => {
+                self.invoke(args::Resume {
+                    vm,
+                    start_paused,
+                    force,
+                })
+                .await?
             }
-            _ => {}
-        }
-        let known = [
-            "vm-start",
-            "vm-shutdown",
-            "vm-reboot",
-            "vm-suspend",
-            "vm-resume",
-            "vm-pause",
-            "vm-unpause",
-            "vm-cd-insert",
-            "vm-cd-eject",
-            "vm-cd-list",
-        ];
-        if !known.contains(&name) {
-            return text(format!("Unknown command: {name}"));
-        }
+            Some(host) => {
+                let a = args::ResumeOn {
+                    vm,
+                    host,
+                    start_paused,
+                    force,
+                };
+                self.invoke(a).await?
+            }
+        };
+        Ok(())
+    }
+
+    pub(crate) async fn vm_shutdown(&self, cmd: &Cmd, _: &mut Vec<Out>) -> Result<(), CliError> {
+        let vm = Ref::new(self.vm_of(cmd).await?);
+        match flag(cmd, "force") {
+            true => self.invoke(args::HardShutdown { vm }).await?,
+            false => self.invoke(args::CleanShutdown { vm }).await?,
+        };
+        Ok(())
+    }
+
+    pub(crate) async fn vm_reboot(&self, cmd: &Cmd, _: &mut Vec<Out>) -> Result<(), CliError> {
+        let vm = Ref::new(self.vm_of(cmd).await?);
+        match flag(cmd, "force") {
+            true => self.invoke(args::HardReboot { vm }).await?,
+            false => self.invoke(args::CleanReboot { vm }).await?,
+        };
+        Ok(())
+    }
+
+    pub(crate) async fn vm_cd_insert(&self, cmd: &Cmd, _: &mut Vec<Out>) -> Result<(), CliError> {
         let vm = self.vm_of(cmd).await?;
-        match name {
-            "vm-start" | "vm-resume" => {
-                let (vm, paused) = (Ref::new(vm), flag("paused"));
-                let on = match cmd.get("on") {
-                    Some(h) => {
-                        let host = match self.find_uuid("host", h).await? {
-                            Some(r) => r,
-                            None => self
-                                .find_named("host", h)
-                                .await?
-                                .into_iter()
-                                .next()
-                                .unwrap_or_default(),
-                        };
-                        Some(Ref::new(host))
-                    }
-                    None => None,
-                };
-                match (name == "vm-start", on) {
-                    (true, None) => {
-                        let a = args::Start {
-                            vm,
-                            start_paused: paused,
-                            force,
-                        };
-                        self.invoke(a).await?
-                    }
-                    (true, Some(host)) => {
-                        let a = args::StartOn {
-                            vm,
-                            host,
-                            start_paused: paused,
-                            force,
-                        };
-                        self.invoke(a).await?
-                    }
-                    (false, None) => {
-                        let a = args::Resume {
-                            vm,
-                            start_paused: paused,
-                            force,
-                        };
-                        self.invoke(a).await?
-                    }
-                    (false, Some(host)) => {
-                        let a = args::ResumeOn {
-                            vm,
-                            host,
-                            start_paused: paused,
-                            force,
-                        };
-                        self.invoke(a).await?
-                    }
-                };
-            }
-            "vm-cd-insert" => {
-                let Some(cd_name) = cmd.get("cd-name") else {
-                    return text("Required parameter not found: cd-name".to_owned());
-                };
-                let vdi = self.find_named("VDI", cd_name).await?.into_iter().next();
-                let Some(vdi) = vdi else {
-                    return text(format!("CD {cd_name} not found"));
-                };
-                let cds = self.cd_vbds(&vm).await?;
-                let empty = cds.iter().find(|(_, b)| member(b, "empty") == "true");
-                let Some((vbd, _)) = empty else {
-                    return text("No empty CD drive found".to_owned());
-                };
-                self.call("VBD.insert", vec![Value::str(vbd), Value::str(&vdi)])
-                    .await?;
-            }
-            "vm-cd-eject" => {
-                let full: Vec<String> = self
-                    .cd_vbds(&vm)
-                    .await?
-                    .into_iter()
-                    .filter(|(_, b)| member(b, "empty") == "false")
-                    .map(|(r, _)| r)
-                    .collect();
-                if full.is_empty() {
-                    return text("No CDs found".to_owned());
-                }
-                for vbd in full {
-                    self.call("VBD.eject", vec![Value::str(&vbd)]).await?;
-                }
-            }
-            "vm-cd-list" => self.drive_list(&vm, "CD", out).await?,
-            _ => {
-                let vm = Ref::new(vm);
-                match name {
-                    "vm-shutdown" if force => self.invoke(args::HardShutdown { vm }).await?,
-                    "vm-shutdown" => self.invoke(args::CleanShutdown { vm }).await?,
-                    "vm-reboot" if force => self.invoke(args::HardReboot { vm }).await?,
-                    "vm-reboot" => self.invoke(args::CleanReboot { vm }).await?,
-                    "vm-suspend" => self.invoke(args::Suspend { vm }).await?,
-                    "vm-pause" => self.invoke(args::Pause { vm }).await?,
-                    "vm-unpause" => self.invoke(args::Unpause { vm }).await?,
-                    other => return text(format!("Unknown command: {other}")),
-                };
-            }
+        let cd_name = cmd.get("cd-name").unwrap_or_default();
+        let vdi = self.find_named("VDI", cd_name).await?.into_iter().next();
+        let Some(vdi) = vdi else {
+            return text(format!("CD {cd_name} not found"));
+        };
+        let cds = self.cd_vbds(&vm).await?;
+        let empty = cds.iter().find(|(_, b)| member(b, "empty") == "true");
+        let Some((vbd, _)) = empty else {
+            return text("No empty CD drive found".to_owned());
+        };
+        let (vbd, vdi) = (Ref::new(vbd.clone()), Ref::new(vdi));
+        self.invoke(vbd_args::Insert { vbd, vdi }).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn vm_cd_eject(&self, cmd: &Cmd, _: &mut Vec<Out>) -> Result<(), CliError> {
+        let vm = self.vm_of(cmd).await?;
+        let full: Vec<String> = self
+            .cd_vbds(&vm)
+            .await?
+            .into_iter()
+            .filter(|(_, b)| member(b, "empty") == "false")
+            .map(|(r, _)| r)
+            .collect();
+        if full.is_empty() {
+            return text("No CDs found".to_owned());
+        }
+        for vbd in full {
+            self.invoke(vbd_args::Eject::from(Ref::new(vbd))).await?;
         }
         Ok(())
     }
+
+    pub(crate) async fn vm_cd_list(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        let vm = self.vm_of(cmd).await?;
+        self.drive_list(&vm, "CD", out).await
+    }
+
+    pub(crate) async fn vm_disk_list(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        let vm = self.vm_of(cmd).await?;
+        self.drive_list(&vm, "Disk", out).await
+    }
+
+    pub(crate) async fn vm_clone(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        self.vm_clone_cmd(false, cmd, out).await
+    }
+
+    pub(crate) async fn vm_copy(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
+        self.vm_clone_cmd(true, cmd, out).await
+    }
+
+    /// The record only (`VM.destroy`); its disks stay.
+    pub(crate) async fn vm_destroy(&self, cmd: &Cmd, _: &mut Vec<Out>) -> Result<(), CliError> {
+        let vm = self.vm_of(cmd).await?;
+        self.call("VM.destroy", vec![Value::str(&vm)]).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn vm_reset_powerstate(
+        &self,
+        cmd: &Cmd,
+        _: &mut Vec<Out>,
+    ) -> Result<(), CliError> {
+        let vm = Ref::new(self.vm_of(cmd).await?);
+        if !flag(cmd, "force") {
+            return text(
+                "This operation is dangerous: it marks the VM halted without stopping it. \
+                 Only use it when the VM's host is known to be down, and add force=true.",
+            );
+        }
+        self.invoke(args::PowerStateReset { vm }).await?;
+        Ok(())
+    }
+}
+
+/// A boolean parameter, false when absent or unreadable.
+fn flag(cmd: &Cmd, k: &str) -> bool {
+    cmd.get(k)
+        .and_then(crate::cli::args::parse_bool)
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

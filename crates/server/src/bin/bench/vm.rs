@@ -9,6 +9,8 @@ use super::*;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use corral_model::args::{Args, vm};
+use corral_model::refs::{Ref, classes};
 
 const READY: &str = "corral-guest: ready";
 const HTTP_HEAD_END: &str = "\r\n\r\n";
@@ -188,8 +190,20 @@ impl Api<'_> {
         self.call(method, &[Value::String(vm.into())])
     }
 
+    /// A declared message through its typed arguments, over HTTP.
+    fn invoke<A: Args>(&mut self, a: A) -> BenchResult<Value> {
+        self.call(A::WIRE, &a.into_params())
+    }
+
+    fn on_vm<A: Args + From<Ref<classes::VM>>>(&mut self, vm: &str) -> BenchResult<Value> {
+        self.invoke(A::from(Ref::new(vm)))
+    }
+
     fn make_vm(&mut self, tpl: &Value, sr: &Value, g: &Guest, name: &str) -> BenchResult<String> {
-        let vm = as_str(&self.call("VM.clone", &[tpl.clone(), Value::String(name.into())])?)?;
+        let vm = as_str(&self.invoke(vm::Clone {
+            vm: Ref::new(as_str(tpl)?),
+            new_name: name.into(),
+        })?)?;
         let v = || Value::String(vm.clone());
         self.call("VM.set_is_a_template", &[v(), Value::Bool(false)])?;
         self.call("VM.set_PV_kernel", &[v(), Value::String(g.kernel.clone())])?;
@@ -234,14 +248,11 @@ impl Api<'_> {
     }
 
     fn start(&mut self, vm: &str) -> BenchResult<()> {
-        self.call(
-            "VM.start",
-            &[
-                Value::String(vm.into()),
-                Value::Bool(false),
-                Value::Bool(false),
-            ],
-        )
+        self.invoke(vm::Start {
+            vm: Ref::new(vm),
+            start_paused: false,
+            force: false,
+        })
         .map(|_| ())
     }
 
@@ -418,7 +429,7 @@ pub(crate) fn vm_bench(o: &Options) -> BenchResult<()> {
         std::thread::sleep(Duration::from_millis(500));
         let off = when_seen(con, POWER_DOWN);
         let t = Instant::now();
-        api.call_on("VM.clean_shutdown", &vms[0])?;
+        api.on_vm::<vm::CleanShutdown>(&vms[0])?;
         let done = Instant::now();
         let off = off
             .join()
@@ -516,10 +527,10 @@ pub(crate) fn vm_bench(o: &Options) -> BenchResult<()> {
         }
     }
     // Still controllable: a pause/unpause round trip on the last one.
-    api.call_on("VM.pause", &last)?;
-    api.call_on("VM.unpause", &last)?;
+    api.on_vm::<vm::Pause>(&last)?;
+    api.on_vm::<vm::Unpause>(&last)?;
     for vm in &vms {
-        api.call_on("VM.hard_shutdown", vm)?;
+        api.on_vm::<vm::HardShutdown>(vm)?;
     }
     drop(api);
     let mut without = Vec::new();
