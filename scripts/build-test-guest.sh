@@ -15,6 +15,7 @@
 # - powers off on the ACPI power button (busybox acpid), unless the kernel
 #   command line has `corral.noacpi` (a guest that ignores clean shutdown);
 # - runs qemu-ga on the org.qemu.guest_agent.0 port when it is present;
+# - gives its NICs the addresses corral.ip.<nic>=<addr>/<prefix> asks for;
 # - loads pvpanic, so a kernel panic (echo c > /proc/sysrq-trigger) reaches
 #   QEMU as a guest-panicked event.
 set -eu
@@ -58,7 +59,7 @@ ln -sf ../bin/busybox "$R/sbin/init"
 # Modules in load order (dependencies first).
 MODS="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk
 virtio_console virtio_balloon button evdev scsi_common scsi_mod libata ata_piix cdrom sr_mod isofs
-pvpanic pvpanic-mmio"
+pvpanic pvpanic-mmio failover net_failover virtio_net mii e1000 8139cp 8139too"
 : > "$R/modules/order"
 for m in $MODS; do
     f=$(find "$WORK/k/lib/modules/$KVER" -name "$m.ko" | head -n1)
@@ -106,6 +107,16 @@ if [ -x /bin/qemu-ga ]; then
         LD_LIBRARY_PATH=/lib qemu-ga -m virtio-serial -p /dev/$(basename $p) -d -t /run 2>/dev/null
     done
 fi
+# Addresses from the kernel command line: corral.ip.<nic>=<address>/<prefix>.
+ip link set lo up
+for kv in $(cat /proc/cmdline); do
+    case "$kv" in
+    corral.ip.*=*)
+        nic=${kv#corral.ip.}; nic=${nic%%=*}
+        ip link set "$nic" up && ip addr add "${kv#*=}" dev "$nic"
+        ;;
+    esac
+done
 echo "corral-guest: ready" > /dev/ttyS0
 exec /sbin/init
 EOF

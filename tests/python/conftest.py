@@ -48,6 +48,9 @@ class Daemon:
         self.nofile = None   # an RLIMIT_NOFILE for corrald
         # The test guest's kernel is booted from where the build script keeps it.
         self.boot_dirs = os.environ.get("CORRAL_GUEST_DIR", os.path.expanduser("~/.cache/corral/guest"))
+        # A network namespace to run in (its bridges and taps stay there);
+        # the test then reaches corrald through its unix socket only.
+        self.netns = None
 
     @property
     def socket(self):
@@ -70,9 +73,10 @@ class Daemon:
                     f"accel = tcg\nboot-dirs = {self.boot_dirs}\n")
         env = dict(os.environ, CORRAL_ROOT_PASSWORD=ROOT_PASSWORD, CORRAL_LOG=self.log_level)
         old_umask = None if umask is None else os.umask(umask)
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [CORRALD, "--state-dir", self.state_dir, "--listen", f"127.0.0.1:{self.http_port}",
-             "--tls-listen", f"127.0.0.1:{self.https_port}", "--config", cfg],
+            prefix + [CORRALD, "--state-dir", self.state_dir, "--listen", f"127.0.0.1:{self.http_port}",
+                      "--tls-listen", f"127.0.0.1:{self.https_port}", "--config", cfg],
             env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.state_dir, "stderr"), "a"),
             preexec_fn=None if self.nofile is None else self._limit_fds)
         if old_umask is not None:
@@ -80,6 +84,9 @@ class Daemon:
         deadline = time.time() + 20
         while time.time() < deadline:
             try:
+                if self.netns:
+                    self.connect_unix().close()
+                    return self
                 socket.create_connection(("127.0.0.1", self.http_port), timeout=0.2).close()
                 if os.path.exists(self.socket):
                     return self
@@ -89,6 +96,23 @@ class Daemon:
                 raise RuntimeError("corrald exited: " + open(os.path.join(self.state_dir, "stderr")).read())
             time.sleep(0.05)
         raise RuntimeError("corrald did not start")
+
+    def connect_unix(self, timeout=0.2):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(self.socket)
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    def sdk(self, user="root", pw=ROOT_PASSWORD):
+        """An SDK session over the unix socket (works from any namespace)."""
+        import XenAPI
+        s = XenAPI.Session("http://localhost/", transport=UnixTransport(self.socket))
+        s.login_with_password(user, pw, "1.0", "pytest")
+        return s
 
     def _limit_fds(self):
         import resource
@@ -132,6 +156,81 @@ class Daemon:
         if check is not None:
             assert r.returncode == check, (r.returncode, r.stdout, r.stderr)
         return r
+
+
+class UnixTransport:
+    """xmlrpc transport over corrald's unix socket."""
+
+    def __new__(cls, path):
+        import http.client
+        import xmlrpc.client
+
+        class Conn(http.client.HTTPConnection):
+            def connect(self):
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+
+        class Transport(xmlrpc.client.Transport):
+            def make_connection(self, host):
+                return Conn("localhost")
+
+        return Transport()
+
+
+class Netns:
+    """A network namespace a test made, with helpers to run commands in it."""
+
+    def __init__(self, name):
+        self.name = name
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        self.run("ip", "link", "set", "lo", "up")
+
+    def run(self, *cmd, check=True):
+        return subprocess.run(["ip", "netns", "exec", self.name, *cmd], check=check,
+                              capture_output=True, text=True, timeout=30)
+
+    def links(self):
+        """Interface name -> (master or None) in the namespace."""
+        import json
+        out = json.loads(self.run("ip", "-j", "link", "show").stdout)
+        return {l["ifname"]: l.get("master") for l in out}
+
+    def delete(self):
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+_netns_count = [0]
+
+
+@pytest.fixture
+def netns():
+    """Makes network namespaces (addresses from 198.18.0.0/15, no route out);
+    each is deleted afterwards."""
+    made = []
+
+    def make():
+        _netns_count[0] += 1
+        n = Netns(f"corral-t{os.getpid()}-{_netns_count[0]}")
+        made.append(n)
+        return n
+
+    yield make
+    for n in made:
+        n.delete()
+
+
+@pytest.fixture
+def netns_daemon(tmp_path, netns):
+    """corrald in a network namespace of its own; its VMs' bridges and taps
+    are made there."""
+    ns = netns()
+    d = Daemon(tmp_path / "state")
+    d.netns = ns.name
+    d.ns = ns
+    d.start()
+    yield d
+    d.stop()
+    d.kill_vms()
 
 
 @pytest.fixture

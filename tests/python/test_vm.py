@@ -44,11 +44,11 @@ def failure(fn, *args):
 class Console:
     """A vt100 console opened with HTTP CONNECT on its location."""
 
-    def __init__(self, daemon, x, session_ref, vm):
+    def __init__(self, daemon, x, session_ref, vm, sock=None):
         [con] = [c for c in x.VM.get_consoles(vm) if x.console.get_protocol(c) == "vt100"]
         loc = x.console.get_location(con)
         path = loc[loc.index("/console"):]
-        self.sock = socket.create_connection(("127.0.0.1", daemon.http_port), timeout=60)
+        self.sock = sock or socket.create_connection(("127.0.0.1", daemon.http_port), timeout=60)
         self.sock.sendall(f"CONNECT {path}&session_id={session_ref} HTTP/1.0\r\n\r\n".encode())
         head = b""
         while b"\r\n\r\n" not in head:

@@ -29,6 +29,9 @@ pub enum AgentError {
     Qmp(#[from] qmp::QmpError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The guest did not let a device go.
+    #[error("the guest did not release {0}")]
+    Rejected(String),
     #[error("{0}")]
     Other(String),
 }
@@ -47,6 +50,22 @@ pub struct Drive {
     pub read_only: bool,
     pub cdrom: bool,
 }
+
+/// A VM's network card: a tap on `bridge` handed to QEMU (the server
+/// checked every value: the MAC's syntax, the model from a fixed list).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Nic {
+    /// The VIF's `device`: the guest's NIC index, 0–15.
+    pub device: u32,
+    pub mac: String,
+    /// `virtio-net-pci`, `e1000` or `rtl8139`.
+    pub model: String,
+    pub bridge: String,
+    pub mtu: u32,
+}
+
+/// The NIC models a VM may have (`platform:nic_type`).
+pub const NIC_MODELS: &[&str] = &["virtio-net-pci", "e1000", "rtl8139"];
 
 /// A CD's new medium: the image and the format to open it in.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,6 +121,9 @@ pub struct VmConfig {
     /// `platform:hpet` (default on).
     #[serde(default)]
     pub hpet: Option<bool>,
+    /// The VM's NICs, by device.
+    #[serde(default)]
+    pub nics: Vec<Nic>,
 }
 
 /// What the agent finds a VM doing.
@@ -181,6 +203,12 @@ pub trait HostAgent: Send + Sync {
     fn save(&self, vm: &str, dest: PathBuf) -> AgentFut<'_, ()>;
     fn drive_attach(&self, vm: &str, drive: Drive) -> AgentFut<'_, ()>;
     fn drive_detach(&self, vm: &str, id: &str) -> AgentFut<'_, ()>;
+    /// Hot-plugs a NIC into a running VM (its tap on `nic.bridge`).
+    fn nic_attach(&self, vm: &str, nic: Nic) -> AgentFut<'_, ()>;
+    /// Hot-unplugs NIC `device`: the guest must let it go
+    /// ([`AgentError::Rejected`] when it does not), unless `force`, which
+    /// takes the backend away at once.
+    fn nic_detach(&self, vm: &str, device: u32, force: bool) -> AgentFut<'_, ()>;
     /// Sets the balloon target (the guest's memory) of a running VM, bytes.
     fn set_balloon(&self, vm: &str, bytes: i64) -> AgentFut<'_, ()>;
     /// Switches a plugged disk's active image to `overlay`, an existing qcow2

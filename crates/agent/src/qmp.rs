@@ -124,6 +124,26 @@ impl Qmp {
 
     /// Runs one command and waits for its reply.
     pub async fn execute(&self, cmd: &str, args: Value) -> Result<Value, QmpError> {
+        self.execute_inner(cmd, args, None).await
+    }
+
+    /// Runs one command with a descriptor passed alongside (SCM_RIGHTS), as
+    /// `getfd` wants it.
+    pub async fn execute_with_fd(
+        &self,
+        cmd: &str,
+        args: Value,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        self.execute_inner(cmd, args, Some(fd)).await
+    }
+
+    async fn execute_inner(
+        &self,
+        cmd: &str,
+        args: Value,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         if self.is_closed() {
             return Err(QmpError::Closed);
         }
@@ -140,7 +160,10 @@ impl Qmp {
         line.push('\n');
         {
             let mut w = self.writer.lock().await;
-            w.write_all(line.as_bytes()).await?;
+            match fd {
+                None => w.write_all(line.as_bytes()).await?,
+                Some(fd) => send_with_fd(w.as_ref(), line.as_bytes(), fd).await?,
+            }
         }
         match tokio::time::timeout(CALL_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
@@ -151,6 +174,59 @@ impl Qmp {
                 }
                 Err(QmpError::Timeout(cmd.to_owned()))
             }
+        }
+    }
+}
+
+/// Writes `data` with `fd` attached (one sendmsg; the line is short).
+async fn send_with_fd(
+    stream: &UnixStream,
+    data: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let raw = fd.as_raw_fd();
+            // SAFETY: the control buffer is sized by CMSG_SPACE for one fd
+            // and aligned for cmsghdr; iov points at `data`, which outlives
+            // the call; the socket fd is open while `stream` lives.
+            unsafe {
+                let space = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
+                let mut control = vec![0u64; space.div_ceil(8)];
+                let mut iov = libc::iovec {
+                    iov_base: data.as_ptr() as *mut libc::c_void,
+                    iov_len: data.len(),
+                };
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = &mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = control.as_mut_ptr().cast();
+                msg.msg_controllen = space as _;
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), raw);
+                let n = libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }
+        });
+        match sent {
+            Ok(n) if n == data.len() => return Ok(()),
+            Ok(n) => {
+                return Err(std::io::Error::other(format!(
+                    "short QMP write with a descriptor ({n} of {} bytes)",
+                    data.len()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }

@@ -4,8 +4,8 @@
 //! when no QEMU is installed.
 
 use crate::{
-    AgentError, AgentFut, Drive, GuestStats, HostAgent, Medium, RunState, SerialConsole, VmConfig,
-    VmEvent,
+    AgentError, AgentFut, Drive, GuestStats, HostAgent, Medium, Nic, RunState, SerialConsole,
+    VmConfig, VmEvent,
 };
 use std::path::PathBuf;
 use tokio::sync::{broadcast, mpsc};
@@ -120,6 +120,23 @@ impl HostAgent for SimAgent {
     fn drive_attach(&self, vm: &str, drive: Drive) -> AgentFut<'_, ()> {
         let r = self.load(vm).and_then(|(mut cfg, st)| {
             cfg.drives.push(drive);
+            self.store(&cfg, st)
+        });
+        Box::pin(async move { r })
+    }
+    fn nic_attach(&self, vm: &str, nic: Nic) -> AgentFut<'_, ()> {
+        let r = self.load(vm).and_then(|(mut cfg, st)| {
+            if cfg.nics.iter().any(|n| n.device == nic.device) {
+                return Err(AgentError::Other(format!("NIC {} exists", nic.device)));
+            }
+            cfg.nics.push(nic);
+            self.store(&cfg, st)
+        });
+        Box::pin(async move { r })
+    }
+    fn nic_detach(&self, vm: &str, device: u32, _force: bool) -> AgentFut<'_, ()> {
+        let r = self.load(vm).and_then(|(mut cfg, st)| {
+            cfg.nics.retain(|n| n.device != device);
             self.store(&cfg, st)
         });
         Box::pin(async move { r })

@@ -35,7 +35,7 @@ pub fn build(opts: &Options) -> anyhow::Result<Arc<Server>> {
         id.pool_ref,
         opts.config.clone(),
         opts.state_dir.clone(),
-        crate::drivers::make_agent(&opts.config, &opts.state_dir),
+        crate::drivers::make_drivers(&opts.config, &opts.state_dir)?,
         crate::dispatch::registry::table(),
     ))
 }

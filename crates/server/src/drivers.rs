@@ -1,14 +1,17 @@
-//! Which host agent drives VMs, and where their runtime files go.
+//! Which host agent drives VMs and which network driver makes bridges, and
+//! where VMs' runtime files go.
 
+use crate::context::LocalDrivers;
 use crate::core::config::Config;
 use std::sync::Arc;
 
-/// Picks the host agent. The simulator is used only when asked for, or
-/// when no QEMU is installed (and the host record then says so).
-pub(crate) fn make_agent(
+/// Picks the host agent and network driver. The simulators are used only
+/// when asked for, or when no QEMU is installed (and the host record then
+/// says so).
+pub(crate) fn make_drivers(
     config: &Config,
     state_dir: &std::path::Path,
-) -> Arc<dyn corral_agent::HostAgent> {
+) -> anyhow::Result<LocalDrivers> {
     let have_qemu = std::process::Command::new(&config.qemu_binary)
         .arg("--version")
         .stdout(std::process::Stdio::null())
@@ -19,7 +22,10 @@ pub(crate) fn make_agent(
     let sim = config.host_driver == "sim" || (config.host_driver == "auto" && !have_qemu);
     if sim {
         tracing::warn!("host driver: sim (simulated VMs; nothing runs)");
-        Arc::new(corral_agent::sim::SimAgent::new(state_dir.join("sim-vms")))
+        Ok(LocalDrivers {
+            agent: Arc::new(corral_agent::sim::SimAgent::new(state_dir.join("sim-vms"))),
+            net: Arc::new(corral_net::sim::SimNetwork::new()),
+        })
     } else {
         let settings = corral_agent::qemu::QemuSettings {
             binary: config.qemu_binary.clone(),
@@ -27,10 +33,16 @@ pub(crate) fn make_agent(
             ..Default::default()
         };
         tracing::info!(accel = %settings.accel, "host driver: qemu");
-        Arc::new(corral_agent::qemu::QemuAgent::new(
-            vm_run_dir(state_dir),
-            settings,
-        ))
+        let net: Arc<dyn corral_net::HostNetwork> =
+            Arc::new(corral_net::linux::LinuxNetwork::new());
+        Ok(LocalDrivers {
+            agent: Arc::new(corral_agent::qemu::QemuAgent::new(
+                vm_run_dir(state_dir),
+                settings,
+                Arc::clone(&net),
+            )),
+            net,
+        })
     }
 }
 

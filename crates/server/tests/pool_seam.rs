@@ -13,8 +13,9 @@ use corral_agent::sim::SimAgent;
 use corral_db::Db;
 use corral_model::refs::Ref;
 use corral_model::{ApiError, Value, class, field};
-use corral_server::context::Server;
+use corral_net::sim::SimNetwork;
 use corral_server::context::hosts::{HostHandle, LinkError, PoolLink};
+use corral_server::context::{LocalDrivers, Server};
 use corral_server::core::call::{Caller, Origin};
 use corral_server::core::config::Config;
 use corral_server::init::{HostFacts, add_host, ensure};
@@ -77,7 +78,10 @@ impl TestPool {
             id.pool_ref,
             Config::default(),
             dir.join("a"),
-            a_agent.clone(),
+            LocalDrivers {
+                agent: a_agent.clone(),
+                net: Arc::new(SimNetwork::new()),
+            },
             corral_server::dispatch::registry::table(),
         );
         let b = add_host(
@@ -93,9 +97,11 @@ impl TestPool {
         )
         .expect("host B");
         let b_agent = Arc::new(SimAgent::new(dir.join("b/sim-vms")));
+        let b_net = Arc::new(SimNetwork::new());
         let b_handle = HostHandle {
             host: b.clone(),
             agent: b_agent.clone(),
+            net: b_net.clone(),
             state_dir: dir.join("b"),
         };
         let link = Arc::new(LoopbackLink {
@@ -402,7 +408,10 @@ impl TestPool {
             self.master.pool_ref.clone(),
             Config::default(),
             self.dir.join("b"),
-            b_agent,
+            LocalDrivers {
+                agent: b_agent,
+                net: Arc::new(SimNetwork::new()),
+            },
             corral_server::dispatch::registry::table(),
         )
     }

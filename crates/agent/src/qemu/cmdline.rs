@@ -17,6 +17,7 @@ impl QemuAgent {
         dir: &Path,
         paused: bool,
         incoming: Option<&Path>,
+        tap_fds: &[(u32, i32)],
     ) -> Vec<String> {
         let d = |f: &str| opt_escape(&dir.join(f).to_string_lossy());
         let mib = (cfg.memory / (1024 * 1024)).max(16);
@@ -147,6 +148,27 @@ impl QemuAgent {
                     format!("virtio-blk-pci,drive=drive-{0},id=vbd-{0}", drv.id),
                 ]);
             }
+        }
+        for nic in &cfg.nics {
+            let Some((_, fd)) = tap_fds.iter().find(|(d, _)| *d == nic.device) else {
+                continue;
+            };
+            let model = crate::NIC_MODELS
+                .iter()
+                .find(|m| **m == nic.model)
+                .copied()
+                .unwrap_or(crate::NIC_MODELS[0]);
+            let mac = if corral_net::mac::is_valid(&nic.mac) {
+                nic.mac.to_ascii_lowercase()
+            } else {
+                continue;
+            };
+            a.extend([
+                "-netdev".into(),
+                format!("tap,id=vif{0},fd={fd}", nic.device),
+                "-device".into(),
+                format!("{model},netdev=vif{0},id=nic{0},mac={mac}", nic.device),
+            ]);
         }
         if cfg.videoram_mib > 0 {
             let dev = if vga == "cirrus" { "cirrus-vga" } else { "VGA" };

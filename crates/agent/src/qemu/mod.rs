@@ -18,7 +18,7 @@ use crate::qemu::process::{
 use crate::qemu::serial::{serial_pump, tail_of};
 use crate::qmp::{Qmp, ga_call};
 use crate::{
-    AgentError, AgentFut, Drive, GuestStats, HostAgent, Medium, RunState, SERIAL_REPLAY,
+    AgentError, AgentFut, Drive, GuestStats, HostAgent, Medium, Nic, RunState, SERIAL_REPLAY,
     SerialConsole, VmConfig, VmEvent,
 };
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 mod cmdline;
+mod nics;
 mod process;
 mod serial;
 
@@ -85,16 +86,23 @@ pub(crate) const FIRMWARE_RESET_WINDOW: Duration = Duration::from_secs(3);
 pub struct QemuAgent {
     settings: QemuSettings,
     root: PathBuf,
+    /// Makes the VMs' taps.
+    net: Arc<dyn corral_net::HostNetwork>,
     vms: Mutex<HashMap<String, Arc<Attached>>>,
     events: broadcast::Sender<(String, VmEvent)>,
 }
 
 impl QemuAgent {
-    pub fn new(root: PathBuf, settings: QemuSettings) -> QemuAgent {
+    pub fn new(
+        root: PathBuf,
+        settings: QemuSettings,
+        net: Arc<dyn corral_net::HostNetwork>,
+    ) -> QemuAgent {
         let (events, _) = broadcast::channel(1024);
         QemuAgent {
             settings,
             root,
+            net,
             vms: Mutex::new(HashMap::new()),
             events,
         }
@@ -209,7 +217,32 @@ impl HostAgent for QemuAgent {
             }
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir)?;
-            let args = self.command_line(&cfg, &dir, paused, incoming.as_deref());
+            // One tap per NIC, opened here and inherited by QEMU, which
+            // holds it for the VM's life: the guest keeps its network when
+            // corrald goes, and the tap goes with the VM.
+            if let Some(bad) = cfg.nics.iter().find(|n| {
+                !corral_net::mac::is_valid(&n.mac) || !crate::NIC_MODELS.contains(&n.model.as_str())
+            }) {
+                return Err(AgentError::StartFailed(format!(
+                    "NIC {}: MAC {:?} or model {:?} refused",
+                    bad.device, bad.mac, bad.model
+                )));
+            }
+            let mut taps = Vec::with_capacity(cfg.nics.len());
+            for nic in &cfg.nics {
+                let name = corral_net::names::tap_name(&cfg.uuid, nic.device);
+                let fd = self
+                    .net
+                    .open_tap(&name, &nic.bridge, nic.mtu)
+                    .await
+                    .map_err(|e| AgentError::StartFailed(e.to_string()))?;
+                taps.push((nic.device, fd));
+            }
+            let tap_fds: Vec<(u32, i32)> = taps
+                .iter()
+                .map(|(d, fd)| (*d, std::os::fd::AsRawFd::as_raw_fd(fd)))
+                .collect();
+            let args = self.command_line(&cfg, &dir, paused, incoming.as_deref(), &tap_fds);
             std::fs::write(
                 dir.join("cmdline"),
                 args.iter()
@@ -217,12 +250,28 @@ impl HostAgent for QemuAgent {
                     .collect::<Vec<_>>()
                     .join(" "),
             )?;
-            let out = tokio::process::Command::new(&self.settings.binary)
-                .args(&args)
-                .stdin(std::process::Stdio::null())
+            let mut command = tokio::process::Command::new(&self.settings.binary);
+            command.args(&args).stdin(std::process::Stdio::null());
+            let inherit: Vec<i32> = tap_fds.iter().map(|(_, fd)| *fd).collect();
+            // SAFETY: between fork and exec only fcntl(2), which is
+            // async-signal-safe, runs; it clears close-on-exec on the tap
+            // descriptors so that QEMU inherits them at the same numbers.
+            unsafe {
+                command.pre_exec(move || {
+                    for fd in &inherit {
+                        if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+            let out = command
                 .output()
                 .await
                 .map_err(|e| AgentError::StartFailed(format!("{}: {e}", self.settings.binary)))?;
+            // QEMU has its own copies now.
+            drop(taps);
             if !out.status.success() {
                 let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
                 let _ = std::fs::remove_dir_all(&dir);
@@ -454,6 +503,16 @@ impl HostAgent for QemuAgent {
             }
             Ok(())
         })
+    }
+
+    fn nic_attach(&self, vm: &str, nic: Nic) -> AgentFut<'_, ()> {
+        let vm = vm.to_owned();
+        Box::pin(async move { self.hotplug_nic(&vm, nic).await })
+    }
+
+    fn nic_detach(&self, vm: &str, device: u32, force: bool) -> AgentFut<'_, ()> {
+        let vm = vm.to_owned();
+        Box::pin(async move { self.unplug_nic(&vm, device, force).await })
     }
 
     fn set_balloon(&self, vm: &str, bytes: i64) -> AgentFut<'_, ()> {

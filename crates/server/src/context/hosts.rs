@@ -6,6 +6,7 @@
 use crate::context::Server;
 use corral_agent::HostAgent;
 use corral_model::{ApiError, errors};
+use corral_net::HostNetwork;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -16,6 +17,8 @@ pub struct HostHandle {
     pub host: String,
     /// Runs that host's VMs.
     pub agent: Arc<dyn HostAgent>,
+    /// Makes that host's bridges.
+    pub net: Arc<dyn HostNetwork>,
     /// Where that host keeps SR mounts and runtime files.
     pub state_dir: PathBuf,
 }
@@ -46,6 +49,7 @@ impl Server {
         HostHandle {
             host: self.host_ref.clone(),
             agent: Arc::clone(&self.local_agent),
+            net: Arc::clone(&self.local_net),
             state_dir: self.state_dir.clone(),
         }
     }

@@ -33,6 +33,7 @@ pub struct Server {
     /// This host's agent: its VMs run through it. Operations reach it
     /// (and other hosts' agents) through [`Server::host`].
     pub(crate) local_agent: Arc<dyn corral_agent::HostAgent>,
+    pub(crate) local_net: Arc<dyn corral_net::HostNetwork>,
     /// How the pool's other hosts are reached (none: a pool of one).
     pub(crate) pool_link: std::sync::RwLock<Option<Arc<dyn hosts::PoolLink>>>,
     /// VM uuids whose guest shutdown an operation is waiting for.
@@ -60,6 +61,12 @@ pub type SyncHandler = dyn Fn(&Arc<Server>, &Ctx, Vec<Value>) -> ApiResult + Sen
 
 pub type AsyncHandler = dyn Fn(Arc<Server>, Ctx, Vec<Value>) -> BoxFut + Send + Sync;
 
+/// This host's own drivers, which [`Server::local`] hands out.
+pub struct LocalDrivers {
+    pub agent: Arc<dyn corral_agent::HostAgent>,
+    pub net: Arc<dyn corral_net::HostNetwork>,
+}
+
 impl Server {
     pub fn new(
         db: Arc<Db>,
@@ -67,13 +74,14 @@ impl Server {
         pool_ref: String,
         config: Config,
         state_dir: std::path::PathBuf,
-        agent: Arc<dyn corral_agent::HostAgent>,
+        drivers: LocalDrivers,
         handlers: HashMap<String, Handler>,
     ) -> Arc<Server> {
         let events = EventHub::new(db.read().generation());
         let state_dir_for_audit = state_dir.clone();
         let server = Arc::new(Server {
-            local_agent: agent,
+            local_agent: drivers.agent,
+            local_net: drivers.net,
             pool_link: Default::default(),
             expected_shutdowns: Mutex::new(Default::default()),
             db,

@@ -1,6 +1,6 @@
 //! The one place where the drivers' typed errors become XenAPI errors:
-//! the host agent's (`AgentError`) and the storage layer's
-//! (`StorageError`). The database's own mapping lives beside `DbError`.
+//! the host agent's (`AgentError`), the host network's (`NetError`) and
+//! the storage layer's (`StorageError`). The database's own mapping lives beside `DbError`.
 
 use corral_agent::AgentError;
 use corral_model::{ApiError, errors};
@@ -14,8 +14,14 @@ pub fn agent(vm: &str, e: AgentError) -> ApiError {
         AgentError::StartFailed(m) => ApiError::internal(format!("QEMU failed to start: {m}")),
         AgentError::Qmp(e) => ApiError::internal(format!("QEMU refused: {e}")),
         AgentError::Io(e) => ApiError::internal(format!("host agent I/O: {e}")),
+        AgentError::Rejected(d) => ApiError::internal(format!("the guest did not release {d}")),
         AgentError::Other(m) => ApiError::internal(m),
     }
+}
+
+/// A host-network failure while setting up `what` (a bridge, a tap).
+pub fn network(what: &str, e: corral_net::NetError) -> ApiError {
+    ApiError::internal(format!("host network, {what}: {e}"))
 }
 
 /// A host-agent failure in an operation on the host as a whole (no VM).

@@ -6,7 +6,7 @@ use crate::core::records::{check_refs, create_fields};
 use crate::dispatch::resolve::Kind;
 use corral_db::{Txn, check_field};
 use corral_model::errors;
-use corral_model::schema::{ClassId, class};
+use corral_model::schema::{ClassId, class, field};
 use corral_model::{ApiError, Value, new_ref};
 
 impl Server {
@@ -203,9 +203,24 @@ impl Server {
 
 /// Derived fields that a generic setter's change affects (a VM's
 /// `allowed_operations` after `is_a_template` or `blocked_operations`).
+/// Every VM gets `other_config:mac_seed` at creation, which its VIFs'
+/// MACs come from (as in XAPI).
+fn give_mac_seed(t: &mut Txn<'_>, vm: &str) -> Result<(), ApiError> {
+    let mut oc = match t.state().get(field::vm::OTHER_CONFIG, vm) {
+        Some(Value::Struct(m)) => m,
+        _ => Vec::new(),
+    };
+    if oc.iter().any(|(k, _)| k == "mac_seed") {
+        return Ok(());
+    }
+    oc.push(("mac_seed".into(), Value::String(corral_model::new_uuid())));
+    t.set(field::vm::OTHER_CONFIG, vm, Value::Struct(oc))
+}
+
 pub(crate) fn follow_up(t: &mut Txn<'_>, c: ClassId, r: &str) -> Result<(), ApiError> {
     if c == class::VM {
         crate::ops::vm::lifecycle::refresh_allowed(t, r)?;
+        give_mac_seed(t, r)?;
     }
     Ok(())
 }

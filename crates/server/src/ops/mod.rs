@@ -3,7 +3,9 @@
 pub mod event;
 pub mod host;
 pub mod message;
+pub mod network;
 pub mod pbd;
+pub mod pif;
 pub mod query;
 pub mod session;
 pub mod sr;
@@ -11,4 +13,5 @@ pub mod storage;
 pub mod user;
 pub mod vbd;
 pub mod vdi;
+pub mod vif;
 pub mod vm;

@@ -53,7 +53,12 @@ pub(crate) fn vm_by_uuid(s: &Server, uuid: &str) -> Option<String> {
 }
 
 pub(crate) fn vbds_of(st: &corral_db::State, vm: &str) -> Vec<String> {
-    st.get(field::vm::VBDS, vm)
+    refs_in(st, field::vm::VBDS, vm)
+}
+
+/// The references in a set field of `r` (a VM's VBDs, VIFs, …).
+pub(crate) fn refs_in(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> Vec<String> {
+    st.get(f, r)
         .and_then(|v| {
             v.as_array().map(|a| {
                 a.iter()

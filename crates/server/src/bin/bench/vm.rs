@@ -6,11 +6,11 @@
 //! scripts/build-test-guest.sh under TCG, as in the tests.
 
 use super::*;
+use corral_model::args::{Args, vm};
+use corral_model::refs::{Ref, classes};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use corral_model::args::{Args, vm};
-use corral_model::refs::{Ref, classes};
 
 const READY: &str = "corral-guest: ready";
 const HTTP_HEAD_END: &str = "\r\n\r\n";

@@ -1,5 +1,6 @@
 //! The handler table: every message with a hand-written implementation.
 
+pub mod network;
 pub mod storage;
 pub mod vm;
 
@@ -81,6 +82,7 @@ pub fn table() -> HashMap<String, Handler> {
         s.sessions.revoke_user(s, r, Some(&c.session));
         void()
     });
+    crate::dispatch::registry::network::register(&mut t);
     crate::dispatch::registry::storage::register(&mut t);
     crate::dispatch::registry::vm::register(&mut t);
     // The logins also see the transport (dispatch appends it).

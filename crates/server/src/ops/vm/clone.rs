@@ -44,11 +44,14 @@ pub(crate) async fn vm_destroy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResu
     }
     drop_suspend_image(&s, &vm).await;
     drop(op);
-    // Only what belongs to the VM goes: its VBDs, consoles and metrics
-    // records. Its disks (VDIs) stay, as in XAPI.
+    // Only what belongs to the VM goes: its VBDs, VIFs, consoles and
+    // metrics records. Its disks (VDIs) stay, as in XAPI.
     db(s.db.write(|t| {
         for vbd in vbds_of(t.state(), &vm) {
             t.delete(class::VBD, &vbd)?;
+        }
+        for vif in crate::ops::vif::vifs_of(t.state(), &vm) {
+            t.delete(class::VIF, &vif)?;
         }
         remove_consoles(t, &vm)?;
         for f in [field::vm::METRICS, field::vm::GUEST_METRICS] {
@@ -399,8 +402,11 @@ pub fn vm_clone_record(s: &Server, src: &str, name: &str) -> Result<String, ApiE
             Value::str(corral_model::NULL_REF),
         );
         set(&mut fields, field::vm::PARENT, Value::str(&src));
+        // A VM of its own gets MACs of its own.
+        let seed = corral_model::new_uuid();
         if let Value::Struct(oc) = &mut fields[field::vm::OTHER_CONFIG.index].1 {
-            oc.retain(|(k, _)| k != "default_template");
+            oc.retain(|(k, _)| k != "default_template" && k != "mac_seed");
+            oc.push(("mac_seed".into(), Value::String(seed.clone())));
         }
         set(
             &mut fields,
@@ -425,6 +431,7 @@ pub fn vm_clone_record(s: &Server, src: &str, name: &str) -> Result<String, ApiE
         );
         fields.retain(|(i, _)| class::VM.def().fields[*i].rel.is_none());
         t.create(class::VM, &r, fields)?;
+        crate::ops::vif::copy_vifs(t, &src, &r, &seed)?;
         crate::ops::vm::lifecycle::refresh_allowed(t, &r)
     })
     .map_err(ApiError::from)?;

@@ -126,6 +126,7 @@ pub(crate) fn build_config(s: &Server, vm: &str) -> Result<VmConfig, ApiError> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
         hpet: platform.get("hpet").map(|v| v != "false" && v != "0"),
+        nics: crate::ops::vif::nics_of(&st, vm)?,
     })
 }
 

@@ -27,6 +27,14 @@ pub(crate) async fn launch(
 ) -> Result<VmConfig, ApiError> {
     let cfg = build_config(s, vm)?;
     check_memory(s, h, &cfg)?;
+    // The bridges the VM's NICs go on, on the host it starts on.
+    let bridges = crate::ops::vif::bridges_of(&s.db.read(), vm);
+    for (bridge, mtu) in bridges {
+        h.net
+            .ensure_bridge(&bridge, mtu)
+            .await
+            .map_err(|e| driver_errors::network(&bridge, e))?;
+    }
     let domid = h
         .agent
         .start(cfg.clone(), paused, incoming)

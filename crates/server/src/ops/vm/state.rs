@@ -47,6 +47,7 @@ pub(crate) fn record_running(
         t.set(field::vm::DOMID, vm, Value::Int(domid))?;
         t.set(field::vm::SUSPEND_VDI, vm, Value::str(NULL_REF))?;
         t.set(field::vm::DOMARCH, vm, Value::str("x64"))?;
+        crate::ops::vif::set_vifs_attached(t, vm, live_state(paused))?;
         let metrics = ensure_metrics(t, vm)?;
         t.set(
             field::vm_metrics::START_TIME,
@@ -162,6 +163,7 @@ pub(crate) fn record_stopped(
         for vbd in vbds_of(t.state(), vm) {
             t.set(field::vbd::CURRENTLY_ATTACHED, &vbd, Value::Bool(false))?;
         }
+        crate::ops::vif::set_vifs_attached(t, vm, state)?;
         remove_consoles(t, vm)?;
         let metrics = t
             .state()

@@ -1,0 +1,97 @@
+//! Corral's host networking (the part of XenServer's networkd and
+//! interface-reconfigure that Linux bridges need): [`HostNetwork`] is the
+//! seam; [`linux::LinuxNetwork`] drives the kernel through netlink and
+//! `/dev/net/tun`, [`sim::SimNetwork`] keeps the same state in memory for
+//! in-process tests. It knows nothing of the pool database: the server
+//! decides which bridges and taps exist, this crate makes them so.
+
+pub mod linux;
+pub mod mac;
+pub mod names;
+pub mod sim;
+
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("no network device {0}")]
+    NoDevice(String),
+}
+
+pub type NetFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, NetError>> + Send + 'a>>;
+
+/// A network device as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    /// `bridge`, `veth`, `tun`, … (empty for a plain NIC).
+    pub kind: String,
+    pub mac: String,
+    pub mtu: u32,
+    pub up: bool,
+    /// The bridge (or bond) it is enslaved to.
+    pub controller: Option<String>,
+    /// An Ethernet device (not loopback, not a tunnel).
+    pub ether: bool,
+}
+
+impl Link {
+    /// Whether a PIF should stand for this device: an Ethernet device that
+    /// is not a bridge, tap, VLAN, bond or anything else Corral or the
+    /// kernel made on top of NICs. A veth end counts, as a NIC does.
+    pub fn is_nic(&self) -> bool {
+        self.ether
+            && matches!(self.kind.as_str(), "" | "veth")
+            && !names::made_by_corral(&self.name)
+    }
+}
+
+/// What sysfs says about a NIC (XenAPI's PIF_metrics).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NicFacts {
+    pub carrier: bool,
+    /// Mbit/s; 0 when the driver does not say.
+    pub speed: i64,
+    pub full_duplex: bool,
+    pub vendor_id: String,
+    pub device_id: String,
+    pub pci_bus_path: String,
+}
+
+/// An IPv4 address with its prefix length.
+pub type Ipv4Cidr = (std::net::Ipv4Addr, u8);
+
+/// What corrald does to a host's network devices.
+pub trait HostNetwork: Send + Sync {
+    /// The bridge `name` exists, is up and has this MTU; made if missing,
+    /// left alone (beyond MTU and up) if there.
+    fn ensure_bridge(&self, name: &str, mtu: u32) -> NetFut<'_, ()>;
+    /// Removes the device if it exists.
+    fn remove_link(&self, name: &str) -> NetFut<'_, ()>;
+    /// A tap device `name` on `bridge` (which must exist), up, with the
+    /// bridge's MTU and the MAC `fe:ff:ff:ff:ff:ff` (so that a guest's tap
+    /// never becomes the bridge's address). The tap lives as long as the
+    /// returned descriptor: handed to QEMU, it goes when the VM does.
+    fn open_tap(&self, name: &str, bridge: &str, mtu: u32) -> NetFut<'_, OwnedFd>;
+    /// The devices the host has now.
+    fn links(&self) -> NetFut<'_, Vec<Link>>;
+    /// Enslaves `device` to `bridge` (which must exist) and sets it up,
+    /// or with `None` frees it from any.
+    fn set_controller(&self, device: &str, bridge: Option<&str>) -> NetFut<'_, ()>;
+    /// Makes `device`'s IPv4 addresses exactly these.
+    fn set_ipv4(&self, device: &str, addresses: Vec<Ipv4Cidr>) -> NetFut<'_, ()>;
+    /// `device`'s IPv4 addresses.
+    fn ipv4(&self, device: &str) -> NetFut<'_, Vec<Ipv4Cidr>>;
+    /// Carrier, speed, duplex and PCI identity of a NIC.
+    fn nic_facts(&self, device: &str) -> NicFacts;
+}
+
+/// What a tap gets as its own address (XenServer's backend devices do too).
+pub const TAP_MAC: [u8; 6] = [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff];

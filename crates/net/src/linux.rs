@@ -1,0 +1,355 @@
+//! The host network through the kernel: links over rtnetlink, taps with
+//! the TUNSETIFF ioctl (the kernel does not make taps over netlink).
+
+use crate::{HostNetwork, Ipv4Cidr, Link, NetError, NetFut, NicFacts, TAP_MAC};
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::LinkLayerType;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+pub struct LinuxNetwork {
+    /// Opened on first use, inside the runtime its worker task needs.
+    handle: std::sync::OnceLock<Handle>,
+}
+
+fn nl(e: rtnetlink::Error) -> NetError {
+    NetError::Netlink(e.to_string())
+}
+
+/// Whether a netlink error says that the device does not exist.
+fn is_no_device(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV)
+}
+
+impl Default for LinuxNetwork {
+    fn default() -> Self {
+        LinuxNetwork::new()
+    }
+}
+
+impl LinuxNetwork {
+    pub fn new() -> LinuxNetwork {
+        LinuxNetwork {
+            handle: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The netlink connection, opened the first time (its worker then runs
+    /// on the current Tokio runtime for as long as this value lives).
+    fn conn(&self) -> Result<&Handle, NetError> {
+        if let Some(h) = self.handle.get() {
+            return Ok(h);
+        }
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| NetError::Io("netlink socket".into(), e))?;
+        if self.handle.set(handle).is_ok() {
+            tokio::spawn(conn);
+        }
+        self.handle
+            .get()
+            .ok_or_else(|| NetError::Netlink("no netlink connection".into()))
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<LinkMessage>, NetError> {
+        let mut s = self
+            .conn()?
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m),
+            Err(e) if is_no_device(&e) => Ok(None),
+            Err(e) => Err(nl(e)),
+        }
+    }
+
+    /// The IPv4 addresses of the device with this index, with the
+    /// messages that delete them.
+    async fn v4_messages(&self, index: u32) -> Result<Vec<(AddressMessage, Ipv4Cidr)>, NetError> {
+        let msgs: Vec<AddressMessage> = self
+            .conn()?
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl)?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.family != AddressFamily::Inet || m.header.index != index {
+                continue;
+            }
+            let addr = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(v))
+                | AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                _ => None,
+            });
+            if let Some(a) = addr {
+                let prefix = m.header.prefix_len;
+                out.push((m, (a, prefix)));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn index(&self, name: &str) -> Result<u32, NetError> {
+        self.get(name)
+            .await?
+            .map(|m| m.header.index)
+            .ok_or_else(|| NetError::NoDevice(name.to_owned()))
+    }
+}
+
+fn link_of(m: &LinkMessage, names: &std::collections::HashMap<u32, String>) -> Link {
+    let mut l = Link {
+        name: String::new(),
+        index: m.header.index,
+        kind: String::new(),
+        mac: String::new(),
+        mtu: 0,
+        up: m.header.flags.contains(LinkFlags::Up),
+        controller: None,
+        ether: m.header.link_layer_type == LinkLayerType::Ether,
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::Mtu(x) => l.mtu = *x,
+            LinkAttribute::Address(b) => {
+                l.mac = b
+                    .iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            }
+            LinkAttribute::Controller(i) => l.controller = names.get(i).cloned(),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        l.kind = match k {
+                            InfoKind::Other(s) => s.clone(),
+                            k => k.to_string(),
+                        };
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+impl HostNetwork for LinuxNetwork {
+    fn ensure_bridge(&self, name: &str, mtu: u32) -> NetFut<'_, ()> {
+        let name = name.to_owned();
+        Box::pin(async move {
+            match self.get(&name).await? {
+                Some(m) => {
+                    let set = LinkUnspec::new_with_index(m.header.index)
+                        .mtu(mtu)
+                        .up()
+                        .build();
+                    self.conn()?.link().set(set).execute().await.map_err(nl)
+                }
+                None => {
+                    let add = LinkBridge::new(&name).mtu(mtu).build();
+                    match self.conn()?.link().add(add).execute().await {
+                        Ok(()) => Ok(()),
+                        // Made meanwhile by a concurrent start: fine.
+                        Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::EEXIST => {
+                            Ok(())
+                        }
+                        Err(e) => Err(nl(e)),
+                    }
+                }
+            }
+        })
+    }
+
+    fn remove_link(&self, name: &str) -> NetFut<'_, ()> {
+        let name = name.to_owned();
+        Box::pin(async move {
+            let Some(m) = self.get(&name).await? else {
+                return Ok(());
+            };
+            match self.conn()?.link().del(m.header.index).execute().await {
+                Ok(()) => Ok(()),
+                Err(e) if is_no_device(&e) => Ok(()),
+                Err(e) => Err(nl(e)),
+            }
+        })
+    }
+
+    fn open_tap(&self, name: &str, bridge: &str, mtu: u32) -> NetFut<'_, OwnedFd> {
+        let (name, bridge) = (name.to_owned(), bridge.to_owned());
+        Box::pin(async move {
+            let controller = self.index(&bridge).await?;
+            let fd = tun_open(&name)?;
+            let index = self.index(&name).await?;
+            let set = LinkUnspec::new_with_index(index)
+                .address(TAP_MAC.to_vec())
+                .mtu(mtu)
+                .controller(controller)
+                .up()
+                .build();
+            self.conn()?.link().set(set).execute().await.map_err(nl)?;
+            Ok(fd)
+        })
+    }
+
+    fn set_controller(&self, device: &str, bridge: Option<&str>) -> NetFut<'_, ()> {
+        let (device, bridge) = (device.to_owned(), bridge.map(str::to_owned));
+        Box::pin(async move {
+            let index = self.index(&device).await?;
+            let msg = match &bridge {
+                Some(b) => {
+                    let controller = self.index(b).await?;
+                    LinkUnspec::new_with_index(index)
+                        .controller(controller)
+                        .up()
+                        .build()
+                }
+                None => LinkUnspec::new_with_index(index).nocontroller().build(),
+            };
+            self.conn()?.link().set(msg).execute().await.map_err(nl)
+        })
+    }
+
+    fn set_ipv4(&self, device: &str, addresses: Vec<Ipv4Cidr>) -> NetFut<'_, ()> {
+        let device = device.to_owned();
+        Box::pin(async move {
+            let index = self.index(&device).await?;
+            let now = self.v4_messages(index).await?;
+            for (msg, have) in &now {
+                if !addresses.contains(have) {
+                    self.conn()?
+                        .address()
+                        .del(msg.clone())
+                        .execute()
+                        .await
+                        .map_err(nl)?;
+                }
+            }
+            for want in &addresses {
+                if !now.iter().any(|(_, have)| have == want) {
+                    self.conn()?
+                        .address()
+                        .add(index, IpAddr::V4(want.0), want.1)
+                        .execute()
+                        .await
+                        .map_err(nl)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn ipv4(&self, device: &str) -> NetFut<'_, Vec<Ipv4Cidr>> {
+        let device = device.to_owned();
+        Box::pin(async move {
+            let index = self.index(&device).await?;
+            Ok(self
+                .v4_messages(index)
+                .await?
+                .into_iter()
+                .map(|(_, a)| a)
+                .collect())
+        })
+    }
+
+    fn nic_facts(&self, device: &str) -> NicFacts {
+        let dir = std::path::Path::new("/sys/class/net").join(device);
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let pci = std::fs::read_link(dir.join("device"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        NicFacts {
+            carrier: read("carrier") == "1",
+            speed: read("speed")
+                .parse::<i64>()
+                .ok()
+                .filter(|s| *s > 0)
+                .unwrap_or(0),
+            full_duplex: read("duplex") == "full",
+            vendor_id: read("device/vendor").trim_start_matches("0x").to_owned(),
+            device_id: read("device/device").trim_start_matches("0x").to_owned(),
+            pci_bus_path: pci,
+        }
+    }
+
+    fn links(&self) -> NetFut<'_, Vec<Link>> {
+        Box::pin(async move {
+            let msgs: Vec<LinkMessage> = self
+                .conn()?
+                .link()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl)?;
+            let mut names = std::collections::HashMap::new();
+            for m in &msgs {
+                for a in &m.attributes {
+                    if let LinkAttribute::IfName(n) = a {
+                        names.insert(m.header.index, n.clone());
+                    }
+                }
+            }
+            Ok(msgs.iter().map(|m| link_of(m, &names)).collect())
+        })
+    }
+}
+
+/// Opens `/dev/net/tun` as the tap `name` (made if missing; a tap made this
+/// way lives while a descriptor is open on it). With `IFF_VNET_HDR`, so
+/// that QEMU's virtio-net can pass offloads through.
+fn tun_open(name: &str) -> Result<OwnedFd, NetError> {
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    const IFF_VNET_HDR: libc::c_short = 0x4000;
+    // _IOW('T', 202, int)
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
+        return Err(NetError::NoDevice(name.to_owned()));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| NetError::Io("/dev/net/tun".into(), e))?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    for (d, s) in req.name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays
+    // out (name, flags, padding to its 40 bytes); the fd is open.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+    if r < 0 {
+        return Err(NetError::Io(
+            format!("TUNSETIFF {name}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(OwnedFd::from(file))
+}

@@ -1,0 +1,496 @@
+//! PIFs: a host's NICs as XenServer shows them (PIF.scan, introduce,
+//! forget), attaching them to their network's bridge (plug, unplug), their
+//! IPv4 configuration (reconfigure_ip) and the management interface.
+
+use crate::context::Server;
+use crate::context::hosts::HostHandle;
+use crate::core::call::{ApiResult, void};
+use crate::core::driver_errors;
+use crate::core::records::db;
+use corral_model::enums::IpConfigurationMode;
+use corral_model::errors;
+use corral_model::schema::{class, field};
+use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
+use corral_net::{Ipv4Cidr, Link, NicFacts};
+use std::net::Ipv4Addr;
+
+/// The PIFs of `host`.
+pub(crate) fn pifs_of(st: &corral_db::State, host: &str) -> Vec<String> {
+    st.refs(class::PIF)
+        .filter(|p| st.get_str(field::pif::HOST, p).as_deref() == Some(host))
+        .cloned()
+        .collect()
+}
+
+fn flag(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> bool {
+    st.get(f, r).and_then(|v| v.as_bool()).unwrap_or(false)
+}
+
+/// The handle of the PIF's host, with the PIF's device and its network's
+/// bridge.
+fn pif_parts(s: &Server, pif: &str) -> Result<(HostHandle, String, String, i64), ApiError> {
+    let st = s.db.read();
+    if !st.exists(class::PIF, pif) {
+        return Err(ApiError::handle_invalid("PIF", pif));
+    }
+    let host = st.get_str(field::pif::HOST, pif).unwrap_or_default();
+    let device = st.get_str(field::pif::DEVICE, pif).unwrap_or_default();
+    let network = st.get_str(field::pif::NETWORK, pif).unwrap_or_default();
+    let bridge = st
+        .get_str(field::network::BRIDGE, &network)
+        .unwrap_or_default();
+    let mtu = st
+        .get(field::pif::MTU, pif)
+        .and_then(|v| v.as_int())
+        .unwrap_or(1500);
+    drop(st);
+    Ok((s.host(&host)?, device, bridge, mtu))
+}
+
+/// Writes the PIF_metrics record of `pif` from what sysfs says.
+fn write_metrics(
+    t: &mut corral_db::Txn<'_>,
+    pif: &str,
+    facts: &NicFacts,
+) -> Result<String, ApiError> {
+    let mut metrics = t
+        .state()
+        .get_str(field::pif::METRICS, pif)
+        .unwrap_or_default();
+    if !t.state().exists(class::PIF_METRICS, &metrics) {
+        metrics = new_ref();
+        t.create(class::PIF_METRICS, &metrics, vec![])?;
+        t.set(field::pif::METRICS, pif, Value::str(&metrics))?;
+    }
+    let f = field::pif_metrics::CARRIER;
+    t.set(f, &metrics, Value::Bool(facts.carrier))?;
+    t.set(field::pif_metrics::SPEED, &metrics, Value::Int(facts.speed))?;
+    t.set(
+        field::pif_metrics::DUPLEX,
+        &metrics,
+        Value::Bool(facts.full_duplex),
+    )?;
+    t.set(
+        field::pif_metrics::VENDOR_ID,
+        &metrics,
+        Value::str(&facts.vendor_id),
+    )?;
+    t.set(
+        field::pif_metrics::DEVICE_ID,
+        &metrics,
+        Value::str(&facts.device_id),
+    )?;
+    t.set(
+        field::pif_metrics::PCI_BUS_PATH,
+        &metrics,
+        Value::str(&facts.pci_bus_path),
+    )?;
+    t.set(
+        field::pif_metrics::LAST_UPDATED,
+        &metrics,
+        Value::DateTime(date::now()),
+    )?;
+    Ok(metrics)
+}
+
+/// The network of a NIC's bridge, made (as XenServer's installer names
+/// them) if no network has that bridge.
+fn network_for_bridge(
+    t: &mut corral_db::Txn<'_>,
+    bridge: &str,
+    device: &str,
+) -> Result<String, ApiError> {
+    let st = t.state();
+    if let Some(n) = st
+        .refs(class::NETWORK)
+        .find(|n| st.get_str(field::network::BRIDGE, n).as_deref() == Some(bridge))
+    {
+        return Ok(n.clone());
+    }
+    let n = new_ref();
+    t.create(
+        class::NETWORK,
+        &n,
+        vec![
+            (
+                field::network::NAME_LABEL.index,
+                Value::String(format!("Pool-wide network associated with {device}")),
+            ),
+            (field::network::BRIDGE.index, Value::str(bridge)),
+            (field::network::MTU.index, Value::Int(1500)),
+            (
+                field::network::ALLOWED_OPERATIONS.index,
+                Value::string_set(["attaching"]),
+            ),
+        ],
+    )?;
+    Ok(n)
+}
+
+/// A PIF record for NIC `link` of `host` (unplugged: plugging moves it
+/// onto its network's bridge).
+fn introduce_pif(
+    t: &mut corral_db::Txn<'_>,
+    host: &str,
+    link: &Link,
+    facts: &NicFacts,
+    managed: bool,
+) -> Result<String, ApiError> {
+    let bridge = corral_net::names::bridge_for_nic(&link.name);
+    let network = network_for_bridge(t, &bridge, &link.name)?;
+    let pif = new_ref();
+    t.create(
+        class::PIF,
+        &pif,
+        vec![
+            (field::pif::DEVICE.index, Value::str(&link.name)),
+            (field::pif::NETWORK.index, Value::str(&network)),
+            (field::pif::HOST.index, Value::str(host)),
+            (field::pif::MAC.index, Value::str(&link.mac)),
+            (field::pif::MTU.index, Value::Int(i64::from(link.mtu))),
+            (field::pif::VLAN.index, Value::Int(-1)),
+            (field::pif::PHYSICAL.index, Value::Bool(true)),
+            (field::pif::CURRENTLY_ATTACHED.index, Value::Bool(false)),
+            (field::pif::MANAGED.index, Value::Bool(managed)),
+            (field::pif::METRICS.index, Value::str(NULL_REF)),
+        ],
+    )?;
+    write_metrics(t, &pif, facts)?;
+    Ok(pif)
+}
+
+/// `PIF.scan`: a PIF (and, when its bridge has none, a network) for every
+/// NIC of the host that has none yet, matched by MAC as XAPI does; a
+/// second scan adds nothing.
+pub(crate) async fn pif_scan(s: &Server, host: &str) -> ApiResult {
+    let h = s.host(host)?;
+    let links = h
+        .net
+        .links()
+        .await
+        .map_err(|e| driver_errors::network("scanning the NICs", e))?;
+    let nics: Vec<(Link, NicFacts)> = links
+        .into_iter()
+        .filter(Link::is_nic)
+        .map(|l| {
+            let f = h.net.nic_facts(&l.name);
+            (l, f)
+        })
+        .collect();
+    db(s.db.write(|t| {
+        if !t.state().exists(class::HOST, host) {
+            return Err(ApiError::handle_invalid("host", host));
+        }
+        for (link, facts) in &nics {
+            let st = t.state();
+            let known = pifs_of(st, host).into_iter().find(|p| {
+                st.get_str(field::pif::MAC, p)
+                    .is_some_and(|m| m.eq_ignore_ascii_case(&link.mac))
+                    && flag(st, field::pif::PHYSICAL, p)
+            });
+            match known {
+                Some(p) => {
+                    write_metrics(t, &p, facts)?;
+                }
+                None => {
+                    introduce_pif(t, host, link, facts, true)?;
+                }
+            }
+        }
+        Ok(())
+    }))?;
+    void()
+}
+
+/// `PIF.introduce`: the PIF of one named NIC (whose MAC must match, when
+/// given).
+pub(crate) async fn pif_introduce(
+    s: &Server,
+    host: &str,
+    mac: &str,
+    device: &str,
+    managed: bool,
+) -> ApiResult {
+    if !mac.is_empty() && !corral_net::mac::is_valid(mac) {
+        return Err(errors::mac_invalid(mac));
+    }
+    let h = s.host(host)?;
+    let links = h
+        .net
+        .links()
+        .await
+        .map_err(|e| driver_errors::network("listing the NICs", e))?;
+    let Some(link) = links.into_iter().find(|l| {
+        l.name == device && l.is_nic() && (mac.is_empty() || l.mac.eq_ignore_ascii_case(mac))
+    }) else {
+        return Err(ApiError::invalid_value("device", device));
+    };
+    let facts = h.net.nic_facts(&link.name);
+    let pif = db(s.db.write(|t| {
+        let st = t.state();
+        if pifs_of(st, host)
+            .iter()
+            .any(|p| st.get_str(field::pif::DEVICE, p).as_deref() == Some(device))
+        {
+            return Err(errors::device_already_exists(device));
+        }
+        introduce_pif(t, host, &link, &facts, managed)
+    }))?;
+    Ok(Value::String(pif))
+}
+
+/// `PIF.plug`: the network's bridge on the PIF's host, the NIC enslaved
+/// to it, and the PIF's IPv4 configuration on the bridge.
+pub(crate) async fn pif_plug(s: &Server, pif: &str) -> ApiResult {
+    let (h, device, bridge, mtu) = pif_parts(s, pif)?;
+    let mtu = u32::try_from(mtu).unwrap_or(1500);
+    h.net
+        .ensure_bridge(&bridge, mtu)
+        .await
+        .map_err(|e| driver_errors::network(&bridge, e))?;
+    h.net
+        .set_controller(&device, Some(&bridge))
+        .await
+        .map_err(|e| driver_errors::network(&device, e))?;
+    let addresses = configured_ipv4(&s.db.read(), pif)?;
+    h.net
+        .set_ipv4(&bridge, addresses)
+        .await
+        .map_err(|e| driver_errors::network(&bridge, e))?;
+    let facts = h.net.nic_facts(&device);
+    db(s.db.write(|t| {
+        t.set(field::pif::CURRENTLY_ATTACHED, pif, Value::Bool(true))?;
+        write_metrics(t, pif, &facts).map(|_| ())
+    }))?;
+    void()
+}
+
+/// `PIF.unplug`: not the management interface, nor one that forbids it.
+pub(crate) async fn pif_unplug(s: &Server, pif: &str) -> ApiResult {
+    {
+        let st = s.db.read();
+        if st.exists(class::PIF, pif) && flag(&st, field::pif::MANAGEMENT, pif) {
+            return Err(errors::pif_is_management_interface(pif));
+        }
+        if flag(&st, field::pif::DISALLOW_UNPLUG, pif) {
+            return Err(errors::pif_does_not_allow_unplug(pif));
+        }
+    }
+    let (h, device, bridge, _) = pif_parts(s, pif)?;
+    detach(&h, &device, &bridge).await?;
+    db(s.db.write(|t| t.set(field::pif::CURRENTLY_ATTACHED, pif, Value::Bool(false))))?;
+    void()
+}
+
+async fn detach(h: &HostHandle, device: &str, bridge: &str) -> Result<(), ApiError> {
+    h.net
+        .set_controller(device, None)
+        .await
+        .map_err(|e| driver_errors::network(device, e))?;
+    match h.net.set_ipv4(bridge, vec![]).await {
+        Ok(()) | Err(corral_net::NetError::NoDevice(_)) => Ok(()),
+        Err(e) => Err(driver_errors::network(bridge, e)),
+    }
+}
+
+/// `PIF.forget`: the record (and its metrics) go; the NIC is freed from
+/// the bridge first. Not the management interface.
+pub(crate) async fn pif_forget(s: &Server, pif: &str) -> ApiResult {
+    let attached = {
+        let st = s.db.read();
+        if !st.exists(class::PIF, pif) {
+            return Err(ApiError::handle_invalid("PIF", pif));
+        }
+        if flag(&st, field::pif::MANAGEMENT, pif) {
+            return Err(errors::pif_is_management_interface(pif));
+        }
+        flag(&st, field::pif::CURRENTLY_ATTACHED, pif)
+    };
+    if attached {
+        let (h, device, bridge, _) = pif_parts(s, pif)?;
+        detach(&h, &device, &bridge).await?;
+    }
+    db(s.db.write(|t| {
+        let metrics = t
+            .state()
+            .get_str(field::pif::METRICS, pif)
+            .unwrap_or_default();
+        if t.state().exists(class::PIF_METRICS, &metrics) {
+            t.delete(class::PIF_METRICS, &metrics)?;
+        }
+        t.delete(class::PIF, pif)
+    }))?;
+    void()
+}
+
+/// `PIF.destroy` (deprecated; for VLAN PIFs, which Corral does not make
+/// yet): a physical PIF cannot be destroyed.
+pub(crate) async fn pif_destroy(s: &Server, pif: &str) -> ApiResult {
+    let physical = {
+        let st = s.db.read();
+        if !st.exists(class::PIF, pif) {
+            return Err(ApiError::handle_invalid("PIF", pif));
+        }
+        flag(&st, field::pif::PHYSICAL, pif)
+    };
+    if physical {
+        return Err(errors::pif_is_physical(pif));
+    }
+    pif_forget(s, pif).await
+}
+
+/// The addresses the PIF's record asks its bridge to have.
+fn configured_ipv4(st: &corral_db::State, pif: &str) -> Result<Vec<Ipv4Cidr>, ApiError> {
+    let mode = st
+        .get_str(field::pif::IP_CONFIGURATION_MODE, pif)
+        .unwrap_or_default();
+    if mode != "Static" {
+        return Ok(vec![]);
+    }
+    let ip = st.get_str(field::pif::IP, pif).unwrap_or_default();
+    let netmask = st.get_str(field::pif::NETMASK, pif).unwrap_or_default();
+    Ok(vec![(parse_ip("IP", &ip)?, prefix_of(&netmask)?)])
+}
+
+fn parse_ip(name: &str, s: &str) -> Result<Ipv4Addr, ApiError> {
+    s.trim()
+        .parse()
+        .map_err(|_| errors::invalid_ip_address_specified(name))
+}
+
+/// A dotted netmask's prefix length (`255.255.255.0` → 24); a prefix
+/// length is accepted too.
+pub(crate) fn prefix_of(netmask: &str) -> Result<u8, ApiError> {
+    if let Ok(n) = netmask.trim().parse::<u8>() {
+        if n <= 32 {
+            return Ok(n);
+        }
+    }
+    let m = u32::from(parse_ip("netmask", netmask)?);
+    let ones = m.leading_ones();
+    if m.checked_shl(ones).unwrap_or(0) != 0 {
+        return Err(errors::invalid_ip_address_specified("netmask"));
+    }
+    Ok(ones as u8)
+}
+
+/// `PIF.reconfigure_ip`: XAPI's checks, the record, and (if the PIF is
+/// plugged) the addresses on its bridge at once. DHCP is recorded; Corral
+/// runs no DHCP client on the host yet, so the bridge then has no address.
+pub(crate) async fn pif_reconfigure_ip(
+    s: &Server,
+    pif: &str,
+    mode: IpConfigurationMode,
+    ip: &str,
+    netmask: &str,
+    gateway: &str,
+    dns: &str,
+) -> ApiResult {
+    let (managed, management, attached) = {
+        let st = s.db.read();
+        if !st.exists(class::PIF, pif) {
+            return Err(ApiError::handle_invalid("PIF", pif));
+        }
+        (
+            st.get(field::pif::MANAGED, pif)
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true),
+            flag(&st, field::pif::MANAGEMENT, pif),
+            flag(&st, field::pif::CURRENTLY_ATTACHED, pif),
+        )
+    };
+    if !managed {
+        return Err(errors::pif_unmanaged(pif));
+    }
+    if mode == IpConfigurationMode::None && management {
+        return Err(errors::pif_is_management_interface(pif));
+    }
+    if mode == IpConfigurationMode::Static {
+        parse_ip("IP", ip)?;
+        prefix_of(netmask)?;
+    }
+    for (name, v) in [("IP", ip), ("netmask", netmask), ("gateway", gateway)] {
+        if !v.is_empty() && name != "netmask" {
+            parse_ip(name, v)?;
+        }
+    }
+    // Only IPv4 name servers are kept (as XAPI does).
+    let dns: Vec<&str> = dns
+        .split(',')
+        .map(str::trim)
+        .filter(|d| d.parse::<Ipv4Addr>().is_ok())
+        .collect();
+    let (ip, netmask, gateway) = match mode {
+        IpConfigurationMode::Static => (ip, netmask, gateway),
+        _ => ("", "", ""),
+    };
+    let addresses = match mode {
+        IpConfigurationMode::Static => vec![(parse_ip("IP", ip)?, prefix_of(netmask)?)],
+        _ => vec![],
+    };
+    if attached {
+        let (h, _, bridge, _) = pif_parts(s, pif)?;
+        h.net
+            .set_ipv4(&bridge, addresses)
+            .await
+            .map_err(|e| driver_errors::network(&bridge, e))?;
+    }
+    db(s.db.write(|t| {
+        t.set(
+            field::pif::IP_CONFIGURATION_MODE,
+            pif,
+            Value::str(mode.as_str()),
+        )?;
+        t.set(field::pif::IP, pif, Value::str(ip))?;
+        t.set(field::pif::NETMASK, pif, Value::str(netmask))?;
+        t.set(field::pif::GATEWAY, pif, Value::str(gateway))?;
+        t.set(field::pif::DNS, pif, Value::String(dns.join(",")))
+    }))?;
+    void()
+}
+
+/// `host.management_reconfigure`: the PIF (which must have an IPv4
+/// configuration) becomes its host's management interface, and the host's
+/// address its IP.
+pub(crate) fn management_reconfigure(s: &Server, pif: &str) -> ApiResult {
+    db(s.db.write(|t| {
+        let st = t.state();
+        if !st.exists(class::PIF, pif) {
+            return Err(ApiError::handle_invalid("PIF", pif));
+        }
+        if st
+            .get_str(field::pif::IP_CONFIGURATION_MODE, pif)
+            .as_deref()
+            == Some("None")
+        {
+            return Err(errors::pif_has_no_network_configuration(pif));
+        }
+        let host = st.get_str(field::pif::HOST, pif).unwrap_or_default();
+        let ip = st.get_str(field::pif::IP, pif).unwrap_or_default();
+        for p in pifs_of(st, &host) {
+            t.set(field::pif::MANAGEMENT, &p, Value::Bool(p == pif))?;
+        }
+        if !ip.is_empty() {
+            t.set(field::host::ADDRESS, &host, Value::String(ip))?;
+        }
+        Ok(())
+    }))?;
+    void()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_of;
+
+    #[test]
+    fn netmasks() {
+        assert_eq!(prefix_of("255.255.255.0").ok(), Some(24));
+        assert_eq!(prefix_of("255.255.254.0").ok(), Some(23));
+        assert_eq!(prefix_of("255.255.255.255").ok(), Some(32));
+        assert_eq!(prefix_of("0.0.0.0").ok(), Some(0));
+        assert_eq!(prefix_of("16").ok(), Some(16));
+        assert!(prefix_of("255.0.255.0").is_err());
+        assert!(prefix_of("255.255.255").is_err());
+        assert!(prefix_of("33").is_err());
+    }
+}
