@@ -263,3 +263,126 @@ def test_vif_hotplug_into_a_running_vm(netns_daemon, guest):
     assert guest_shell(con, "ping -c 1 -W 2 198.18.12.254", "cut", timeout=30).group(1) != b"0"
     con.close()
     x.VM.hard_shutdown(vm)
+
+
+def test_kill9_of_corrald_leaves_guests_talking(netns_daemon, guest):
+    d = netns_daemon
+    s = d.sdk()
+    x = s.xenapi
+    net = x.network.create({"name_label": "kept", "name_description": "", "MTU": "1500", "other_config": {}})
+    bridge = x.network.get_bridge(net)
+    vms = []
+    for i in (1, 2):
+        vm = make_vm(x, guest, f"keep{i}", args=f"console=ttyS0 quiet corral.ip.eth0=198.18.13.{i}/24", cd=False)
+        x.VIF.create(vif_record(vm, net, "0"))
+        x.VM.start(vm, False, False)
+        vms.append(vm)
+    con = UnixConsole(d, x, s._session, vms[0])
+    con.expect("corral-guest: ready", timeout=90)
+    UnixConsole(d, x, s._session, vms[1]).expect("corral-guest: ready", timeout=90)
+    # Pings every 0.2 s while corrald is killed and started again.
+    guest_shell(con, "(ping -i 0.2 -w 12 198.18.13.2 > /tmp/ping.log 2>&1 &)", "bg")
+    time.sleep(2)
+    before = sorted(n for n, m in d.ns.links().items() if m == bridge)
+    d.kill9()
+    time.sleep(3)
+    d.start()
+    s = d.sdk()
+    x = s.xenapi
+    con = UnixConsole(d, x, s._session, vms[0])
+    out = guest_shell(con, "sleep 9; tail -3 /tmp/ping.log", "done", timeout=40)
+    stats = out.string[:out.start()].decode(errors="replace")
+    m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", stats)
+    assert m and int(m.group(1)) >= 40 and m.group(1) == m.group(2), stats
+    # Nothing set up twice; the restarted corrald still plugs and unplugs.
+    assert sorted(n for n, m in d.ns.links().items() if m == bridge) == before
+    assert list(d.ns.links()).count(bridge) == 1
+    extra = x.VIF.create(vif_record(vms[0], net, "1"))
+    x.VIF.plug(extra)
+    assert x.VIF.get_currently_attached(extra) is True
+    x.VIF.unplug(extra)
+    assert x.VIF.get_currently_attached(extra) is False
+    con.close()
+    for vm in vms:
+        x.VM.hard_shutdown(vm)
+
+
+def ping_ok(con, cmd, marker):
+    return guest_shell(con, cmd, marker, timeout=60).group(1) == b"0"
+
+
+def test_locking_modes_and_ratelimit_filter_the_guests_frames(netns_daemon, guest):
+    d = netns_daemon
+    s = d.sdk()
+    x = s.xenapi
+    net = x.network.create({"name_label": "guarded", "name_description": "", "MTU": "1500", "other_config": {}})
+    vms, vifs = [], []
+    for i in (1, 2):
+        vm = make_vm(x, guest, f"guard{i}", args=f"console=ttyS0 quiet corral.ip.eth0=198.18.14.{i}/24", cd=False)
+        vifs.append(x.VIF.create(vif_record(vm, net, "0")))
+        vms.append(vm)
+    # Bad addresses never reach a port's rules.
+    assert failure(x.VIF.set_ipv4_allowed, vifs[0], ["198.18.14.300"]) == [
+        "INVALID_IP_ADDRESS_SPECIFIED", "ipv4_allowed"]
+    assert failure(x.VIF.add_ipv6_allowed, vifs[0], "198.18.14.1") == [
+        "INVALID_IP_ADDRESS_SPECIFIED", "ipv6_allowed"]
+    assert x.VIF.get_ipv4_allowed(vifs[0]) == [] and x.VIF.get_ipv6_allowed(vifs[0]) == []
+    for vm in vms:
+        x.VM.start(vm, False, False)
+    cons = [UnixConsole(d, x, s._session, vm) for vm in vms]
+    for con in cons:
+        con.expect("corral-guest: ready", timeout=90)
+    a = cons[0]
+    assert ping_ok(a, "ping -c 2 -W 5 198.18.14.2", "open")
+    # Locked to its MAC and 198.18.14.1, at once on the running VM.
+    x.VIF.set_ipv4_allowed(vifs[0], ["198.18.14.1"])
+    x.VIF.set_locking_mode(vifs[0], "locked")
+    rules = d.ns.run("nft", "list", "table", "bridge", "corral").stdout
+    assert "198.18.14.1" in rules, rules
+    assert ping_ok(a, "ping -c 2 -W 5 198.18.14.2", "allowed")
+    # A spoofed source address is dropped (its ARP too).
+    guest_shell(a, "ip addr add 198.18.14.9/24 dev eth0", "alias")
+    assert not ping_ok(a, "ping -c 2 -W 3 -I 198.18.14.9 198.18.14.2", "spoofip")
+    # So is anything from another MAC, even with the allowed address.
+    guest_shell(a, "ip link set eth0 address 02:00:00:00:00:99", "newmac")
+    assert not ping_ok(a, "ping -c 2 -W 3 198.18.14.2", "spoofmac")
+    mac = x.VIF.get_MAC(vifs[0])
+    guest_shell(a, f"ip link set eth0 address {mac}", "oldmac")
+    assert ping_ok(a, "ping -c 2 -W 5 198.18.14.2", "relocked")
+    # Adding the second address lets it through.
+    x.VIF.add_ipv4_allowed(vifs[0], "198.18.14.9")
+    assert ping_ok(a, "ping -c 2 -W 5 -I 198.18.14.9 198.18.14.2", "added")
+    # disabled drops everything; network_default follows the network.
+    x.VIF.set_locking_mode(vifs[0], "disabled")
+    assert not ping_ok(a, "ping -c 2 -W 3 198.18.14.2", "disabled")
+    x.VIF.set_locking_mode(vifs[0], "network_default")
+    assert ping_ok(a, "ping -c 2 -W 5 198.18.14.2", "default")
+    x.network.set_default_locking_mode(net, "disabled")
+    assert not ping_ok(cons[1], "ping -c 2 -W 3 198.18.14.1", "netdisabled")
+    x.network.set_default_locking_mode(net, "unlocked")
+    assert ping_ok(cons[1], "ping -c 2 -W 5 198.18.14.1", "netunlocked")
+    # ratelimit: what the guest sends beyond kbps (kilobytes/s) is dropped.
+    x.VIF.set_qos_algorithm_type(vifs[0], "ratelimit")
+    x.VIF.set_qos_algorithm_params(vifs[0], {"kbps": "8"})
+    assert "limit rate over 8 kbytes/second" in d.ns.run("nft", "list", "table", "bridge", "corral").stdout
+    out = guest_shell(a, "ping -q -c 40 -i 0.05 -s 1400 -W 2 198.18.14.2", "flood", timeout=60)
+    stats = out.string[:out.start()].decode(errors="replace")
+    m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", stats)
+    assert m and 0 < int(m.group(2)) < int(m.group(1)) * 0.8, stats
+    x.VIF.set_qos_algorithm_type(vifs[0], "")
+    assert "limit rate" not in d.ns.run("nft", "list", "table", "bridge", "corral").stdout
+    # VIF.move: the running guest's NIC goes to another network's bridge.
+    other = x.network.create({"name_label": "elsewhere", "name_description": "", "MTU": "1500",
+                              "other_config": {}})
+    x.VIF.move(vifs[0], other)
+    assert x.VIF.get_network(vifs[0]) == other and x.network.get_VIFs(other) == [vifs[0]]
+    taps = [n for n, m in d.ns.links().items() if m == x.network.get_bridge(other)]
+    assert len(taps) == 1, d.ns.links()
+    assert not ping_ok(a, "ping -c 2 -W 3 198.18.14.2", "moved")
+    x.VIF.move(vifs[0], net)
+    assert ping_ok(a, "ping -c 2 -W 5 198.18.14.2", "back")
+    assert failure(x.VIF.move, vifs[0], "OpaqueRef:nope")[0] == "HANDLE_INVALID"
+    for con in cons:
+        con.close()
+    for vm in vms:
+        x.VM.hard_shutdown(vm)

@@ -5,6 +5,7 @@
 //! in-process tests. It knows nothing of the pool database: the server
 //! decides which bridges and taps exist, this crate makes them so.
 
+pub mod filter;
 pub mod linux;
 pub mod mac;
 pub mod names;
@@ -22,6 +23,8 @@ pub enum NetError {
     Io(String, std::io::Error),
     #[error("no network device {0}")]
     NoDevice(String),
+    #[error("nft: {0}")]
+    Filter(String),
 }
 
 pub type NetFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, NetError>> + Send + 'a>>;
@@ -91,6 +94,11 @@ pub trait HostNetwork: Send + Sync {
     fn ipv4(&self, device: &str) -> NetFut<'_, Vec<Ipv4Cidr>>;
     /// Carrier, speed, duplex and PCI identity of a NIC.
     fn nic_facts(&self, device: &str) -> NicFacts;
+    /// Gives the tap `tap` (which need not exist yet) this filter, or with
+    /// `None` (or an open policy) removes any it has.
+    fn set_port_policy(&self, tap: &str, policy: Option<filter::PortPolicy>) -> NetFut<'_, ()>;
+    /// The taps that have a filter.
+    fn port_policies(&self) -> NetFut<'_, Vec<String>>;
 }
 
 /// What a tap gets as its own address (XenServer's backend devices do too).

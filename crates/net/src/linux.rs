@@ -1,6 +1,7 @@
 //! The host network through the kernel: links over rtnetlink, taps with
 //! the TUNSETIFF ioctl (the kernel does not make taps over netlink).
 
+use crate::filter::{self, PortPolicy};
 use crate::{HostNetwork, Ipv4Cidr, Link, NetError, NetFut, NicFacts, TAP_MAC};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
@@ -8,12 +9,51 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::LinkLayerType;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
+
+/// Runs nft (its fixed arguments; a script on stdin), its output or why not.
+async fn nft(args: &[&str], stdin: Option<String>) -> Result<String, NetError> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("nft")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| NetError::Io("nft".into(), e))?;
+    if let Some(mut w) = child.stdin.take() {
+        if let Some(text) = stdin {
+            w.write_all(text.as_bytes())
+                .await
+                .map_err(|e| NetError::Io("nft".into(), e))?;
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| NetError::Io("nft".into(), e))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(NetError::Filter(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
+    }
+}
 
 pub struct LinuxNetwork {
     /// Opened on first use, inside the runtime its worker task needs.
     handle: std::sync::OnceLock<Handle>,
+    /// The taps with rules in Corral's nft table (corrald is its only
+    /// writer), read from the kernel on first use.
+    filtered: std::sync::Mutex<Option<BTreeSet<String>>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn nl(e: rtnetlink::Error) -> NetError {
@@ -35,6 +75,7 @@ impl LinuxNetwork {
     pub fn new() -> LinuxNetwork {
         LinuxNetwork {
             handle: std::sync::OnceLock::new(),
+            filtered: std::sync::Mutex::new(None),
         }
     }
 
@@ -52,6 +93,20 @@ impl LinuxNetwork {
         self.handle
             .get()
             .ok_or_else(|| NetError::Netlink("no netlink connection".into()))
+    }
+
+    /// The taps that have rules now.
+    async fn filtered(&self) -> Result<BTreeSet<String>, NetError> {
+        if let Some(f) = lock(&self.filtered).as_ref() {
+            return Ok(f.clone());
+        }
+        let found: BTreeSet<String> =
+            match nft(&["list", "table", "bridge", filter::TABLE], None).await {
+                Ok(listing) => filter::chains_in(&listing).into_iter().collect(),
+                // No table (or no nft at all): no rules.
+                Err(_) => BTreeSet::new(),
+            };
+        Ok(lock(&self.filtered).get_or_insert(found).clone())
     }
 
     async fn get(&self, name: &str) -> Result<Option<LinkMessage>, NetError> {
@@ -286,6 +341,37 @@ impl HostNetwork for LinuxNetwork {
             device_id: read("device/device").trim_start_matches("0x").to_owned(),
             pci_bus_path: pci,
         }
+    }
+
+    fn set_port_policy(&self, tap: &str, policy: Option<PortPolicy>) -> NetFut<'_, ()> {
+        let tap = tap.to_owned();
+        Box::pin(async move {
+            if !filter::nameable(&tap) {
+                return Err(NetError::Filter(format!("{tap:?} cannot name a chain")));
+            }
+            let filtered = self.filtered().await?;
+            match policy {
+                Some(p) if !p.is_open() => {
+                    nft(&["-f", "-"], Some(filter::script(&tap, &p))).await?;
+                    lock(&self.filtered)
+                        .get_or_insert_with(Default::default)
+                        .insert(tap);
+                }
+                // Most ports have no rules: clearing those costs no nft run.
+                _ if !filtered.contains(&tap) => {}
+                _ => {
+                    nft(&["-f", "-"], Some(filter::clear_script(&tap))).await?;
+                    if let Some(f) = lock(&self.filtered).as_mut() {
+                        f.remove(&tap);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn port_policies(&self) -> NetFut<'_, Vec<String>> {
+        Box::pin(async move { Ok(self.filtered().await?.into_iter().collect()) })
     }
 
     fn links(&self) -> NetFut<'_, Vec<Link>> {

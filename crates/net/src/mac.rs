@@ -52,6 +52,18 @@ pub fn is_valid(mac: &str) -> bool {
             .all(|g| g.len() == 2 && g.bytes().all(|c| c.is_ascii_hexdigit()))
 }
 
+/// The six bytes of a valid MAC.
+pub fn parse(mac: &str) -> Option<[u8; 6]> {
+    if !is_valid(mac) {
+        return None;
+    }
+    let mut b = [0u8; 6];
+    for (i, g) in mac.split(':').enumerate() {
+        b[i] = u8::from_str_radix(g, 16).ok()?;
+    }
+    Some(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

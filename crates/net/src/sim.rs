@@ -1,6 +1,7 @@
 //! The host network in memory: the same rules as the kernel's (a tap needs
 //! its bridge, names are unique), for in-process tests and the `sim` agent.
 
+use crate::filter::PortPolicy;
 use crate::{HostNetwork, Ipv4Cidr, Link, NetError, NetFut, NicFacts};
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
@@ -9,6 +10,7 @@ use std::sync::Mutex;
 pub struct SimNetwork {
     links: Mutex<Vec<Link>>,
     addresses: Mutex<Vec<(String, Ipv4Cidr)>>,
+    policies: Mutex<std::collections::BTreeMap<String, PortPolicy>>,
 }
 
 impl SimNetwork {
@@ -111,6 +113,36 @@ impl HostNetwork for SimNetwork {
             std::fs::File::open("/dev/null")
                 .map(OwnedFd::from)
                 .map_err(|e| NetError::Io(name, e))
+        })
+    }
+
+    fn set_port_policy(&self, tap: &str, policy: Option<PortPolicy>) -> NetFut<'_, ()> {
+        let tap = tap.to_owned();
+        Box::pin(async move {
+            if !crate::filter::nameable(&tap) {
+                return Err(NetError::Filter(format!("{tap:?} cannot name a chain")));
+            }
+            if let Ok(mut p) = self.policies.lock() {
+                match policy {
+                    Some(pol) if !pol.is_open() => {
+                        p.insert(tap, pol);
+                    }
+                    _ => {
+                        p.remove(&tap);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn port_policies(&self) -> NetFut<'_, Vec<String>> {
+        Box::pin(async move {
+            Ok(self
+                .policies
+                .lock()
+                .map(|p| p.keys().cloned().collect())
+                .unwrap_or_default())
         })
     }
 

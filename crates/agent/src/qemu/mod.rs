@@ -619,15 +619,18 @@ impl HostAgent for QemuAgent {
                         .await?;
                 }
                 None => {
+                    // One command: opening the tray and removing the medium as
+                    // two would let the guest close the tray in between (Linux
+                    // closes an open tray when something opens the device).
                     at.qmp
-                        .execute("blockdev-open-tray", json!({"id": qdev, "force": true}))
+                        .execute("eject", json!({"id": qdev, "force": true}))
                         .await?;
-                    at.qmp
-                        .execute("blockdev-remove-medium", json!({"id": qdev}))
-                        .await?;
-                    at.qmp
+                    // An empty drive shows a closed tray, as XenServer's does; the
+                    // guest may have closed it already.
+                    let _ = at
+                        .qmp
                         .execute("blockdev-close-tray", json!({"id": qdev}))
-                        .await?;
+                        .await;
                 }
             }
             Ok(())

@@ -297,7 +297,30 @@ impl Server {
         match &res.kind {
             Kind::Custom(Handler::Sync(f)) => f(self, ctx, params),
             Kind::Custom(Handler::Async(f)) => f(Arc::clone(self), ctx.clone(), params).await,
-            kind => self.generic(res.class, kind, params),
+            kind => {
+                // Setters whose field a host realises (a VIF's locking and
+                // QoS, a network's default locking mode) are checked first
+                // and take effect after.
+                let changed = match kind {
+                    Kind::Set(f)
+                    | Kind::SetAdd(f)
+                    | Kind::SetRemove(f)
+                    | Kind::MapAdd(f)
+                    | Kind::MapRemove(f) => Some(*f),
+                    _ => None,
+                };
+                let target = params.first().and_then(Value::as_str).map(str::to_owned);
+                if let (Some(f), Some(v)) = (changed, params.get(1)) {
+                    if !matches!(kind, Kind::SetRemove(_) | Kind::MapRemove(_)) {
+                        crate::ops::vif::port::check_set(res.class, f, v)?;
+                    }
+                }
+                let out = self.generic(res.class, kind, params)?;
+                if let (Some(f), Some(r)) = (changed, target) {
+                    crate::ops::vif::port::after_set(self, res.class, f, &r).await?;
+                }
+                Ok(out)
+            }
         }
     }
 }

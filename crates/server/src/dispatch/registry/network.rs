@@ -43,6 +43,9 @@ pub fn register(t: &mut Table) {
     });
     t.on(|s, _, a: vif::Plug| async move { vif_plug(&s, a.self_.as_str()).await });
     t.on(|s, _, a: vif::Unplug| async move { vif_unplug(&s, a.self_.as_str(), false).await });
+    t.on(|s, _, a: vif::Move| async move {
+        crate::ops::vif::port::vif_move(&s, a.self_.as_str(), a.network.as_str()).await
+    });
     t.on(|s, _, a: vif::UnplugForce| async move { vif_unplug(&s, a.self_.as_str(), true).await });
     t.on_sync(|s, _, a: vm::GetAllowedVIFDevices| {
         let devices = allowed_vif_devices(&s.db.read(), a.vm.as_str());

@@ -35,6 +35,8 @@ pub(crate) async fn launch(
             .await
             .map_err(|e| driver_errors::network(&bridge, e))?;
     }
+    // Filters first: the taps are filtered from their first frame.
+    crate::ops::vif::port::apply_vm(s, h, vm).await?;
     let domid = h
         .agent
         .start(cfg.clone(), paused, incoming)

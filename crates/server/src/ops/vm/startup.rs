@@ -146,6 +146,7 @@ pub async fn startup(s: &Arc<Server>) -> Result<(), ApiError> {
         }
         Ok::<(), ApiError>(())
     }));
+    crate::ops::vif::port::reconcile(s, &here).await;
     watch_host(s, here);
     let srv = Arc::clone(s);
     tokio::spawn(async move { boot_policy(&srv).await });

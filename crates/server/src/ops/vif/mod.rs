@@ -14,6 +14,8 @@ use corral_model::schema::{class, field};
 use corral_model::{ApiError, Value, new_ref};
 use std::collections::BTreeMap;
 
+pub(crate) mod port;
+
 /// VIF devices are "0".."15" (XAPI's limit for HVM and PV guests alike).
 pub(crate) const VIF_DEVICES: u32 = 16;
 
@@ -170,6 +172,7 @@ pub(crate) async fn vif_plug(s: &Server, vif: &str) -> ApiResult {
         .ensure_bridge(&nic.bridge, mtu)
         .await
         .map_err(|e| driver_errors::network(&nic.bridge, e))?;
+    port::apply_vif(s, &h, vif, true).await?;
     h.agent
         .nic_attach(&uuid, nic)
         .await
@@ -190,6 +193,7 @@ pub(crate) async fn vif_unplug(s: &Server, vif: &str, force: bool) -> ApiResult 
         Err(e) => return Err(driver_errors::agent(&vm, e)),
     }
     set_attached(s, vif, false)?;
+    port::apply_vif(s, &h, vif, false).await?;
     void()
 }
 
@@ -230,6 +234,11 @@ pub(crate) fn vif_create(s: &Server, p: Vec<Value>) -> ApiResult {
     }
     if !mac.is_empty() && !corral_net::mac::is_valid(&mac) {
         return Err(errors::mac_invalid(mac));
+    }
+    for f in [field::vif::IPV4_ALLOWED, field::vif::IPV6_ALLOWED] {
+        if let Some(v) = given_field(&given, f) {
+            port::check_set(class::VIF, f, &v)?;
+        }
     }
     let r = new_ref();
     db(s.db.write(|t| {
