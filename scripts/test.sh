@@ -31,4 +31,4 @@ export CORRAL_REQUIRE_NODE=1
 # The tiny Debian-kernel + busybox guest the VM tests boot (cached).
 ./scripts/build-test-guest.sh
 cd tests/python
-"$venv/bin/python" -m pytest -q
+"$venv/bin/python" -m pytest -q -rs

@@ -25,6 +25,9 @@ pub enum NetError {
     NoDevice(String),
     #[error("nft: {0}")]
     Filter(String),
+    /// The kernel lacks a driver (802.1Q, bonding).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub type NetFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, NetError>> + Send + 'a>>;
@@ -68,6 +71,30 @@ pub struct NicFacts {
     pub pci_bus_path: String,
 }
 
+/// XenAPI's bond modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BondMode {
+    /// Source-MAC load balancing without switch support: Linux's
+    /// `balance-alb` is the bonding driver's equivalent.
+    BalanceSlb,
+    ActiveBackup,
+    /// 802.3ad.
+    Lacp,
+}
+
+/// A bond device's settings (XenAPI's mode and `properties`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BondSpec {
+    pub mode: BondMode,
+    /// `lacp-time=fast`.
+    pub lacp_fast: bool,
+    /// `hashing_algorithm=src_mac` (else `tcpudp_ports`).
+    pub hash_src_mac: bool,
+    /// The bond's own MAC (the primary member's when the API got none).
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
 /// An IPv4 address with its prefix length.
 pub type Ipv4Cidr = (std::net::Ipv4Addr, u8);
 
@@ -94,6 +121,12 @@ pub trait HostNetwork: Send + Sync {
     fn ipv4(&self, device: &str) -> NetFut<'_, Vec<Ipv4Cidr>>;
     /// Carrier, speed, duplex and PCI identity of a NIC.
     fn nic_facts(&self, device: &str) -> NicFacts;
+    /// The 802.1Q device `name` for `tag` on `base`, up with this MTU;
+    /// made if missing.
+    fn ensure_vlan(&self, name: &str, base: &str, tag: u16, mtu: u32) -> NetFut<'_, ()>;
+    /// The bond device `name` with these members and settings, up; made
+    /// if missing (members are taken from any bridge they were on).
+    fn ensure_bond(&self, name: &str, members: Vec<String>, spec: BondSpec) -> NetFut<'_, ()>;
     /// Gives the tap `tap` (which need not exist yet) this filter, or with
     /// `None` (or an open policy) removes any it has.
     fn set_port_policy(&self, tap: &str, policy: Option<filter::PortPolicy>) -> NetFut<'_, ()>;

@@ -2,13 +2,13 @@
 //! the TUNSETIFF ioctl (the kernel does not make taps over netlink).
 
 use crate::filter::{self, PortPolicy};
-use crate::{HostNetwork, Ipv4Cidr, Link, NetError, NetFut, NicFacts, TAP_MAC};
+use crate::{BondSpec, HostNetwork, Ipv4Cidr, Link, NetError, NetFut, NicFacts, TAP_MAC};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::LinkLayerType;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use rtnetlink::{Handle, LinkBond, LinkBridge, LinkUnspec, LinkVlan};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -41,6 +41,37 @@ async fn nft(args: &[&str], stdin: Option<String>) -> Result<String, NetError> {
         Err(NetError::Filter(
             String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         ))
+    }
+}
+
+/// The LACP settings XenAPI's bond `properties` give.
+fn lacp(
+    b: rtnetlink::LinkMessageBuilder<LinkBond>,
+    spec: &BondSpec,
+) -> rtnetlink::LinkMessageBuilder<LinkBond> {
+    use rtnetlink::packet_route::link::{BondLacpRate, BondXmitHashPolicy};
+    b.ad_lacp_rate(if spec.lacp_fast {
+        BondLacpRate::Fast
+    } else {
+        BondLacpRate::Slow
+    })
+    .xmit_hash_policy(if spec.hash_src_mac {
+        BondXmitHashPolicy::Layer2
+    } else {
+        BondXmitHashPolicy::Layer34
+    })
+}
+
+/// A kernel without the driver for `what` answers "not supported" (or
+/// "unknown device type"): say which driver is missing.
+fn unsupported(e: rtnetlink::Error, what: &str) -> NetError {
+    match &e {
+        rtnetlink::Error::NetlinkError(m)
+            if [-libc::EOPNOTSUPP, -libc::ENOENT, -libc::EINVAL].contains(&m.raw_code()) =>
+        {
+            NetError::Unsupported(format!("this kernel has no {what} devices ({e})"))
+        }
+        _ => nl(e),
     }
 }
 
@@ -341,6 +372,77 @@ impl HostNetwork for LinuxNetwork {
             device_id: read("device/device").trim_start_matches("0x").to_owned(),
             pci_bus_path: pci,
         }
+    }
+
+    fn ensure_vlan(&self, name: &str, base: &str, tag: u16, mtu: u32) -> NetFut<'_, ()> {
+        let (name, base) = (name.to_owned(), base.to_owned());
+        Box::pin(async move {
+            if self.get(&name).await?.is_none() {
+                let base_index = self.index(&base).await?;
+                let add = LinkVlan::new(&name, base_index, tag).mtu(mtu).build();
+                match self.conn()?.link().add(add).execute().await {
+                    Ok(()) => {}
+                    Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::EEXIST => {}
+                    Err(e) => return Err(unsupported(e, "802.1Q VLAN")),
+                }
+            }
+            let index = self.index(&name).await?;
+            let set = LinkUnspec::new_with_index(index).mtu(mtu).up().build();
+            self.conn()?.link().set(set).execute().await.map_err(nl)
+        })
+    }
+
+    fn ensure_bond(&self, name: &str, members: Vec<String>, spec: BondSpec) -> NetFut<'_, ()> {
+        let name = name.to_owned();
+        Box::pin(async move {
+            let mode = match spec.mode {
+                crate::BondMode::BalanceSlb => rtnetlink::packet_route::link::BondMode::BalanceAlb,
+                crate::BondMode::ActiveBackup => {
+                    rtnetlink::packet_route::link::BondMode::ActiveBackup
+                }
+                crate::BondMode::Lacp => rtnetlink::packet_route::link::BondMode::Ieee8023Ad,
+            };
+            if let Some(m) = self.get(&name).await? {
+                // The mode can change only while the bond is down.
+                let down = LinkUnspec::new_with_index(m.header.index).down().build();
+                self.conn()?.link().set(down).execute().await.map_err(nl)?;
+                let mut b = LinkBond::new(&name).mode(mode).miimon(100);
+                if spec.mode == crate::BondMode::Lacp {
+                    b = lacp(b, &spec);
+                }
+                let mut msg = b.build();
+                msg.header.index = m.header.index;
+                self.conn()?.link().set(msg).execute().await.map_err(nl)?;
+            } else {
+                let mut b = LinkBond::new(&name).mode(mode).miimon(100);
+                if spec.mode == crate::BondMode::Lacp {
+                    b = lacp(b, &spec);
+                }
+                let add = b.mtu(spec.mtu).address(spec.mac.to_vec()).build();
+                match self.conn()?.link().add(add).execute().await {
+                    Ok(()) => {}
+                    Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::EEXIST => {}
+                    Err(e) => return Err(unsupported(e, "bonding")),
+                }
+            }
+            let bond = self.index(&name).await?;
+            for member in &members {
+                let index = self.index(member).await?;
+                // A member is enslaved while down, then comes up in the bond.
+                let down = LinkUnspec::new_with_index(index)
+                    .down()
+                    .nocontroller()
+                    .build();
+                self.conn()?.link().set(down).execute().await.map_err(nl)?;
+                let join = LinkUnspec::new_with_index(index)
+                    .controller(bond)
+                    .up()
+                    .build();
+                self.conn()?.link().set(join).execute().await.map_err(nl)?;
+            }
+            let up = LinkUnspec::new_with_index(bond).mtu(spec.mtu).up().build();
+            self.conn()?.link().set(up).execute().await.map_err(nl)
+        })
     }
 
     fn set_port_policy(&self, tap: &str, policy: Option<PortPolicy>) -> NetFut<'_, ()> {

@@ -116,6 +116,63 @@ impl HostNetwork for SimNetwork {
         })
     }
 
+    fn ensure_vlan(&self, name: &str, base: &str, _tag: u16, mtu: u32) -> NetFut<'_, ()> {
+        let (name, base) = (name.to_owned(), base.to_owned());
+        Box::pin(async move {
+            if self.find(&base).is_none() {
+                return Err(NetError::NoDevice(base));
+            }
+            if self.find(&name).is_none() {
+                self.add(Link {
+                    name,
+                    index: 0,
+                    kind: "vlan".into(),
+                    mac: String::new(),
+                    mtu,
+                    up: true,
+                    controller: None,
+                    ether: true,
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn ensure_bond(
+        &self,
+        name: &str,
+        members: Vec<String>,
+        spec: crate::BondSpec,
+    ) -> NetFut<'_, ()> {
+        let name = name.to_owned();
+        Box::pin(async move {
+            for m in &members {
+                if self.find(m).is_none() {
+                    return Err(NetError::NoDevice(m.clone()));
+                }
+            }
+            if self.find(&name).is_none() {
+                self.add(Link {
+                    name: name.clone(),
+                    index: 0,
+                    kind: "bond".into(),
+                    mac: crate::mac::format_mac(spec.mac),
+                    mtu: spec.mtu,
+                    up: true,
+                    controller: None,
+                    ether: true,
+                });
+            }
+            if let Ok(mut l) = self.links.lock() {
+                for x in l.iter_mut().filter(|x| members.contains(&x.name)) {
+                    x.controller = Some(name.clone());
+                    x.up = true;
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn set_port_policy(&self, tap: &str, policy: Option<PortPolicy>) -> NetFut<'_, ()> {
         let tap = tap.to_owned();
         Box::pin(async move {

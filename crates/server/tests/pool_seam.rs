@@ -16,7 +16,8 @@ use corral_model::{ApiError, Value, class, field};
 use corral_net::sim::SimNetwork;
 use corral_server::context::hosts::{HostHandle, LinkError, PoolLink};
 use corral_server::context::{LocalDrivers, Server};
-use corral_server::core::call::{Caller, Origin};
+mod common;
+use common::caller;
 use corral_server::core::config::Config;
 use corral_server::init::{HostFacts, add_host, ensure};
 use std::collections::{HashMap, HashSet};
@@ -51,17 +52,6 @@ struct TestPool {
 impl Drop for TestPool {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn caller() -> Caller {
-    Caller {
-        origin: Origin {
-            addr: None,
-            local_root: true,
-            raw_fd: None,
-        },
-        originator: None,
     }
 }
 

@@ -4,49 +4,9 @@ use crate::cli::args::{Cmd, STD_PARAMS};
 use crate::cli::context::{CliCtx, CliError, text};
 use crate::cli::protocol::{Out, Run, fail_text};
 use crate::cli::records::{CliClass, cli_classes};
+use crate::cli::table::{Command, act, cmd};
 use corral_model::args::{pbd, sr, vbd, vdi, vm};
 use corral_model::refs::classes;
-use std::future::Future;
-use std::pin::Pin;
-
-/// What running a command returns.
-pub(crate) type Running<'a> = Pin<Box<dyn Future<Output = Result<(), CliError>> + Send + 'a>>;
-
-/// A command's implementation: a `CliCtx` method that calls the API.
-pub(crate) type Action = for<'a> fn(&'a CliCtx, &'a Cmd, &'a mut Vec<Out>) -> Running<'a>;
-
-/// `act!(method)`: the [`Action`] that runs `CliCtx::method`.
-macro_rules! act {
-    ($($method:tt)+) => {
-        |c, cmd, out| Box::pin(c.$($method)+(cmd, out))
-    };
-}
-
-/// A hand-written command: what dispatch, `xe help` and bash completion read.
-pub(crate) struct Command {
-    pub name: &'static str,
-    /// Required parameters, comma-separated as `xe help` prints them.
-    pub reqd: &'static str,
-    pub optional: &'static str,
-    pub description: &'static str,
-    pub run: Action,
-}
-
-const fn cmd(
-    name: &'static str,
-    reqd: &'static str,
-    optional: &'static str,
-    description: &'static str,
-    run: Action,
-) -> Command {
-    Command {
-        name,
-        reqd,
-        optional,
-        description,
-        run,
-    }
-}
 
 /// The hand-written commands; `<class>-list` and `<class>-param-*` come
 /// from the datamodel ([`GENERIC_COMMANDS`]).
@@ -410,9 +370,14 @@ pub(crate) const COMMANDS: &[Command] = &[
     ),
 ];
 
+/// Every hand-written command.
+pub(crate) fn all_commands() -> impl Iterator<Item = &'static Command> {
+    COMMANDS.iter().chain(crate::cli::network::NETWORK_COMMANDS)
+}
+
 impl CliCtx {
     pub(crate) async fn dispatch(&self, cmd: &Cmd, out: &mut Vec<Out>) -> Result<(), CliError> {
-        if let Some(spec) = COMMANDS.iter().find(|c| c.name == cmd.name) {
+        if let Some(spec) = all_commands().find(|c| c.name == cmd.name) {
             for k in spec.reqd.split(", ").filter(|k| !k.is_empty()) {
                 if cmd.get(k).is_none() {
                     return text(format!("Required parameter not found: {k}"));
@@ -430,22 +395,6 @@ impl CliCtx {
     }
 }
 
-/// xe's record table: the first key left-aligned, the others right-aligned,
-/// all padded to 4 + the longest key with its tag.
-pub fn table(cols: &[(String, &str, String)]) -> String {
-    let keys: Vec<String> = cols.iter().map(|(n, t, _)| format!("{n} ({t})")).collect();
-    let w = 4 + keys.iter().map(String::len).max().unwrap_or(0);
-    let mut s = String::new();
-    for (i, (k, (_, _, v))) in keys.iter().zip(cols).enumerate() {
-        if i == 0 {
-            s.push_str(&format!("{k:<w$}: {v}\n"));
-        } else {
-            s.push_str(&format!("{k:>w$}: {v}\n"));
-        }
-    }
-    s
-}
-
 pub(crate) fn help(cmd: &Cmd) -> Run {
     let classes = cli_classes();
     let target = cmd
@@ -458,7 +407,7 @@ pub(crate) fn help(cmd: &Cmd) -> Run {
         Some(c) if c != "--all" => {
             let (reqd, opt, desc) = if let Some((_, (_, reqd, opt, desc))) = generic_command(&c) {
                 (*reqd, *opt, (*desc).to_owned())
-            } else if let Some(spec) = COMMANDS.iter().find(|s| s.name == c) {
+            } else if let Some(spec) = all_commands().find(|s| s.name == c) {
                 (spec.reqd, spec.optional, spec.description.to_owned())
             } else {
                 return fail_text(format!("Unknown command: {c}\nFor usage run: 'xe help'"));
@@ -467,7 +416,7 @@ pub(crate) fn help(cmd: &Cmd) -> Run {
         }
         _ => {
             let mut names: Vec<String> = vec!["help".into()];
-            names.extend(COMMANDS.iter().map(|c| c.name.to_owned()));
+            names.extend(all_commands().map(|c| c.name.to_owned()));
             for c in &classes {
                 for (suffix, ..) in GENERIC_COMMANDS {
                     names.push(format!("{}{suffix}", c.name));
@@ -545,7 +494,7 @@ mod tests {
     #[test]
     fn the_command_table_is_well_formed() {
         let mut seen = std::collections::HashSet::new();
-        for c in COMMANDS {
+        for c in all_commands() {
             assert!(seen.insert(c.name), "{} listed twice", c.name);
             assert!(
                 c.name

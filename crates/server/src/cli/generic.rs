@@ -1,10 +1,10 @@
 //! <class>-list and <class>-param-* for every class.
 
 use crate::cli::args::{Cmd, STD_PARAMS};
-use crate::cli::commands::table;
 use crate::cli::context::{CliCtx, CliError, text};
 use crate::cli::protocol::Out;
 use crate::cli::records::CliClass;
+use crate::cli::records::table;
 use corral_model::Value;
 use corral_model::schema::{Ty, class};
 

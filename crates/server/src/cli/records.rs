@@ -135,6 +135,22 @@ pub fn cli_classes() -> Vec<CliClass> {
     out
 }
 
+/// xe's record table: the first key left-aligned, the others right-aligned,
+/// all padded to 4 + the longest key with its tag.
+pub fn table(cols: &[(String, &str, String)]) -> String {
+    let keys: Vec<String> = cols.iter().map(|(n, t, _)| format!("{n} ({t})")).collect();
+    let w = 4 + keys.iter().map(String::len).max().unwrap_or(0);
+    let mut s = String::new();
+    for (i, (k, (_, _, v))) in keys.iter().zip(cols).enumerate() {
+        if i == 0 {
+            s.push_str(&format!("{k:<w$}: {v}\n"));
+        } else {
+            s.push_str(&format!("{k:>w$}: {v}\n"));
+        }
+    }
+    s
+}
+
 /// The xe name of a field: hyphens for underscores, and `<x>-uuid` for a
 /// pointer to the class `x` (`PBD.host` → `host-uuid`).
 pub fn cli_field_name(f: &FieldDef) -> String {

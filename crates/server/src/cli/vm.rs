@@ -41,7 +41,7 @@ pub(crate) fn point_disks_at(xml: &str, sr_uuid: &str) -> String {
 
 impl CliCtx {
     /// The VM named by `vm=` (name-label or uuid), `uuid=` or `name-label=`.
-    async fn vm_of(&self, cmd: &Cmd) -> Result<String, CliError> {
+    pub(crate) async fn vm_of(&self, cmd: &Cmd) -> Result<String, CliError> {
         let key = cmd.get("vm").or(cmd.get("uuid")).or(cmd.get("name-label"));
         let Some(key) = key else {
             return text("Required parameter not found: vm (or uuid)".to_owned());

@@ -30,6 +30,14 @@ pub(crate) fn live_at(st: &corral_db::State, host: &str, vm: &str) -> bool {
     live_on(st, vm).as_deref() == Some(host)
 }
 
+/// Whether `host_metrics.live` says the host is up.
+pub(crate) fn host_live(st: &corral_db::State, host: &str) -> bool {
+    let metrics = st.get_str(field::host::METRICS, host).unwrap_or_default();
+    st.get(field::host_metrics::LIVE, &metrics)
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false)
+}
+
 /// A map field as read from the database (absent: empty).
 pub(crate) fn strmap(v: Option<Value>) -> BTreeMap<String, String> {
     v.map(|v| crate::core::records::strmap(&v))

@@ -5,7 +5,7 @@ use crate::ops::network::{network_create, network_destroy};
 use crate::ops::pif;
 use crate::ops::vif::{allowed_vif_devices, vif_create, vif_destroy, vif_plug, vif_unplug};
 use corral_model::Value;
-use corral_model::args::{host, pif as pif_args, vif, vm};
+use corral_model::args::{bond, host, pif as pif_args, pool, vif, vlan, vm};
 
 pub fn register(t: &mut Table) {
     t.untyped(
@@ -47,6 +47,60 @@ pub fn register(t: &mut Table) {
         crate::ops::vif::port::vif_move(&s, a.self_.as_str(), a.network.as_str()).await
     });
     t.on(|s, _, a: vif::UnplugForce| async move { vif_unplug(&s, a.self_.as_str(), true).await });
+    t.on(|s, _, a: vif::ConfigureIpv4| async move {
+        crate::ops::vif::port::configure_ip(
+            &s,
+            a.self_.as_str(),
+            false,
+            a.mode.as_str(),
+            &a.address,
+            &a.gateway,
+        )
+    });
+    t.on(|s, _, a: vif::ConfigureIpv6| async move {
+        crate::ops::vif::port::configure_ip(
+            &s,
+            a.self_.as_str(),
+            true,
+            a.mode.as_str(),
+            &a.address,
+            &a.gateway,
+        )
+    });
+    t.on(|s, _, a: vlan::Create| async move {
+        pif::vlan::vlan_create(&s, a.tagged_pif.as_str(), a.tag, a.network.as_str()).await
+    });
+    t.on(
+        |s, _, a: vlan::Destroy| async move { pif::vlan::vlan_destroy(&s, a.self_.as_str()).await },
+    );
+    t.on(|s, _, a: pool::CreateVLANFromPIF| async move {
+        pif::vlan::pool_create_vlan_from_pif(&s, a.pif.as_str(), a.network.as_str(), a.vlan).await
+    });
+    t.on(|s, _, a: pool::CreateVLAN| async move {
+        pif::vlan::pool_create_vlan(&s, &a.device, a.network.as_str(), a.vlan).await
+    });
+    t.on(|s, _, a: pif_args::CreateVLAN| async move {
+        pif::vlan::pif_create_vlan(&s, &a.device, a.network.as_str(), a.host.as_str(), a.vlan).await
+    });
+    t.on(|s, _, a: bond::Create| async move {
+        let members = a.members.iter().map(|m| m.as_str().to_owned()).collect();
+        let props = a.properties.into_iter().collect();
+        pif::bond::bond_create(
+            &s,
+            a.network.as_str(),
+            members,
+            &a.mac,
+            a.mode.as_str(),
+            props,
+        )
+        .await
+    });
+    t.on(
+        |s, _, a: bond::Destroy| async move { pif::bond::bond_destroy(&s, a.self_.as_str()).await },
+    );
+    t.on(|s, _, a: bond::SetMode| async move {
+        pif::bond::bond_set_mode(&s, a.self_.as_str(), a.value.as_str()).await
+    });
     t.on_sync(|s, _, a: vm::GetAllowedVIFDevices| {
         let devices = allowed_vif_devices(&s.db.read(), a.vm.as_str());
         Ok(Value::string_set(devices.iter().map(String::as_str)))

@@ -281,3 +281,67 @@ fn host_sees(st: &corral_db::State, host: &str, network: &str) -> bool {
             .iter()
             .any(|p| st.get_str(field::pif::HOST, p).as_deref() == Some(host))
 }
+
+/// `VIF.configure_ipv4`/`configure_ipv6`: the guest's address as the
+/// toolstack records it for the guest agent (`Static` with `addr/prefix`
+/// and an optional gateway, or `None`).
+pub(crate) fn configure_ip(
+    s: &Server,
+    vif: &str,
+    v6: bool,
+    mode: &str,
+    address: &str,
+    gateway: &str,
+) -> ApiResult {
+    let valid_ip = |a: &str| {
+        if v6 {
+            a.parse::<Ipv6Addr>().is_ok()
+        } else {
+            a.parse::<Ipv4Addr>().is_ok()
+        }
+    };
+    let (address, gateway) = if mode == "Static" {
+        let ok = address.split_once('/').is_some_and(|(ip, prefix)| {
+            valid_ip(ip)
+                && prefix
+                    .parse::<u8>()
+                    .is_ok_and(|p| p <= if v6 { 128 } else { 32 })
+        });
+        if !ok {
+            return Err(errors::invalid_ip_address_specified("address"));
+        }
+        if !gateway.is_empty() && !valid_ip(gateway) {
+            return Err(errors::invalid_ip_address_specified("gateway"));
+        }
+        (address, gateway)
+    } else {
+        ("", "")
+    };
+    let (fm, fa, fg) = if v6 {
+        (
+            field::vif::IPV6_CONFIGURATION_MODE,
+            field::vif::IPV6_ADDRESSES,
+            field::vif::IPV6_GATEWAY,
+        )
+    } else {
+        (
+            field::vif::IPV4_CONFIGURATION_MODE,
+            field::vif::IPV4_ADDRESSES,
+            field::vif::IPV4_GATEWAY,
+        )
+    };
+    db(s.db.write(|t| {
+        if !t.state().exists(class::VIF, vif) {
+            return Err(ApiError::handle_invalid("VIF", vif));
+        }
+        t.set(fm, vif, Value::str(mode))?;
+        let addresses = if address.is_empty() {
+            vec![]
+        } else {
+            vec![Value::str(address)]
+        };
+        t.set(fa, vif, Value::Array(addresses))?;
+        t.set(fg, vif, Value::str(gateway))
+    }))?;
+    void()
+}

@@ -14,6 +14,9 @@ use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
 use corral_net::{Ipv4Cidr, Link, NicFacts};
 use std::net::Ipv4Addr;
 
+pub(crate) mod bond;
+pub(crate) mod vlan;
+
 /// The PIFs of `host`.
 pub(crate) fn pifs_of(st: &corral_db::State, host: &str) -> Vec<String> {
     st.refs(class::PIF)
@@ -22,19 +25,103 @@ pub(crate) fn pifs_of(st: &corral_db::State, host: &str) -> Vec<String> {
         .collect()
 }
 
-fn flag(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> bool {
+pub(crate) fn flag(st: &corral_db::State, f: corral_model::FieldId, r: &str) -> bool {
     st.get(f, r).and_then(|v| v.as_bool()).unwrap_or(false)
 }
 
-/// The handle of the PIF's host, with the PIF's device and its network's
-/// bridge.
-fn pif_parts(s: &Server, pif: &str) -> Result<(HostHandle, String, String, i64), ApiError> {
+/// The device a PIF stands for in the host's kernel.
+#[derive(Clone, Debug)]
+pub(crate) enum Kernel {
+    /// A NIC (or anything else the host made).
+    Nic(String),
+    /// `<base>.<tag>`, made on the tagged PIF's device.
+    Vlan {
+        name: String,
+        base: String,
+        tag: u16,
+    },
+    /// `bondN` with its members' devices.
+    Bond {
+        name: String,
+        members: Vec<String>,
+        spec: corral_net::BondSpec,
+    },
+}
+
+impl Kernel {
+    pub(crate) fn name(&self) -> &str {
+        match self {
+            Kernel::Nic(n) | Kernel::Vlan { name: n, .. } | Kernel::Bond { name: n, .. } => n,
+        }
+    }
+
+    /// Makes the device if Corral makes it (a NIC is there already).
+    async fn realise(&self, h: &HostHandle, mtu: u32) -> Result<(), ApiError> {
+        let r = match self {
+            Kernel::Nic(_) => Ok(()),
+            Kernel::Vlan { name, base, tag } => h.net.ensure_vlan(name, base, *tag, mtu).await,
+            Kernel::Bond {
+                name,
+                members,
+                spec,
+            } => h.net.ensure_bond(name, members.clone(), spec.clone()).await,
+        };
+        r.map_err(|e| driver_errors::network(self.name(), e))
+    }
+
+    /// Removes the device if Corral made it.
+    async fn unrealise(&self, h: &HostHandle) -> Result<(), ApiError> {
+        match self {
+            Kernel::Nic(_) => Ok(()),
+            _ => h
+                .net
+                .remove_link(self.name())
+                .await
+                .map_err(|e| driver_errors::network(self.name(), e)),
+        }
+    }
+}
+
+/// The kernel device of `pif`, from its record (and its bond's).
+pub(crate) fn kernel_of(st: &corral_db::State, pif: &str) -> Kernel {
+    let device = st.get_str(field::pif::DEVICE, pif).unwrap_or_default();
+    let tag = st
+        .get(field::pif::VLAN, pif)
+        .and_then(|v| v.as_int())
+        .unwrap_or(-1);
+    if let Ok(tag) = u16::try_from(tag) {
+        return Kernel::Vlan {
+            name: format!("{device}.{tag}"),
+            base: device,
+            tag,
+        };
+    }
+    let bonds = crate::ops::query::refs_in(st, field::pif::BOND_MASTER_OF, pif);
+    if let Some(bond) = bonds.first() {
+        return Kernel::Bond {
+            name: device,
+            members: crate::ops::query::refs_in(st, field::bond::SLAVES, bond)
+                .iter()
+                .filter_map(|m| st.get_str(field::pif::DEVICE, m))
+                .collect(),
+            spec: bond::spec_of(st, bond, pif),
+        };
+    }
+    Kernel::Nic(device)
+}
+
+/// The handle of the PIF's host, with the PIF's kernel device, its
+/// network's bridge and its MTU.
+pub(crate) fn pif_parts(
+    s: &Server,
+    pif: &str,
+) -> Result<(HostHandle, Kernel, String, i64), ApiError> {
     let st = s.db.read();
     if !st.exists(class::PIF, pif) {
         return Err(ApiError::handle_invalid("PIF", pif));
     }
     let host = st.get_str(field::pif::HOST, pif).unwrap_or_default();
-    let device = st.get_str(field::pif::DEVICE, pif).unwrap_or_default();
+    let kernel = kernel_of(&st, pif);
     let network = st.get_str(field::pif::NETWORK, pif).unwrap_or_default();
     let bridge = st
         .get_str(field::network::BRIDGE, &network)
@@ -44,7 +131,22 @@ fn pif_parts(s: &Server, pif: &str) -> Result<(HostHandle, String, String, i64),
         .and_then(|v| v.as_int())
         .unwrap_or(1500);
     drop(st);
-    Ok((s.host(&host)?, device, bridge, mtu))
+    Ok((s.host(&host)?, kernel, bridge, mtu))
+}
+
+/// Deletes the PIF record, if there, with its metrics.
+pub(crate) fn delete_pif(t: &mut corral_db::Txn<'_>, pif: &str) -> Result<(), ApiError> {
+    let metrics = t
+        .state()
+        .get_str(field::pif::METRICS, pif)
+        .unwrap_or_default();
+    if t.state().exists(class::PIF_METRICS, &metrics) {
+        t.delete(class::PIF_METRICS, &metrics)?;
+    }
+    if t.state().exists(class::PIF, pif) {
+        t.delete(class::PIF, pif)?;
+    }
+    Ok(())
 }
 
 /// Writes the PIF_metrics record of `pif` from what sysfs says.
@@ -242,12 +344,26 @@ pub(crate) async fn pif_introduce(
 /// `PIF.plug`: the network's bridge on the PIF's host, the NIC enslaved
 /// to it, and the PIF's IPv4 configuration on the bridge.
 pub(crate) async fn pif_plug(s: &Server, pif: &str) -> ApiResult {
-    let (h, device, bridge, mtu) = pif_parts(s, pif)?;
+    {
+        let st = s.db.read();
+        if st.exists(class::PIF, pif)
+            && st
+                .get_str(field::pif::BOND_SLAVE_OF, pif)
+                .as_deref()
+                .unwrap_or(NULL_REF)
+                != NULL_REF
+        {
+            return Err(errors::cannot_plug_bond_slave(pif));
+        }
+    }
+    let (h, kernel, bridge, mtu) = pif_parts(s, pif)?;
+    let device = kernel.name().to_owned();
     let mtu = u32::try_from(mtu).unwrap_or(1500);
     h.net
         .ensure_bridge(&bridge, mtu)
         .await
         .map_err(|e| driver_errors::network(&bridge, e))?;
+    kernel.realise(&h, mtu).await?;
     h.net
         .set_controller(&device, Some(&bridge))
         .await
@@ -276,17 +392,25 @@ pub(crate) async fn pif_unplug(s: &Server, pif: &str) -> ApiResult {
             return Err(errors::pif_does_not_allow_unplug(pif));
         }
     }
-    let (h, device, bridge, _) = pif_parts(s, pif)?;
-    detach(&h, &device, &bridge).await?;
-    db(s.db.write(|t| t.set(field::pif::CURRENTLY_ATTACHED, pif, Value::Bool(false))))?;
+    pif_unplug_device(s, pif).await?;
     void()
 }
 
-async fn detach(h: &HostHandle, device: &str, bridge: &str) -> Result<(), ApiError> {
-    h.net
-        .set_controller(device, None)
-        .await
-        .map_err(|e| driver_errors::network(device, e))?;
+/// Takes the PIF's device off its bridge (and away, if Corral made it),
+/// and records it detached; no checks.
+pub(crate) async fn pif_unplug_device(s: &Server, pif: &str) -> Result<(), ApiError> {
+    let (h, kernel, bridge, _) = pif_parts(s, pif)?;
+    detach(&h, kernel.name(), &bridge).await?;
+    kernel.unrealise(&h).await?;
+    db(s.db.write(|t| t.set(field::pif::CURRENTLY_ATTACHED, pif, Value::Bool(false))))
+}
+
+pub(crate) async fn detach(h: &HostHandle, device: &str, bridge: &str) -> Result<(), ApiError> {
+    match h.net.set_controller(device, None).await {
+        // A VLAN or bond device that is not there is not on the bridge.
+        Ok(()) | Err(corral_net::NetError::NoDevice(_)) => {}
+        Err(e) => return Err(driver_errors::network(device, e)),
+    }
     match h.net.set_ipv4(bridge, vec![]).await {
         Ok(()) | Err(corral_net::NetError::NoDevice(_)) => Ok(()),
         Err(e) => Err(driver_errors::network(bridge, e)),
@@ -307,36 +431,33 @@ pub(crate) async fn pif_forget(s: &Server, pif: &str) -> ApiResult {
         flag(&st, field::pif::CURRENTLY_ATTACHED, pif)
     };
     if attached {
-        let (h, device, bridge, _) = pif_parts(s, pif)?;
-        detach(&h, &device, &bridge).await?;
+        let (h, kernel, bridge, _) = pif_parts(s, pif)?;
+        detach(&h, kernel.name(), &bridge).await?;
+        kernel.unrealise(&h).await?;
     }
-    db(s.db.write(|t| {
-        let metrics = t
-            .state()
-            .get_str(field::pif::METRICS, pif)
-            .unwrap_or_default();
-        if t.state().exists(class::PIF_METRICS, &metrics) {
-            t.delete(class::PIF_METRICS, &metrics)?;
-        }
-        t.delete(class::PIF, pif)
-    }))?;
+    db(s.db.write(|t| delete_pif(t, pif)))?;
     void()
 }
 
-/// `PIF.destroy` (deprecated; for VLAN PIFs, which Corral does not make
-/// yet): a physical PIF cannot be destroyed.
+/// `PIF.destroy` (deprecated): a VLAN's PIF goes with its VLAN; a
+/// physical PIF cannot be destroyed.
 pub(crate) async fn pif_destroy(s: &Server, pif: &str) -> ApiResult {
-    let physical = {
+    let (physical, vlan) = {
         let st = s.db.read();
         if !st.exists(class::PIF, pif) {
             return Err(ApiError::handle_invalid("PIF", pif));
         }
-        flag(&st, field::pif::PHYSICAL, pif)
+        (
+            flag(&st, field::pif::PHYSICAL, pif),
+            st.get_str(field::pif::VLAN_MASTER_OF, pif)
+                .filter(|v| st.exists(class::VLAN, v)),
+        )
     };
-    if physical {
-        return Err(errors::pif_is_physical(pif));
+    match vlan {
+        _ if physical => Err(errors::pif_is_physical(pif)),
+        Some(v) => vlan::vlan_destroy(s, &v).await,
+        None => pif_forget(s, pif).await,
     }
-    pif_forget(s, pif).await
 }
 
 /// The addresses the PIF's record asks its bridge to have.
