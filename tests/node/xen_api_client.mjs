@@ -72,6 +72,41 @@ await assert.rejects(
   err => err.code === 'HANDLE_INVALID' && err.params[0] === 'VM'
 )
 
+// Networks and VIFs as XO makes and reads them: a VIF on the first device
+// VM.get_allowed_VIF_devices offers, with XO's record, linked in the cache.
+const netRef = await xapi.call('network.create', {
+  name_label: 'xo-net', name_description: '', MTU: 1500, other_config: {},
+})
+const [device] = await xapi.call('VM.get_allowed_VIF_devices', vmRef)
+assert.equal(device, '0')
+const vifRef = await xapi.call('VIF.create', {
+  device, network: netRef, VM: vmRef, MAC: '', MTU: 1500, other_config: {},
+  qos_algorithm_type: '', qos_algorithm_params: {},
+  locking_mode: 'network_default', ipv4_allowed: [], ipv6_allowed: [],
+})
+const vif = await withTimeout(xapi.barrier(vifRef), 10e3, 'VIF barrier')
+assert.equal(vif.$network.$type, 'network')
+assert.equal(vif.$network.name_label, 'xo-net')
+assert.match(vif.$network.bridge, /^xapi\d+$/)
+assert.equal(vif.$network.default_locking_mode, 'unlocked')
+assert.equal(vif.$VM.$ref, vmRef)
+assert.match(vif.MAC, /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/)
+assert.equal(vif.currently_attached, false)
+assert.equal(vif.locking_mode, 'network_default')
+assert.deepEqual(vif.ipv4_allowed, [])
+const net = await withTimeout(xapi.barrier(netRef), 10e3, 'network barrier')
+assert.deepEqual(net.VIFs, [vifRef])
+assert.deepEqual(net.PIFs, [])
+assert.deepEqual((await xapi.barrier(vmRef)).VIFs, [vifRef])
+// Two VMs never get the same MAC (XO refuses to start duplicates).
+const vm2 = await xapi.callAsync('VM.clone', vmRef, 'xo-vm-2')
+const [vif2] = await xapi.call('VM.get_VIFs', vm2)
+assert.notEqual(await xapi.call('VIF.get_MAC', vif2), vif.MAC)
+await xapi.call('VM.destroy', vm2)
+// A network whose VIFs are all detached goes, and takes them (as XAPI's).
+await xapi.call('network.destroy', netRef)
+assert.equal((await xapi.call('VIF.get_all')).includes(vifRef), false)
+
 // Destroying removes the object from the cache once the event arrives.
 await xapi.call('VM.destroy', vmRef)
 await withTimeout(xapi.barrier(), 10e3, 'barrier after destroy')

@@ -163,9 +163,19 @@ pub struct GuestStats {
     pub memory_free: Option<i64>,
     /// From the guest agent (`guest-get-osinfo`), XAPI `os_version` keys.
     pub os_version: Vec<(String, String)>,
-    /// XAPI `networks` keys (`0/ip`, `0/ipv4/0`, …).
-    pub networks: Vec<(String, String)>,
+    /// The guest's interfaces and their addresses, as the guest agent
+    /// reports them (`guest-network-get-interfaces`; loopback left out).
+    pub interfaces: Vec<GuestInterface>,
     pub agent: bool,
+}
+
+/// One guest interface: its MAC (lower case) and addresses, in the
+/// guest's order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestInterface {
+    pub mac: String,
+    pub ipv4: Vec<String>,
+    pub ipv6: Vec<String>,
 }
 
 /// A VM's serial console: what it printed recently, then live output and a

@@ -689,12 +689,18 @@ impl HostAgent for QemuAgent {
                 )
                 .await
                 {
-                    let mut n = 0;
                     for i in ifs.as_array().into_iter().flatten() {
                         if i.get("name").and_then(Value::as_str) == Some("lo") {
                             continue;
                         }
-                        let (mut v4, mut v6) = (0, 0);
+                        let mut iface = crate::GuestInterface {
+                            mac: i
+                                .get("hardware-address")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_ascii_lowercase(),
+                            ..Default::default()
+                        };
                         for ip in i
                             .get("ip-addresses")
                             .and_then(Value::as_array)
@@ -707,17 +713,12 @@ impl HostAgent for QemuAgent {
                                 .unwrap_or("")
                                 .to_owned();
                             if ip.get("ip-address-type").and_then(Value::as_str) == Some("ipv6") {
-                                g.networks.push((format!("{n}/ipv6/{v6}"), addr));
-                                v6 += 1;
+                                iface.ipv6.push(addr);
                             } else {
-                                if v4 == 0 {
-                                    g.networks.push((format!("{n}/ip"), addr.clone()));
-                                }
-                                g.networks.push((format!("{n}/ipv4/{v4}"), addr));
-                                v4 += 1;
+                                iface.ipv4.push(addr);
                             }
                         }
-                        n += 1;
+                        g.interfaces.push(iface);
                     }
                 }
             }

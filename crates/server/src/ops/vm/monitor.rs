@@ -171,6 +171,38 @@ pub async fn refresh_metrics(s: &Arc<Server>) {
     }));
 }
 
+/// XenAPI's `VM_guest_metrics.networks` from the guest's interfaces: each
+/// keyed by the device of the VIF with its MAC (`0/ip` the first IPv4
+/// address, `0/ipv4/N`, `0/ipv6/N`); interfaces no VIF has are left out.
+pub(crate) fn guest_networks(
+    interfaces: &[corral_agent::GuestInterface],
+    vifs: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut by_device: Vec<(&str, &corral_agent::GuestInterface)> = interfaces
+        .iter()
+        .filter_map(|i| {
+            let (device, _) = vifs
+                .iter()
+                .find(|(_, mac)| mac.eq_ignore_ascii_case(&i.mac))?;
+            Some((device.as_str(), i))
+        })
+        .collect();
+    by_device.sort_by_key(|(d, _)| d.parse::<u32>().unwrap_or(u32::MAX));
+    for (device, i) in by_device {
+        if let Some(first) = i.ipv4.first() {
+            out.push((format!("{device}/ip"), first.clone()));
+        }
+        for (n, a) in i.ipv4.iter().enumerate() {
+            out.push((format!("{device}/ipv4/{n}"), a.clone()));
+        }
+        for (n, a) in i.ipv6.iter().enumerate() {
+            out.push((format!("{device}/ipv6/{n}"), a.clone()));
+        }
+    }
+    out
+}
+
 pub(crate) fn write_guest_stats(
     t: &mut corral_db::Txn<'_>,
     vm: &str,
@@ -221,7 +253,18 @@ pub(crate) fn write_guest_stats(
     if g.agent {
         changed |=
             t.set_if_changed(field::vm_guest_metrics::OS_VERSION, &gm, map(&g.os_version))?;
-        changed |= t.set_if_changed(field::vm_guest_metrics::NETWORKS, &gm, map(&g.networks))?;
+        let vifs: Vec<(String, String)> = crate::ops::vif::vifs_of(t.state(), vm)
+            .iter()
+            .filter_map(|v| {
+                let st = t.state();
+                Some((
+                    st.get_str(field::vif::DEVICE, v)?,
+                    st.get_str(field::vif::MAC, v)?,
+                ))
+            })
+            .collect();
+        let networks = guest_networks(&g.interfaces, &vifs);
+        changed |= t.set_if_changed(field::vm_guest_metrics::NETWORKS, &gm, map(&networks))?;
     }
     changed |= t.set_if_changed(
         field::vm_guest_metrics::PV_DRIVERS_DETECTED,
@@ -256,4 +299,58 @@ pub fn watch_host(s: &Arc<Server>, h: HostHandle) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guest_networks;
+    use corral_agent::GuestInterface;
+
+    fn iface(mac: &str, v4: &[&str], v6: &[&str]) -> GuestInterface {
+        GuestInterface {
+            mac: mac.into(),
+            ipv4: v4.iter().map(|s| s.to_string()).collect(),
+            ipv6: v6.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn guest_addresses_are_keyed_by_the_vifs_device() {
+        let vifs = vec![
+            ("0".to_string(), "96:d5:c7:dc:29:39".to_string()),
+            ("3".to_string(), "0E:14:6A:EF:B6:A0".to_string()),
+        ];
+        let cases: Vec<(Vec<GuestInterface>, Vec<(&str, &str)>)> = vec![
+            (vec![], vec![]),
+            // The guest lists device 3's NIC first, and one no VIF has.
+            (
+                vec![
+                    iface("0e:14:6a:ef:b6:a0", &["198.18.1.3"], &["fe80::1"]),
+                    iface("02:00:00:00:00:99", &["198.18.9.9"], &[]),
+                    iface("96:d5:c7:dc:29:39", &["198.18.1.1", "198.18.1.2"], &[]),
+                ],
+                vec![
+                    ("0/ip", "198.18.1.1"),
+                    ("0/ipv4/0", "198.18.1.1"),
+                    ("0/ipv4/1", "198.18.1.2"),
+                    ("3/ip", "198.18.1.3"),
+                    ("3/ipv4/0", "198.18.1.3"),
+                    ("3/ipv6/0", "fe80::1"),
+                ],
+            ),
+            // No IPv4 address: no `/ip` key.
+            (
+                vec![iface("96:d5:c7:dc:29:39", &[], &["2001:db8::5"])],
+                vec![("0/ipv6/0", "2001:db8::5")],
+            ),
+        ];
+        for (ifaces, want) in cases {
+            let got = guest_networks(&ifaces, &vifs);
+            let want: Vec<(String, String)> = want
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(got, want);
+        }
+    }
 }
