@@ -232,6 +232,18 @@ def test_pifs_external_network_and_the_management_interface(netns_daemon, netns,
     assert x.PIF.get_IP(pif) == "198.18.8.1" and x.PIF.get_DNS(pif) == "198.18.8.254"
     assert "198.18.8.1/24" in d.ns.run("ip", "-o", "addr", "show", "dev", "xenbr0").stdout
     assert outside.run("ping", "-c", "2", "-W", "5", "198.18.8.1", check=False).returncode == 0
+    # IPv6 beside it: a static address on the bridge; its name servers join the IPv4 one.
+    assert failure(x.PIF.reconfigure_ipv6, pif, "Static", "2001:db8:8::1", "", "") == [
+        "INVALID_IP_ADDRESS_SPECIFIED", "IPv6"]
+    assert failure(x.PIF.reconfigure_ipv6, pif, "Static", "2001:db8:8::1/64", "2001:db8:8::zz", "") == [
+        "INVALID_IP_ADDRESS_SPECIFIED", "gateway"]
+    x.PIF.reconfigure_ipv6(pif, "Static", "2001:db8:8::1/64", "", "2001:db8::53")
+    assert x.PIF.get_ipv6_configuration_mode(pif) == "Static" and x.PIF.get_IPv6(pif) == ["2001:db8:8::1/64"]
+    assert x.PIF.get_DNS(pif) == "198.18.8.254,2001:db8::53"
+    assert "2001:db8:8::1/64" in d.ns.run("ip", "-6", "-o", "addr", "show", "dev", "xenbr0").stdout
+    x.PIF.reconfigure_ipv6(pif, "None", "", "", "")
+    assert "2001:db8:8::1" not in d.ns.run("ip", "-6", "-o", "addr", "show", "dev", "xenbr0").stdout
+    assert x.PIF.get_IPv6(pif) == [] and x.PIF.get_DNS(pif) == "198.18.8.254"
     # The management interface is protected.
     x.host.management_reconfigure(pif)
     assert x.PIF.get_management(pif) is True and x.host.get_address(host) == "198.18.8.1"
@@ -558,3 +570,26 @@ def test_vlan_and_bond_devices_on_the_real_kernel(netns_daemon, netns):
     if skipped:
         pytest.skip("this kernel has no " + " and no ".join(skipped) + ": the device paths were not run "
                     "(their records and checks are tested in crates/server/tests/vlan_bond.rs)")
+
+
+def test_plugged_pifs_are_plugged_again_at_start_up(netns_daemon, netns):
+    """A host reboot takes its bridges; corrald's start puts back what the
+    PIF records say (and a plain restart changes nothing)."""
+    d = netns_daemon
+    outside = veth_to_outside(d, netns, nic="eth0", outside_ip="198.18.19.254/24")
+    x = d.sdk().xenapi
+    x.PIF.scan(x.host.get_all()[0])
+    [pif] = [r for r, p in x.PIF.get_all_records().items() if p["device"] == "eth0"]
+    x.PIF.plug(pif)
+    x.PIF.reconfigure_ip(pif, "Static", "198.18.19.1", "255.255.255.0", "", "")
+    d.kill9()
+    # What a reboot leaves: the NIC, no bridge, no address.
+    d.ns.run("ip", "link", "del", "xenbr0")
+    assert "xenbr0" not in d.ns.links() and d.ns.links()["eth0"] is None
+    d.start()
+    assert d.ns.links()["eth0"] == "xenbr0"
+    assert "198.18.19.1/24" in d.ns.run("ip", "-o", "addr", "show", "dev", "xenbr0").stdout
+    assert outside.run("ping", "-c", "2", "-W", "5", "198.18.19.1", check=False).returncode == 0
+    d.kill9()
+    d.start()
+    assert list(d.ns.links()).count("xenbr0") == 1 and d.ns.links()["eth0"] == "xenbr0"

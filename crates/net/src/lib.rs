@@ -97,6 +97,8 @@ pub struct BondSpec {
 
 /// An IPv4 address with its prefix length.
 pub type Ipv4Cidr = (std::net::Ipv4Addr, u8);
+/// An IPv6 address with its prefix length.
+pub type Ipv6Cidr = (std::net::Ipv6Addr, u8);
 
 /// What corrald does to a host's network devices.
 pub trait HostNetwork: Send + Sync {
@@ -117,6 +119,9 @@ pub trait HostNetwork: Send + Sync {
     fn set_controller(&self, device: &str, bridge: Option<&str>) -> NetFut<'_, ()>;
     /// Makes `device`'s IPv4 addresses exactly these.
     fn set_ipv4(&self, device: &str, addresses: Vec<Ipv4Cidr>) -> NetFut<'_, ()>;
+    /// Makes `device`'s global IPv6 addresses exactly these (link-local
+    /// ones, which the kernel manages, stay).
+    fn set_ipv6(&self, device: &str, addresses: Vec<Ipv6Cidr>) -> NetFut<'_, ()>;
     /// `device`'s IPv4 addresses.
     fn ipv4(&self, device: &str) -> NetFut<'_, Vec<Ipv4Cidr>>;
     /// Carrier, speed, duplex and PCI identity of a NIC.

@@ -2,7 +2,7 @@
 //! the TUNSETIFF ioctl (the kernel does not make taps over netlink).
 
 use crate::filter::{self, PortPolicy};
-use crate::{BondSpec, HostNetwork, Ipv4Cidr, Link, NetError, NetFut, NicFacts, TAP_MAC};
+use crate::{BondSpec, HostNetwork, Ipv4Cidr, Ipv6Cidr, Link, NetError, NetFut, NicFacts, TAP_MAC};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
@@ -184,6 +184,34 @@ impl LinuxNetwork {
         Ok(out)
     }
 
+    /// The device's global IPv6 addresses (not link-local).
+    async fn v6_messages(&self, index: u32) -> Result<Vec<(AddressMessage, Ipv6Cidr)>, NetError> {
+        let msgs: Vec<AddressMessage> = self
+            .conn()?
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl)?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.family != AddressFamily::Inet6 || m.header.index != index {
+                continue;
+            }
+            let addr = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V6(v)) => Some(*v),
+                _ => None,
+            });
+            if let Some(a) = addr.filter(|a| (a.segments()[0] & 0xffc0) != 0xfe80) {
+                let prefix = m.header.prefix_len;
+                out.push((m, (a, prefix)));
+            }
+        }
+        Ok(out)
+    }
+
     async fn index(&self, name: &str) -> Result<u32, NetError> {
         self.get(name)
             .await?
@@ -327,6 +355,35 @@ impl HostNetwork for LinuxNetwork {
                     self.conn()?
                         .address()
                         .add(index, IpAddr::V4(want.0), want.1)
+                        .execute()
+                        .await
+                        .map_err(nl)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn set_ipv6(&self, device: &str, addresses: Vec<Ipv6Cidr>) -> NetFut<'_, ()> {
+        let device = device.to_owned();
+        Box::pin(async move {
+            let index = self.index(&device).await?;
+            let now = self.v6_messages(index).await?;
+            for (msg, have) in &now {
+                if !addresses.contains(have) {
+                    self.conn()?
+                        .address()
+                        .del(msg.clone())
+                        .execute()
+                        .await
+                        .map_err(nl)?;
+                }
+            }
+            for want in &addresses {
+                if !now.iter().any(|(_, have)| have == want) {
+                    self.conn()?
+                        .address()
+                        .add(index, IpAddr::V6(want.0), want.1)
                         .execute()
                         .await
                         .map_err(nl)?;

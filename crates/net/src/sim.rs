@@ -10,6 +10,7 @@ use std::sync::Mutex;
 pub struct SimNetwork {
     links: Mutex<Vec<Link>>,
     addresses: Mutex<Vec<(String, Ipv4Cidr)>>,
+    addresses6: Mutex<Vec<(String, crate::Ipv6Cidr)>>,
     policies: Mutex<std::collections::BTreeMap<String, PortPolicy>>,
 }
 
@@ -113,6 +114,20 @@ impl HostNetwork for SimNetwork {
             std::fs::File::open("/dev/null")
                 .map(OwnedFd::from)
                 .map_err(|e| NetError::Io(name, e))
+        })
+    }
+
+    fn set_ipv6(&self, device: &str, addresses: Vec<crate::Ipv6Cidr>) -> NetFut<'_, ()> {
+        let device = device.to_owned();
+        Box::pin(async move {
+            if self.find(&device).is_none() {
+                return Err(NetError::NoDevice(device));
+            }
+            if let Ok(mut a) = self.addresses6.lock() {
+                a.retain(|(d, _)| *d != device);
+                a.extend(addresses.into_iter().map(|x| (device.clone(), x)));
+            }
+            Ok(())
         })
     }
 

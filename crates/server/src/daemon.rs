@@ -48,6 +48,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("storage start-up: {e}"))?;
     crate::ops::host::record_host_driver(&server);
+    crate::ops::pif::startup(&server).await;
     crate::ops::vm::startup::startup(&server)
         .await
         .map_err(|e| anyhow::anyhow!("VM start-up: {e}"))?;

@@ -38,6 +38,17 @@ pub fn register(t: &mut Table) {
         )
         .await
     });
+    t.on(|s, _, a: pif_args::ReconfigureIpv6| async move {
+        pif::address::pif_reconfigure_ipv6(
+            &s,
+            a.self_.as_str(),
+            a.mode,
+            &a.ipv6,
+            &a.gateway,
+            &a.dns,
+        )
+        .await
+    });
     t.on_sync(|s, _, a: host::ManagementReconfigure| {
         pif::management_reconfigure(s, a.pif.as_str())
     });

@@ -7,15 +7,17 @@ use crate::context::hosts::HostHandle;
 use crate::core::call::{ApiResult, void};
 use crate::core::driver_errors;
 use crate::core::records::db;
-use corral_model::enums::IpConfigurationMode;
 use corral_model::errors;
 use corral_model::schema::{class, field};
 use corral_model::{ApiError, NULL_REF, Value, date, new_ref};
-use corral_net::{Ipv4Cidr, Link, NicFacts};
-use std::net::Ipv4Addr;
+use corral_net::{Link, NicFacts};
 
+pub(crate) mod address;
 pub(crate) mod bond;
 pub(crate) mod vlan;
+
+pub(crate) use address::pif_reconfigure_ip;
+use address::{configured_ipv4, configured_ipv6};
 
 /// The PIFs of `host`.
 pub(crate) fn pifs_of(st: &corral_db::State, host: &str) -> Vec<String> {
@@ -373,12 +375,45 @@ pub(crate) async fn pif_plug(s: &Server, pif: &str) -> ApiResult {
         .set_ipv4(&bridge, addresses)
         .await
         .map_err(|e| driver_errors::network(&bridge, e))?;
+    let addresses = configured_ipv6(&s.db.read(), pif);
+    if !addresses.is_empty() {
+        h.net
+            .set_ipv6(&bridge, addresses)
+            .await
+            .map_err(|e| driver_errors::network(&bridge, e))?;
+    }
     let facts = h.net.nic_facts(&device);
     db(s.db.write(|t| {
         t.set(field::pif::CURRENTLY_ATTACHED, pif, Value::Bool(true))?;
         write_metrics(t, pif, &facts).map(|_| ())
     }))?;
     void()
+}
+
+/// Start-up: this host's plugged PIFs are plugged again (after a host
+/// reboot their bridges, VLANs and bonds are gone; after a corrald
+/// restart this finds them there and changes nothing). A PIF that cannot
+/// be is left recorded as attached, with a warning.
+pub async fn startup(s: &Server) {
+    let mine: Vec<String> = {
+        let st = s.db.read();
+        let mut pifs: Vec<String> = pifs_of(&st, &s.host_ref)
+            .into_iter()
+            .filter(|p| flag(&st, field::pif::CURRENTLY_ATTACHED, p))
+            .collect();
+        // Bond masters after the NICs, VLANs after their bases.
+        pifs.sort_by_key(|p| match kernel_of(&st, p) {
+            Kernel::Nic(_) => 0,
+            Kernel::Bond { .. } => 1,
+            Kernel::Vlan { .. } => 2,
+        });
+        pifs
+    };
+    for pif in mine {
+        if let Err(e) = pif_plug(s, &pif).await {
+            tracing::warn!(pif = %pif, error = %e, "cannot plug a PIF again at start-up");
+        }
+    }
 }
 
 /// `PIF.unplug`: not the management interface, nor one that forbids it.
@@ -460,116 +495,6 @@ pub(crate) async fn pif_destroy(s: &Server, pif: &str) -> ApiResult {
     }
 }
 
-/// The addresses the PIF's record asks its bridge to have.
-fn configured_ipv4(st: &corral_db::State, pif: &str) -> Result<Vec<Ipv4Cidr>, ApiError> {
-    let mode = st
-        .get_str(field::pif::IP_CONFIGURATION_MODE, pif)
-        .unwrap_or_default();
-    if mode != "Static" {
-        return Ok(vec![]);
-    }
-    let ip = st.get_str(field::pif::IP, pif).unwrap_or_default();
-    let netmask = st.get_str(field::pif::NETMASK, pif).unwrap_or_default();
-    Ok(vec![(parse_ip("IP", &ip)?, prefix_of(&netmask)?)])
-}
-
-fn parse_ip(name: &str, s: &str) -> Result<Ipv4Addr, ApiError> {
-    s.trim()
-        .parse()
-        .map_err(|_| errors::invalid_ip_address_specified(name))
-}
-
-/// A dotted netmask's prefix length (`255.255.255.0` → 24); a prefix
-/// length is accepted too.
-pub(crate) fn prefix_of(netmask: &str) -> Result<u8, ApiError> {
-    if let Ok(n) = netmask.trim().parse::<u8>() {
-        if n <= 32 {
-            return Ok(n);
-        }
-    }
-    let m = u32::from(parse_ip("netmask", netmask)?);
-    let ones = m.leading_ones();
-    if m.checked_shl(ones).unwrap_or(0) != 0 {
-        return Err(errors::invalid_ip_address_specified("netmask"));
-    }
-    Ok(ones as u8)
-}
-
-/// `PIF.reconfigure_ip`: XAPI's checks, the record, and (if the PIF is
-/// plugged) the addresses on its bridge at once. DHCP is recorded; Corral
-/// runs no DHCP client on the host yet, so the bridge then has no address.
-pub(crate) async fn pif_reconfigure_ip(
-    s: &Server,
-    pif: &str,
-    mode: IpConfigurationMode,
-    ip: &str,
-    netmask: &str,
-    gateway: &str,
-    dns: &str,
-) -> ApiResult {
-    let (managed, management, attached) = {
-        let st = s.db.read();
-        if !st.exists(class::PIF, pif) {
-            return Err(ApiError::handle_invalid("PIF", pif));
-        }
-        (
-            st.get(field::pif::MANAGED, pif)
-                .and_then(|v| v.as_bool())
-                .unwrap_or(true),
-            flag(&st, field::pif::MANAGEMENT, pif),
-            flag(&st, field::pif::CURRENTLY_ATTACHED, pif),
-        )
-    };
-    if !managed {
-        return Err(errors::pif_unmanaged(pif));
-    }
-    if mode == IpConfigurationMode::None && management {
-        return Err(errors::pif_is_management_interface(pif));
-    }
-    if mode == IpConfigurationMode::Static {
-        parse_ip("IP", ip)?;
-        prefix_of(netmask)?;
-    }
-    for (name, v) in [("IP", ip), ("netmask", netmask), ("gateway", gateway)] {
-        if !v.is_empty() && name != "netmask" {
-            parse_ip(name, v)?;
-        }
-    }
-    // Only IPv4 name servers are kept (as XAPI does).
-    let dns: Vec<&str> = dns
-        .split(',')
-        .map(str::trim)
-        .filter(|d| d.parse::<Ipv4Addr>().is_ok())
-        .collect();
-    let (ip, netmask, gateway) = match mode {
-        IpConfigurationMode::Static => (ip, netmask, gateway),
-        _ => ("", "", ""),
-    };
-    let addresses = match mode {
-        IpConfigurationMode::Static => vec![(parse_ip("IP", ip)?, prefix_of(netmask)?)],
-        _ => vec![],
-    };
-    if attached {
-        let (h, _, bridge, _) = pif_parts(s, pif)?;
-        h.net
-            .set_ipv4(&bridge, addresses)
-            .await
-            .map_err(|e| driver_errors::network(&bridge, e))?;
-    }
-    db(s.db.write(|t| {
-        t.set(
-            field::pif::IP_CONFIGURATION_MODE,
-            pif,
-            Value::str(mode.as_str()),
-        )?;
-        t.set(field::pif::IP, pif, Value::str(ip))?;
-        t.set(field::pif::NETMASK, pif, Value::str(netmask))?;
-        t.set(field::pif::GATEWAY, pif, Value::str(gateway))?;
-        t.set(field::pif::DNS, pif, Value::String(dns.join(",")))
-    }))?;
-    void()
-}
-
 /// `host.management_reconfigure`: the PIF (which must have an IPv4
 /// configuration) becomes its host's management interface, and the host's
 /// address its IP.
@@ -597,21 +522,4 @@ pub(crate) fn management_reconfigure(s: &Server, pif: &str) -> ApiResult {
         Ok(())
     }))?;
     void()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::prefix_of;
-
-    #[test]
-    fn netmasks() {
-        assert_eq!(prefix_of("255.255.255.0").ok(), Some(24));
-        assert_eq!(prefix_of("255.255.254.0").ok(), Some(23));
-        assert_eq!(prefix_of("255.255.255.255").ok(), Some(32));
-        assert_eq!(prefix_of("0.0.0.0").ok(), Some(0));
-        assert_eq!(prefix_of("16").ok(), Some(16));
-        assert!(prefix_of("255.0.255.0").is_err());
-        assert!(prefix_of("255.255.255").is_err());
-        assert!(prefix_of("33").is_err());
-    }
 }
