@@ -24,7 +24,7 @@ cargo test --quiet --doc -p corral-model
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check XenAPI pytest
+"$venv/bin/pip" install --quiet --disable-pip-version-check XenAPI pytest ansible
 # Xen Orchestra's connector, pinned by tests/node/package-lock.json.
 (cd tests/node && npm ci --silent --no-audit --no-fund)
 export CORRAL_REQUIRE_NODE=1

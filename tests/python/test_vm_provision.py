@@ -265,3 +265,24 @@ def test_sim_host_driver_says_so(tmp_path):
             assert "Simulated" not in d.xe("host-list", check=0).stdout
         finally:
             d.stop()
+
+
+def test_provision_makes_a_vm_of_a_template_and_allowed_vbd_devices(daemon):
+    """What Ansible's xenserver_guest needs: VM.provision leaves no
+    half-made template, with or without other_config:disks, and
+    VM.get_allowed_VBD_devices lists the free user devices."""
+    x = login(daemon).xenapi
+    tpl = x.VM.get_by_name_label("Other install media")[0]
+    vm = x.VM.clone(tpl, "provisioned")
+    assert x.VM.get_is_a_template(vm) is True
+    # The template asks for a 32 GiB disk; without the ask, provision still
+    # makes a VM of it.
+    x.VM.remove_from_other_config(vm, "disks")
+    x.VM.provision(vm)
+    assert x.VM.get_is_a_template(vm) is False
+    assert "start" in x.VM.get_allowed_operations(vm)
+    assert x.VM.get_allowed_VBD_devices(vm) == [str(d) for d in range(16)]
+    x.VBD.create({"VM": vm, "VDI": "OpaqueRef:NULL", "userdevice": "3", "bootable": False, "mode": "RO",
+                  "type": "CD", "empty": True, "other_config": {}, "qos_algorithm_type": "",
+                  "qos_algorithm_params": {}})
+    assert x.VM.get_allowed_VBD_devices(vm) == [str(d) for d in range(16) if d != 3]

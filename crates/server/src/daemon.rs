@@ -55,40 +55,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     crate::ops::vdi::snapshot::finish_interrupted_switches(&server).await;
     // Last: the marks of this host's dead tasks were cleared above.
     server.forget_dead_tasks();
-    let sock_path = opts.state_dir.join("xapi.sock");
-    let unix = bind_private_socket(&sock_path)?;
-    {
-        let server = Arc::clone(&server);
-        tokio::spawn(async move {
-            loop {
-                let s = match unix.accept().await {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        pause_after_accept_error(&e).await;
-                        continue;
-                    }
-                };
-                let Some(permit) = server.conns.admit(None, &server.config.limits) else {
-                    refused(None);
-                    continue;
-                };
-                let server = Arc::clone(&server);
-                let raw_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&s));
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    serve(
-                        server,
-                        s,
-                        Origin {
-                            addr: None,
-                            local_root: true,
-                            raw_fd,
-                        },
-                    )
-                    .await
-                });
-            }
-        });
+    // <state-dir>/xapi.sock always; more where asked (the system unit adds
+    // XAPI's /var/lib/xcp/xapi, which xenserver_facts and other local tools
+    // know).
+    let mut sockets = vec![opts.state_dir.join("xapi.sock")];
+    sockets.extend(server.config.extra_unix_sockets.iter().cloned());
+    for path in &sockets {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        serve_unix(Arc::clone(&server), bind_private_socket(path)?);
     }
     // Both TCP listeners speak TLS; the plain one also plain HTTP, told
     // apart by the first byte (a TLS handshake record starts with 0x16).
@@ -165,6 +141,42 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
     }
-    let _ = std::fs::remove_file(&sock_path);
+    for path in &sockets {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
+}
+
+/// Serves the local superuser's socket: every caller is root.
+fn serve_unix(server: Arc<Server>, unix: tokio::net::UnixListener) {
+    tokio::spawn(async move {
+        loop {
+            let s = match unix.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    pause_after_accept_error(&e).await;
+                    continue;
+                }
+            };
+            let Some(permit) = server.conns.admit(None, &server.config.limits) else {
+                refused(None);
+                continue;
+            };
+            let server = Arc::clone(&server);
+            let raw_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&s));
+            tokio::spawn(async move {
+                let _permit = permit;
+                serve(
+                    server,
+                    s,
+                    Origin {
+                        addr: None,
+                        local_root: true,
+                        raw_fd,
+                    },
+                )
+                .await
+            });
+        }
+    });
 }

@@ -26,6 +26,9 @@ const USAGE: &str = "usage: corrald --state-dir DIR [--listen ADDR:PORT] [--tls-
                            (30), tls-handshake-timeout-secs (10),
                            max-connections (2048), max-connections-per-source
                            (256))
+  --xapi-socket PATH       serve the root socket at PATH too (the system unit:
+                           XAPI's /var/lib/xcp/xapi); repeatable; config key
+                           xapi-socket
   --root-password-file F   root's password on first start (or CORRAL_ROOT_PASSWORD)
 The unix socket <state-dir>/xapi.sock is always served; its callers are root.";
 
@@ -61,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             "--no-tls" => settings.push(("tls-listen".into(), "none".into())),
             "--host-driver" => settings.push(("host-driver".into(), val()?)),
             "--accel" => settings.push(("accel".into(), val()?)),
+            "--xapi-socket" => settings.push(("xapi-socket".into(), val()?)),
             "--root-password-file" => {
                 let f = val()?;
                 let p = std::fs::read_to_string(&f).with_context(|| format!("reading {f}"))?;
@@ -127,6 +131,7 @@ fn main() -> anyhow::Result<()> {
                 opts.config.clean_shutdown_timeout = std::time::Duration::from_secs(v.parse()?)
             }
             "local-sr-device" => opts.config.local_sr_device = Some(v),
+            "xapi-socket" => opts.config.extra_unix_sockets.push(v.into()),
             "http-idle-timeout-secs" => opts.config.limits.idle = secs(&v)?,
             "http-request-timeout-secs" => opts.config.limits.request = secs(&v)?,
             "tls-handshake-timeout-secs" => opts.config.limits.tls_handshake = secs(&v)?,

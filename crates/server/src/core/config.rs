@@ -25,6 +25,9 @@ pub struct Config {
     /// Directories `PV-kernel`/`PV-ramdisk` may name files in, besides
     /// `<state-dir>/boot` and local ISO libraries.
     pub boot_dirs: Vec<std::path::PathBuf>,
+    /// Unix sockets served besides `<state-dir>/xapi.sock` (XAPI's
+    /// `/var/lib/xcp/xapi` for the system daemon).
+    pub extra_unix_sockets: Vec<std::path::PathBuf>,
     /// Connection bounds (see `http.rs`).
     pub limits: Limits,
 }
@@ -42,6 +45,7 @@ impl Default for Config {
             clean_shutdown_timeout: std::time::Duration::from_secs(1200),
             local_sr_device: None,
             boot_dirs: Vec::new(),
+            extra_unix_sockets: Vec::new(),
             limits: Default::default(),
         }
     }

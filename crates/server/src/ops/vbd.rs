@@ -414,3 +414,19 @@ pub(crate) fn vbd_allowed(ty: &str, empty: bool) -> Value {
     };
     Value::string_set(ops.iter().copied())
 }
+
+/// VBD user devices a VM may use: "0".."15" (XAPI's range for HVM guests
+/// with PV drivers, which virtio gives every Corral guest).
+pub(crate) const VBD_DEVICES: u32 = 16;
+
+/// `VM.get_allowed_VBD_devices`: the user devices no VBD of the VM has.
+pub(crate) fn allowed_vbd_devices(st: &corral_db::State, vm: &str) -> Vec<String> {
+    let used: Vec<String> = crate::ops::query::vbds_of(st, vm)
+        .iter()
+        .filter_map(|v| st.get_str(field::vbd::USERDEVICE, v))
+        .collect();
+    (0..VBD_DEVICES)
+        .map(|d| d.to_string())
+        .filter(|d| !used.contains(d))
+        .collect()
+}

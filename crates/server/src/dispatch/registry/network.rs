@@ -112,6 +112,10 @@ pub fn register(t: &mut Table) {
     t.on(|s, _, a: bond::SetMode| async move {
         pif::bond::bond_set_mode(&s, a.self_.as_str(), a.value.as_str()).await
     });
+    t.on_sync(|s, _, a: vm::GetAllowedVBDDevices| {
+        let devices = crate::ops::vbd::allowed_vbd_devices(&s.db.read(), a.vm.as_str());
+        Ok(Value::string_set(devices.iter().map(String::as_str)))
+    });
     t.on_sync(|s, _, a: vm::GetAllowedVIFDevices| {
         let devices = allowed_vif_devices(&s.db.read(), a.vm.as_str());
         Ok(Value::string_set(devices.iter().map(String::as_str)))

@@ -244,6 +244,12 @@ pub(crate) async fn new_vdi(
 pub(crate) async fn vm_provision(s: Arc<Server>, c: Ctx, vm: &str) -> ApiResult {
     let vm = vm.to_owned();
     let _op = mark_vm(&s, &c, &vm, VmOperations::Provision)?;
+    // As XAPI: a provisioned VM is no template, disks or not (Ansible's
+    // xenserver_guest provisions a template's clone and then starts it).
+    db(s.db.write(|t| {
+        t.set(field::vm::IS_A_TEMPLATE, &vm, Value::Bool(false))?;
+        crate::ops::vm::lifecycle::refresh_allowed(t, &vm)
+    }))?;
     let oc = strmap(s.db.read().get(field::vm::OTHER_CONFIG, &vm));
     let Some(xml) = oc.get("disks").cloned() else {
         return void();
