@@ -48,6 +48,22 @@ def wait_guest_networks(x, vm, ready, timeout=60):
         token = x.event.__getattr__("from")(["VM_guest_metrics", "VM"], token, min(left, 10.0))["token"]
 
 
+def wait_vif_rates(x, vif, ready, timeout=60):
+    """The VIF's VIF_metrics record once `ready(record)` holds (events wake it)."""
+    deadline = time.time() + timeout
+    token = ""
+    while True:
+        m = x.VIF.get_metrics(vif)
+        rec = x.VIF_metrics.get_record(m) if m != "OpaqueRef:NULL" else None
+        if rec is not None:
+            rec = dict(rec, io_read_kbs=float(rec["io_read_kbs"]), io_write_kbs=float(rec["io_write_kbs"]))
+            if ready(rec):
+                return rec
+        left = deadline - time.time()
+        assert left > 0, f"VIF_metrics not as awaited in {timeout} s: {rec}"
+        token = x.event.__getattr__("from")(["VIF_metrics", "VIF"], token, min(left, 10.0))["token"]
+
+
 def test_network_and_vif_objects_refuse_bad_input(netns_daemon):
     s = netns_daemon.sdk()
     x = s.xenapi
@@ -151,6 +167,10 @@ def test_two_vms_on_an_internal_network_ping_each_other(netns_daemon, guest):
     assert out.group(1) == b"0", "198.18.7.1 could not ping 198.18.7.2 on the internal network"
     out = guest_shell(cons[1], "ping -c 3 -W 5 198.18.7.1", "pong", timeout=60)
     assert out.group(1) == b"0"
+    # VIF_metrics: the taps' counters as rates, while the guest pings on.
+    guest_shell(cons[0], "(ping -i 0.2 -c 100 -s 1000 198.18.7.2 > /dev/null 2>&1 &)", "bg")
+    rates = wait_vif_rates(x, vifs[0], lambda r: r["io_write_kbs"] > 0 and r["io_read_kbs"] > 0)
+    assert 0 < rates["io_write_kbs"] < 1000 and 0 < rates["io_read_kbs"] < 1000, rates
     # In use: neither the network nor a plugged VIF can go.
     err = failure(x.network.destroy, net)
     assert err[0] == "NETWORK_CONTAINS_VIF" and sorted(err[1:]) == sorted(vifs)

@@ -95,6 +95,13 @@ pub struct BondSpec {
     pub mtu: u32,
 }
 
+/// A device's traffic since the previous sample, in KiB/s.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinkRates {
+    pub rx_kib_s: f64,
+    pub tx_kib_s: f64,
+}
+
 /// An IPv4 address with its prefix length.
 pub type Ipv4Cidr = (std::net::Ipv4Addr, u8);
 /// An IPv6 address with its prefix length.
@@ -132,6 +139,9 @@ pub trait HostNetwork: Send + Sync {
     /// The bond device `name` with these members and settings, up; made
     /// if missing (members are taken from any bridge they were on).
     fn ensure_bond(&self, name: &str, members: Vec<String>, spec: BondSpec) -> NetFut<'_, ()>;
+    /// The device's receive and transmit rates since this was last asked
+    /// for it (`None` the first time, or without such a device).
+    fn link_rates(&self, device: &str) -> Option<LinkRates>;
     /// Gives the tap `tap` (which need not exist yet) this filter, or with
     /// `None` (or an open policy) removes any it has.
     fn set_port_policy(&self, tap: &str, policy: Option<filter::PortPolicy>) -> NetFut<'_, ()>;

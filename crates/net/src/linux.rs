@@ -2,7 +2,9 @@
 //! the TUNSETIFF ioctl (the kernel does not make taps over netlink).
 
 use crate::filter::{self, PortPolicy};
-use crate::{BondSpec, HostNetwork, Ipv4Cidr, Ipv6Cidr, Link, NetError, NetFut, NicFacts, TAP_MAC};
+use crate::{
+    BondSpec, HostNetwork, Ipv4Cidr, Ipv6Cidr, Link, LinkRates, NetError, NetFut, NicFacts, TAP_MAC,
+};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
@@ -78,6 +80,8 @@ fn unsupported(e: rtnetlink::Error, what: &str) -> NetError {
 pub struct LinuxNetwork {
     /// Opened on first use, inside the runtime its worker task needs.
     handle: std::sync::OnceLock<Handle>,
+    /// The last traffic counters read per device: (when, rx bytes, tx bytes).
+    counters: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64, u64)>>,
     /// The taps with rules in Corral's nft table (corrald is its only
     /// writer), read from the kernel on first use.
     filtered: std::sync::Mutex<Option<BTreeSet<String>>>,
@@ -107,6 +111,7 @@ impl LinuxNetwork {
         LinuxNetwork {
             handle: std::sync::OnceLock::new(),
             filtered: std::sync::Mutex::new(None),
+            counters: std::sync::Mutex::new(Default::default()),
         }
     }
 
@@ -499,6 +504,37 @@ impl HostNetwork for LinuxNetwork {
             }
             let up = LinkUnspec::new_with_index(bond).mtu(spec.mtu).up().build();
             self.conn()?.link().set(up).execute().await.map_err(nl)
+        })
+    }
+
+    fn link_rates(&self, device: &str) -> Option<LinkRates> {
+        let dir = std::path::Path::new("/sys/class/net")
+            .join(device)
+            .join("statistics");
+        let read = |f: &str| -> Option<u64> {
+            std::fs::read_to_string(dir.join(f))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let (rx, tx) = (read("rx_bytes"), read("tx_bytes"));
+        let mut c = lock(&self.counters);
+        let (Some(rx), Some(tx)) = (rx, tx) else {
+            c.remove(device);
+            return None;
+        };
+        let now = std::time::Instant::now();
+        let before = c.insert(device.to_owned(), (now, rx, tx));
+        let (then, rx0, tx0) = before?;
+        let secs = now.duration_since(then).as_secs_f64();
+        // A counter that went back is a new device of the same name.
+        if secs <= 0.0 || rx < rx0 || tx < tx0 {
+            return None;
+        }
+        Some(LinkRates {
+            rx_kib_s: (rx - rx0) as f64 / 1024.0 / secs,
+            tx_kib_s: (tx - tx0) as f64 / 1024.0 / secs,
         })
     }
 

@@ -188,6 +188,10 @@ impl HostNetwork for SimNetwork {
         })
     }
 
+    fn link_rates(&self, _device: &str) -> Option<crate::LinkRates> {
+        None
+    }
+
     fn set_port_policy(&self, tap: &str, policy: Option<PortPolicy>) -> NetFut<'_, ()> {
         let tap = tap.to_owned();
         Box::pin(async move {

@@ -98,7 +98,7 @@ pub(crate) async fn network_destroy(s: &Server, p: Vec<Value>) -> ApiResult {
             .get_str(field::network::BRIDGE, &network)
             .unwrap_or_default();
         for v in &vifs {
-            t.delete(class::VIF, v)?;
+            crate::ops::vif::delete_vif(t, v)?;
         }
         t.delete(class::NETWORK, &network)?;
         Ok(bridge)

@@ -12,22 +12,22 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-const READY: &str = "corral-guest: ready";
+pub(crate) const READY: &str = "corral-guest: ready";
 const HTTP_HEAD_END: &str = "\r\n\r\n";
 /// The kernel's last words before ACPI power-off (printed even when quiet).
 const POWER_DOWN: &str = "reboot: Power down";
-const TEMPLATE: &str = "Linux direct kernel boot";
+pub(crate) const TEMPLATE: &str = "Linux direct kernel boot";
 const MEMORY: i64 = 128 << 20;
 /// Window over which CPU use is averaged.
 const CPU_WINDOW: Duration = Duration::from_secs(30);
 const RESTARTS: usize = 3;
 
-struct Guest {
-    kernel: String,
-    initrd: String,
+pub(crate) struct Guest {
+    pub(crate) kernel: String,
+    pub(crate) initrd: String,
 }
 
-fn guest() -> BenchResult<Guest> {
+pub(crate) fn guest() -> BenchResult<Guest> {
     let dir = match std::env::var_os("CORRAL_GUEST_DIR") {
         Some(d) => PathBuf::from(d),
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
@@ -48,7 +48,7 @@ fn guest() -> BenchResult<Guest> {
 
 /// On drop, kills every QEMU whose command line mentions one of these
 /// directories, so a failed run leaves no guests behind.
-struct QemuReaper(Vec<String>);
+pub(crate) struct QemuReaper(pub(crate) Vec<String>);
 
 impl Drop for QemuReaper {
     fn drop(&mut self) {
@@ -129,7 +129,7 @@ fn wait_exit(pid: i32, limit: Duration) -> BenchResult<()> {
 }
 
 /// Reads from `r` until `pattern` shows up in what was read.
-fn read_until(r: &mut impl Read, pattern: &str, limit: Duration) -> BenchResult<()> {
+pub(crate) fn read_until(r: &mut impl Read, pattern: &str, limit: Duration) -> BenchResult<()> {
     let deadline = Instant::now() + limit;
     let mut seen = Vec::new();
     let mut buf = [0u8; 8192];
@@ -173,33 +173,42 @@ fn s_int(v: i64) -> Value {
     Value::String(v.to_string())
 }
 
-struct Api<'a> {
-    c: &'a mut Client,
-    s: Value,
+pub(crate) struct Api<'a> {
+    pub(crate) c: &'a mut Client,
+    pub(crate) s: Value,
 }
 
 impl Api<'_> {
-    fn call(&mut self, method: &str, args: &[Value]) -> BenchResult<Value> {
+    pub(crate) fn call(&mut self, method: &str, args: &[Value]) -> BenchResult<Value> {
         let mut p = Vec::with_capacity(args.len() + 1);
         p.push(self.s.clone());
         p.extend_from_slice(args);
         self.c.call(method, &p)
     }
 
-    fn call_on(&mut self, method: &str, vm: &str) -> BenchResult<Value> {
+    pub(crate) fn call_on(&mut self, method: &str, vm: &str) -> BenchResult<Value> {
         self.call(method, &[Value::String(vm.into())])
     }
 
     /// A declared message through its typed arguments, over HTTP.
-    fn invoke<A: Args>(&mut self, a: A) -> BenchResult<Value> {
+    pub(crate) fn invoke<A: Args>(&mut self, a: A) -> BenchResult<Value> {
         self.call(A::WIRE, &a.into_params())
     }
 
-    fn on_vm<A: Args + From<Ref<classes::VM>>>(&mut self, vm: &str) -> BenchResult<Value> {
+    pub(crate) fn on_vm<A: Args + From<Ref<classes::VM>>>(
+        &mut self,
+        vm: &str,
+    ) -> BenchResult<Value> {
         self.invoke(A::from(Ref::new(vm)))
     }
 
-    fn make_vm(&mut self, tpl: &Value, sr: &Value, g: &Guest, name: &str) -> BenchResult<String> {
+    pub(crate) fn make_vm(
+        &mut self,
+        tpl: &Value,
+        sr: &Value,
+        g: &Guest,
+        name: &str,
+    ) -> BenchResult<String> {
         let vm = as_str(&self.invoke(vm::Clone {
             vm: Ref::new(as_str(tpl)?),
             new_name: name.into(),
@@ -247,7 +256,7 @@ impl Api<'_> {
         Ok(vm)
     }
 
-    fn start(&mut self, vm: &str) -> BenchResult<()> {
+    pub(crate) fn start(&mut self, vm: &str) -> BenchResult<()> {
         self.invoke(vm::Start {
             vm: Ref::new(vm),
             start_paused: false,
@@ -259,7 +268,12 @@ impl Api<'_> {
     /// Waits on the VM's serial console (HTTP CONNECT to its location, which
     /// first replays recent output) until the guest printed `pattern`.
     /// Returns the console connection, still open.
-    fn console_wait(&mut self, port: u16, vm: &str, pattern: &str) -> BenchResult<TcpStream> {
+    pub(crate) fn console_wait(
+        &mut self,
+        port: u16,
+        vm: &str,
+        pattern: &str,
+    ) -> BenchResult<TcpStream> {
         let Value::Array(cons) = self.call_on("VM.get_consoles", vm)? else {
             return Err("VM.get_consoles: not an array".into());
         };
@@ -284,7 +298,7 @@ impl Api<'_> {
 }
 
 /// QEMU's pid and argv (argv[0] included) for a VM corrald runs.
-fn qemu_of(run_root: &Path, uuid: &str) -> BenchResult<(i32, Vec<String>)> {
+pub(crate) fn qemu_of(run_root: &Path, uuid: &str) -> BenchResult<(i32, Vec<String>)> {
     let pid: i32 = std::fs::read_to_string(run_root.join(uuid).join("qemu.pid"))
         .map_err(|e| format!("{uuid}: qemu.pid: {e}"))?
         .trim()
@@ -301,15 +315,15 @@ fn qemu_of(run_root: &Path, uuid: &str) -> BenchResult<(i32, Vec<String>)> {
 
 /// The by-hand baseline: corrald's exact QEMU command line with its run
 /// directory swapped for `dir`, started and stopped without corrald.
-struct ByHand {
-    argv: Vec<String>,
-    dir: PathBuf,
+pub(crate) struct ByHand {
+    pub(crate) argv: Vec<String>,
+    pub(crate) dir: PathBuf,
 }
 
 impl ByHand {
     /// Runs QEMU (which daemonizes once initialised, as under corrald) and
     /// connects to its serial port; returns the time to QEMU running.
-    fn start(&self) -> BenchResult<(f64, UnixStream)> {
+    pub(crate) fn start(&self) -> BenchResult<(f64, UnixStream)> {
         let _ = std::fs::remove_dir_all(&self.dir);
         std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
         let t = Instant::now();
@@ -364,7 +378,7 @@ fn ms_between(a: Instant, b: Instant) -> f64 {
     b.saturating_duration_since(a).as_secs_f64() * 1e3
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     percentile(&v, 0.5)

@@ -51,7 +51,7 @@ pub(crate) async fn vm_destroy(s: Arc<Server>, c: Ctx, p: Vec<Value>) -> ApiResu
             t.delete(class::VBD, &vbd)?;
         }
         for vif in crate::ops::vif::vifs_of(t.state(), &vm) {
-            t.delete(class::VIF, &vif)?;
+            crate::ops::vif::delete_vif(t, &vif)?;
         }
         remove_consoles(t, &vm)?;
         for f in [field::vm::METRICS, field::vm::GUEST_METRICS] {

@@ -150,11 +150,37 @@ pub async fn refresh_metrics(s: &Arc<Server>) {
             .collect()
     };
     let mut stats = Vec::with_capacity(running.len());
+    let mut rates: Vec<(String, f64, f64)> = Vec::new();
     let mut hosts: HashMap<String, Option<HostHandle>> = HashMap::new();
     for (host, vm, uuid) in running {
         // A host that cannot be reached keeps its last figures.
         let h = hosts.entry(host).or_insert_with_key(|h| s.host(h).ok());
         let Some(h) = h else { continue };
+        // The VIFs' traffic, as the host's taps count it: what a tap
+        // receives, the guest sent.
+        let vifs: Vec<(String, u32)> = {
+            let st = s.db.read();
+            crate::ops::vif::vifs_of(&st, &vm)
+                .into_iter()
+                .filter(|v| {
+                    st.get(field::vif::CURRENTLY_ATTACHED, v)
+                        .and_then(|x| x.as_bool())
+                        .unwrap_or(false)
+                })
+                .filter_map(|v| {
+                    let d = st.get_str(field::vif::DEVICE, &v)?.parse().ok()?;
+                    Some((v, d))
+                })
+                .collect()
+        };
+        for (vif, device) in vifs {
+            if let Some(r) = h
+                .net
+                .link_rates(&corral_net::names::tap_name(&uuid, device))
+            {
+                rates.push((vif, r.tx_kib_s, r.rx_kib_s));
+            }
+        }
         if let Ok(g) = h.agent.stats(&uuid).await {
             stats.push((vm, g));
         }
@@ -166,6 +192,9 @@ pub async fn refresh_metrics(s: &Arc<Server>) {
                 continue;
             }
             write_guest_stats(t, vm, g)?;
+        }
+        for (vif, read, write) in &rates {
+            crate::ops::vif::write_vif_rates(t, vif, *read, *write)?;
         }
         Ok(())
     }));
