@@ -47,6 +47,15 @@ fn in_own_netns() -> BenchResult<()> {
     }
 }
 
+/// A directory removed when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn network_record(name: &str) -> Value {
     Value::Struct(vec![
         ("name_label".into(), Value::String(name.into())),
@@ -81,6 +90,8 @@ pub(crate) fn net_bench(o: &Options) -> BenchResult<()> {
     let g = guest()?;
     let state = std::env::temp_dir().join(format!("corral-bench-net-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state);
+    // Dropped after the daemon (declared before it): the state goes too.
+    let _cleanup = RemoveOnDrop(state.clone());
     let boot_dir = Path::new(&g.kernel)
         .parent()
         .map(|p| p.display().to_string())
