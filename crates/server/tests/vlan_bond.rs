@@ -282,6 +282,43 @@ async fn bonds_move_the_ip_configuration_and_free_their_members_again() {
             .await,
         ["MAC_INVALID", "02:00:zz"]
     );
+    // A PIF of another host cannot join.
+    let b = corral_server::init::add_host(
+        &h.server.db,
+        &corral_server::init::HostFacts {
+            name: "host-b".into(),
+            address: "198.18.0.2".into(),
+            memory_total: 16 << 30,
+            memory_free: 15 << 30,
+            ncpu: 2,
+            cpu: vec![],
+        },
+    )
+    .expect("host B");
+    let b_pif = "OpaqueRef:b-eth1".to_string();
+    let b_net = h.get(field::pif::NETWORK, &eth1).db_string();
+    h.server
+        .db
+        .write(|t| {
+            t.create(
+                corral_model::class::PIF,
+                &b_pif,
+                vec![
+                    (field::pif::DEVICE.index, Value::str("eth1")),
+                    (field::pif::HOST.index, Value::str(&b)),
+                    (field::pif::NETWORK.index, Value::str(&b_net)),
+                    (field::pif::MAC.index, Value::str("02:00:00:00:0b:01")),
+                    (field::pif::VLAN.index, Value::Int(-1)),
+                ],
+            )
+        })
+        .expect("B's PIF");
+    assert_eq!(
+        h.refused("Bond.create", create(set(&[&eth1, &b_pif]), ""))
+            .await,
+        ["PIF_CANNOT_BOND_CROSS_HOST"]
+    );
+    assert_eq!(h.count(corral_model::class::BOND), 0, "nothing made");
     let bond = h.ok("Bond.create", create(set(&[&eth1, &eth2]), "")).await;
     let master = h.get(field::bond::MASTER, &bond).db_string();
     assert_eq!(h.get(field::pif::DEVICE, &master).db_string(), "bond0");

@@ -5,6 +5,7 @@ use crate::context::Server;
 use crate::context::hosts::HostHandle;
 use crate::core::call::{ApiResult, void};
 use crate::core::driver_errors;
+use crate::core::marks::{Mark, Want};
 use crate::core::records::{check_refs, create_fields, db, first, given_field};
 use crate::ops::query::{power, strmap};
 use corral_agent::Nic;
@@ -157,8 +158,72 @@ fn set_attached(s: &Server, vif: &str, attached: bool) -> Result<(), ApiError> {
     }))
 }
 
+/// A VIF's `allowed_operations` from its VM's state, its own and its
+/// marks: any operation running on it blocks every other (as XAPI's).
+fn refresh_vif(t: &mut corral_db::Txn<'_>, vif: &str) -> Result<(), ApiError> {
+    let st = t.state();
+    if !st.exists(class::VIF, vif) {
+        return Ok(());
+    }
+    let busy = st
+        .get(field::vif::CURRENT_OPERATIONS, vif)
+        .and_then(|v| v.as_struct().map(|m| !m.is_empty()))
+        .unwrap_or(false);
+    let vm = st.get_str(field::vif::VM, vif).unwrap_or_default();
+    let attached = st
+        .get(field::vif::CURRENTLY_ATTACHED, vif)
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let allowed = if busy {
+        Value::Array(vec![])
+    } else {
+        vif_allowed(power(st, &vm), attached)
+    };
+    t.set_if_changed(field::vif::ALLOWED_OPERATIONS, vif, allowed)
+        .map(|_| ())
+}
+
+/// Marks `op` on the VIF for the mark's lifetime; another operation on it
+/// is `OTHER_OPERATION_IN_PROGRESS`.
+pub(crate) fn mark_vif(s: &Server, vif: &str, op: &str) -> Result<Mark, ApiError> {
+    mark_vif_in(&s.db, vif, op)
+}
+
+fn mark_vif_in(db: &std::sync::Arc<corral_db::Db>, vif: &str, op: &str) -> Result<Mark, ApiError> {
+    let check = |st: &corral_db::State| {
+        if !st.exists(class::VIF, vif) {
+            return Err(ApiError::handle_invalid("VIF", vif));
+        }
+        let cur = st
+            .get(field::vif::CURRENT_OPERATIONS, vif)
+            .and_then(|v| v.as_struct().map(<[_]>::to_vec))
+            .unwrap_or_default();
+        match cur.first() {
+            Some((task, other)) => Err(errors::other_operation_in_progress(
+                "VIF",
+                vif,
+                other.as_str().unwrap_or_default(),
+                task.as_str(),
+            )),
+            None => Ok(()),
+        }
+    };
+    Mark::take(
+        db,
+        new_ref(),
+        &[Want {
+            current: field::vif::CURRENT_OPERATIONS,
+            obj: vif,
+            op,
+            check: Some(&check),
+            refresh: refresh_vif,
+        }],
+    )
+}
+
 /// `VIF.plug`: hot-plugs the NIC into the running VM on its host.
 pub(crate) async fn vif_plug(s: &Server, vif: &str) -> ApiResult {
+    let _mark = mark_vif(s, vif, "plug")?;
     let (vm, uuid, h, nic) = hotplug_parts(s, vif, true)?;
     let mtu = {
         let st = s.db.read();
@@ -184,6 +249,7 @@ pub(crate) async fn vif_plug(s: &Server, vif: &str) -> ApiResult {
 /// `VIF.unplug` (the guest must let the NIC go: `DEVICE_DETACH_REJECTED`
 /// when it does not) and `VIF.unplug_force` (the backend goes at once).
 pub(crate) async fn vif_unplug(s: &Server, vif: &str, force: bool) -> ApiResult {
+    let _mark = mark_vif(s, vif, "unplug")?;
     let (vm, uuid, h, nic) = hotplug_parts(s, vif, false)?;
     match h.agent.nic_detach(&uuid, nic.device, force).await {
         Ok(()) => {}
@@ -457,4 +523,53 @@ pub(crate) fn set_vifs_attached(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One operation at a time on a VIF, and none allowed while it runs.
+    #[test]
+    fn a_running_operation_blocks_the_others() {
+        let db = std::sync::Arc::new(corral_db::Db::in_memory());
+        let (vm, vif) = ("OpaqueRef:vm", "OpaqueRef:vif");
+        db.write(|t| {
+            t.create(
+                class::VM,
+                vm,
+                vec![(field::vm::POWER_STATE.index, Value::str("Running"))],
+            )?;
+            t.create(
+                class::VIF,
+                vif,
+                vec![
+                    (field::vif::VM.index, Value::str(vm)),
+                    (field::vif::DEVICE.index, Value::str("0")),
+                    (field::vif::CURRENTLY_ATTACHED.index, Value::Bool(true)),
+                ],
+            )
+        })
+        .expect("records");
+        let allowed = |db: &corral_db::Db| {
+            db.read()
+                .get(field::vif::ALLOWED_OPERATIONS, vif)
+                .and_then(|v| v.as_array().map(<[Value]>::len))
+                .unwrap_or(0)
+        };
+        let mark = mark_vif_in(&db, vif, "unplug").expect("first operation");
+        assert_eq!(allowed(&db), 0, "nothing is allowed while unplug runs");
+        let err = mark_vif_in(&db, vif, "plug")
+            .err()
+            .expect("a second operation is refused");
+        assert_eq!(err.code, "OTHER_OPERATION_IN_PROGRESS");
+        assert_eq!(
+            err.params[..3],
+            ["VIF".to_string(), vif.into(), "unplug".into()]
+        );
+        drop(mark);
+        assert_eq!(allowed(&db), 2, "attach and unplug again");
+        assert!(mark_vif_in(&db, vif, "plug").is_ok());
+        assert!(mark_vif_in(&db, "OpaqueRef:none", "plug").is_err());
+    }
 }

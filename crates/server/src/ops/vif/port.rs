@@ -218,6 +218,8 @@ pub(crate) async fn reconcile(s: &Server, h: &HostHandle) {
 /// tap, which moves to the new network's bridge: the guest sees no change
 /// of device. The host must reach the network (`HOST_CANNOT_ATTACH_NETWORK`).
 pub(crate) async fn vif_move(s: &Server, vif: &str, network: &str) -> ApiResult {
+    // XenAPI's VIF operations have no `move`: it holds `attach`.
+    let _mark = crate::ops::vif::mark_vif(s, vif, "attach")?;
     let (live_host, tap, bridge, mtu) = {
         let st = s.db.read();
         if !st.exists(class::VIF, vif) {
