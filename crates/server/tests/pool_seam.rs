@@ -19,7 +19,7 @@ use corral_server::context::{LocalDrivers, Server};
 mod common;
 use common::caller;
 use corral_server::core::config::Config;
-use corral_server::init::{HostFacts, add_host, ensure};
+use corral_server::init::ensure;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -74,18 +74,7 @@ impl TestPool {
             },
             corral_server::dispatch::registry::table(),
         );
-        let b = add_host(
-            &db,
-            &HostFacts {
-                name: "host-b".into(),
-                address: "198.18.0.2".into(),
-                memory_total: 16 << 30,
-                memory_free: 15 << 30,
-                ncpu: 2,
-                cpu: vec![],
-            },
-        )
-        .expect("host B");
+        let b = common::add_host_b(&db);
         let b_agent = Arc::new(SimAgent::new(dir.join("b/sim-vms")));
         let b_net = Arc::new(SimNetwork::new());
         let b_handle = HostHandle {

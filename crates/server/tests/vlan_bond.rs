@@ -283,18 +283,7 @@ async fn bonds_move_the_ip_configuration_and_free_their_members_again() {
         ["MAC_INVALID", "02:00:zz"]
     );
     // A PIF of another host cannot join.
-    let b = corral_server::init::add_host(
-        &h.server.db,
-        &corral_server::init::HostFacts {
-            name: "host-b".into(),
-            address: "198.18.0.2".into(),
-            memory_total: 16 << 30,
-            memory_free: 15 << 30,
-            ncpu: 2,
-            cpu: vec![],
-        },
-    )
-    .expect("host B");
+    let b = common::add_host_b(&h.server.db);
     let b_pif = "OpaqueRef:b-eth1".to_string();
     let b_net = h.get(field::pif::NETWORK, &eth1).db_string();
     h.server

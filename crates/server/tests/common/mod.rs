@@ -13,3 +13,19 @@ pub fn caller() -> Caller {
         originator: None,
     }
 }
+
+/// A second host's record ("host-b", 198.18.0.2) in the pool database.
+pub fn add_host_b(db: &corral_db::Db) -> String {
+    corral_server::init::add_host(
+        db,
+        &corral_server::init::HostFacts {
+            name: "host-b".into(),
+            address: "198.18.0.2".into(),
+            memory_total: 16 << 30,
+            memory_free: 15 << 30,
+            ncpu: 2,
+            cpu: vec![],
+        },
+    )
+    .expect("host B")
+}
