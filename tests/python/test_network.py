@@ -144,6 +144,8 @@ def test_two_vms_on_an_internal_network_ping_each_other(netns_daemon, guest):
                      cd=False)
         vifs.append(x.VIF.create(vif_record(vm, net, "0")))
         vms.append(vm)
+    # The second guest's NIC is an emulated e1000 (platform:nic_type), the first virtio.
+    x.VM.add_to_platform(vms[1], "nic_type", "e1000")
     for vm in vms:
         x.VM.start(vm, False, False)
     links = d.ns.links()
@@ -160,6 +162,9 @@ def test_two_vms_on_an_internal_network_ping_each_other(netns_daemon, guest):
         nets = wait_guest_networks(x, vm, lambda n: "0/ip" in n)
         assert nets["0/ip"] == f"198.18.7.{i}" and nets["0/ipv4/0"] == f"198.18.7.{i}", nets
         assert all(k.split("/")[0] == "0" for k in nets), nets
+    for con, driver in ((cons[0], b"virtio_net"), (cons[1], b"e1000")):
+        m = guest_shell(con, "basename $(readlink /sys/class/net/eth0/device/driver)", "drv")
+        assert driver in m.string[:m.start()], m.string
     # The guest sees the MAC the VIF record has.
     m = guest_shell(cons[0], "cat /sys/class/net/eth0/address", "mac")
     assert x.VIF.get_MAC(vifs[0]).encode() in m.string[:m.start()]
@@ -331,6 +336,15 @@ def test_vif_hotplug_into_a_running_vm(netns_daemon, guest):
     x.VIF.unplug_force(extra)
     assert x.VIF.get_currently_attached(extra) is False
     assert guest_shell(con, "ping -c 1 -W 2 198.18.12.254", "cut", timeout=30).group(1) != b"0"
+    # Every VIF device up to 15 can be hot-plugged (the machine has the slots).
+    for dev in range(2, 16):
+        v = x.VIF.create(vif_record(vm, second, str(dev)))
+        x.VIF.plug(v)
+        assert x.VIF.get_currently_attached(v) is True
+    assert x.VM.get_allowed_VIF_devices(vm) == []
+    n = guest_shell(con, "for i in $(seq 50); do [ $(ls /sys/class/net | grep -c eth) -ge 15 ] && break; "
+                         "sleep 0.2; done; ls /sys/class/net | grep -c eth", "count")
+    assert b"15" in n.string[:n.start()].split(b"\n")[-2], n.string
     con.close()
     x.VM.hard_shutdown(vm)
 
