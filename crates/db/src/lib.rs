@@ -15,6 +15,8 @@
 //! stored: they are derived from an index over the child field, so the two
 //! sides can never disagree.
 
+mod commit;
+use commit::{Pending, Queue, lock, publish};
 mod store;
 
 use corral_model::schema::{CLASSES, ClassId, FieldId, Qual, Ty};
@@ -124,7 +126,11 @@ pub struct State {
     rels: HashMap<(ClassId, usize), RelIndex>,
     /// For each (child class, child field): the parent (class, set field).
     rel_targets: HashMap<(ClassId, usize), (ClassId, usize)>,
+    /// The last generation published (durable, with its events).
     generation: u64,
+    /// The last generation given to a transaction; ahead of `generation`
+    /// while commits wait for their batch's fsync.
+    reserved: u64,
     log: VecDeque<LogEntry>,
     /// Events older than this generation are gone.
     log_floor: u64,
@@ -137,6 +143,9 @@ pub enum DbError {
     Api(#[from] ApiError),
     #[error("database store")]
     Store(#[from] StoreError),
+    /// The batch this commit was written in failed on disk; it was undone.
+    #[error("database write failed: {0}")]
+    Lost(String),
 }
 
 impl From<DbError> for ApiError {
@@ -144,6 +153,7 @@ impl From<DbError> for ApiError {
         match e {
             DbError::Api(a) => a,
             DbError::Store(s) => ApiError::internal(format!("database write failed: {s}")),
+            DbError::Lost(m) => ApiError::internal(format!("database write failed: {m}")),
         }
     }
 }
@@ -152,9 +162,19 @@ type CommitHook = Box<dyn Fn(u64) + Send + Sync>;
 
 pub struct Db {
     state: RwLock<State>,
+    /// Held by the one thread writing a batch to disk (group commit).
     store: Mutex<Option<store::Store>>,
+    /// Whether commits go to disk (false: in memory, published at once).
+    persistent: bool,
+    /// Commits applied in memory and waiting for their batch's fsync.
+    queue: Mutex<Queue>,
     hook: RwLock<Option<CommitHook>>,
+    /// Runs the wait for durability (the server lets its async runtime
+    /// move other work off the waiting thread meanwhile).
+    wait_hook: RwLock<Option<WaitHook>>,
 }
+
+type WaitHook = Box<dyn Fn(&mut dyn FnMut()) + Send + Sync>;
 
 fn field_default(f: &corral_model::FieldDef) -> Value {
     default_value(&f.ty, f.default)
@@ -179,6 +199,7 @@ impl State {
             rels,
             rel_targets,
             generation: 0,
+            reserved: 0,
             log: VecDeque::new(),
             log_floor: 0,
         }
@@ -428,6 +449,7 @@ impl State {
             }
         }
         self.generation = self.generation.max(rec.generation);
+        self.reserved = self.reserved.max(self.generation);
     }
 }
 
@@ -588,20 +610,25 @@ impl Txn<'_> {
 
     fn rollback(self) {
         let Txn { state, undo, .. } = self;
-        for u in undo.into_iter().rev() {
-            match u {
-                Undo::Created(c, r) => {
-                    state.remove_row(c, &r);
-                }
-                Undo::Set(c, r, f, v) => {
-                    state.set_field(c, &r, f, v);
-                }
-                Undo::Deleted(c, r, row) => {
-                    let (created, modified) = (row.created, row.modified);
-                    state.insert_row(c, &r, row.fields, created);
-                    if let Some(x) = state.tables[c.0].rows.get_mut(&r) {
-                        x.modified = modified;
-                    }
+        undo_all(state, undo);
+    }
+}
+
+/// Puts back what a transaction changed, newest change first.
+fn undo_all(state: &mut State, undo: Vec<Undo>) {
+    for u in undo.into_iter().rev() {
+        match u {
+            Undo::Created(c, r) => {
+                state.remove_row(c, &r);
+            }
+            Undo::Set(c, r, f, v) => {
+                state.set_field(c, &r, f, v);
+            }
+            Undo::Deleted(c, r, row) => {
+                let (created, modified) = (row.created, row.modified);
+                state.insert_row(c, &r, row.fields, created);
+                if let Some(x) = state.tables[c.0].rows.get_mut(&r) {
+                    x.modified = modified;
                 }
             }
         }
@@ -614,7 +641,10 @@ impl Db {
         Db {
             state: RwLock::new(State::new()),
             store: Mutex::new(None),
+            persistent: false,
+            queue: Mutex::new(Queue::default()),
             hook: RwLock::new(None),
+            wait_hook: RwLock::new(None),
         }
     }
 
@@ -627,12 +657,26 @@ impl Db {
             state.insert_row(class, &reference, fields, generation);
         }
         state.generation = generation;
+        state.reserved = generation;
         state.log_floor = generation;
         Ok(Db {
             state: RwLock::new(state),
             store: Mutex::new(Some(store)),
+            persistent: true,
+            queue: Mutex::new(Queue {
+                durable: generation,
+                ..Queue::default()
+            }),
             hook: RwLock::new(None),
+            wait_hook: RwLock::new(None),
         })
+    }
+
+    /// Wraps every wait for a commit's batch to reach the disk.
+    pub fn set_wait_hook(&self, hook: impl Fn(&mut dyn FnMut()) + Send + Sync + 'static) {
+        if let Ok(mut h) = self.wait_hook.write() {
+            *h = Some(Box::new(hook));
+        }
     }
 
     /// Called with the new generation after every commit.
@@ -668,77 +712,43 @@ impl Db {
         if txn.ops.is_empty() {
             return Ok(out);
         }
-        let generation = txn.state.generation + 1;
-        let record = ChangeRecord {
-            generation,
-            ops: std::mem::take(&mut txn.ops),
-        };
-        let durable: Vec<&Op> = record
-            .ops
-            .iter()
-            .filter(|op| op.target().0.def().persist)
-            .collect();
-        if !durable.is_empty() {
-            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(s) = store.as_mut() {
-                if let Err(e) = s.commit(generation, &durable, txn.state) {
-                    txn.rollback();
-                    return Err(e.into());
-                }
-            }
+        let Txn {
+            state,
+            ops,
+            undo,
+            parents,
+        } = txn;
+        let generation = state.reserved.max(state.generation) + 1;
+        state.reserved = generation;
+        let record = ChangeRecord { generation, ops };
+        if !self.persistent {
+            state.generation = generation;
+            publish(state, &record, parents);
+            drop(guard);
+            self.call_hook(generation);
+            return Ok(out);
         }
-        let Txn { state, parents, .. } = txn;
-        state.generation = generation;
-        publish(state, &record, parents);
+        lock(&self.queue).pending.push(Pending {
+            record,
+            parents,
+            undo,
+        });
         drop(guard);
+        let mut result = None;
+        let mut wait = || result = Some(self.wait_durable(generation));
+        match self.wait_hook.read().ok().as_ref().and_then(|h| h.as_ref()) {
+            Some(h) => h(&mut wait),
+            None => wait(),
+        }
+        result.unwrap_or_else(|| self.wait_durable(generation))?;
+        Ok(out)
+    }
+
+    fn call_hook(&self, generation: u64) {
         if let Ok(h) = self.hook.read() {
             if let Some(h) = h.as_ref() {
                 h(generation);
             }
-        }
-        Ok(out)
-    }
-}
-
-/// Stamps generations on touched rows and appends the events, including
-/// `mod` events for parents whose derived sets changed.
-fn publish(state: &mut State, rec: &ChangeRecord, parents: Vec<(ClassId, String)>) {
-    let g = rec.generation;
-    let mut events: Vec<(ClassId, String, EventOp)> =
-        Vec::with_capacity(rec.ops.len() + parents.len());
-    for op in &rec.ops {
-        let (class, reference) = op.target();
-        let kind = match op {
-            Op::Create { .. } => EventOp::Add,
-            Op::Set { .. } => EventOp::Mod,
-            Op::Delete { .. } => EventOp::Del,
-        };
-        events.push((class, reference.to_owned(), kind));
-    }
-    for (pc, p) in parents {
-        if state.exists(pc, &p) {
-            events.push((pc, p, EventOp::Mod));
-        }
-    }
-    for (class, reference, op) in events {
-        if let Some(r) = state.tables[class.0].rows.get_mut(&reference) {
-            r.modified = g;
-            if op == EventOp::Add {
-                r.created = g;
-            }
-        }
-        if class.def().events {
-            state.log.push_back(LogEntry {
-                generation: g,
-                class,
-                reference,
-                op,
-            });
-        }
-    }
-    while state.log.len() > EVENT_LOG_LEN {
-        if let Some(e) = state.log.pop_front() {
-            state.log_floor = e.generation;
         }
     }
 }

@@ -19,7 +19,7 @@ const KEEP_CHANGES: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("sqlite")]
+    #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("database schema version {found} is newer than this corrald supports ({supported})")]
     TooNew { found: u32, supported: u32 },
@@ -29,6 +29,9 @@ pub enum StoreError {
 
 pub(crate) struct Store {
     conn: Connection,
+    /// Unit tests: every batch write fails, as a full disk would.
+    #[cfg(test)]
+    pub(crate) fail_writes: bool,
 }
 
 type Migration = fn(&Connection) -> rusqlite::Result<()>;
@@ -229,56 +232,103 @@ impl Store {
                 rows.push((class, reference, fields));
             }
         }
-        Ok((Store { conn }, rows, generation))
+        Ok((
+            Store {
+                conn,
+                #[cfg(test)]
+                fail_writes: false,
+            },
+            rows,
+            generation,
+        ))
     }
 
-    /// Writes one commit: the touched rows as they now are, and the record.
-    pub(crate) fn commit(
-        &mut self,
-        generation: u64,
-        ops: &[&Op],
-        state: &State,
-    ) -> Result<(), StoreError> {
+    /// Writes a batch of commits in one SQLite transaction: one fsync for
+    /// all of them (group commit).
+    pub(crate) fn write_batch(&mut self, b: &Batch) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail_writes {
+            return Err(StoreError::Sqlite(rusqlite::Error::InvalidQuery));
+        }
         let tx = self.conn.transaction()?;
         {
             let mut upsert =
                 tx.prepare_cached("INSERT INTO objects (ref, class, data) VALUES (?1, ?2, ?3) ON CONFLICT(ref) DO UPDATE SET data=excluded.data")?;
             let mut delete = tx.prepare_cached("DELETE FROM objects WHERE ref = ?1")?;
-            let mut done = std::collections::HashSet::new();
-            for op in ops {
-                let (class, reference) = op.target();
-                if !done.insert(reference) {
-                    continue;
-                }
-                match state.row(class, reference) {
-                    Some(row) => {
-                        upsert.execute(params![
-                            reference,
-                            class.name(),
-                            row_json(class, &row.fields)
-                        ])?;
+            for (reference, row) in &b.rows {
+                match row {
+                    Some((class, data)) => {
+                        upsert.execute(params![reference, class, data])?;
                     }
                     None => {
                         delete.execute(params![reference])?;
                     }
                 }
             }
-            tx.execute(
+            let mut change = tx.prepare_cached(
                 "INSERT OR REPLACE INTO changes (generation, record) VALUES (?1, ?2)",
-                params![generation as i64, record_json(generation, ops)],
             )?;
+            for (generation, record) in &b.changes {
+                change.execute(params![*generation as i64, record])?;
+            }
             tx.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('generation', ?1)",
-                params![generation.to_string()],
+                params![b.last.to_string()],
             )?;
-            if generation % 1000 == 0 && generation > KEEP_CHANGES {
+            // Old change records go now and then (every 1,000 generations).
+            if b.changes.iter().any(|(g, _)| g % 1000 == 0) && b.last > KEEP_CHANGES {
                 tx.execute(
                     "DELETE FROM changes WHERE generation < ?1",
-                    params![(generation - KEEP_CHANGES) as i64],
+                    params![(b.last - KEEP_CHANGES) as i64],
                 )?;
             }
         }
         tx.commit()?;
         Ok(())
+    }
+}
+
+/// What a batch of commits writes, taken from the state while no writer
+/// runs (so the rows are exactly those commits' results): each touched
+/// row as it now is (`None`: deleted), and each commit's record.
+pub(crate) struct Batch {
+    rows: Vec<(String, Option<(&'static str, String)>)>,
+    changes: Vec<(u64, String)>,
+    last: u64,
+}
+
+impl Batch {
+    /// `None` when no commit of the batch touches a persistent class.
+    pub(crate) fn of(records: &[&ChangeRecord], state: &State) -> Option<Batch> {
+        let mut rows = Vec::new();
+        let mut changes = Vec::new();
+        let mut done = std::collections::HashSet::new();
+        for rec in records {
+            let durable: Vec<&Op> = rec
+                .ops
+                .iter()
+                .filter(|op| op.target().0.def().persist)
+                .collect();
+            if durable.is_empty() {
+                continue;
+            }
+            for op in &durable {
+                let (class, reference) = op.target();
+                if !done.insert(reference.to_owned()) {
+                    continue;
+                }
+                let row = state
+                    .row(class, reference)
+                    .map(|r| (class.name(), row_json(class, &r.fields)));
+                rows.push((reference.to_owned(), row));
+            }
+            changes.push((rec.generation, record_json(rec.generation, &durable)));
+        }
+        let last = changes.last()?.0;
+        Some(Batch {
+            rows,
+            changes,
+            last,
+        })
     }
 }

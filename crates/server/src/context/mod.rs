@@ -106,6 +106,18 @@ impl Server {
         server.db.set_commit_hook(move |g| {
             let _ = hub.send(g);
         });
+        // Handlers write from async tasks: while one waits for its commit's
+        // fsync, the runtime runs other requests on another thread, whose
+        // commits join the same batch (group commit).
+        server.db.set_wait_hook(|wait| {
+            let multi = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if multi {
+                tokio::task::block_in_place(wait)
+            } else {
+                wait()
+            }
+        });
         server
     }
 

@@ -5,10 +5,11 @@
 //! docs/benchmarks.md. Every number comes with a baseline measured in the same
 //! run, because the build machines are noisy.
 //!
-//! Usage: corral-bench api|storage|vm|net|security [--vms N] [--clients N] [--seconds S]
+//! Usage: corral-bench api|storage|vm|net|commit|security [--vms N] [--clients N] [--seconds S]
 //! [--rounds N] [--corrald PATH] [--baseline-corrald PATH]
 
 mod api;
+mod commit;
 mod net;
 mod security;
 mod storage;
@@ -35,11 +36,12 @@ fn main() {
         Some("storage") => Options::parse(&args[1..], 0).and_then(|o| storage::storage_bench(&o)),
         Some("vm") => Options::parse(&args[1..], 20).and_then(|o| vm::vm_bench(&o)),
         Some("net") => Options::parse(&args[1..], 0).and_then(|o| net::net_bench(&o)),
+        Some("commit") => Options::parse(&args[1..], 0).and_then(|o| commit::commit_bench(&o)),
         Some("security") => {
             Options::parse(&args[1..], 1000).and_then(|o| security::security_bench(&o))
         }
         _ => Err(
-            "usage: corral-bench api|storage|vm|net|security [--vms N] [--clients N] [--seconds S] \
+            "usage: corral-bench api|storage|vm|net|commit|security [--vms N] [--clients N] [--seconds S] \
              [--rounds N] [--corrald PATH] [--baseline-corrald PATH]"
                 .into(),
         ),

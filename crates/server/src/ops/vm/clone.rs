@@ -96,16 +96,9 @@ pub(crate) async fn vm_clone_or_copy(
             return Err(ApiError::handle_invalid("SR", sr));
         }
     }
-    let new_vm = vm_clone_record(&s, &vm, &name)?;
     let vbds = vbds_of(&s.db.read(), &vm);
-    if !vbds.is_empty() {
-        set_other_config_key(
-            &s,
-            &new_vm,
-            BEING_MADE,
-            Some(if copy { "copy" } else { "clone" }),
-        )?;
-    }
+    let being_made = (!vbds.is_empty()).then_some(if copy { "copy" } else { "clone" });
+    let new_vm = vm_clone_record(&s, &vm, &name, being_made)?;
     let mut made_vdis = Vec::new();
     let result = async {
         for vbd in &vbds {
@@ -356,7 +349,15 @@ pub(crate) fn parse_provision(xml: &str) -> Result<Vec<ProvisionDisk>, ApiError>
 
 /// The record part of `VM.clone`/`VM.copy`: a new Halted VM copied from
 /// `src` (its disks are the caller's business).
-pub fn vm_clone_record(s: &Server, src: &str, name: &str) -> Result<String, ApiError> {
+/// The new VM's record, a copy of `src`'s; `being_made` (clone or copy
+/// with disks still to make) marks it in the same commit, so a crash can
+/// never leave it unmarked.
+pub fn vm_clone_record(
+    s: &Server,
+    src: &str,
+    name: &str,
+    being_made: Option<&str>,
+) -> Result<String, ApiError> {
     let (src, name) = (src.to_owned(), name.to_owned());
     let r = new_ref();
     s.db.write(|t| {
@@ -411,8 +412,11 @@ pub fn vm_clone_record(s: &Server, src: &str, name: &str) -> Result<String, ApiE
         // A VM of its own gets MACs of its own.
         let seed = corral_model::new_uuid();
         if let Value::Struct(oc) = &mut fields[field::vm::OTHER_CONFIG.index].1 {
-            oc.retain(|(k, _)| k != "default_template" && k != "mac_seed");
+            oc.retain(|(k, _)| k != "default_template" && k != "mac_seed" && k != BEING_MADE);
             oc.push(("mac_seed".into(), Value::String(seed.clone())));
+            if let Some(what) = being_made {
+                oc.push((BEING_MADE.into(), Value::str(what)));
+            }
         }
         set(
             &mut fields,
