@@ -176,6 +176,9 @@ def test_two_vms_on_an_internal_network_ping_each_other(netns_daemon, guest):
     guest_shell(cons[0], "(ping -i 0.2 -c 100 -s 1000 198.18.7.2 > /dev/null 2>&1 &)", "bg")
     rates = wait_vif_rates(x, vifs[0], lambda r: r["io_write_kbs"] > 0 and r["io_read_kbs"] > 0)
     assert 0 < rates["io_write_kbs"] < 1000 and 0 < rates["io_read_kbs"] < 1000, rates
+    shown = d.xe("vif-param-list", f"uuid={x.VIF.get_uuid(vifs[0])}", check=0).stdout
+    assert re.search(r"io_read_kbs \( RO\): \d+\.\d{3}$", shown, re.M), shown
+    assert re.search(r"io_write_kbs \( RO\): \d+\.\d{3}$", shown, re.M), shown
     # In use: neither the network nor a plugged VIF can go.
     err = failure(x.network.destroy, net)
     assert err[0] == "NETWORK_CONTAINS_VIF" and sorted(err[1:]) == sorted(vifs)
@@ -507,6 +510,8 @@ def test_xe_network_commands(netns_daemon, netns):
     assert out.index(v0) < out.index(v1) and mac1 in out and "currently-attached ( RO): false" in out, out
     assert xe("vif-list", f"vm-uuid={vm_uuid}", "--minimal").stdout.strip().count(",") == 1
     assert xe("vif-param-get", f"uuid={v1}", "param-name=MAC").stdout.strip() == mac1
+    # A halted VM's VIF has no traffic yet.
+    assert "io_read_kbs ( RO): 0.000" in xe("vif-param-list", f"uuid={v1}").stdout
     other_uuid = xe("network-create", "name-label=xe-other").stdout.strip()
     xe("vif-move", f"uuid={v1}", f"network-uuid={other_uuid}")
     assert x.VIF.get_network(vif1) == x.network.get_by_uuid(other_uuid)

@@ -258,7 +258,31 @@ impl CliCtx {
                 out.push((name, tag(f), self.render(f, v).await?));
             }
         }
+        // xe shows a VIF's traffic with the VIF (XAPI reads it from RRDs;
+        // Corral from the VIF's VIF_metrics).
+        if cc.class == corral_model::schema::class::VIF {
+            for key in ["io_read_kbs", "io_write_kbs"] {
+                if shown(key) {
+                    out.push((key.to_owned(), " RO", self.vif_metric(rec, key).await));
+                }
+            }
+        }
         Ok(out)
+    }
+
+    /// One figure of the VIF's VIF_metrics (`0.000` while it has none).
+    async fn vif_metric(&self, rec: &Value, key: &str) -> String {
+        let metrics = rec
+            .member("metrics")
+            .and_then(Value::as_str)
+            .unwrap_or(NULL_REF);
+        if metrics == NULL_REF {
+            return "0.000".into();
+        }
+        match self.get("VIF_metrics", metrics, key).await {
+            Ok(Value::Float(x)) => format!("{x:.3}"),
+            _ => "0.000".into(),
+        }
     }
 
     /// The class's records that pass its fixed filter.
