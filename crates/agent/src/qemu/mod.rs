@@ -78,6 +78,52 @@ pub(crate) struct Attached {
     /// with a reset of its own (guest-initiated) a few ms later; that one is
     /// part of the toolstack's reset, not a guest reboot.
     host_reset: Arc<Mutex<Option<Instant>>>,
+    /// The ids of devices QEMU reports gone (`DEVICE_DELETED`: the guest
+    /// let a hot-unplugged device go).
+    deleted: broadcast::Sender<String>,
+}
+
+/// How long the guest has to let a hot-unplugged device go (XAPI waits
+/// too); then the unplug is refused.
+pub(crate) const UNPLUG_WAIT: Duration = Duration::from_secs(10);
+
+impl Attached {
+    /// `device_del`, then (unless `wait` is `None`) the guest's
+    /// acknowledgement, QEMU's `DEVICE_DELETED`: whether the device went.
+    pub(crate) async fn unplug(
+        &self,
+        id: &str,
+        wait: Option<Duration>,
+    ) -> Result<bool, AgentError> {
+        // Subscribed first, so the guest's answer cannot come in between.
+        let mut deleted = self.deleted.subscribe();
+        self.qmp.execute("device_del", json!({"id": id})).await?;
+        let Some(wait) = wait else {
+            return Ok(false);
+        };
+        let gone = async {
+            loop {
+                match deleted.recv().await {
+                    Ok(d) if d == id => return true,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return false,
+                }
+            }
+        };
+        if matches!(tokio::time::timeout(wait, gone).await, Ok(true)) {
+            return Ok(true);
+        }
+        // Gone without our hearing of it (a lagged channel)?
+        let still = self
+            .qmp
+            .execute(
+                "qom-get",
+                json!({"path": format!("/machine/peripheral/{id}"), "property": "type"}),
+            )
+            .await
+            .is_ok();
+        Ok(!still)
+    }
 }
 
 /// How long after a toolstack reset a guest reset counts as the firmware's.
@@ -131,6 +177,7 @@ impl QemuAgent {
         let (serial_in, serial_rx) = mpsc::unbounded_channel();
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let host_reset = Arc::new(Mutex::new(None));
+        let (deleted, _) = broadcast::channel(64);
         let at = Arc::new(Attached {
             pid,
             dir: dir.clone(),
@@ -139,6 +186,7 @@ impl QemuAgent {
             serial_in,
             stopping: Arc::clone(&stopping),
             host_reset: Arc::clone(&host_reset),
+            deleted: deleted.clone(),
         });
         tokio::spawn(serial_pump(dir.clone(), serial_out, serial_rx));
         let status = qmp.execute("query-status", Value::Null).await?;
@@ -160,6 +208,7 @@ impl QemuAgent {
             self.events.clone(),
             stopping,
             host_reset,
+            deleted,
             dir,
         ));
         Ok((at, state))
@@ -582,21 +631,8 @@ impl HostAgent for QemuAgent {
         let (vm, id) = (vm.to_owned(), id.to_owned());
         Box::pin(async move {
             let at = self.attached(&vm)?;
-            at.qmp
-                .execute("device_del", json!({"id": format!("vbd-{id}")}))
-                .await?;
-            // The guest acknowledges the unplug; the device is gone when
-            // qom-list no longer finds it.
-            let t0 = std::time::Instant::now();
-            while t0.elapsed() < Duration::from_secs(10) {
-                let r = at
-                    .qmp
-                    .execute("qom-get", json!({"path": format!("/machine/peripheral/vbd-{id}"), "property": "type"}))
-                    .await;
-                if r.is_err() {
-                    return Ok(());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            if at.unplug(&format!("vbd-{id}"), Some(UNPLUG_WAIT)).await? {
+                return Ok(());
             }
             Err(AgentError::Other(format!(
                 "the guest did not release vbd-{id}"

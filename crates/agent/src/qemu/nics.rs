@@ -4,7 +4,6 @@
 use crate::qemu::QemuAgent;
 use crate::{AgentError, Nic};
 use serde_json::json;
-use std::time::Duration;
 
 impl QemuAgent {
     pub(crate) async fn hotplug_nic(&self, vm: &str, nic: Nic) -> Result<(), AgentError> {
@@ -60,27 +59,10 @@ impl QemuAgent {
     ) -> Result<(), AgentError> {
         let at = self.attached(vm)?;
         let (netdev, id) = (format!("vif{device}"), format!("nic{device}"));
-        at.qmp.execute("device_del", json!({"id": id})).await?;
-        if !force {
-            // The guest acknowledges the unplug; until it has, the
-            // device stays (and so does its backend).
-            let t0 = std::time::Instant::now();
-            loop {
-                let r = at
-                    .qmp
-                    .execute(
-                        "qom-get",
-                        json!({"path": format!("/machine/peripheral/{id}"), "property": "type"}),
-                    )
-                    .await;
-                if r.is_err() {
-                    break;
-                }
-                if t0.elapsed() > Duration::from_secs(10) {
-                    return Err(AgentError::Rejected(id));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        let wait = (!force).then_some(crate::qemu::UNPLUG_WAIT);
+        // Until the guest lets it go, the device stays (and its backend).
+        if !at.unplug(&id, wait).await? && !force {
+            return Err(AgentError::Rejected(id));
         }
         // Forced: the backend goes at once, and the tap with it.
         at.qmp.execute("netdev_del", json!({"id": netdev})).await?;

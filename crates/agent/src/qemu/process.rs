@@ -69,9 +69,16 @@ pub(crate) async fn watch(
     out: broadcast::Sender<(String, VmEvent)>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
     host_reset: Arc<Mutex<Option<Instant>>>,
+    deleted: broadcast::Sender<String>,
     dir: PathBuf,
 ) {
     while let Some(ev) = events.recv().await {
+        if ev.name == "DEVICE_DELETED" {
+            if let Some(id) = ev.data.get("device").and_then(Value::as_str) {
+                let _ = deleted.send(id.to_owned());
+            }
+            continue;
+        }
         let guest = ev
             .data
             .get("guest")
