@@ -159,9 +159,14 @@ impl LinuxNetwork {
         }
     }
 
-    /// The IPv4 addresses of the device with this index, with the
-    /// messages that delete them.
-    async fn v4_messages(&self, index: u32) -> Result<Vec<(AddressMessage, Ipv4Cidr)>, NetError> {
+    /// The device's addresses of one family, with the messages that
+    /// delete them: IPv4 ones, or global IPv6 ones (link-local addresses
+    /// are the kernel's).
+    async fn addresses(
+        &self,
+        index: u32,
+        v6: bool,
+    ) -> Result<Vec<(AddressMessage, (IpAddr, u8))>, NetError> {
         let msgs: Vec<AddressMessage> = self
             .conn()?
             .address()
@@ -171,14 +176,28 @@ impl LinuxNetwork {
             .try_collect()
             .await
             .map_err(nl)?;
+        let family = if v6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
         let mut out = Vec::new();
         for m in msgs {
-            if m.header.family != AddressFamily::Inet || m.header.index != index {
+            if m.header.family != family || m.header.index != index {
                 continue;
             }
             let addr = m.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Local(IpAddr::V4(v))
-                | AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                | AddressAttribute::Address(IpAddr::V4(v))
+                    if !v6 =>
+                {
+                    Some(IpAddr::V4(*v))
+                }
+                AddressAttribute::Address(IpAddr::V6(v))
+                    if v6 && (v.segments()[0] & 0xffc0) != 0xfe80 =>
+                {
+                    Some(IpAddr::V6(*v))
+                }
                 _ => None,
             });
             if let Some(a) = addr {
@@ -189,32 +208,36 @@ impl LinuxNetwork {
         Ok(out)
     }
 
-    /// The device's global IPv6 addresses (not link-local).
-    async fn v6_messages(&self, index: u32) -> Result<Vec<(AddressMessage, Ipv6Cidr)>, NetError> {
-        let msgs: Vec<AddressMessage> = self
-            .conn()?
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl)?;
-        let mut out = Vec::new();
-        for m in msgs {
-            if m.header.family != AddressFamily::Inet6 || m.header.index != index {
-                continue;
-            }
-            let addr = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V6(v)) => Some(*v),
-                _ => None,
-            });
-            if let Some(a) = addr.filter(|a| (a.segments()[0] & 0xffc0) != 0xfe80) {
-                let prefix = m.header.prefix_len;
-                out.push((m, (a, prefix)));
+    /// Makes the device's addresses of one family exactly `want`.
+    async fn set_addresses(
+        &self,
+        device: &str,
+        v6: bool,
+        want: Vec<(IpAddr, u8)>,
+    ) -> Result<(), NetError> {
+        let index = self.index(device).await?;
+        let now = self.addresses(index, v6).await?;
+        for (msg, have) in &now {
+            if !want.contains(have) {
+                self.conn()?
+                    .address()
+                    .del(msg.clone())
+                    .execute()
+                    .await
+                    .map_err(nl)?;
             }
         }
-        Ok(out)
+        for (addr, prefix) in &want {
+            if !now.iter().any(|(_, have)| have == &(*addr, *prefix)) {
+                self.conn()?
+                    .address()
+                    .add(index, *addr, *prefix)
+                    .execute()
+                    .await
+                    .map_err(nl)?;
+            }
+        }
+        Ok(())
     }
 
     async fn index(&self, name: &str) -> Result<u32, NetError> {
@@ -342,60 +365,20 @@ impl HostNetwork for LinuxNetwork {
 
     fn set_ipv4(&self, device: &str, addresses: Vec<Ipv4Cidr>) -> NetFut<'_, ()> {
         let device = device.to_owned();
-        Box::pin(async move {
-            let index = self.index(&device).await?;
-            let now = self.v4_messages(index).await?;
-            for (msg, have) in &now {
-                if !addresses.contains(have) {
-                    self.conn()?
-                        .address()
-                        .del(msg.clone())
-                        .execute()
-                        .await
-                        .map_err(nl)?;
-                }
-            }
-            for want in &addresses {
-                if !now.iter().any(|(_, have)| have == want) {
-                    self.conn()?
-                        .address()
-                        .add(index, IpAddr::V4(want.0), want.1)
-                        .execute()
-                        .await
-                        .map_err(nl)?;
-                }
-            }
-            Ok(())
-        })
+        let want = addresses
+            .into_iter()
+            .map(|(a, p)| (IpAddr::V4(a), p))
+            .collect();
+        Box::pin(async move { self.set_addresses(&device, false, want).await })
     }
 
     fn set_ipv6(&self, device: &str, addresses: Vec<Ipv6Cidr>) -> NetFut<'_, ()> {
         let device = device.to_owned();
-        Box::pin(async move {
-            let index = self.index(&device).await?;
-            let now = self.v6_messages(index).await?;
-            for (msg, have) in &now {
-                if !addresses.contains(have) {
-                    self.conn()?
-                        .address()
-                        .del(msg.clone())
-                        .execute()
-                        .await
-                        .map_err(nl)?;
-                }
-            }
-            for want in &addresses {
-                if !now.iter().any(|(_, have)| have == want) {
-                    self.conn()?
-                        .address()
-                        .add(index, IpAddr::V6(want.0), want.1)
-                        .execute()
-                        .await
-                        .map_err(nl)?;
-                }
-            }
-            Ok(())
-        })
+        let want = addresses
+            .into_iter()
+            .map(|(a, p)| (IpAddr::V6(a), p))
+            .collect();
+        Box::pin(async move { self.set_addresses(&device, true, want).await })
     }
 
     fn ipv4(&self, device: &str) -> NetFut<'_, Vec<Ipv4Cidr>> {
@@ -403,10 +386,13 @@ impl HostNetwork for LinuxNetwork {
         Box::pin(async move {
             let index = self.index(&device).await?;
             Ok(self
-                .v4_messages(index)
+                .addresses(index, false)
                 .await?
                 .into_iter()
-                .map(|(_, a)| a)
+                .filter_map(|(_, (a, p))| match a {
+                    IpAddr::V4(v) => Some((v, p)),
+                    IpAddr::V6(_) => None,
+                })
                 .collect())
         })
     }

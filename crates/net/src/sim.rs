@@ -21,14 +21,26 @@ impl SimNetwork {
 
     /// A NIC the host starts with (tests add `eth0`, …).
     pub fn add_nic(&self, name: &str, mac: &str) {
+        self.add_link(name, "", mac, 1500, None);
+    }
+
+    /// A device the simulated kernel now has (up, Ethernet).
+    fn add_link(
+        &self,
+        name: impl Into<String>,
+        kind: impl Into<String>,
+        mac: impl Into<String>,
+        mtu: u32,
+        controller: Option<String>,
+    ) {
         self.add(Link {
             name: name.into(),
             index: 0,
-            kind: String::new(),
+            kind: kind.into(),
             mac: mac.into(),
-            mtu: 1500,
+            mtu,
             up: true,
-            controller: None,
+            controller,
             ether: true,
         });
     }
@@ -61,16 +73,7 @@ impl HostNetwork for SimNetwork {
                         }
                     }
                 }
-                None => self.add(Link {
-                    name,
-                    index: 0,
-                    kind: "bridge".into(),
-                    mac: String::new(),
-                    mtu,
-                    up: true,
-                    controller: None,
-                    ether: true,
-                }),
+                None => self.add_link(name, "bridge", "", mtu, None),
             }
             Ok(())
         })
@@ -100,16 +103,13 @@ impl HostNetwork for SimNetwork {
             if self.find(&name).is_some() {
                 return Err(NetError::Netlink(format!("{name} exists")));
             }
-            self.add(Link {
-                name: name.clone(),
-                index: 0,
-                kind: "tun".into(),
-                mac: crate::mac::format_mac(crate::TAP_MAC),
+            self.add_link(
+                name.clone(),
+                "tun",
+                crate::mac::format_mac(crate::TAP_MAC),
                 mtu,
-                up: true,
-                controller: Some(bridge),
-                ether: true,
-            });
+                Some(bridge),
+            );
             // A descriptor that stands for the tap: /dev/null.
             std::fs::File::open("/dev/null")
                 .map(OwnedFd::from)
@@ -138,16 +138,7 @@ impl HostNetwork for SimNetwork {
                 return Err(NetError::NoDevice(base));
             }
             if self.find(&name).is_none() {
-                self.add(Link {
-                    name,
-                    index: 0,
-                    kind: "vlan".into(),
-                    mac: String::new(),
-                    mtu,
-                    up: true,
-                    controller: None,
-                    ether: true,
-                });
+                self.add_link(name, "vlan", "", mtu, None);
             }
             Ok(())
         })
@@ -167,16 +158,13 @@ impl HostNetwork for SimNetwork {
                 }
             }
             if self.find(&name).is_none() {
-                self.add(Link {
-                    name: name.clone(),
-                    index: 0,
-                    kind: "bond".into(),
-                    mac: crate::mac::format_mac(spec.mac),
-                    mtu: spec.mtu,
-                    up: true,
-                    controller: None,
-                    ether: true,
-                });
+                self.add_link(
+                    name.clone(),
+                    "bond",
+                    crate::mac::format_mac(spec.mac),
+                    spec.mtu,
+                    None,
+                );
             }
             if let Ok(mut l) = self.links.lock() {
                 for x in l.iter_mut().filter(|x| members.contains(&x.name)) {

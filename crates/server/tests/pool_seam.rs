@@ -10,7 +10,6 @@
 
 use corral_agent::HostAgent;
 use corral_agent::sim::SimAgent;
-use corral_db::Db;
 use corral_model::refs::Ref;
 use corral_model::{ApiError, Value, class, field};
 use corral_net::sim::SimNetwork;
@@ -19,7 +18,6 @@ use corral_server::context::{LocalDrivers, Server};
 mod common;
 use common::caller;
 use corral_server::core::config::Config;
-use corral_server::init::ensure;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -59,21 +57,9 @@ impl TestPool {
     async fn new() -> TestPool {
         let dir = std::env::temp_dir().join(format!("corral-seam-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("test directory");
-        let db = Arc::new(Db::in_memory());
-        let id = ensure(&db, Some("pw".into())).expect("pool database");
         let a_agent = Arc::new(SimAgent::new(dir.join("a/sim-vms")));
-        let master = Server::new(
-            Arc::clone(&db),
-            id.host_ref,
-            id.pool_ref,
-            Config::default(),
-            dir.join("a"),
-            LocalDrivers {
-                agent: a_agent.clone(),
-                net: Arc::new(SimNetwork::new()),
-            },
-            corral_server::dispatch::registry::table(),
-        );
+        let (db, master) =
+            common::sim_master(dir.join("a"), a_agent.clone(), Arc::new(SimNetwork::new()));
         let b = common::add_host_b(&db);
         let b_agent = Arc::new(SimAgent::new(dir.join("b/sim-vms")));
         let b_net = Arc::new(SimNetwork::new());
@@ -90,15 +76,7 @@ impl TestPool {
         master.set_pool_link(link.clone());
         corral_server::ops::vm::monitor::watch_host(&master, master.local());
         corral_server::ops::vm::monitor::watch_host(&master, b_handle);
-        let session = master
-            .call(
-                "session.login_with_password",
-                vec![Value::str("root"), Value::str("pw")],
-                &caller(),
-            )
-            .await
-            .expect("login")
-            .db_string();
+        let session = common::login_root(&master).await;
         TestPool {
             dir,
             master,

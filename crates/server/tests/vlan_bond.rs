@@ -5,15 +5,12 @@
 //! has them (and says that it skipped otherwise).
 
 use corral_agent::sim::SimAgent;
-use corral_db::Db;
 use corral_model::{ApiError, Value, field};
 use corral_net::HostNetwork;
 use corral_net::sim::SimNetwork;
-use corral_server::context::{LocalDrivers, Server};
+use corral_server::context::Server;
 mod common;
 use common::caller;
-use corral_server::core::config::Config;
-use corral_server::init::ensure;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -35,40 +32,21 @@ impl Host {
     async fn new() -> Host {
         let dir = std::env::temp_dir().join(format!("corral-vlan-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("test directory");
-        let db = Arc::new(Db::in_memory());
-        let id = ensure(&db, Some("pw".into())).expect("pool database");
         let net = Arc::new(SimNetwork::new());
         for (i, nic) in ["eth0", "eth1", "eth2"].iter().enumerate() {
             net.add_nic(nic, &format!("02:00:00:00:00:0{i}"));
         }
-        let server = Server::new(
-            Arc::clone(&db),
-            id.host_ref.clone(),
-            id.pool_ref,
-            Config::default(),
-            dir.clone(),
-            LocalDrivers {
-                agent: Arc::new(SimAgent::new(dir.join("sim-vms"))),
-                net: net.clone(),
-            },
-            corral_server::dispatch::registry::table(),
-        );
-        let session = server
-            .call(
-                "session.login_with_password",
-                vec![Value::str("root"), Value::str("pw")],
-                &caller(),
-            )
-            .await
-            .expect("login")
-            .db_string();
+        let agent = Arc::new(SimAgent::new(dir.join("sim-vms")));
+        let (_, server) = common::sim_master(dir.clone(), agent, net.clone());
+        let session = common::login_root(&server).await;
+        let host = server.host_ref.clone();
         let h = Host {
             dir,
             server,
             net,
             session,
         };
-        h.call("PIF.scan", vec![Value::str(&id.host_ref)])
+        h.call("PIF.scan", vec![Value::str(&host)])
             .await
             .expect("scan");
         h

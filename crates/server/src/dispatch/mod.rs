@@ -309,7 +309,10 @@ impl Server {
                     | Kind::MapRemove(f) => Some(*f),
                     _ => None,
                 };
-                let target = params.first().and_then(Value::as_str).map(str::to_owned);
+                let target = changed
+                    .and(params.first())
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
                 if let (Some(f), Some(v)) = (changed, params.get(1)) {
                     if !matches!(kind, Kind::SetRemove(_) | Kind::MapRemove(_)) {
                         crate::ops::vif::port::check_set(res.class, f, v)?;

@@ -6,7 +6,7 @@
 //! created and destroyed (time, corrald's RSS, `network.get_all_records`)
 //! against a one-field write through the same path.
 
-use super::vm::{Api, ByHand, QemuReaper, READY, TEMPLATE, guest, median, qemu_of, read_until};
+use super::vm::{Api, ByHand, READY, guest, median, qemu_daemon, qemu_of, read_until};
 use super::*;
 use corral_model::args::{vif, vm};
 use corral_model::refs::{Ref, classes};
@@ -92,34 +92,11 @@ pub(crate) fn net_bench(o: &Options) -> BenchResult<()> {
     let _ = std::fs::remove_dir_all(&state);
     // Dropped after the daemon (declared before it): the state goes too.
     let _cleanup = RemoveOnDrop(state.clone());
-    let boot_dir = Path::new(&g.kernel)
-        .parent()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let d = Daemon::start_with(
-        &o.corrald,
-        &state,
-        &format!("accel = tcg\nhost-driver = qemu\nboot-dirs = {boot_dir}\n"),
-    )?;
-    d.wait_ready(None, Instant::now())?;
-    let run_root = std::fs::canonicalize(state.join("vms")).map_err(|e| e.to_string())?;
-    let hand_dir = state.join("by-hand");
-    let _reaper = QemuReaper(vec![
-        run_root.to_string_lossy().into_owned(),
-        hand_dir.to_string_lossy().into_owned(),
-    ]);
+    let (d, run_root, hand_dir, _reaper) = qemu_daemon(o, &g, &state)?;
     let mut c = Client::connect(d.port)?;
     let s = c.login()?;
     let mut api = Api { c: &mut c, s };
-    let pool = match api.call("pool.get_all", &[])? {
-        Value::Array(a) if !a.is_empty() => a[0].clone(),
-        _ => return Err("no pool".into()),
-    };
-    let sr = api.call("pool.get_default_SR", &[pool.clone()])?;
-    let tpl = match api.call("VM.get_by_name_label", &[Value::String(TEMPLATE.into())])? {
-        Value::Array(a) if !a.is_empty() => a[0].clone(),
-        _ => return Err(format!("no template {TEMPLATE:?}")),
-    };
+    let (sr, tpl) = api.sr_and_template()?;
     let net = as_str(&api.call("network.create", &[network_record("bench")])?)?;
     report_header("Networking (corral-bench net)");
 
@@ -185,14 +162,7 @@ pub(crate) fn net_bench(o: &Options) -> BenchResult<()> {
     let uuid = as_str(&api.call_on("VM.get_uuid", &vm)?)?;
     let (_, argv) = qemu_of(&run_root, &uuid)?;
     api.on_vm::<vm::HardShutdown>(&vm)?;
-    let vm_dir = run_root.join(&uuid).to_string_lossy().into_owned();
-    let hand = ByHand {
-        argv: argv
-            .iter()
-            .map(|a| a.replace(&vm_dir, &hand_dir.to_string_lossy()))
-            .collect(),
-        dir: hand_dir.clone(),
-    };
+    let hand = ByHand::replaying(&argv, &run_root.join(&uuid), &hand_dir);
     let (_, mut serial) = hand.start()?;
     read_until(&mut serial, READY, Duration::from_secs(300))?;
     let raw_plug = raw_plugs(&hand_dir, plugs)?;

@@ -265,6 +265,20 @@ impl Api<'_> {
         .map(|_| ())
     }
 
+    /// The pool's default SR and the direct-kernel-boot template.
+    pub(crate) fn sr_and_template(&mut self) -> BenchResult<(Value, Value)> {
+        let pool = match self.call("pool.get_all", &[])? {
+            Value::Array(a) if !a.is_empty() => a[0].clone(),
+            _ => return Err("no pool".into()),
+        };
+        let sr = self.call("pool.get_default_SR", &[pool])?;
+        let tpl = match self.call("VM.get_by_name_label", &[Value::String(TEMPLATE.into())])? {
+            Value::Array(a) if !a.is_empty() => a[0].clone(),
+            _ => return Err(format!("no template {TEMPLATE:?}")),
+        };
+        Ok((sr, tpl))
+    }
+
     /// Waits on the VM's serial console (HTTP CONNECT to its location, which
     /// first replays recent output) until the guest printed `pattern`.
     /// Returns the console connection, still open.
@@ -321,6 +335,15 @@ pub(crate) struct ByHand {
 }
 
 impl ByHand {
+    /// A VM's QEMU command line (`argv`, run from `vm_dir`) moved to `dir`.
+    pub(crate) fn replaying(argv: &[String], vm_dir: &Path, dir: &Path) -> ByHand {
+        let (from, to) = (vm_dir.to_string_lossy(), dir.to_string_lossy());
+        ByHand {
+            argv: argv.iter().map(|a| a.replace(&*from, &to)).collect(),
+            dir: dir.to_owned(),
+        }
+    }
+
     /// Runs QEMU (which daemonizes once initialised, as under corrald) and
     /// connects to its serial port; returns the time to QEMU running.
     pub(crate) fn start(&self) -> BenchResult<(f64, UnixStream)> {
@@ -384,42 +407,44 @@ pub(crate) fn median(v: &[f64]) -> f64 {
     percentile(&v, 0.5)
 }
 
-pub(crate) fn vm_bench(o: &Options) -> BenchResult<()> {
-    let g = guest()?;
-    let n = o.vms.max(1);
-    let state = std::env::temp_dir().join(format!("corral-bench-vm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&state);
-    // The guest's kernel is allowed as a PV-kernel (corrald takes boot
-    // files only from its boot directories).
+/// A corrald on QEMU (TCG) that may boot the test guest (its kernel's
+/// directory is a boot directory), ready: with its VMs' run directory and
+/// a by-hand directory, whose QEMUs the returned reaper kills.
+pub(crate) fn qemu_daemon(
+    o: &Options,
+    g: &Guest,
+    state: &Path,
+) -> BenchResult<(Daemon, PathBuf, PathBuf, QemuReaper)> {
     let boot_dir = Path::new(&g.kernel)
         .parent()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    let mut d = Daemon::start_with(
+    let d = Daemon::start_with(
         &o.corrald,
-        &state,
+        state,
         &format!("accel = tcg\nhost-driver = qemu\nboot-dirs = {boot_dir}\n"),
     )?;
     d.wait_ready(None, Instant::now())?;
     let run_root = std::fs::canonicalize(state.join("vms")).map_err(|e| e.to_string())?;
     let hand_dir = state.join("by-hand");
-    let _reaper = QemuReaper(vec![
+    let reaper = QemuReaper(vec![
         run_root.to_string_lossy().into_owned(),
         hand_dir.to_string_lossy().into_owned(),
     ]);
+    Ok((d, run_root, hand_dir, reaper))
+}
+
+pub(crate) fn vm_bench(o: &Options) -> BenchResult<()> {
+    let g = guest()?;
+    let n = o.vms.max(1);
+    let state = std::env::temp_dir().join(format!("corral-bench-vm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let (mut d, run_root, hand_dir, _reaper) = qemu_daemon(o, &g, &state)?;
 
     let mut c = Client::connect(d.port)?;
     let s = c.login()?;
     let mut api = Api { c: &mut c, s };
-    let pool = match api.call("pool.get_all", &[])? {
-        Value::Array(a) if !a.is_empty() => a[0].clone(),
-        _ => return Err("no pool".into()),
-    };
-    let sr = api.call("pool.get_default_SR", &[pool])?;
-    let tpl = match api.call("VM.get_by_name_label", &[Value::String(TEMPLATE.into())])? {
-        Value::Array(a) if !a.is_empty() => a[0].clone(),
-        _ => return Err(format!("no template {TEMPLATE:?}")),
-    };
+    let (sr, tpl) = api.sr_and_template()?;
     let mut vms = Vec::with_capacity(n);
     let mut uuids = Vec::with_capacity(n);
     for i in 0..n {
@@ -452,14 +477,7 @@ pub(crate) fn vm_bench(o: &Options) -> BenchResult<()> {
             .ok_or("the guest never powered off")?;
         let (a_stop, a_tail) = (ms_between(t, done), ms_between(off, done));
 
-        let vm_dir = run_root.join(&uuids[0]).to_string_lossy().into_owned();
-        let hand = ByHand {
-            argv: argv
-                .iter()
-                .map(|a| a.replace(&vm_dir, &hand_dir.to_string_lossy()))
-                .collect(),
-            dir: hand_dir.clone(),
-        };
+        let hand = ByHand::replaying(&argv, &run_root.join(&uuids[0]), &hand_dir);
         let (h_start, mut serial) = hand.start()?;
         read_until(&mut serial, READY, Duration::from_secs(120))?;
         std::thread::sleep(Duration::from_millis(500));

@@ -206,6 +206,21 @@ pub(crate) async fn pool_create_vlan_from_pif(
     ))
 }
 
+/// The PIF called `device` that is no VLAN (of `host`, or of any host):
+/// where the calls that name a VLAN's base by device start;
+/// `INVALID_VALUE` when there is none.
+fn base_by_device(s: &Server, host: Option<&str>, device: &str) -> Result<String, ApiError> {
+    let st = s.db.read();
+    st.refs(class::PIF)
+        .find(|p| {
+            host.is_none_or(|h| st.get_str(field::pif::HOST, p).as_deref() == Some(h))
+                && st.get_str(field::pif::DEVICE, p).as_deref() == Some(device)
+                && st.get(field::pif::VLAN, p).and_then(|v| v.as_int()) == Some(-1)
+        })
+        .cloned()
+        .ok_or_else(|| ApiError::invalid_value("device", device))
+}
+
 /// `pool.create_VLAN` (deprecated): the same from a device name, on every
 /// host's physical PIF of that name.
 pub(crate) async fn pool_create_vlan(
@@ -214,18 +229,7 @@ pub(crate) async fn pool_create_vlan(
     network: &str,
     tag: i64,
 ) -> ApiResult {
-    let first = {
-        let st = s.db.read();
-        st.refs(class::PIF)
-            .find(|p| {
-                st.get_str(field::pif::DEVICE, p).as_deref() == Some(device)
-                    && st.get(field::pif::VLAN, p).and_then(|v| v.as_int()) == Some(-1)
-            })
-            .cloned()
-    };
-    let Some(first) = first else {
-        return Err(ApiError::invalid_value("device", device));
-    };
+    let first = base_by_device(s, None, device)?;
     pool_create_vlan_from_pif(s, &first, network, tag).await
 }
 
@@ -238,16 +242,7 @@ pub(crate) async fn pif_create_vlan(
     host: &str,
     tag: i64,
 ) -> ApiResult {
-    let base = {
-        let st = s.db.read();
-        pifs_of(&st, host).into_iter().find(|p| {
-            st.get_str(field::pif::DEVICE, p).as_deref() == Some(device)
-                && st.get(field::pif::VLAN, p).and_then(|v| v.as_int()) == Some(-1)
-        })
-    };
-    let Some(base) = base else {
-        return Err(ApiError::invalid_value("device", device));
-    };
+    let base = base_by_device(s, Some(host), device)?;
     let vlan = vlan_create(s, &base, tag, network).await?.db_string();
     Ok(Value::String(
         s.db.read()

@@ -6,9 +6,8 @@ use crate::context::hosts::HostHandle;
 use crate::core::call::{ApiResult, void};
 use crate::core::driver_errors;
 use crate::core::records::db;
-use crate::ops::query::{power, strmap};
+use crate::ops::query::strmap;
 use crate::ops::vif::vifs_of;
-use corral_model::enums::VmPowerState;
 use corral_model::errors;
 use corral_model::schema::{ClassId, FieldId, class, field};
 use corral_model::{ApiError, Value};
@@ -119,8 +118,7 @@ fn live_vifs(st: &corral_db::State, vifs: &[String]) -> Vec<(String, String)> {
         })
         .filter_map(|v| {
             let vm = st.get_str(field::vif::VM, v)?;
-            matches!(power(st, &vm), VmPowerState::Running | VmPowerState::Paused)
-                .then(|| Some((v.clone(), st.get_str(field::vm::RESIDENT_ON, &vm)?)))?
+            Some((v.clone(), crate::ops::query::live_on(st, &vm)?))
         })
         .collect()
 }
